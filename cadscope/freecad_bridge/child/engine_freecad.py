@@ -1,0 +1,176 @@
+"""FreeCAD engine: run by ``freecadcmd engine_freecad.py`` (FreeCAD's own Python).
+
+Primitives are parametric document objects (``Part::Box``...) so that the
+document's recompute is real FreeCAD work; booleans and features are OCCT
+calls through ``Part.TopoShape`` whose results become ``Part::Feature`` objects.
+"""
+
+import importlib.util
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import FreeCAD  # noqa: E402  (FreeCAD's Python only)
+import Part  # noqa: E402
+
+import cadscope_job  # noqa: E402
+
+_CLASSES = {
+    "box": "Part::Box",
+    "cylinder": "Part::Cylinder",
+    "sphere": "Part::Sphere",
+    "cone": "Part::Cone",
+    "torus": "Part::Torus",
+    "extrusion": "Part::Feature",
+}
+
+
+def _matrix(m):
+    return FreeCAD.Matrix(*(m[0] + m[1] + m[2] + [0.0, 0.0, 0.0, 1.0]))
+
+
+class FreeCADBackend:
+    engine = "freecad"
+    formats = ("step", "stl", "brep", "iges", "obj")
+
+    def __init__(self):
+        self.doc = None
+        self._objects = {}
+
+    def versions(self):
+        major, minor, patch = FreeCAD.Version()[:3]
+        return {"freecad_version": "%s.%s.%s" % (major, minor, patch or "0"), "occt_version": Part.OCC_VERSION}
+
+    def workbenches(self):
+        found = lambda name: importlib.util.find_spec(name) is not None  # noqa: E731
+        return {"Part": found("Part"), "Import": found("Import"), "Mesh": found("Mesh"),
+                "Assembly4": found("Asm4_locator")}
+
+    def export_workbench(self, fmt):
+        return {"stl": "Mesh", "obj": "Mesh"}.get(fmt, "Import")
+
+    def object_class(self, kind, operation=None):
+        if kind == "boolean":
+            return {"union": "Part::MultiFuse", "cut": "Part::Cut", "common": "Part::MultiCommon"}[operation]
+        if kind in ("fillet", "chamfer"):
+            return "Part::" + kind.capitalize()
+        if kind == "assembly":
+            return "App::Part"
+        return _CLASSES[kind]
+
+    def new_document(self, name):
+        self.doc = FreeCAD.newDocument("job")
+        self.doc.Label = name
+
+    def object_count(self):
+        return len(self.doc.Objects)
+
+    def primitive(self, step, matrix):
+        kind = step["kind"]
+        obj = self.doc.addObject(_CLASSES[kind], step["name"])
+        if kind == "box":
+            obj.Length, obj.Width, obj.Height = step["length"], step["width"], step["height"]
+        elif kind == "cylinder":
+            obj.Radius, obj.Height = step["radius"], step["height"]
+        elif kind == "sphere":
+            obj.Radius = step["radius"]
+        elif kind == "cone":
+            obj.Radius1, obj.Radius2, obj.Height = step["radius1"], step["radius2"], step["height"]
+        elif kind == "torus":
+            obj.Radius1, obj.Radius2 = step["radius1"], step["radius2"]
+        elif kind == "extrusion":
+            points = [FreeCAD.Vector(x, y, 0) for x, y in step["points"]]
+            wire = Part.makePolygon(points + points[:1])
+            obj.Shape = Part.Face(wire).extrude(FreeCAD.Vector(0, 0, step["height"]))
+        obj.Placement = FreeCAD.Placement(_matrix(matrix))
+        return obj
+
+    def recompute(self, handles):
+        self.doc.recompute()
+        shapes = {}
+        for name, obj in handles.items():
+            if not obj.isValid():
+                raise cadscope_job.JobError("object %r failed to recompute" % name)
+            shapes[name] = obj.Shape.copy()
+        return shapes
+
+    def boolean(self, operation, shapes):
+        base, tools = shapes[0], shapes[1:]
+        if operation == "union":
+            return base.fuse(tools)
+        if operation == "cut":
+            return base.cut(tools)
+        return base.common(tools)
+
+    def feature(self, kind, shape, size, edges):
+        selected = [shape.Edges[i] for i in edges]
+        if kind == "fillet":
+            return shape.makeFillet(size, selected)
+        return shape.makeChamfer(size, selected)
+
+    def edge_boxes(self, shape):
+        return [
+            (b.XMin, b.YMin, b.ZMin, b.XMax, b.YMax, b.ZMax) for b in (edge.BoundBox for edge in shape.Edges)
+        ]
+
+    def properties(self, shape):
+        return {
+            "volume": shape.Volume, "area": shape.Area, "solids": len(shape.Solids),
+            "faces": len(shape.Faces), "edges": len(shape.Edges), "vertices": len(shape.Vertexes),
+        }
+
+    def vertices(self, shape):
+        return [(v.X, v.Y, v.Z) for v in shape.Vertexes]
+
+    def add_result(self, name, shape, container=False):
+        if container:
+            part = self.doc.addObject("App::Part", name)
+            obj = self.doc.addObject("Part::Feature", name + "_shape")
+            obj.Shape = shape
+            part.addObject(obj)
+        else:
+            obj = self.doc.addObject("Part::Feature", name + "_result")
+            obj.Shape = shape
+        self._objects[name] = obj
+
+    def set_property(self, name, key, value):
+        obj = self._objects[name]
+        if key not in obj.PropertiesList:
+            obj.addProperty("App::PropertyFloat", key, "Material")
+        setattr(obj, key, value)
+
+    def set_appearance(self, name, appearance):
+        obj = self._objects[name]
+        obj.addProperty("App::PropertyString", "Appearance", "Material")
+        obj.Appearance = json.dumps(appearance, sort_keys=True)
+
+    def transform(self, shape, matrix):
+        placed = shape.copy()
+        placed.transformShape(_matrix(matrix))
+        return placed
+
+    def compound(self, shapes):
+        return Part.makeCompound(shapes)
+
+    def export(self, shape, fmt, path):
+        if fmt == "step":
+            shape.exportStep(path)
+        elif fmt == "brep":
+            shape.exportBrep(path)
+        elif fmt == "iges":
+            shape.exportIges(path)
+        elif fmt == "stl":
+            shape.exportStl(path)
+        elif fmt == "obj":
+            import Mesh
+            import MeshPart
+
+            mesh = MeshPart.meshFromShape(Shape=shape, LinearDeflection=0.1, AngularDeflection=0.5)
+            Mesh.Mesh(mesh).write(path)
+        else:
+            raise cadscope_job.JobError("format %r not supported by FreeCAD engine" % fmt)
+
+
+cadscope_job.main(FreeCADBackend)
