@@ -1,0 +1,218 @@
+"""Turn the child's probe events into real spans and observations.
+
+Spans are started when the child's ``start`` event arrives and ended at its
+``end`` event, with the child's own timestamps and (through
+:class:`~cadscope.tracing.PinnableIdGenerator`) the child's own span ids. A span
+the child opened and never closed is ended by :meth:`Replayer.close_open` with
+ERROR status and ``error.type``.
+
+Every event is untrusted input: ids, names, attributes and timestamps are
+checked and bounded, and a bad event is dropped and counted, never raised.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from opentelemetry import trace
+from opentelemetry.trace import Span, Status, StatusCode
+
+from ..tracing import pinned_span_id
+
+__all__ = ["EventObserver", "Replayer"]
+
+_SPAN_ID = re.compile(r"^[0-9a-f]{16}$")
+_NAME = re.compile(r"^[a-z][a-z0-9_.]{0,63}$")
+_ATTR_KEY = re.compile(r"^[a-z][a-z0-9_.]{0,63}$")
+MAX_ATTRIBUTES = 32
+MAX_STRING = 256
+# A child's clock is this host's clock; anything further off than this is garbage.
+_CLOCK_SLACK_NS = 60 * 1_000_000_000
+
+
+class EventObserver(Protocol):
+    """What a runner's caller does with the child's telemetry (metrics, progress)."""
+
+    def span_ended(self, name: str, attributes: Mapping[str, Any], duration_s: float, error_type: str | None) -> None: ...
+
+    def metric(self, name: str, value: float, attributes: Mapping[str, Any]) -> None: ...
+
+    def progress(self, attributes: Mapping[str, Any]) -> None: ...
+
+
+def clean_attributes(raw: Any) -> dict[str, Any] | None:
+    """Primitive attributes under bounded keys; None if ``raw`` is not a mapping."""
+    if not isinstance(raw, dict):
+        return None
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if len(out) >= MAX_ATTRIBUTES:
+            break
+        if not isinstance(key, str) or not _ATTR_KEY.match(key):
+            continue
+        if isinstance(value, str):
+            out[key] = value[:MAX_STRING]
+        elif isinstance(value, (bool, int, float)):
+            out[key] = value
+    return out
+
+
+class Replayer:
+    """Re-emits one child's spans under ``parent`` (the subprocess span)."""
+
+    def __init__(
+        self,
+        tracer: trace.Tracer,
+        parent: Span,
+        observer: EventObserver | None = None,
+        *,
+        max_spans: int = 10_000,
+        on_drop: Callable[[str], None] | None = None,
+    ) -> None:
+        self._tracer = tracer
+        self._parent = parent
+        self._recording = parent.is_recording()
+        self._observer = observer
+        self._max_spans = max_spans
+        self._open: dict[str, tuple[Span, str, dict[str, Any], int]] = {}
+        self._known: dict[str, Span] = {}
+        self._started = 0
+        self._not_before = time.time_ns() - _CLOCK_SLACK_NS
+        self.dropped: Counter[str] = Counter()
+        self._on_drop = on_drop
+        self.hello: dict[str, Any] = {}
+        self.manifest: dict[str, Any] | None = None
+        self.errors: list[tuple[str, str]] = []
+
+    def drop(self, reason: str) -> None:
+        self.dropped[reason] += 1
+        if self._on_drop is not None:
+            self._on_drop(reason)
+
+    def _timestamp(self, value: Any) -> int | None:
+        if type(value) is not int:
+            return None
+        if not self._not_before <= value <= time.time_ns() + _CLOCK_SLACK_NS:
+            return None
+        return value
+
+    def handle(self, event: Any) -> None:
+        """Dispatch one decoded JSON event; anything malformed is counted."""
+        if not isinstance(event, dict):
+            self.drop("not_an_object")
+            return
+        kind = event.get("t")
+        if kind == "start":
+            self._start(event)
+        elif kind == "end":
+            self._end(event)
+        elif kind == "metric":
+            self._metric(event)
+        elif kind == "progress":
+            attrs = clean_attributes(event.get("a"))
+            if attrs is None:
+                self.drop("bad_attributes")
+            elif self._observer is not None:
+                self._observer.progress(attrs)
+        elif kind == "hello":
+            attrs = clean_attributes(event.get("a"))
+            if attrs is None:
+                self.drop("bad_attributes")
+            else:
+                self.hello = attrs
+        elif kind == "result":
+            if isinstance(event.get("a"), dict) and self.manifest is None:
+                self.manifest = event["a"]
+            else:
+                self.drop("bad_result")
+        else:
+            self.drop("unknown_type")
+
+    def _start(self, event: dict[str, Any]) -> None:
+        span_id, name = event.get("id"), event.get("n")
+        start = self._timestamp(event.get("ts"))
+        attrs = clean_attributes(event.get("a"))
+        if not isinstance(span_id, str) or not _SPAN_ID.match(span_id) or span_id == "0" * 16:
+            self.drop("bad_span_id")
+            return
+        if span_id in self._open or span_id in self._known:
+            self.drop("duplicate_span_id")
+            return
+        if not isinstance(name, str) or not _NAME.match(name) or start is None or attrs is None:
+            self.drop("bad_span")
+            return
+        if self._started >= self._max_spans:
+            self.drop("too_many_spans")
+            return
+        self._started += 1
+        # An unknown parent (garbage, or a span we dropped) hangs off the
+        # subprocess span: the tree stays connected.
+        parent = self._known.get(event.get("p") or "", self._parent)
+        if self._recording:
+            with pinned_span_id(int(span_id, 16)):
+                span = self._tracer.start_span(
+                    name, context=trace.set_span_in_context(parent), start_time=start, attributes=attrs
+                )
+        else:
+            span = trace.INVALID_SPAN
+        self._known[span_id] = span
+        self._open[span_id] = (span, name, attrs, start)
+
+    def _end(self, event: dict[str, Any]) -> None:
+        span_id = event.get("id")
+        opened = self._open.pop(span_id, None) if isinstance(span_id, str) else None
+        if opened is None:
+            self.drop("end_without_start")
+            return
+        span, name, attrs, start = opened
+        end = self._timestamp(event.get("ts"))
+        more = clean_attributes(event.get("a"))
+        if end is None or more is None:
+            self.drop("bad_span")
+            end, more = time.time_ns(), {}
+        end = max(end, start)
+        attrs.update(more)
+        span.set_attributes(more)
+        error_type: str | None = None
+        if event.get("s") == "error":
+            raw_type = event.get("e")
+            error_type = raw_type[:64] if isinstance(raw_type, str) and raw_type else "error"
+            message = event.get("m")
+            message = message[:MAX_STRING] if isinstance(message, str) else ""
+            span.set_attribute("error.type", error_type)
+            span.set_status(Status(StatusCode.ERROR, message))
+            self.errors.append((error_type, message))
+        span.end(end_time=end)
+        if self._observer is not None:
+            self._observer.span_ended(name, attrs, (end - start) / 1e9, error_type)
+
+    def _metric(self, event: dict[str, Any]) -> None:
+        name, value = event.get("n"), event.get("v")
+        attrs = clean_attributes(event.get("a"))
+        if not isinstance(name, str) or not _NAME.match(name) or attrs is None:
+            self.drop("bad_metric")
+            return
+        if type(value) not in (int, float) or value != value or value < 0:
+            self.drop("bad_metric")
+            return
+        if self._observer is not None:
+            self._observer.metric(name, float(value), attrs)
+
+    def close_open(self, error_type: str, end_ns: int | None = None) -> int:
+        """End every span the child left open (crash, kill, timeout) as ERROR."""
+        end_ns = end_ns or time.time_ns()
+        count = 0
+        # Innermost first, so parents end after their children.
+        for span_id in reversed(list(self._open)):
+            span, name, attrs, start = self._open.pop(span_id)
+            span.set_attribute("error.type", error_type)
+            span.set_status(Status(StatusCode.ERROR, f"span left open by the child ({error_type})"))
+            span.end(end_time=max(end_ns, start))
+            if self._observer is not None:
+                self._observer.span_ended(name, attrs, max(end_ns - start, 0) / 1e9, error_type)
+            count += 1
+        return count

@@ -1,0 +1,49 @@
+"""The cadscope metric catalogue, the seed's helpers, and multiprocess exposition.
+
+Usage::
+
+    from cadscope.metrics import ModelObservability
+
+    obs = ModelObservability()                      # on the default REGISTRY
+    with obs.engine_versions("0.20.2", "7.6.3"):
+        with obs.observe_model_generation("parametric", job_id="job-1"):
+            with obs.observe_occt_boolean("union", solids_count=5):
+                ...
+
+In a prefork worker, call :func:`enable_multiprocess` in the main process before
+the pool forks and serve :func:`multiprocess_registry` on ``/metrics``.
+"""
+
+from __future__ import annotations
+
+from ._catalogue import (
+    ALLOWED_LABEL_VALUES,
+    VERSION_LABELS,
+    Catalogue,
+    bound,
+    bound_version,
+    doc_complexity,
+    file_size_range,
+    lcs_count_range,
+    solids_range,
+)
+from ._exposition import serve_metrics
+from ._facade import ModelObservability
+from ._multiprocess import enable_multiprocess, mark_process_dead, multiprocess_registry
+
+__all__ = [
+    "ALLOWED_LABEL_VALUES",
+    "VERSION_LABELS",
+    "Catalogue",
+    "ModelObservability",
+    "bound",
+    "bound_version",
+    "doc_complexity",
+    "enable_multiprocess",
+    "file_size_range",
+    "lcs_count_range",
+    "mark_process_dead",
+    "multiprocess_registry",
+    "serve_metrics",
+    "solids_range",
+]

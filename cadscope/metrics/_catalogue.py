@@ -1,0 +1,241 @@
+"""Every cadscope metric, defined once: name, help, bounded labels, buckets.
+
+Names and labels are those of seed 003; every CAD metric also carries
+``freecad_version`` and ``occt_version`` (the seed's acceptance: "all metrics
+exported with version labels"). Label values are bounded: counts become
+ranges, free text never becomes a label, an unknown value becomes ``other``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = [
+    "ALLOWED_LABEL_VALUES",
+    "Catalogue",
+    "VERSION_LABELS",
+    "bound",
+    "bound_version",
+    "doc_complexity",
+    "file_size_range",
+    "lcs_count_range",
+    "solids_range",
+]
+
+VERSION_LABELS = ("freecad_version", "occt_version")
+OTHER = "other"
+
+# -- buckets, each with its reason ----------------------------------------------
+
+# A whole job: 0.25 s for a small part up to many minutes for an assembly;
+# 300 s is the ModelGenerationSlow threshold, so it is a bucket boundary.
+FLOW_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+# One OCCT boolean or fillet: a millisecond for primitives, tens of seconds for
+# meshes of thousands of faces; 30 s is the OCCTBooleanOperationSlow threshold.
+OCCT_OP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# Document, material and hashing steps: sub-millisecond to seconds.
+FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# The Assembly4 solve: 15 s is the Assembly4SolverSlow threshold.
+SOLVER_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 15, 30, 60)
+# Solver iterations: 200 is the Assembly4ExcessiveIterations threshold.
+ITERATION_BUCKETS = (1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000)
+# Exports: milliseconds for a BREP, a minute for a fine STL of a big assembly.
+EXPORT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# Process memory: FreeCAD starts near 80 MiB; 1.5 GB is OCCTHighMemoryUsage.
+MEMORY_BUCKETS = (32 << 20, 64 << 20, 128 << 20, 256 << 20, 512 << 20, 1 << 30, 1.5e9, 2 << 30, 4 << 30, 8 << 30)
+# Time in the queue: from immediate to an hour of backlog.
+QUEUE_WAIT_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
+# Hosted model calls: seconds; 30 s is seed 004's provider latency alert.
+AI_LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
+
+# -- bounded label values ---------------------------------------------------------
+
+ALLOWED_LABEL_VALUES: dict[str, frozenset[str]] = {
+    "flow_type": frozenset({"parametric", "ai_prompt", "upload"}),
+    "status": frozenset({"success", "failure"}),
+    "stage": frozenset(
+        {"validate", "prepare", "engine", "generate", "assemble", "export", "validate_export", "collect"}
+    ),
+    "source": frozenset({"new", "file", "upload"}),
+    "workbench": frozenset({"Part", "PartDesign", "Import", "Mesh", "Assembly4", "Material"}),
+    "class": frozenset(
+        {
+            "Part::Box", "Part::Cylinder", "Part::Sphere", "Part::Cone", "Part::Torus", "Part::Feature",
+            "Part::MultiFuse", "Part::Cut", "Part::MultiCommon", "Part::Fillet", "Part::Chamfer", "App::Part",
+            "BRepPrimAPI_MakeBox", "BRepPrimAPI_MakeCylinder", "BRepPrimAPI_MakeSphere", "BRepPrimAPI_MakeCone",
+            "BRepPrimAPI_MakeTorus", "BRepPrimAPI_MakePrism", "BRepAlgoAPI_Fuse", "BRepAlgoAPI_Cut",
+            "BRepAlgoAPI_Common", "BRepFilletAPI_MakeFillet", "BRepFilletAPI_MakeChamfer", "TopoDS_Compound",
+        }
+    ),
+    "operation": frozenset({"union", "cut", "common"}),
+    "feature": frozenset({"fillet", "chamfer"}),
+    "memory_operation": frozenset(
+        {"boolean_union", "boolean_cut", "boolean_common", "boolean_complex", "fillet", "chamfer",
+         "export_step", "export_stl", "export_brep", "export_iges", "export_obj", "process"}
+    ),
+    "solver": frozenset({"lcs_attachment", "newton_raphson"}),
+    "library": frozenset({"standard"}),
+    "result": frozenset({"hit", "miss", "error"}),
+    "property": frozenset({"density"}),
+    "appearance_type": frozenset({"color", "texture", "none"}),
+    "scope": frozenset({"part", "assembly"}),
+    "format": frozenset({"STEP", "STL", "BREP", "IGES", "OBJ", "GLB"}),
+    "validation": frozenset({"pass", "fail"}),
+    "reason": frozenset({"oom", "timeout", "crash", "killed"}),
+    "engine": frozenset({"freecad", "ocp"}),
+    "outcome": frozenset({"ok", "script_error", "crash", "timeout", "oom", "killed", "bad_output"}),
+    "task_outcome": frozenset({"success", "failure", "retry", "rejected", "lost", "dead_letter"}),
+    "compatible": frozenset({"true", "false"}),
+    "provider": frozenset({"local", "openai_compatible"}),
+    "rejected_reason": frozenset(
+        {"not_an_object", "bad_attributes", "bad_result", "unknown_type", "bad_span_id", "duplicate_span_id",
+         "bad_span", "too_many_spans", "end_without_start", "bad_metric", "line_too_long", "truncated_line",
+         "too_many_events", "invalid_json", "handler_error", "pipe_held_open", "unknown_metric"}
+    ),
+}
+
+_VERSION = re.compile(r"^(?:\d{1,3}\.\d{1,3}(?:\.\d{1,4})?|none)$")
+
+
+def bound(label: str, value: object) -> str:
+    """``value`` if it is one of ``label``'s allowed values, else ``other``."""
+    text = str(value)
+    return text if text in ALLOWED_LABEL_VALUES[label] else OTHER
+
+
+def bound_version(value: object) -> str:
+    """A version such as ``0.20.2`` or ``none``; anything else is ``other``."""
+    text = str(value)
+    return text if _VERSION.match(text) else OTHER
+
+
+def _ranges(value: int, edges: Iterable[tuple[int, str]], last: str) -> str:
+    for upper, name in edges:
+        if value <= upper:
+            return name
+    return last
+
+
+def solids_range(count: int) -> str:
+    return _ranges(count, ((1, "1"), (2, "2"), (5, "3-5"), (10, "6-10"), (50, "11-50")), "51+")
+
+
+def lcs_count_range(count: int) -> str:
+    return _ranges(count, ((0, "0"), (5, "1-5"), (20, "6-20"), (50, "21-50")), "51+")
+
+
+def file_size_range(size_bytes: int) -> str:
+    return _ranges(
+        size_bytes,
+        ((100_000, "lt_100kb"), (1_000_000, "100kb_1mb"), (10_000_000, "1mb_10mb"), (100_000_000, "10mb_100mb")),
+        "gt_100mb",
+    )
+
+
+def doc_complexity(object_count: int) -> str:
+    return _ranges(object_count, ((9, "simple"), (49, "moderate"), (199, "complex")), "very_complex")
+
+
+class Catalogue:
+    """All metrics on one registry. Tests pass a fresh ``CollectorRegistry()``."""
+
+    def __init__(self, registry: CollectorRegistry | None = REGISTRY) -> None:
+        v = VERSION_LABELS
+        r = registry
+
+        def counter(name: str, doc: str, labels: tuple[str, ...]) -> Counter:
+            return Counter(name, doc, labels, registry=r)
+
+        def histogram(name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, labels, registry=r, buckets=buckets)
+
+        # Flow lifecycle
+        self.generation_started = counter(
+            "model_generation_started", "Model generation flows started.", ("flow_type", *v))
+        self.generation_completed = counter(
+            "model_generation_completed", "Model generation flows finished, by status.", ("flow_type", "status", *v))
+        self.generation_duration = histogram(
+            "model_generation_duration_seconds", "Wall time of a whole flow, failures included.",
+            ("flow_type", "status", *v), FLOW_BUCKETS)
+        self.stage_duration = histogram(
+            "model_generation_stage_duration_seconds", "Wall time of one stage of a flow.",
+            ("flow_type", "stage", *v), FLOW_BUCKETS)
+        self.active_flows = Gauge(
+            "model_generation_active_flows", "Flows being processed now.", ("flow_type", *v),
+            registry=r, multiprocess_mode="livesum")
+        self.ai_provider_latency = histogram(
+            "ai_provider_latency_seconds", "Latency of AI provider calls.",
+            ("provider", "model", "operation"), AI_LATENCY_BUCKETS)
+        # FreeCAD documents
+        self.document_load = histogram(
+            "freecad_document_load_seconds", "Time to create or load a document.",
+            ("source", "workbench", *v), FAST_BUCKETS)
+        self.recompute = histogram(
+            "freecad_recompute_duration_seconds", "Document recompute time.",
+            ("workbench", "doc_complexity", *v), FAST_BUCKETS)
+        self.object_created = counter(
+            "freecad_object_created", "Document objects created, by class.", ("class", "workbench", *v))
+        # OCCT
+        self.occt_boolean = histogram(
+            "occt_boolean_duration_seconds", "Duration of one OCCT boolean.",
+            ("operation", "solids_range", *v), OCCT_OP_BUCKETS)
+        self.occt_feature = histogram(
+            "occt_feature_duration_seconds", "Duration of one OCCT fillet or chamfer.", ("feature", *v), OCCT_OP_BUCKETS)
+        self.occt_memory = histogram(
+            "occt_operation_memory_bytes", "Peak resident memory of the CAD process during one operation.",
+            ("operation", *v), MEMORY_BUCKETS)
+        # Assembly4
+        self.a4_solve = histogram(
+            "a4_constraint_solve_duration_seconds", "Assembly4 placement solve time.", ("solver", *v), SOLVER_BUCKETS)
+        self.a4_lcs = histogram(
+            "a4_lcs_resolution_duration_seconds", "Time to resolve local coordinate systems.",
+            ("lcs_count_range", *v), SOLVER_BUCKETS)
+        self.a4_iterations_total = counter(
+            "a4_solver_iterations", "Solver iterations, summed over solves.", ("solver", *v))
+        self.a4_iterations = histogram(
+            "a4_solver_iterations_per_solve", "Iterations of one solve (for the P95 > 200 alert).",
+            ("solver", *v), ITERATION_BUCKETS)
+        # Materials
+        self.material_access = counter(
+            "material_library_access", "Material library lookups.", ("library", "result", *v))
+        self.material_property = histogram(
+            "material_property_apply_duration_seconds", "Time to apply a material property.",
+            ("property", *v), FAST_BUCKETS)
+        self.material_appearance = histogram(
+            "material_appearance_apply_duration_seconds", "Time to apply a material appearance.",
+            ("appearance_type", *v), FAST_BUCKETS)
+        # Topology and export
+        self.topology_hash = histogram(
+            "topology_hash_compute_duration_seconds", "Time to compute a topology hash.", ("scope", *v), FAST_BUCKETS)
+        self.export_validation = counter(
+            "deterministic_export_validation", "Exports written twice and compared.", ("format", "result", *v))
+        self.export_duration = histogram(
+            "export_duration_seconds", "Time to export one file.", ("format", "file_size_range", *v), EXPORT_BUCKETS)
+        # Workbenches
+        self.workbench_invocations = counter(
+            "freecad_workbench_invocations", "Workbench invocations.", ("workbench", *v))
+        self.workbench_compatibility = counter(
+            "freecad_workbench_compatibility", "Workbench availability checks.", ("workbench", "compatible", *v))
+        # Worker and subprocess
+        self.worker_restarts = counter(
+            "freecad_worker_restarts", "CAD processes that died and had to be replaced.", ("reason", *v))
+        self.subprocess_outcomes = counter(
+            "cadscope_subprocess_outcomes", "CAD subprocesses by classified outcome.", ("engine", "outcome", *v))
+        self.subprocess_peak_memory = histogram(
+            "cadscope_subprocess_peak_memory_bytes", "Peak RSS of a CAD subprocess (wait4 ru_maxrss).",
+            ("engine", *v), MEMORY_BUCKETS)
+        self.telemetry_rejected = counter(
+            "cadscope_telemetry_events_rejected", "Child telemetry events dropped, by reason.", ("reason",))
+        self.task_runtime = histogram(
+            "cadscope_task_runtime_seconds", "Celery task run time, failures included.", ("task", "outcome"),
+            FLOW_BUCKETS)
+        self.task_queue_wait = histogram(
+            "cadscope_task_queue_wait_seconds", "Time from publish to the start of execution.", ("task",),
+            QUEUE_WAIT_BUCKETS)
+        self.task_outcomes = counter(
+            "cadscope_task_outcomes", "Celery task executions by outcome.", ("task", "outcome"))
+        self.attempts_lost = counter(
+            "cadscope_task_attempts_lost", "Task attempts lost with their worker process (redelivered).", ("task",))

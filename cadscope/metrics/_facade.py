@@ -1,0 +1,321 @@
+"""The seed's observability helpers as one facade: spans plus metrics.
+
+Each ``observe_*`` context manager opens a span, times its body with a
+monotonic clock, records the metric in ``finally`` and re-raises the body's
+exception unchanged. Each ``record_*`` method records an already measured
+value; the worker uses them for the CAD child's operations, whose durations
+the child measured itself. Telemetry never raises into a job: a failure inside
+recording is logged and swallowed.
+
+Engine versions label every CAD metric. They come from the engine at run
+time; set them for a block with :meth:`ModelObservability.engine_versions`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+from collections.abc import Iterator
+from timeit import default_timer
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
+
+from ._catalogue import (
+    Catalogue,
+    bound,
+    bound_version,
+    doc_complexity,
+    file_size_range,
+    lcs_count_range,
+    solids_range,
+)
+
+__all__ = ["ModelObservability"]
+
+log = logging.getLogger("cadscope.metrics")
+
+_versions: contextvars.ContextVar[tuple[str, str]] = contextvars.ContextVar(
+    "cadscope_engine_versions", default=("unknown", "unknown")
+)
+
+
+@contextlib.contextmanager
+def _never_raise(what: str) -> Iterator[None]:
+    try:
+        yield
+    except Exception:  # noqa: BLE001 - telemetry must not break the job
+        log.exception("recording %s failed", what)
+
+
+class ModelObservability:
+    """Seed 003's ``model_observability``, over a :class:`Catalogue`."""
+
+    def __init__(self, catalogue: Catalogue | None = None, tracer_provider: trace.TracerProvider | None = None):
+        self.metrics = catalogue if catalogue is not None else Catalogue()
+        self._tracer_provider = tracer_provider
+
+    @property
+    def _tracer(self) -> trace.Tracer:
+        return trace.get_tracer("cadscope.metrics", tracer_provider=self._tracer_provider)
+
+    # -- versions ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def engine_versions(self, freecad_version: str, occt_version: str) -> Iterator[None]:
+        token = _versions.set((bound_version(freecad_version), bound_version(occt_version)))
+        try:
+            yield
+        finally:
+            _versions.reset(token)
+
+    @staticmethod
+    def versions() -> dict[str, str]:
+        freecad, occt = _versions.get()
+        return {"freecad_version": freecad, "occt_version": occt}
+
+    @contextlib.contextmanager
+    def _timed_span(self, name: str, attributes: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Span + timer; yields a dict that receives ``duration`` and ``error``."""
+        outcome: dict[str, Any] = {"error": None}
+        start = default_timer()
+        with self._tracer.start_as_current_span(name, attributes=attributes, record_exception=True) as span:
+            try:
+                yield outcome
+            except BaseException as exc:
+                outcome["error"] = exc
+                span.set_attribute("error.type", type(exc).__qualname__)
+                span.set_status(Status(StatusCode.ERROR, str(exc)[:256]))
+                raise
+            finally:
+                outcome["duration"] = max(default_timer() - start, 0)
+
+    # -- flows and stages ---------------------------------------------------------
+
+    @contextlib.contextmanager
+    def observe_model_generation(
+        self, flow_type: str, job_id: str, user_id: int | str | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """A whole flow: started/completed counters, duration, active gauge, span."""
+        m, v, flow = self.metrics, self.versions(), bound("flow_type", flow_type)
+        attributes: dict[str, Any] = {"cad.flow_type": flow, "cad.job_id": job_id}
+        if user_id is not None:
+            attributes["enduser.id"] = str(user_id)
+        with _never_raise("flow start"):
+            m.generation_started.labels(flow, *v.values()).inc()
+            m.active_flows.labels(flow, *v.values()).inc()
+        status = "failure"
+        try:
+            with self._timed_span(f"cad.flow {flow}", attributes) as outcome:
+                yield outcome
+                status = "failure" if outcome.get("failed") else "success"
+        finally:
+            with _never_raise("flow end"):
+                m.active_flows.labels(flow, *v.values()).dec()
+                m.generation_completed.labels(flow, status, *v.values()).inc()
+                m.generation_duration.labels(flow, status, *v.values()).observe(outcome["duration"])
+
+    @contextlib.contextmanager
+    def observe_stage(self, flow_type: str, stage: str) -> Iterator[dict[str, Any]]:
+        with self._timed_span(f"cad.stage {stage}", {"cad.stage": stage}) as outcome:
+            try:
+                yield outcome
+            finally:
+                self.record_stage(flow_type, stage, outcome.get("duration", 0.0))
+
+    def record_stage(self, flow_type: str, stage: str, duration_seconds: float) -> None:
+        with _never_raise("stage"):
+            self.metrics.stage_duration.labels(
+                bound("flow_type", flow_type), bound("stage", stage), *self.versions().values()
+            ).observe(duration_seconds)
+
+    # -- documents -----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def observe_document_operation(
+        self, document_id: str, operation: str, workbench: str = "Part", source: str = "new",
+        object_count: int = 0,
+    ) -> Iterator[dict[str, Any]]:
+        attributes = {"cad.document.id": document_id, "cad.document.operation": operation}
+        with self._timed_span(f"document.{operation}", attributes) as outcome:
+            try:
+                yield outcome
+            finally:
+                if operation == "recompute":
+                    self.record_recompute(workbench, outcome.get("object_count", object_count), outcome["duration"])
+                else:
+                    self.record_document_load(source, workbench, outcome["duration"])
+
+    def record_document_load(self, source: str, workbench: str, duration_seconds: float) -> None:
+        with _never_raise("document load"):
+            self.metrics.document_load.labels(
+                bound("source", source), bound("workbench", workbench), *self.versions().values()
+            ).observe(duration_seconds)
+
+    def record_recompute(self, workbench: str, object_count: int, duration_seconds: float) -> None:
+        with _never_raise("recompute"):
+            self.metrics.recompute.labels(
+                bound("workbench", workbench), doc_complexity(int(object_count)), *self.versions().values()
+            ).observe(duration_seconds)
+
+    def record_object_created(self, cls: str, workbench: str, count: float = 1) -> None:
+        with _never_raise("object created"):
+            self.metrics.object_created.labels(
+                bound("class", cls), bound("workbench", workbench), *self.versions().values()
+            ).inc(count)
+
+    # -- OCCT ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def observe_occt_boolean(self, operation: str, solids_count: int) -> Iterator[dict[str, Any]]:
+        attributes = {"cad.boolean.operation": operation, "cad.solids_count": solids_count}
+        with self._timed_span("occt.boolean", attributes) as outcome:
+            try:
+                yield outcome
+            finally:
+                self.record_occt_boolean(operation, solids_count, outcome["duration"])
+
+    def record_occt_boolean(self, operation: str, solids_count: int, duration_seconds: float) -> None:
+        with _never_raise("boolean"):
+            self.metrics.occt_boolean.labels(
+                bound("operation", operation), solids_range(int(solids_count)), *self.versions().values()
+            ).observe(duration_seconds)
+
+    @contextlib.contextmanager
+    def observe_occt_feature(self, feature: str, edges_count: int = 0) -> Iterator[dict[str, Any]]:
+        with self._timed_span("occt.feature", {"cad.feature": feature, "cad.edges_count": edges_count}) as outcome:
+            try:
+                yield outcome
+            finally:
+                self.record_occt_feature(feature, outcome["duration"])
+
+    def record_occt_feature(self, feature: str, duration_seconds: float) -> None:
+        with _never_raise("feature"):
+            self.metrics.occt_feature.labels(bound("feature", feature), *self.versions().values()).observe(
+                duration_seconds
+            )
+
+    def record_occt_memory(self, operation: str, memory_bytes: float) -> None:
+        with _never_raise("memory"):
+            self.metrics.occt_memory.labels(bound("memory_operation", operation), *self.versions().values()).observe(
+                memory_bytes
+            )
+
+    # -- Assembly4 -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def observe_assembly4_solver(
+        self, solver_type: str, constraints_count: int = 0, lcs_count: int = 0
+    ) -> Iterator[dict[str, Any]]:
+        """Yields a dict; set ``context["iterations"]`` as the solver runs."""
+        attributes = {
+            "cad.a4.solver": solver_type, "cad.a4.constraints_count": constraints_count, "cad.lcs_count": lcs_count
+        }
+        with self._timed_span("a4.solve", attributes) as outcome:
+            outcome["iterations"] = 0
+            try:
+                yield outcome
+            finally:
+                trace.get_current_span().set_attribute("cad.a4.iterations", int(outcome["iterations"]))
+                self.record_assembly4_solve(solver_type, outcome["duration"], outcome["iterations"])
+
+    def record_assembly4_solve(self, solver_type: str, duration_seconds: float, iterations: float | None) -> None:
+        with _never_raise("a4 solve"):
+            solver, v = bound("solver", solver_type), self.versions().values()
+            self.metrics.a4_solve.labels(solver, *v).observe(duration_seconds)
+            if iterations is not None:
+                self.record_assembly4_iterations(solver_type, iterations)
+
+    def record_assembly4_iterations(self, solver_type: str, iterations: float) -> None:
+        with _never_raise("a4 iterations"):
+            solver, v = bound("solver", solver_type), self.versions().values()
+            self.metrics.a4_iterations_total.labels(solver, *v).inc(iterations)
+            self.metrics.a4_iterations.labels(solver, *v).observe(iterations)
+
+    def record_lcs_resolution(self, lcs_count: int, duration_seconds: float) -> None:
+        with _never_raise("lcs"):
+            self.metrics.a4_lcs.labels(lcs_count_range(int(lcs_count)), *self.versions().values()).observe(
+                duration_seconds
+            )
+
+    # -- materials ---------------------------------------------------------------------------
+
+    def record_material_library_access(self, library: str, result: str) -> None:
+        with _never_raise("material access"):
+            self.metrics.material_access.labels(
+                bound("library", library), bound("result", result), *self.versions().values()
+            ).inc()
+
+    @contextlib.contextmanager
+    def observe_material_property_application(
+        self, property_type: str, material_count: int = 1, library: str = "standard"
+    ) -> Iterator[dict[str, Any]]:
+        attributes = {"cad.material.property": property_type, "cad.material.count": material_count}
+        with self._timed_span("material.apply_property", attributes) as outcome:
+            try:
+                yield outcome
+            finally:
+                self.record_material_property(property_type, outcome["duration"])
+
+    def record_material_property(self, property_type: str, duration_seconds: float) -> None:
+        with _never_raise("material property"):
+            self.metrics.material_property.labels(bound("property", property_type), *self.versions().values()).observe(
+                duration_seconds
+            )
+
+    def record_material_appearance(self, appearance_type: str, duration_seconds: float) -> None:
+        with _never_raise("material appearance"):
+            self.metrics.material_appearance.labels(
+                bound("appearance_type", appearance_type), *self.versions().values()
+            ).observe(duration_seconds)
+
+    # -- topology and export -----------------------------------------------------------------
+
+    def record_topology_hash(self, scope: str, duration_seconds: float) -> None:
+        with _never_raise("topology hash"):
+            self.metrics.topology_hash.labels(bound("scope", scope), *self.versions().values()).observe(
+                duration_seconds
+            )
+
+    @contextlib.contextmanager
+    def observe_export(self, format: str, file_size: int | None = None) -> Iterator[dict[str, Any]]:  # noqa: A002
+        """Yields a dict; set ``context["file_size"]`` once the file is written."""
+        with self._timed_span("export", {"cad.export.format": format.upper()}) as outcome:
+            outcome["file_size"] = file_size or 0
+            try:
+                yield outcome
+            finally:
+                self.record_export(format, outcome["file_size"], outcome["duration"])
+
+    def record_export(self, format: str, file_size: int, duration_seconds: float) -> None:  # noqa: A002
+        with _never_raise("export"):
+            self.metrics.export_duration.labels(
+                bound("format", format.upper()), file_size_range(int(file_size)), *self.versions().values()
+            ).observe(duration_seconds)
+
+    def record_export_validation(self, format: str, result: str, file_size: int | None = None) -> None:  # noqa: A002
+        with _never_raise("export validation"):
+            self.metrics.export_validation.labels(
+                bound("format", format.upper()), bound("validation", result), *self.versions().values()
+            ).inc()
+
+    # -- workbenches, AI providers -------------------------------------------------------------
+
+    def record_workbench_invocation(self, workbench: str) -> None:
+        with _never_raise("workbench"):
+            self.metrics.workbench_invocations.labels(bound("workbench", workbench), *self.versions().values()).inc()
+
+    def record_workbench_compatibility(self, workbench: str, compatible: bool) -> None:
+        with _never_raise("workbench compatibility"):
+            self.metrics.workbench_compatibility.labels(
+                bound("workbench", workbench), "true" if compatible else "false", *self.versions().values()
+            ).inc()
+
+    def record_ai_provider_latency(self, provider: str, model: str, operation: str, latency_seconds: float) -> None:
+        # model and operation come from configuration, never from requests.
+        with _never_raise("ai latency"):
+            self.metrics.ai_provider_latency.labels(bound("provider", provider), model[:64], operation[:64]).observe(
+                latency_seconds
+            )

@@ -1,0 +1,37 @@
+"""Tracing for cadscope: setup after fork, the env-var carrier, pinned span ids.
+
+Usage in a process that starts CAD subprocesses::
+
+    from cadscope.tracing import setup_tracing, inject_into_env, flush_tracing
+
+    setup_tracing("cadscope-worker")           # once per process, after fork
+    env = inject_into_env({"PATH": "/usr/bin"}) # TRACEPARENT/TRACESTATE/BAGGAGE
+    ...
+    flush_tracing()                             # before os._exit
+
+``OTEL_EXPORTER_OTLP_ENDPOINT`` (and the other standard ``OTEL_*`` variables)
+turn on OTLP export; ``CADSCOPE_TRACES_FILE`` writes OTLP/JSON lines.
+"""
+
+from __future__ import annotations
+
+from ._carrier import EnvGetter, EnvSetter, extract_from_env, inject_into_env, normalise_key
+from ._ids import PinnableIdGenerator, pinned_span_id
+from ._otlpjson import OTLPJsonFileSpanExporter, spans_to_otlp_json
+from ._setup import flush_tracing, get_tracer_provider, setup_tracing, shutdown_tracing
+
+__all__ = [
+    "EnvGetter",
+    "EnvSetter",
+    "OTLPJsonFileSpanExporter",
+    "PinnableIdGenerator",
+    "extract_from_env",
+    "flush_tracing",
+    "get_tracer_provider",
+    "inject_into_env",
+    "normalise_key",
+    "pinned_span_id",
+    "setup_tracing",
+    "shutdown_tracing",
+    "spans_to_otlp_json",
+]
