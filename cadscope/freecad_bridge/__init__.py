@@ -1,0 +1,39 @@
+"""Run CAD work in contained, traced subprocesses.
+
+Usage::
+
+    from cadscope.freecad_bridge import JobSpec, run_cad_job, discover_engines
+
+    job = JobSpec.model_validate(json_data)          # ValidationError names the field
+    result = run_cad_job(job, "out/job-1", job_id="job-1")
+    result.outcome   # ok | script_error | crash | timeout | oom | killed | bad_output
+    result.artifacts # [{"name", "format", "size", "sha256", "deterministic"}]
+
+:func:`run` runs *any* argv the same way (allowlisted environment, trace
+context in ``TRACEPARENT``, own process group, limits, telemetry pipe). The
+child side is ``freecad_bridge/child/cadscope_probe.py``, standard library only.
+"""
+
+from __future__ import annotations
+
+from ._engines import CadResult, EngineInfo, EngineUnavailable, discover_engines, pick_engine, run_cad_job
+from ._runner import DEFAULT_ENV_ALLOWLIST, OUTCOMES, RunLimits, RunResult, build_env, run
+from ._schema import JobSpec, load_material_library, material_library_path
+
+__all__ = [
+    "DEFAULT_ENV_ALLOWLIST",
+    "OUTCOMES",
+    "CadResult",
+    "EngineInfo",
+    "EngineUnavailable",
+    "JobSpec",
+    "RunLimits",
+    "RunResult",
+    "build_env",
+    "discover_engines",
+    "load_material_library",
+    "material_library_path",
+    "pick_engine",
+    "run",
+    "run_cad_job",
+]

@@ -1,0 +1,286 @@
+"""The two engines, discovered at run time, and one CAD job run through the runner.
+
+- ``freecad``: ``freecadcmd`` (``$CADSCOPE_FREECADCMD`` or on ``PATH``) running
+  ``child/engine_freecad.py`` in FreeCAD's own Python.
+- ``ocp``: a Python with cadquery-ocp (``$CADSCOPE_OCP_PYTHON``, default this
+  interpreter) running ``child/engine_ocp.py``. ``freecad_version="none"``.
+
+Versions are asked of the engine itself, once per process, never configured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from opentelemetry import trace
+
+from ..metrics import ModelObservability, bound
+from ._runner import RunLimits, RunResult, build_env, run
+from ._schema import ENGINE_FORMATS, JobSpec, material_library_path
+
+__all__ = ["CadResult", "EngineInfo", "EngineUnavailable", "discover_engines", "pick_engine", "run_cad_job"]
+
+log = logging.getLogger("cadscope.freecad_bridge")
+
+CHILD_DIR = Path(__file__).resolve().parent / "child"
+_MARK = "CADSCOPE_VERSIONS "
+_FREECAD_VERSION_SCRIPT = (
+    "import FreeCAD, Part, json; v = FreeCAD.Version(); "
+    f"print({_MARK!r} + json.dumps({{'freecad_version': '.'.join(x or '0' for x in v[:3]), "
+    "'occt_version': Part.OCC_VERSION}))"
+)
+_OCP_VERSION_SCRIPT = (
+    f"import sys, json; sys.path.insert(0, {str(CHILD_DIR)!r}); import engine_ocp; "
+    f"print({_MARK!r} + json.dumps(engine_ocp.OCPBackend().versions()))"
+)
+
+
+class EngineUnavailable(RuntimeError):
+    """No engine of the requested kind exists on this host."""
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    name: str
+    argv: tuple[str, ...]
+    freecad_version: str
+    occt_version: str
+    formats: frozenset[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"engine": self.name, "freecad_version": self.freecad_version, "occt_version": self.occt_version}
+
+
+def _ask_versions(argv: list[str]) -> dict[str, str] | None:
+    try:
+        out = subprocess.run(  # noqa: S603
+            argv, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+            env=build_env(extra={"HOME": _engine_home()}),
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("engine probe %s failed: %s", argv[0], exc)
+        return None
+    for line in out.splitlines():
+        if line.startswith(_MARK):
+            return json.loads(line[len(_MARK):])  # type: ignore[no-any-return]
+    return None
+
+
+def _engine_home() -> str:
+    """FreeCAD writes its user config under $HOME: give it a private one."""
+    home = os.environ.get("CADSCOPE_ENGINE_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "cadscope", "engine-home"
+    )
+    os.makedirs(home, exist_ok=True)
+    return home
+
+
+@lru_cache(maxsize=1)
+def discover_engines() -> dict[str, EngineInfo]:
+    """Engines present on this host, with the versions they report. Cached."""
+    engines: dict[str, EngineInfo] = {}
+    freecadcmd = shutil.which(os.environ.get("CADSCOPE_FREECADCMD", "freecadcmd"))
+    if freecadcmd:
+        versions = _ask_versions([freecadcmd, "-c", _FREECAD_VERSION_SCRIPT])
+        if versions:
+            engines["freecad"] = EngineInfo(
+                "freecad", (freecadcmd, str(CHILD_DIR / "engine_freecad.py")),
+                versions["freecad_version"], versions["occt_version"], frozenset(ENGINE_FORMATS["freecad"]),
+            )
+    python = os.environ.get("CADSCOPE_OCP_PYTHON", sys.executable)
+    versions = _ask_versions([python, "-c", _OCP_VERSION_SCRIPT])
+    if versions:
+        engines["ocp"] = EngineInfo(
+            "ocp", (python, str(CHILD_DIR / "engine_ocp.py")),
+            versions["freecad_version"], versions["occt_version"], frozenset(ENGINE_FORMATS["ocp"]),
+        )
+    return engines
+
+
+def pick_engine(requested: str, engines: Mapping[str, EngineInfo] | None = None, formats: set[str] = frozenset()) -> EngineInfo:  # type: ignore[assignment]
+    """The engine for a job: as requested, or for ``auto`` FreeCAD first, then OCP."""
+    engines = discover_engines() if engines is None else engines
+    order = ["freecad", "ocp"] if requested == "auto" else [requested]
+    for name in order:
+        info = engines.get(name)
+        if info is not None and formats <= info.formats:
+            return info
+    raise EngineUnavailable(f"no engine for {requested!r} with formats {sorted(formats)} (have {sorted(engines)})")
+
+
+class ChildTelemetry:
+    """Maps the child's probe spans and metric events onto the seed-003 metrics."""
+
+    def __init__(
+        self,
+        observability: ModelObservability,
+        flow_type: str,
+        on_progress: Callable[[Mapping[str, Any]], None] | None = None,
+    ) -> None:
+        self.obs = observability
+        self.flow_type = flow_type
+        self.on_progress = on_progress
+        self.stages: dict[str, float] = {}
+
+    def span_ended(self, name: str, a: Mapping[str, Any], duration_s: float, error_type: str | None) -> None:
+        o = self.obs
+        if name == "cad.stage":
+            stage = str(a.get("cad.stage"))
+            self.stages[stage] = self.stages.get(stage, 0.0) + duration_s
+            o.record_stage(self.flow_type, stage, duration_s)
+        elif name == "document.create":
+            o.record_document_load(str(a.get("cad.document.source", "new")), str(a.get("cad.workbench", "Part")), duration_s)
+        elif name == "document.recompute":
+            o.record_recompute(str(a.get("cad.workbench", "Part")), int(a.get("cad.object_count", 0)), duration_s)
+        elif name == "occt.boolean":
+            o.record_occt_boolean(str(a.get("cad.boolean.operation")), int(a.get("cad.solids_count", 0)), duration_s)
+        elif name == "occt.feature":
+            o.record_occt_feature(str(a.get("cad.feature")), duration_s)
+        elif name == "a4.solve":
+            o.record_assembly4_solve(str(a.get("cad.a4.solver")), duration_s, None)
+        elif name == "a4.lcs_resolution":
+            o.record_lcs_resolution(int(a.get("cad.lcs_count", 0)), duration_s)
+        elif name == "material.apply_property":
+            o.record_material_property(str(a.get("cad.material.property")), duration_s)
+        elif name == "material.apply_appearance":
+            o.record_material_appearance(str(a.get("cad.material.appearance_type")), duration_s)
+        elif name == "topology.hash":
+            o.record_topology_hash(str(a.get("cad.topology.scope")), duration_s)
+        elif name == "export" and error_type is None:
+            o.record_export(str(a.get("cad.export.format")), int(a.get("cad.export.size_bytes", 0)), duration_s)
+
+    def metric(self, name: str, value: float, a: Mapping[str, Any]) -> None:
+        o = self.obs
+        if name == "freecad.object_created":
+            o.record_object_created(str(a.get("cls")), str(a.get("workbench")), value)
+        elif name == "occt.memory":
+            o.record_occt_memory(str(a.get("operation")), value)
+        elif name == "material.library":
+            o.record_material_library_access(str(a.get("library")), str(a.get("result")))
+        elif name == "a4.iterations":
+            o.record_assembly4_iterations(str(a.get("solver")), value)
+        elif name == "export.validation":
+            o.record_export_validation(str(a.get("format")), str(a.get("result")))
+        elif name == "workbench.invocation":
+            o.record_workbench_invocation(str(a.get("workbench")))
+        elif name == "workbench.compatibility":
+            o.record_workbench_compatibility(str(a.get("workbench")), bool(a.get("compatible")))
+        else:
+            o.metrics.telemetry_rejected.labels("unknown_metric").inc()
+
+    def progress(self, a: Mapping[str, Any]) -> None:
+        if self.on_progress is not None:
+            self.on_progress(a)
+
+
+@dataclass
+class CadResult:
+    engine: EngineInfo
+    run: RunResult
+    outcome: str
+    error_type: str | None
+    error_message: str
+    artifacts: list[dict[str, Any]] = field(default_factory=list)
+    manifest: dict[str, Any] | None = None
+    stages: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "ok"
+
+
+def _verify_artifacts(manifest: Mapping[str, Any], out_dir: Path) -> tuple[list[dict[str, Any]], str | None]:
+    """Every artifact the child claims exists in ``out_dir`` with its size and sha256."""
+    verified = []
+    artifacts = manifest.get("artifacts")
+    if not isinstance(artifacts, list) or not artifacts:
+        return [], "manifest lists no artifacts"
+    root = out_dir.resolve()
+    for item in artifacts:
+        name = item.get("name") if isinstance(item, dict) else None
+        if not isinstance(name, str) or "/" in name or name.startswith("."):
+            return [], f"manifest names an unsafe artifact path {name!r}"
+        path = (root / name).resolve()
+        if path.parent != root or not path.is_file():
+            return [], f"artifact {name!r} is missing"
+        data = path.read_bytes()
+        if len(data) != item.get("size") or hashlib.sha256(data).hexdigest() != item.get("sha256"):
+            return [], f"artifact {name!r} does not match its manifest entry"
+        verified.append(
+            {"name": name, "format": item.get("format"), "size": len(data), "sha256": item["sha256"],
+             "deterministic": item.get("deterministic")}
+        )
+    return verified, None
+
+
+def run_cad_job(
+    job: JobSpec,
+    out_dir: str | os.PathLike[str],
+    *,
+    engine: EngineInfo | None = None,
+    job_id: str = "",
+    observability: ModelObservability | None = None,
+    limits: RunLimits | None = None,
+    tracer_provider: trace.TracerProvider | None = None,
+    on_progress: Callable[[Mapping[str, Any]], None] | None = None,
+) -> CadResult:
+    """Run a validated job in a contained subprocess of its engine.
+
+    Artifacts land in ``out_dir``; the child's logs and job file in
+    ``out_dir/.cadscope/``. Never raises for the child's failures: the
+    outcome is classified and counted.
+    """
+    obs = observability or ModelObservability()
+    engine = engine or pick_engine(job.engine, formats=job.formats())
+    out = Path(out_dir)
+    work = out / ".cadscope"
+    work.mkdir(parents=True, exist_ok=True)
+    payload = {"job": {**job.model_dump(mode="json"), "job_id": job_id}, "material_library": material_library_path()}
+    (work / "job.json").write_text(json.dumps(payload))
+    limits = limits or RunLimits(timeout_s=job.timeout_s, memory_bytes=2 << 30)
+    telemetry = ChildTelemetry(obs, job.flow_type, on_progress)
+    m = obs.metrics
+    with obs.engine_versions(engine.freecad_version, engine.occt_version):
+        v = obs.versions()
+        result = run(
+            list(engine.argv),
+            limits=limits,
+            env={"CADSCOPE_JOB": str(work / "job.json"), "CADSCOPE_OUT": str(out), "HOME": _engine_home()},
+            cwd=str(work),
+            stdout_path=str(work / "stdout.log"),
+            stderr_path=str(work / "stderr.log"),
+            tracer_provider=tracer_provider,
+            span_name=f"cad.subprocess {engine.name}",
+            attributes={"cad.engine": engine.name, "cad.freecad_version": engine.freecad_version,
+                        "cad.occt_version": engine.occt_version, "cad.job_id": job_id},
+            observer=telemetry,
+            on_drop=lambda reason: m.telemetry_rejected.labels(bound("rejected_reason", reason)).inc(),
+        )
+        outcome, error_type, message = result.outcome, result.error_type, result.error_message
+        artifacts: list[dict[str, Any]] = []
+        if result.ok and result.manifest is not None:
+            artifacts, problem = _verify_artifacts(result.manifest, out)
+            if problem is not None:
+                outcome, error_type, message = "bad_output", "artifact_mismatch", problem
+                span = trace.get_current_span()
+                span.set_attribute("error.type", "bad_output")
+        m.subprocess_outcomes.labels(engine.name, outcome, *v.values()).inc()
+        m.subprocess_peak_memory.labels(engine.name, *v.values()).observe(result.peak_rss_bytes)
+        obs.record_occt_memory("process", result.peak_rss_bytes)
+        if outcome in ("oom", "timeout", "crash", "killed"):
+            m.worker_restarts.labels(outcome, *v.values()).inc()
+    return CadResult(
+        engine=engine, run=result, outcome=outcome, error_type=error_type, error_message=message,
+        artifacts=artifacts, manifest=result.manifest if outcome == "ok" else None, stages=telemetry.stages,
+    )

@@ -1,0 +1,281 @@
+"""The job schema: a CAD job is data, never code.
+
+A job builds parts from primitives, booleans and edge features, places part
+instances in an Assembly4-style assembly (each instance attaches an LCS of its
+own to an LCS of its parent), applies materials from the shipped library, and
+exports files. Validation names the field and the reason; sizes and counts are
+bounded so that a valid job also runs within limits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import lru_cache
+from importlib import resources
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+__all__ = ["JobSpec", "load_material_library", "material_library_path"]
+
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")]
+# A file name stem: no separators, no leading dot, so nothing escapes the job's folder.
+FileStem = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
+Length = Annotated[float, Field(gt=0, le=100_000, allow_inf_nan=False)]  # millimetres
+Coordinate = Annotated[float, Field(ge=-1_000_000, le=1_000_000, allow_inf_nan=False)]
+
+MAX_STEPS_TOTAL = 2_000
+MAX_OPERANDS_TOTAL = 2_000
+ENGINE_FORMATS = {"freecad": {"step", "stl", "brep", "iges", "obj"}, "ocp": {"step", "stl", "brep", "iges"}}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Rotation(_Model):
+    axis: tuple[Coordinate, Coordinate, Coordinate] = (0.0, 0.0, 1.0)
+    angle: Annotated[float, Field(ge=-360, le=360, allow_inf_nan=False)] = 0.0
+
+    @model_validator(mode="after")
+    def _axis_not_zero(self) -> Rotation:
+        if math.isclose(sum(c * c for c in self.axis), 0.0):
+            raise ValueError("rotation axis must not be the zero vector")
+        return self
+
+
+class Placement(_Model):
+    position: tuple[Coordinate, Coordinate, Coordinate] = (0.0, 0.0, 0.0)
+    rotation: Rotation = Rotation()
+
+
+class _Primitive(_Model):
+    name: Name
+    placement: Placement = Placement()
+
+
+class Box(_Primitive):
+    kind: Literal["box"]
+    length: Length
+    width: Length
+    height: Length
+
+
+class Cylinder(_Primitive):
+    kind: Literal["cylinder"]
+    radius: Length
+    height: Length
+
+
+class Sphere(_Primitive):
+    kind: Literal["sphere"]
+    radius: Length
+
+
+class Cone(_Primitive):
+    kind: Literal["cone"]
+    radius1: Annotated[float, Field(ge=0, le=100_000, allow_inf_nan=False)]
+    radius2: Annotated[float, Field(ge=0, le=100_000, allow_inf_nan=False)]
+    height: Length
+
+    @model_validator(mode="after")
+    def _radii(self) -> Cone:
+        if self.radius1 == self.radius2:
+            raise ValueError("radius1 and radius2 must differ (equal radii make a cylinder)")
+        return self
+
+
+class Torus(_Primitive):
+    kind: Literal["torus"]
+    radius1: Length
+    radius2: Length
+
+    @model_validator(mode="after")
+    def _radii(self) -> Torus:
+        if self.radius2 >= self.radius1:
+            raise ValueError("radius2 (tube) must be smaller than radius1 (ring)")
+        return self
+
+
+class Extrusion(_Primitive):
+    """A closed polygon in the XY plane extruded along +Z."""
+
+    kind: Literal["extrusion"]
+    points: Annotated[list[tuple[Coordinate, Coordinate]], Field(min_length=3, max_length=1_000)]
+    height: Length
+
+
+class Boolean(_Model):
+    kind: Literal["boolean"]
+    name: Name
+    operation: Literal["union", "cut", "common"]
+    operands: Annotated[list[Name], Field(min_length=2, max_length=256)]
+
+
+EdgeSelector = Literal["all", "vertical", "top", "bottom"] | Annotated[
+    list[Annotated[int, Field(ge=0, le=100_000)]], Field(min_length=1, max_length=1_000)
+]
+
+
+class Fillet(_Model):
+    kind: Literal["fillet"]
+    name: Name
+    target: Name
+    radius: Length
+    edges: EdgeSelector = "all"
+
+
+class Chamfer(_Model):
+    kind: Literal["chamfer"]
+    name: Name
+    target: Name
+    size: Length
+    edges: EdgeSelector = "all"
+
+
+Step = Annotated[
+    Box | Cylinder | Sphere | Cone | Torus | Extrusion | Boolean | Fillet | Chamfer, Field(discriminator="kind")
+]
+
+
+class Part(_Model):
+    name: Name
+    steps: Annotated[list[Step], Field(min_length=1, max_length=500)]
+    result: Name | None = None
+    material: Annotated[str, StringConstraints(max_length=64)] | None = None
+    lcs: Annotated[dict[Name, Placement], Field(max_length=64)] = {}
+
+    @model_validator(mode="after")
+    def _references(self) -> Part:
+        seen: set[str] = set()
+        for index, step in enumerate(self.steps):
+            refs = step.operands if isinstance(step, Boolean) else [step.target] if isinstance(step, Fillet | Chamfer) else []
+            for ref in refs:
+                if ref not in seen:
+                    raise ValueError(f"steps[{index}] ({step.name}) uses {ref!r}, which no earlier step defines")
+            if step.name in seen:
+                raise ValueError(f"steps[{index}]: step name {step.name!r} is used twice")
+            seen.add(step.name)
+        if self.result is not None and self.result not in seen:
+            raise ValueError(f"result {self.result!r} is not a step of part {self.name!r}")
+        if "origin" in self.lcs:
+            raise ValueError("lcs 'origin' is implicit (the part's own frame) and cannot be redefined")
+        if self.material is not None and self.material not in load_material_library():
+            raise ValueError(f"material {self.material!r} is not in the material library")
+        return self
+
+
+class Attach(_Model):
+    to: Name
+    to_lcs: Name = "origin"
+    lcs: Name = "origin"
+
+
+class Instance(_Model):
+    name: Name
+    part: Name
+    placement: Placement | None = None
+    attach: Attach | None = None
+
+    @model_validator(mode="after")
+    def _one_way(self) -> Instance:
+        if self.placement is not None and self.attach is not None:
+            raise ValueError("an instance is either placed or attached, not both")
+        return self
+
+
+class Assembly(_Model):
+    name: Name
+    instances: Annotated[list[Instance], Field(min_length=1, max_length=500)]
+
+    @model_validator(mode="after")
+    def _tree(self) -> Assembly:
+        names = [i.name for i in self.instances]
+        if len(set(names)) != len(names):
+            raise ValueError("instance names must be unique")
+        parent = {i.name: i.attach.to for i in self.instances if i.attach}
+        for child, target in parent.items():
+            if target not in names:
+                raise ValueError(f"instance {child!r} attaches to unknown instance {target!r}")
+        for start in parent:
+            node, hops = start, 0
+            while node in parent:
+                node, hops = parent[node], hops + 1
+                if hops > len(names):
+                    raise ValueError(f"instance {start!r} is part of an attachment cycle")
+        return self
+
+
+class Export(_Model):
+    format: Literal["step", "stl", "brep", "iges", "obj"]
+    of: Name
+    name: FileStem
+    validate_determinism: bool = True
+
+
+class JobSpec(_Model):
+    """One CAD job. ``model_validate(data)`` raises ``ValidationError`` naming the field."""
+
+    name: Name
+    flow_type: Literal["parametric", "ai_prompt", "upload"] = "parametric"
+    engine: Literal["auto", "freecad", "ocp"] = "auto"
+    parts: Annotated[list[Part], Field(min_length=1, max_length=100)]
+    assembly: Assembly | None = None
+    exports: Annotated[list[Export], Field(min_length=1, max_length=32)]
+    timeout_s: Annotated[float, Field(gt=0, le=3_600)] = 120.0
+    # Deliberate faults for tests and the demo workload: an enum the engine
+    # script maps to a fixed action, never code.
+    fault: Literal["raise", "segfault", "hang", "memory", "no_manifest"] | None = None
+    expect_failure: bool = False
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> JobSpec:
+        parts = {p.name: p for p in self.parts}
+        if len(parts) != len(self.parts):
+            raise ValueError("part names must be unique")
+        if sum(len(p.steps) for p in self.parts) > MAX_STEPS_TOTAL:
+            raise ValueError(f"a job has at most {MAX_STEPS_TOTAL} steps in all")
+        operands = sum(len(s.operands) for p in self.parts for s in p.steps if isinstance(s, Boolean))
+        if operands > MAX_OPERANDS_TOTAL:
+            raise ValueError(f"a job has at most {MAX_OPERANDS_TOTAL} boolean operands in all")
+        targets = set(parts)
+        if self.assembly is not None:
+            if self.assembly.name in parts:
+                raise ValueError(f"assembly name {self.assembly.name!r} collides with a part name")
+            targets.add(self.assembly.name)
+            for instance in self.assembly.instances:
+                if instance.part not in parts:
+                    raise ValueError(f"instance {instance.name!r} uses unknown part {instance.part!r}")
+                if instance.attach is not None:
+                    own = parts[instance.part].lcs
+                    if instance.attach.lcs != "origin" and instance.attach.lcs not in own:
+                        raise ValueError(f"instance {instance.name!r}: part {instance.part!r} has no lcs {instance.attach.lcs!r}")
+                    parent_part = next(i.part for i in self.assembly.instances if i.name == instance.attach.to)
+                    if instance.attach.to_lcs != "origin" and instance.attach.to_lcs not in parts[parent_part].lcs:
+                        raise ValueError(
+                            f"instance {instance.name!r}: part {parent_part!r} has no lcs {instance.attach.to_lcs!r}"
+                        )
+        stems = [e.name + "." + e.format for e in self.exports]
+        if len(set(stems)) != len(stems):
+            raise ValueError("export file names must be unique")
+        for export in self.exports:
+            if export.of not in targets:
+                raise ValueError(f"export {export.name!r} refers to unknown part or assembly {export.of!r}")
+            if self.engine != "auto" and export.format not in ENGINE_FORMATS[self.engine]:
+                raise ValueError(f"engine {self.engine!r} cannot export {export.format!r}")
+        return self
+
+    def formats(self) -> set[str]:
+        return {e.format for e in self.exports}
+
+
+def material_library_path() -> str:
+    return str(resources.files("cadscope") / "materials" / "library.json")
+
+
+@lru_cache(maxsize=1)
+def load_material_library() -> dict[str, Any]:
+    """Material cards by id, from the library shipped in the package."""
+    with open(material_library_path()) as handle:
+        return {card["id"]: card for card in json.load(handle)["materials"]}
