@@ -207,6 +207,7 @@ def run(
             )
         except BaseException as exc:
             span.record_exception(exc)
+            span.set_attribute("error.type", type(exc).__qualname__)
             span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
             span.end()
             raise
@@ -272,6 +273,9 @@ def _run_in_span(
         stdout.close()
     try:
         status, rusage, timed_out = _supervise(proc, read_fd, replayer, limits, started)
+    except BaseException as exc:
+        replayer.close_open(type(exc).__name__)
+        raise
     finally:
         os.close(read_fd)
     duration = time.monotonic() - started
@@ -414,6 +418,14 @@ def _supervise(
                     else:
                         pipe_open = False
                         poller.unregister(read_fd)
+    except BaseException:
+        # Celery's soft time limit (or any other exception) lands here, in the
+        # middle of poll(): the CAD process group must not outlive the task.
+        if exited is None:
+            _kill_group(proc.pid, signal.SIGKILL)
+            os.wait4(proc.pid, 0)
+        raise
+    else:
         reader.finish()
         if exited is None:
             # The pipe closed first (the child closed its fd): wait for the exit,

@@ -16,6 +16,7 @@ turn on OTLP export; ``CADSCOPE_TRACES_FILE`` writes OTLP/JSON lines.
 from __future__ import annotations
 
 from ._carrier import EnvGetter, EnvSetter, extract_from_env, inject_into_env, normalise_key
+from ._logging import JsonFormatter, configure_json_logging, job_id_var
 from ._ids import PinnableIdGenerator, pinned_span_id
 from ._otlpjson import OTLPJsonFileSpanExporter, spans_to_otlp_json
 from ._setup import flush_tracing, get_tracer_provider, setup_tracing, shutdown_tracing
@@ -23,12 +24,15 @@ from ._setup import flush_tracing, get_tracer_provider, setup_tracing, shutdown_
 __all__ = [
     "EnvGetter",
     "EnvSetter",
+    "JsonFormatter",
     "OTLPJsonFileSpanExporter",
     "PinnableIdGenerator",
+    "configure_json_logging",
     "extract_from_env",
     "flush_tracing",
     "get_tracer_provider",
     "inject_into_env",
+    "job_id_var",
     "normalise_key",
     "pinned_span_id",
     "setup_tracing",

@@ -1,0 +1,128 @@
+"""The Celery app and the worker's lifecycle (fork-safe telemetry setup).
+
+Main process (``worker_init``, before the pool forks): owns the multiprocess
+metrics directory (wiped), serves ``/metrics``, discovers the engines once so
+every pool child inherits their versions.
+
+Pool child (``worker_process_init``): its own tracer provider and Celery
+instrumentation. ``worker_process_shutdown``: flush spans (billiard children
+leave through ``os._exit``; ``atexit`` never runs) and retire the child's
+live gauges.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from celery import Celery, signals
+
+from ..freecad_bridge import discover_engines
+from ..metrics import enable_multiprocess, mark_process_dead, multiprocess_registry, serve_metrics
+from ..tracing import configure_json_logging, flush_tracing, setup_tracing
+from ._config import WorkerSettings, broker_settings
+
+__all__ = ["PUBLISHED_AT_HEADER", "QUEUE", "app", "configure_app"]
+
+log = logging.getLogger("cadscope.workers")
+
+QUEUE = "cadscope"
+DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
+PUBLISHED_AT_HEADER = "cadscope_published_at"
+
+app = Celery("cadscope", include=["cadscope.workers._tasks"])
+
+
+def configure_app(celery_app: Celery, broker_url: str | None = None, settings: WorkerSettings | None = None) -> Celery:
+    """Apply cadscope's settings.
+
+    The broker is ``broker_url``, else ``$CELERY_BROKER_URL``, else a local
+    Redis; ``embedded`` selects kombu's filesystem transport under
+    ``$CADSCOPE_DATA_DIR`` (no server needed, one host only).
+    """
+    settings = settings or WorkerSettings.from_env()
+    broker = broker_url or os.environ.get("CELERY_BROKER_URL") or DEFAULT_BROKER
+    celery_app.conf.update(
+        broker_settings(broker, settings.data_dir),
+        # Job parameters are data: JSON only, never pickle.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        # A job lost with its worker runs again: ack after the work, requeue
+        # on worker loss, take one job at a time (CAD jobs are long and heavy).
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=settings.hard_time_limit,
+        task_soft_time_limit=settings.soft_time_limit,
+        task_default_queue=QUEUE,
+        task_track_started=True,
+        result_expires=24 * 3600,
+        broker_connection_retry_on_startup=True,
+        # Bounded publish retries: an API must fail fast when the broker is down.
+        task_publish_retry=True,
+        task_publish_retry_policy={"max_retries": 3, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
+        worker_hijack_root_logger=False,
+    )
+    transport = dict(celery_app.conf.broker_transport_options or {})
+    if not celery_app.conf.broker_url.startswith("filesystem"):
+        # Longer than the hard time limit, or Redis redelivers a job still running.
+        transport.setdefault("visibility_timeout", settings.hard_time_limit + 300)
+        transport.setdefault("socket_connect_timeout", 3)
+        transport.setdefault("socket_timeout", 10)
+    celery_app.conf.broker_transport_options = transport
+    return celery_app
+
+
+configure_app(app)
+
+
+@signals.before_task_publish.connect
+def _stamp_published_at(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    if headers is not None:
+        headers.setdefault(PUBLISHED_AT_HEADER, time.time())
+
+
+@signals.worker_init.connect
+def _on_worker_init(**_: Any) -> None:
+    settings = WorkerSettings.from_env()
+    configure_json_logging("cadscope-worker")
+    enable_multiprocess(str(settings.metrics_dir), wipe=True)
+    server, _thread = serve_metrics(multiprocess_registry(), settings.metrics_port, settings.metrics_addr)
+    engines = discover_engines()
+    log.info(
+        "worker ready to fork",
+        extra={
+            "metrics": f"http://{settings.metrics_addr}:{server.server_port}/metrics",
+            "engines": {name: info.as_dict() for name, info in engines.items()},
+        },
+    )
+
+
+@signals.worker_ready.connect
+def _on_worker_ready(**_: Any) -> None:
+    ready_file = WorkerSettings.from_env().ready_file
+    if ready_file:
+        Path(ready_file).write_text(str(os.getpid()))
+
+
+@signals.worker_process_init.connect
+def _on_worker_process_init(**_: Any) -> None:
+    from opentelemetry.instrumentation.celery import CeleryInstrumentor
+
+    configure_json_logging("cadscope-worker")
+    provider = setup_tracing("cadscope-worker")
+    instrumentor = CeleryInstrumentor()
+    if not instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.instrument(tracer_provider=provider)
+
+
+@signals.worker_process_shutdown.connect
+def _on_worker_process_shutdown(pid: int | None = None, **_: Any) -> None:
+    flush_tracing(timeout_millis=5000)
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        mark_process_dead(pid or os.getpid())

@@ -1,0 +1,66 @@
+"""Worker configuration from the environment (the process boundary only)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["EMBEDDED", "WorkerSettings", "broker_settings"]
+
+EMBEDDED = "embedded"
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Everything a worker reads from its environment, read once."""
+
+    data_dir: Path
+    metrics_dir: Path
+    metrics_addr: str
+    metrics_port: int
+    hard_time_limit: int
+    soft_time_limit: int
+    ready_file: str | None
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> WorkerSettings:
+        env = os.environ if environ is None else environ
+        data = Path(env.get("CADSCOPE_DATA_DIR", os.path.abspath("cadscope-data")))
+        hard = int(env.get("CADSCOPE_TASK_TIME_LIMIT", "900"))
+        soft = int(env.get("CADSCOPE_TASK_SOFT_TIME_LIMIT", str(max(hard - 60, 1))))
+        if soft >= hard:
+            raise ValueError(f"CADSCOPE_TASK_SOFT_TIME_LIMIT ({soft}) must be below CADSCOPE_TASK_TIME_LIMIT ({hard})")
+        return cls(
+            data_dir=data,
+            metrics_dir=Path(env.get("PROMETHEUS_MULTIPROC_DIR", str(data / "metrics"))),
+            metrics_addr=env.get("CADSCOPE_METRICS_ADDR", "127.0.0.1"),
+            metrics_port=int(env.get("CADSCOPE_METRICS_PORT", "9808")),
+            hard_time_limit=hard,
+            soft_time_limit=soft,
+            ready_file=env.get("CADSCOPE_READY_FILE"),
+        )
+
+
+def broker_settings(broker_url: str | None, data_dir: Path) -> dict[str, Any]:
+    """Celery broker/backend settings; ``None`` or ``embedded`` picks the
+    filesystem transport under ``data_dir`` (no server to install)."""
+    if broker_url and broker_url not in (EMBEDDED, "filesystem://"):
+        backend = os.environ.get("CELERY_RESULT_BACKEND") or broker_url
+        return {"broker_url": broker_url, "result_backend": backend}
+    queue = data_dir / "broker" / "queue"
+    processed = data_dir / "broker" / "processed"
+    results = data_dir / "broker" / "results"
+    for folder in (queue, processed, results):
+        folder.mkdir(parents=True, exist_ok=True)
+    return {
+        "broker_url": "filesystem://",
+        "broker_transport_options": {
+            "data_folder_in": str(queue),
+            "data_folder_out": str(queue),
+            "processed_folder": str(processed),
+            "store_processed": False,
+        },
+        "result_backend": f"file://{results}",
+    }

@@ -1,0 +1,156 @@
+"""The CAD job task: validate → engine (generate, assemble, export, validate_export) → collect."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from functools import lru_cache
+from timeit import default_timer
+from typing import Any
+
+from celery import Task
+from opentelemetry import trace
+from pydantic import ValidationError
+
+from ..freecad_bridge import EngineUnavailable, JobSpec, RunLimits, discover_engines, pick_engine, run_cad_job
+from ..metrics import ModelObservability
+from ..tracing import job_id_var
+from ._app import PUBLISHED_AT_HEADER, app
+from ._config import WorkerSettings
+
+__all__ = ["TASK_NAME", "run_job"]
+
+log = logging.getLogger("cadscope.workers")
+
+TASK_NAME = "cadscope.run_job"
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+@lru_cache(maxsize=1)
+def observability() -> ModelObservability:
+    """Per process, created after fork and after the multiprocess switch."""
+    return ModelObservability()
+
+
+@lru_cache(maxsize=1)
+def _settings() -> WorkerSettings:
+    return WorkerSettings.from_env()
+
+
+def _published_at(task: Task) -> float | None:
+    request = task.request
+    value = getattr(request, PUBLISHED_AT_HEADER, None)
+    if value is None:
+        value = (getattr(request, "headers", None) or {}).get(PUBLISHED_AT_HEADER)
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _default_versions() -> tuple[str, str]:
+    engines = discover_engines()
+    info = engines.get("freecad") or engines.get("ocp")
+    return (info.freecad_version, info.occt_version) if info else ("unknown", "unknown")
+
+
+def _failure(job_id: str, outcome: str, error_type: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"job_id": job_id, "status": "failed", "outcome": outcome, "error_type": error_type,
+            "error_message": message, **extra}
+
+
+@app.task(name=TASK_NAME, bind=True)
+def run_job(self: Task, spec: Any, job_id: str | None = None) -> dict[str, Any]:
+    """Run one CAD job. Returns a JSON result; a failed job is a result with
+    ``status="failed"`` and a classified ``outcome``, not a task exception."""
+    started = default_timer()
+    obs = observability()
+    m = obs.metrics
+    job_id = job_id if isinstance(job_id, str) and _JOB_ID.match(job_id) else str(self.request.id)
+    token = job_id_var.set(job_id)
+    published = _published_at(self)
+    if published is not None:
+        m.task_queue_wait.labels(TASK_NAME).observe(max(time.time() - published, 0.0))
+    span = trace.get_current_span()
+    span.set_attribute("cad.job_id", job_id)
+    try:
+        result = _run(obs, spec, job_id, started)
+    except Exception:
+        m.task_outcomes.labels(TASK_NAME, "failure").inc()
+        m.task_runtime.labels(TASK_NAME, "failure").observe(max(default_timer() - started, 0))
+        raise
+    finally:
+        job_id_var.reset(token)
+    outcome = "success" if result["status"] == "succeeded" else "failure"
+    m.task_outcomes.labels(TASK_NAME, outcome).inc()
+    m.task_runtime.labels(TASK_NAME, outcome).observe(max(default_timer() - started, 0))
+    return result
+
+
+def _run(obs: ModelObservability, spec: Any, job_id: str, started: float) -> dict[str, Any]:
+    # Validate before anything else: versions label the flow, and they depend
+    # on the engine the job asks for.
+    validate_start = default_timer()
+    try:
+        job = JobSpec.model_validate(spec)
+        engine = pick_engine(job.engine, formats=job.formats())
+        problem: dict[str, Any] | None = None
+    except ValidationError as exc:
+        job, engine = None, None
+        errors = [{"loc": ".".join(map(str, e["loc"])), "msg": e["msg"]} for e in exc.errors()[:20]]
+        problem = {"error_type": "invalid_spec", "message": "job spec is invalid", "errors": errors}
+    except EngineUnavailable as exc:
+        job, engine = None, None
+        problem = {"error_type": "engine_unavailable", "message": str(exc)}
+    validate_seconds = max(default_timer() - validate_start, 0)
+    flow_type = job.flow_type if job else (spec.get("flow_type", "parametric") if isinstance(spec, dict) else "parametric")
+    versions = (engine.freecad_version, engine.occt_version) if engine else _default_versions()
+
+    with obs.engine_versions(*versions), obs.observe_model_generation(flow_type, job_id) as flow:
+        obs.record_stage(flow_type, "validate", validate_seconds)
+        if problem is not None or job is None or engine is None:
+            assert problem is not None
+            flow["failed"] = True
+            trace.get_current_span().set_attribute("error.type", problem["error_type"])
+            log.warning("job rejected", extra={"error_type": problem["error_type"]})
+            return _failure(job_id, "rejected", problem["error_type"], problem["message"],
+                            errors=problem.get("errors", []))
+        span = trace.get_current_span()
+        span.set_attributes({"cad.engine": engine.name, "cad.freecad_version": engine.freecad_version,
+                             "cad.occt_version": engine.occt_version, "cad.job_name": job.name})
+        out_dir = _settings().data_dir / "jobs" / job_id
+        # Leave the CAD process time to be killed before Celery's own soft limit.
+        timeout = min(job.timeout_s, max(_settings().soft_time_limit - 5, 1))
+        with obs.observe_stage(flow_type, "engine"):
+            cad = run_cad_job(job, out_dir, engine=engine, job_id=job_id, observability=obs,
+                              limits=RunLimits(timeout_s=timeout, memory_bytes=_memory_limit()))
+        with obs.observe_stage(flow_type, "collect"):
+            result = {
+                "job_id": job_id,
+                "status": "succeeded" if cad.ok else "failed",
+                "outcome": cad.outcome,
+                "error_type": cad.error_type,
+                "error_message": cad.error_message,
+                "engine": engine.as_dict(),
+                "expect_failure": job.expect_failure,
+                "artifacts": cad.artifacts,
+                "out_dir": str(out_dir),
+                "stages": {k: round(v, 6) for k, v in cad.stages.items()},
+                "duration_s": round(max(default_timer() - started, 0), 6),
+                "peak_rss_bytes": cad.run.peak_rss_bytes,
+                "manifest": cad.manifest,
+                "trace_id": format(trace.get_current_span().get_span_context().trace_id, "032x"),
+            }
+        if not cad.ok:
+            flow["failed"] = True
+            span.set_attribute("error.type", cad.outcome)
+            log.warning("job failed", extra={"outcome": cad.outcome, "error_type": cad.error_type})
+        else:
+            log.info("job succeeded", extra={"engine": engine.name, "artifacts": len(cad.artifacts)})
+        return result
+
+
+def _memory_limit() -> int:
+    return int(os.environ.get("CADSCOPE_CAD_MEMORY_LIMIT", str(2 << 30)))

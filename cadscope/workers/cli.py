@@ -1,0 +1,328 @@
+"""``cadscope``: run the whole pipeline on one machine, run a worker, read a trace.
+
+    cadscope run [--jobs N] [--engine auto|freecad|ocp|all] [--concurrency C] [--broker URL] [--out DIR]
+    cadscope worker [celery worker options...]
+    cadscope trace traces.jsonl [--job ID]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+_OP_SPANS = ("occt.boolean", "occt.feature", "a4.solve", "a4.lcs_resolution", "document.recompute",
+             "topology.hash", "export", "material.apply_property")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, int(round(q * (len(ordered) - 1)))))] if ordered else 0.0
+
+
+def _pick_engines(choice: str) -> list[str]:
+    from ..freecad_bridge import discover_engines
+
+    found = discover_engines()
+    if choice == "all":
+        engines = [name for name in ("freecad", "ocp") if name in found]
+    elif choice == "auto":
+        engines = ["freecad"] if "freecad" in found else ["ocp"] if "ocp" in found else []
+    else:
+        engines = [choice] if choice in found else []
+    if not engines:
+        raise SystemExit(f"cadscope: no engine available for --engine {choice} (found: {sorted(found) or 'none'})")
+    return engines
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+    proc.kill()
+    raise SystemExit(f"cadscope: the worker did not become ready (exit {proc.poll()}); log tail:\n{tail}")
+
+
+def _progress(done: int, total: int, outcomes: Counter[str]) -> None:
+    width = 30
+    filled = int(width * done / max(total, 1))
+    counts = " ".join(f"{k}={v}" for k, v in sorted(outcomes.items()))
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {counts}   ")
+    sys.stderr.flush()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    out = Path(args.out).resolve()
+    if out.exists() and not args.keep_out:
+        # Only what a previous run wrote: --out may be a folder with other files.
+        for name in ("jobs", "broker", "metrics", "traces.jsonl", "metrics.prom", "summary.json", "worker.log"):
+            target = out / name
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    broker = args.broker or os.environ.get("CELERY_BROKER_URL") or "embedded"
+    engines = _pick_engines(args.engine)
+    run_id = uuid.uuid4().hex[:8]
+    queue = f"cadscope-run-{run_id}"
+    metrics_port = args.metrics_port or _free_port()
+    ready = out / "broker" / f"ready-{run_id}"
+    from ._config import EMBEDDED, broker_settings
+
+    embedded = broker in (EMBEDDED, "filesystem://")
+    backend = broker_settings(broker, out)["result_backend"]
+    env = {
+        **os.environ,
+        # Celery's CLI reads these itself, so they hold real URLs only.
+        "CELERY_BROKER_URL": "filesystem://" if embedded else broker,
+        "CELERY_RESULT_BACKEND": backend,
+        "CADSCOPE_DATA_DIR": str(out),
+        "CADSCOPE_TRACES_FILE": str(out / "traces.jsonl"),
+        "PROMETHEUS_MULTIPROC_DIR": str(out / "metrics"),
+        "CADSCOPE_METRICS_PORT": str(metrics_port),
+        "CADSCOPE_READY_FILE": str(ready),
+    }
+    os.environ.update(env)
+    # Import after the environment is set: the app reads it at import.
+    from opentelemetry import trace
+    from opentelemetry.instrumentation.celery import CeleryInstrumentor
+
+    from ..tracing import setup_tracing, shutdown_tracing
+    from . import _workload
+    from ._app import app, configure_app
+    from ._tasks import run_job
+
+    configure_app(app, env["CELERY_BROKER_URL"])
+    where = "embedded broker (kombu filesystem transport, no server)" if embedded else broker.split("@")[-1]
+    print(f"cadscope run: {args.jobs} jobs on {', '.join(engines)} via {where}; output in {out}", file=sys.stderr)
+
+    log = out / "worker.log"
+    worker = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "celery", "-A", "cadscope.workers.app", "worker", "--pool", "prefork",
+         "--concurrency", str(args.concurrency), "-Q", queue, "-n", f"{queue}@%h", "--loglevel", "INFO",
+         "--without-gossip", "--without-mingle"],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for(ready, worker, 90, log)
+        provider = setup_tracing("cadscope-cli")
+        CeleryInstrumentor().instrument(tracer_provider=provider)
+        tracer = trace.get_tracer("cadscope.cli")
+        specs = _workload.workload(args.jobs, engines)
+        pending: dict[str, Any] = {}
+        expected_failures = {}
+        for index, spec in enumerate(specs):
+            job_id = f"job-{run_id}-{index:04d}"
+            expected_failures[job_id] = bool(spec.get("expect_failure"))
+            with tracer.start_as_current_span(
+                "cadscope.submit", kind=trace.SpanKind.CLIENT,
+                attributes={"cad.job_id": job_id, "cad.job_name": spec["name"], "cad.engine": spec["engine"]},
+            ):
+                pending[job_id] = run_job.apply_async(args=[spec], kwargs={"job_id": job_id}, task_id=job_id,
+                                                      queue=queue)
+        results: dict[str, dict[str, Any]] = {}
+        outcomes: Counter[str] = Counter()
+        deadline = time.monotonic() + args.timeout
+        shown = -1
+        while pending and time.monotonic() < deadline:
+            for job_id, handle in list(pending.items()):
+                if handle.ready():
+                    try:
+                        results[job_id] = handle.get(timeout=5, propagate=False) or {}
+                    except Exception as exc:  # noqa: BLE001 - shown in the summary
+                        results[job_id] = {"job_id": job_id, "status": "failed", "outcome": "task_error",
+                                           "error_message": str(exc)}
+                    if not isinstance(results[job_id], dict):
+                        results[job_id] = {"job_id": job_id, "status": "failed", "outcome": "task_error",
+                                           "error_message": repr(results[job_id])}
+                    outcomes[results[job_id].get("outcome", "unknown")] += 1
+                    del pending[job_id]
+            if len(results) != shown:
+                shown = len(results)
+                _progress(shown, len(specs), outcomes)
+            time.sleep(0.2)
+        sys.stderr.write("\n")
+        for job_id in pending:
+            results[job_id] = {"job_id": job_id, "status": "failed", "outcome": "lost",
+                               "error_message": f"no result within {args.timeout} s"}
+        metrics_text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).read()  # noqa: S310
+        (out / "metrics.prom").write_bytes(metrics_text)
+        if args.keep_serving:
+            print(f"serving: worker /metrics on http://127.0.0.1:{metrics_port}/metrics, queue {queue}; "
+                  "Ctrl-C to stop", file=sys.stderr)
+            try:
+                while worker.poll() is None:
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                pass
+    finally:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)  # warm shutdown: children flush their spans
+            try:
+                worker.wait(60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+        shutdown_tracing()
+    summary = _summarise(results, expected_failures, out / "traces.jsonl", specs)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _print_summary(summary, sys.stdout)
+    unexpected = summary["jobs"]["unexpected_failures"]
+    if unexpected:
+        print(f"cadscope run: {unexpected} job(s) that should have succeeded failed", file=sys.stderr)
+    return 1 if unexpected else 0
+
+
+def _summarise(results: dict[str, dict[str, Any]], expected: dict[str, bool], traces: Path,
+               specs: list[dict[str, Any]]) -> dict[str, Any]:
+    from ..tracing._waterfall import read_otlp_json, traces_by_job
+
+    by_engine: dict[tuple[str, str, str], dict[str, Any]] = {}
+    stage_times: dict[tuple[str, str], list[float]] = defaultdict(list)
+    engine_of: dict[str, tuple[str, str, str]] = {}
+    succeeded = failed = expected_failures = unexpected = 0
+    for job_id, result in results.items():
+        engine = result.get("engine") or {}
+        key = (engine.get("engine", "unknown"), engine.get("freecad_version", "?"), engine.get("occt_version", "?"))
+        engine_of[job_id] = key
+        row = by_engine.setdefault(key, {"engine": key[0], "freecad_version": key[1], "occt_version": key[2],
+                                         "jobs": 0, "outcomes": Counter(), "peak_rss_bytes": 0})
+        row["jobs"] += 1
+        row["outcomes"][result.get("outcome", "unknown")] += 1
+        row["peak_rss_bytes"] = max(row["peak_rss_bytes"], int(result.get("peak_rss_bytes") or 0))
+        ok = result.get("status") == "succeeded"
+        succeeded += ok
+        failed += not ok
+        if expected.get(job_id):
+            expected_failures += 1
+        elif not ok:
+            unexpected += 1
+        for stage, seconds in (result.get("stages") or {}).items():
+            stage_times[(key[0], "stage:" + stage)].append(seconds)
+        if "duration_s" in result:
+            stage_times[(key[0], "job")].append(result["duration_s"])
+    if traces.exists():
+        with traces.open() as lines:
+            for job_id, spans in traces_by_job(read_otlp_json(lines)).items():
+                engine_key = engine_of.get(job_id)
+                if engine_key is None:
+                    continue
+                for span in spans:
+                    if span.name in _OP_SPANS:
+                        stage_times[(engine_key[0], span.name)].append(span.duration_s)
+    stages: dict[str, dict[str, Any]] = defaultdict(dict)
+    for (engine, name), values in sorted(stage_times.items()):
+        stages[name][engine] = {"count": len(values), "p50_s": round(_quantile(values, 0.5), 6),
+                                "p95_s": round(_quantile(values, 0.95), 6)}
+    return {
+        "jobs": {"submitted": len(specs), "succeeded": succeeded, "failed": failed,
+                 "expected_failures": expected_failures, "unexpected_failures": unexpected},
+        "engines": [{**row, "outcomes": dict(row["outcomes"])} for row in by_engine.values()],
+        "stages": stages,
+        "results": [
+            {k: r.get(k) for k in ("job_id", "status", "outcome", "error_type", "error_message", "duration_s")}
+            for r in results.values()
+        ],
+    }
+
+
+def _print_summary(summary: dict[str, Any], out: Any) -> None:
+    jobs = summary["jobs"]
+    out.write(f"\njobs: {jobs['submitted']} submitted, {jobs['succeeded']} succeeded, {jobs['failed']} failed "
+              f"({jobs['expected_failures']} expected)\n\n")
+    out.write(f"{'engine':<8} {'FreeCAD':<8} {'OCCT':<7} {'jobs':>4}  {'peak RSS':>9}  outcomes\n")
+    for row in summary["engines"]:
+        outcomes = " ".join(f"{k}={v}" for k, v in sorted(row["outcomes"].items()))
+        out.write(f"{row['engine']:<8} {row['freecad_version']:<8} {row['occt_version']:<7} {row['jobs']:>4}  "
+                  f"{row['peak_rss_bytes'] / 2**20:>6.0f} MiB  {outcomes}\n")
+    engines = sorted({e for per in summary["stages"].values() for e in per})
+    out.write(f"\n{'stage / operation':<26}" + "".join(f"{e + ' p50':>13}{e + ' p95':>13}" for e in engines) + "\n")
+    for name, per in summary["stages"].items():
+        cells = "".join(
+            f"{per[e]['p50_s'] * 1000:>10.1f} ms{per[e]['p95_s'] * 1000:>10.1f} ms" if e in per else f"{'-':>13}{'-':>13}"
+            for e in engines
+        )
+        out.write(f"{name:<26}{cells}\n")
+
+
+def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
+    argv = [sys.executable, "-m", "celery", "-A", "cadscope.workers.app", "worker", "--pool", "prefork", *extra]
+    os.execv(sys.executable, argv)  # noqa: S606 - replaces this process with the worker
+    return 0  # pragma: no cover
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from ..tracing._waterfall import read_otlp_json, render_waterfall, traces_by_job
+
+    with open(args.file) as lines:
+        jobs = traces_by_job(read_otlp_json(lines))
+    if not jobs:
+        print(f"cadscope trace: no job traces in {args.file}", file=sys.stderr)
+        return 1
+    if args.job is None:
+        for job_id, spans in sorted(jobs.items()):
+            names = {s.name for s in spans}
+            print(f"{job_id}  {len(spans):4d} spans  trace {spans[0].trace_id}  "
+                  f"{'ERROR' if any(s.status_code == 2 for s in spans) else 'ok':5} "
+                  f"{'freecad' if any('freecad' in n for n in names) else 'ocp' if any('ocp' in n for n in names) else ''}")
+        print("\n(cadscope trace FILE --job ID draws one)", file=sys.stderr)
+        return 0
+    if args.job not in jobs:
+        print(f"cadscope trace: no trace for job {args.job!r}", file=sys.stderr)
+        return 1
+    render_waterfall(jobs[args.job], sys.stdout)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cadscope", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the whole pipeline on this machine on a built-in workload")
+    run.add_argument("--jobs", type=int, default=14)
+    run.add_argument("--engine", choices=["auto", "freecad", "ocp", "all"], default="all")
+    run.add_argument("--concurrency", type=int, default=2)
+    run.add_argument("--broker", help="Celery broker URL (default: $CELERY_BROKER_URL, else the embedded broker)")
+    run.add_argument("--out", default="cadscope-out")
+    run.add_argument("--timeout", type=float, default=900, help="seconds to wait for the whole workload")
+    run.add_argument("--metrics-port", type=int, default=0, help="worker /metrics port (default: a free one)")
+    run.add_argument("--keep-serving", action="store_true", help="leave the worker and /metrics up afterwards")
+    run.add_argument("--keep-out", action="store_true", help="do not clear a previous run's output first")
+    sub.add_parser("worker", help="start a prefork Celery worker (other options go to celery worker)")
+    trace_cmd = sub.add_parser("trace", help="draw a job's trace from an OTLP/JSON file")
+    trace_cmd.add_argument("file")
+    trace_cmd.add_argument("--job")
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "worker":
+        return cmd_worker(args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "run":
+        return cmd_run(args)
+    return cmd_trace(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
