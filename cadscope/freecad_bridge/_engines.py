@@ -135,7 +135,7 @@ class ChildTelemetry:
 
     def span_ended(self, name: str, a: Mapping[str, Any], duration_s: float, error_type: str | None) -> None:
         o = self.obs
-        if name == "cad.stage":
+        if name.startswith("cad.stage "):
             stage = str(a.get("cad.stage"))
             self.stages[stage] = self.stages.get(stage, 0.0) + duration_s
             o.record_stage(self.flow_type, stage, duration_s)

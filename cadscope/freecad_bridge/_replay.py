@@ -26,7 +26,9 @@ from ..tracing import pinned_span_id
 __all__ = ["EventObserver", "Replayer"]
 
 _SPAN_ID = re.compile(r"^[0-9a-f]{16}$")
-_NAME = re.compile(r"^[a-z][a-z0-9_.]{0,63}$")
+# Span names are "area.operation", optionally with one qualifier: "cad.stage export".
+_NAME = re.compile(r"^[a-z][a-z0-9_.]{0,63}(?: [a-z0-9_]{1,32})?$")
+_METRIC = re.compile(r"^[a-z][a-z0-9_.]{0,63}$")
 _ATTR_KEY = re.compile(r"^[a-z][a-z0-9_.]{0,63}$")
 MAX_ATTRIBUTES = 32
 MAX_STRING = 256
@@ -52,7 +54,7 @@ def clean_attributes(raw: Any) -> dict[str, Any] | None:
     for key, value in raw.items():
         if len(out) >= MAX_ATTRIBUTES:
             break
-        if not isinstance(key, str) or not _ATTR_KEY.match(key):
+        if not isinstance(key, str) or not _ATTR_KEY.fullmatch(key):
             continue
         if isinstance(value, str):
             out[key] = value[:MAX_STRING]
@@ -136,13 +138,13 @@ class Replayer:
         span_id, name = event.get("id"), event.get("n")
         start = self._timestamp(event.get("ts"))
         attrs = clean_attributes(event.get("a"))
-        if not isinstance(span_id, str) or not _SPAN_ID.match(span_id) or span_id == "0" * 16:
+        if not isinstance(span_id, str) or not _SPAN_ID.fullmatch(span_id) or span_id == "0" * 16:
             self.drop("bad_span_id")
             return
         if span_id in self._open or span_id in self._known:
             self.drop("duplicate_span_id")
             return
-        if not isinstance(name, str) or not _NAME.match(name) or start is None or attrs is None:
+        if not isinstance(name, str) or not _NAME.fullmatch(name) or start is None or attrs is None:
             self.drop("bad_span")
             return
         if self._started >= self._max_spans:
@@ -193,7 +195,7 @@ class Replayer:
     def _metric(self, event: dict[str, Any]) -> None:
         name, value = event.get("n"), event.get("v")
         attrs = clean_attributes(event.get("a"))
-        if not isinstance(name, str) or not _NAME.match(name) or attrs is None:
+        if not isinstance(name, str) or not _METRIC.fullmatch(name) or attrs is None:
             self.drop("bad_metric")
             return
         if type(value) not in (int, float) or value != value or value < 0:

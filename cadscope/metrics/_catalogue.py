@@ -109,7 +109,7 @@ def bound(label: str, value: object) -> str:
 def bound_version(value: object) -> str:
     """A version such as ``0.20.2`` or ``none``; anything else is ``other``."""
     text = str(value)
-    return text if _VERSION.match(text) else OTHER
+    return text if _VERSION.fullmatch(text) else OTHER
 
 
 def _ranges(value: int, edges: Iterable[tuple[int, str]], last: str) -> str:

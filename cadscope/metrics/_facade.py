@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from timeit import default_timer
 from typing import Any
 
@@ -77,8 +77,15 @@ class ModelObservability:
         return {"freecad_version": freecad, "occt_version": occt}
 
     @contextlib.contextmanager
-    def _timed_span(self, name: str, attributes: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """Span + timer; yields a dict that receives ``duration`` and ``error``."""
+    def _timed_span(
+        self, name: str, attributes: dict[str, Any], record: Callable[[dict[str, Any]], None] | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Span + monotonic timer around the body; then ``record(outcome)``.
+
+        ``outcome`` is the dict the body sees (it may add keys such as
+        ``iterations``); ``duration`` and ``error`` are set before ``record``
+        runs, in ``finally``, so failures are measured too.
+        """
         outcome: dict[str, Any] = {"error": None}
         start = default_timer()
         with self._tracer.start_as_current_span(name, attributes=attributes, record_exception=True) as span:
@@ -91,6 +98,9 @@ class ModelObservability:
                 raise
             finally:
                 outcome["duration"] = max(default_timer() - start, 0)
+                if record is not None:
+                    with _never_raise(name):
+                        record(outcome)
 
     # -- flows and stages ---------------------------------------------------------
 
@@ -119,11 +129,11 @@ class ModelObservability:
 
     @contextlib.contextmanager
     def observe_stage(self, flow_type: str, stage: str) -> Iterator[dict[str, Any]]:
-        with self._timed_span(f"cad.stage {stage}", {"cad.stage": stage}) as outcome:
-            try:
-                yield outcome
-            finally:
-                self.record_stage(flow_type, stage, outcome.get("duration", 0.0))
+        def record(outcome: dict[str, Any]) -> None:
+            self.record_stage(flow_type, stage, outcome["duration"])
+
+        with self._timed_span(f"cad.stage {stage}", {"cad.stage": stage}, record) as outcome:
+            yield outcome
 
     def record_stage(self, flow_type: str, stage: str, duration_seconds: float) -> None:
         with _never_raise("stage"):
@@ -139,14 +149,14 @@ class ModelObservability:
         object_count: int = 0,
     ) -> Iterator[dict[str, Any]]:
         attributes = {"cad.document.id": document_id, "cad.document.operation": operation}
-        with self._timed_span(f"document.{operation}", attributes) as outcome:
-            try:
-                yield outcome
-            finally:
-                if operation == "recompute":
-                    self.record_recompute(workbench, outcome.get("object_count", object_count), outcome["duration"])
-                else:
-                    self.record_document_load(source, workbench, outcome["duration"])
+        def record(outcome: dict[str, Any]) -> None:
+            if operation == "recompute":
+                self.record_recompute(workbench, outcome.get("object_count", object_count), outcome["duration"])
+            else:
+                self.record_document_load(source, workbench, outcome["duration"])
+
+        with self._timed_span(f"document.{operation}", attributes, record) as outcome:
+            yield outcome
 
     def record_document_load(self, source: str, workbench: str, duration_seconds: float) -> None:
         with _never_raise("document load"):
@@ -171,11 +181,11 @@ class ModelObservability:
     @contextlib.contextmanager
     def observe_occt_boolean(self, operation: str, solids_count: int) -> Iterator[dict[str, Any]]:
         attributes = {"cad.boolean.operation": operation, "cad.solids_count": solids_count}
-        with self._timed_span("occt.boolean", attributes) as outcome:
-            try:
-                yield outcome
-            finally:
-                self.record_occt_boolean(operation, solids_count, outcome["duration"])
+        def record(outcome: dict[str, Any]) -> None:
+            self.record_occt_boolean(operation, solids_count, outcome["duration"])
+
+        with self._timed_span("occt.boolean", attributes, record) as outcome:
+            yield outcome
 
     def record_occt_boolean(self, operation: str, solids_count: int, duration_seconds: float) -> None:
         with _never_raise("boolean"):
@@ -185,11 +195,12 @@ class ModelObservability:
 
     @contextlib.contextmanager
     def observe_occt_feature(self, feature: str, edges_count: int = 0) -> Iterator[dict[str, Any]]:
-        with self._timed_span("occt.feature", {"cad.feature": feature, "cad.edges_count": edges_count}) as outcome:
-            try:
-                yield outcome
-            finally:
-                self.record_occt_feature(feature, outcome["duration"])
+        def record(outcome: dict[str, Any]) -> None:
+            self.record_occt_feature(feature, outcome["duration"])
+
+        attributes = {"cad.feature": feature, "cad.edges_count": edges_count}
+        with self._timed_span("occt.feature", attributes, record) as outcome:
+            yield outcome
 
     def record_occt_feature(self, feature: str, duration_seconds: float) -> None:
         with _never_raise("feature"):
@@ -213,13 +224,15 @@ class ModelObservability:
         attributes = {
             "cad.a4.solver": solver_type, "cad.a4.constraints_count": constraints_count, "cad.lcs_count": lcs_count
         }
-        with self._timed_span("a4.solve", attributes) as outcome:
+        def record(outcome: dict[str, Any]) -> None:
+            self.record_assembly4_solve(solver_type, outcome["duration"], outcome["iterations"])
+
+        with self._timed_span("a4.solve", attributes, record) as outcome:
             outcome["iterations"] = 0
             try:
                 yield outcome
             finally:
                 trace.get_current_span().set_attribute("cad.a4.iterations", int(outcome["iterations"]))
-                self.record_assembly4_solve(solver_type, outcome["duration"], outcome["iterations"])
 
     def record_assembly4_solve(self, solver_type: str, duration_seconds: float, iterations: float | None) -> None:
         with _never_raise("a4 solve"):
@@ -253,11 +266,11 @@ class ModelObservability:
         self, property_type: str, material_count: int = 1, library: str = "standard"
     ) -> Iterator[dict[str, Any]]:
         attributes = {"cad.material.property": property_type, "cad.material.count": material_count}
-        with self._timed_span("material.apply_property", attributes) as outcome:
-            try:
-                yield outcome
-            finally:
-                self.record_material_property(property_type, outcome["duration"])
+        def record(outcome: dict[str, Any]) -> None:
+            self.record_material_property(property_type, outcome["duration"])
+
+        with self._timed_span("material.apply_property", attributes, record) as outcome:
+            yield outcome
 
     def record_material_property(self, property_type: str, duration_seconds: float) -> None:
         with _never_raise("material property"):
@@ -282,12 +295,12 @@ class ModelObservability:
     @contextlib.contextmanager
     def observe_export(self, format: str, file_size: int | None = None) -> Iterator[dict[str, Any]]:  # noqa: A002
         """Yields a dict; set ``context["file_size"]`` once the file is written."""
-        with self._timed_span("export", {"cad.export.format": format.upper()}) as outcome:
+        def record(outcome: dict[str, Any]) -> None:
+            self.record_export(format, outcome["file_size"], outcome["duration"])
+
+        with self._timed_span("export", {"cad.export.format": format.upper()}, record) as outcome:
             outcome["file_size"] = file_size or 0
-            try:
-                yield outcome
-            finally:
-                self.record_export(format, outcome["file_size"], outcome["duration"])
+            yield outcome
 
     def record_export(self, format: str, file_size: int, duration_seconds: float) -> None:  # noqa: A002
         with _never_raise("export"):

@@ -61,6 +61,8 @@ def broker_settings(broker_url: str | None, data_dir: Path) -> dict[str, Any]:
             "data_folder_out": str(queue),
             "processed_folder": str(processed),
             "store_processed": False,
+            # The default 1 s poll would show up as queue wait on every job.
+            "polling_interval": 0.05,
         },
         "result_backend": f"file://{results}",
     }

@@ -68,7 +68,7 @@ def run_job(self: Task, spec: Any, job_id: str | None = None) -> dict[str, Any]:
     started = default_timer()
     obs = observability()
     m = obs.metrics
-    job_id = job_id if isinstance(job_id, str) and _JOB_ID.match(job_id) else str(self.request.id)
+    job_id = job_id if isinstance(job_id, str) and _JOB_ID.fullmatch(job_id) else str(self.request.id)
     token = job_id_var.set(job_id)
     published = _published_at(self)
     if published is not None:

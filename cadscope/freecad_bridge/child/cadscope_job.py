@@ -5,7 +5,7 @@ module walks it in stages and calls an engine *backend* (FreeCAD or OCP) for
 every geometric operation, wrapping each in a probe span whose name and
 attributes the worker maps onto the seed-003 metrics:
 
-    cad.stage               stage=generate|assemble|export|validate_export
+    cad.stage <stage>       stage=generate|assemble|export|validate_export
     document.create         (source=new)
     document.recompute      object_count
     occt.boolean            operation, solids_count
@@ -365,7 +365,7 @@ def run_job(job, backend, probe, out_dir, material_library):
     probe.progress(kind="document", phase="created")
 
     parts, part_info = {}, {}
-    with probe.span("cad.stage", {"cad.stage": "generate"}):
+    with probe.span("cad.stage generate", {"cad.stage": "generate"}):
         probe.metric("workbench.invocation", 1, workbench="Part")
         for part in job["parts"]:
             shape = _build_part(backend, probe, part)
@@ -380,19 +380,19 @@ def run_job(job, backend, probe, out_dir, material_library):
     targets = dict(parts)
     assembly_info = None
     if job.get("assembly"):
-        with probe.span("cad.stage", {"cad.stage": "assemble"}):
+        with probe.span("cad.stage assemble", {"cad.stage": "assemble"}):
             probe.metric("workbench.invocation", 1, workbench="Assembly4")
             compound = _assemble(backend, probe, job, parts)
             targets[job["assembly"]["name"]] = compound
             with probe.span("topology.hash", {"cad.topology.scope": "assembly"}):
                 assembly_info = {"name": job["assembly"]["name"], "topology_hash": topology_hash(backend, compound)}
 
-    with probe.span("cad.stage", {"cad.stage": "export"}):
+    with probe.span("cad.stage export", {"cad.stage": "export"}):
         for workbench in sorted({backend.export_workbench(e["format"]) for e in job["exports"]}):
             probe.metric("workbench.invocation", 1, workbench=workbench)
         artifacts = _export(backend, probe, job, out_dir, targets)
 
-    with probe.span("cad.stage", {"cad.stage": "validate_export"}):
+    with probe.span("cad.stage validate_export", {"cad.stage": "validate_export"}):
         _validate_exports(backend, probe, out_dir, targets, artifacts)
 
     manifest = {

@@ -1,0 +1,113 @@
+"""Env carrier, pinned ids, OTLP/JSON encoding, setup idempotence, JSON logs."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+
+import pytest
+from opentelemetry import trace
+
+from cadscope.tracing import (
+    EnvGetter,
+    JsonFormatter,
+    extract_from_env,
+    inject_into_env,
+    job_id_var,
+    normalise_key,
+    pinned_span_id,
+    spans_to_otlp_json,
+)
+from cadscope.tracing.testing import in_memory_provider
+
+
+def test_normalise_key_follows_env_carrier_spec():
+    assert normalise_key("traceparent") == "TRACEPARENT"
+    assert normalise_key("x-b3.sampled") == "X_B3_SAMPLED"
+
+
+def test_inject_writes_upper_case_keys_into_a_copy_only():
+    provider, _ = in_memory_provider()
+    before = dict(os.environ)
+    with provider.get_tracer("t").start_as_current_span("parent") as span:
+        env = inject_into_env({"PATH": "/usr/bin", "TRACEPARENT": "00-stale"})
+        context = span.get_span_context()
+    # Flags: sampled, and (W3C level 2, SDK >= 1.4x) maybe the "random" bit.
+    assert env["TRACEPARENT"][:-3] == f"00-{context.trace_id:032x}-{context.span_id:016x}"
+    assert int(env["TRACEPARENT"][-2:], 16) & 0x01
+    assert "traceparent" not in env and env["PATH"] == "/usr/bin"
+    assert dict(os.environ) == before
+    with pytest.raises(ValueError):
+        inject_into_env(os.environ)
+
+
+def test_extract_round_trips_through_the_environment_carrier():
+    provider, _ = in_memory_provider()
+    with provider.get_tracer("t").start_as_current_span("parent") as span:
+        env = inject_into_env({})
+    extracted = trace.get_current_span(extract_from_env(env)).get_span_context()
+    assert extracted.trace_id == span.get_span_context().trace_id
+    assert extracted.span_id == span.get_span_context().span_id
+    assert EnvGetter().get({"TRACEPARENT": "x"}, "traceparent") == ["x"]
+
+
+def test_pinned_span_id_is_used_once():
+    provider, exporter = in_memory_provider()
+    tracer = provider.get_tracer("t")
+    with pinned_span_id(0x1234):
+        tracer.start_span("pinned").end()
+    tracer.start_span("random").end()
+    pinned, random_ = exporter.get_finished_spans()
+    assert pinned.context.span_id == 0x1234
+    assert random_.context.span_id != 0x1234
+
+
+def test_otlp_json_uses_hex_ids_and_integer_enums():
+    provider, exporter = in_memory_provider()
+    tracer = provider.get_tracer("t")
+    with tracer.start_as_current_span("parent", kind=trace.SpanKind.SERVER):
+        with tracer.start_as_current_span("child", attributes={"cad.solids_count": 3}):
+            pass
+    message = spans_to_otlp_json(exporter.get_finished_spans())
+    spans = message["resourceSpans"][0]["scopeSpans"][0]["spans"]
+    by_name = {s["name"]: s for s in spans}
+    assert len(by_name["child"]["traceId"]) == 32 and int(by_name["child"]["traceId"], 16)
+    assert by_name["child"]["parentSpanId"] == by_name["parent"]["spanId"]
+    assert by_name["parent"]["kind"] == 2  # SPAN_KIND_SERVER as an integer
+
+
+def test_json_log_lines_carry_trace_and_job_and_survive_crlf():
+    provider, _ = in_memory_provider()
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter("test"))
+    logger = logging.getLogger("cadscope.test.json")
+    logger.addHandler(handler)
+    logger.propagate = False
+    token = job_id_var.set("job-1")
+    try:
+        with provider.get_tracer("t").start_as_current_span("s") as span:
+            logger.warning("part name\r\n{\"forged\": true}", extra={"part": "a\nb"})
+    finally:
+        job_id_var.reset(token)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record["job_id"] == "job-1"
+    assert record["trace_id"] == f"{span.get_span_context().trace_id:032x}"
+    assert record["message"].startswith("part name\r\n")
+    assert record["part"] == "a\nb"
+
+
+def test_setup_tracing_is_idempotent(monkeypatch):
+    from cadscope.tracing import _setup
+
+    monkeypatch.setattr(_setup, "_state", {"pid": None, "provider": None})
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    first = _setup.setup_tracing("svc", set_global=False)
+    second = _setup.setup_tracing("svc", set_global=False)
+    assert first is second
+    assert first.resource.attributes["service.name"] == "svc"
+    first.shutdown()
