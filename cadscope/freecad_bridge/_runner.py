@@ -317,6 +317,13 @@ class _LineReader:
         self._events = 0
 
     def feed(self, chunk: bytes) -> None:
+        if self._discarding:
+            # Inside an over-long line: skip to its end without buffering it.
+            newline = chunk.find(b"\n")
+            if newline < 0:
+                return
+            chunk = chunk[newline + 1 :]
+            self._discarding = False
         buffer = self._buffer
         buffer += chunk
         start = 0
@@ -324,12 +331,11 @@ class _LineReader:
             newline = buffer.find(b"\n", start)
             if newline < 0:
                 break
-            line = bytes(buffer[start:newline])
+            if newline - start > self._limits.max_line_bytes:
+                self._replayer.drop("line_too_long")
+            else:
+                self._line(bytes(buffer[start:newline]))
             start = newline + 1
-            if self._discarding:
-                self._discarding = False  # the tail of an over-long line
-                continue
-            self._line(line)
         del buffer[:start]
         if len(buffer) > self._limits.max_line_bytes:
             self._replayer.drop("line_too_long")
