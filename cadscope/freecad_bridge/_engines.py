@@ -25,7 +25,7 @@ from typing import Any
 
 from opentelemetry import trace
 
-from ..metrics import ModelObservability, bound
+from ..metrics import ModelObservability, bound, default_observability
 from ._runner import RunLimits, RunResult, build_env, run
 from ._schema import ENGINE_FORMATS, JobSpec, material_library_path
 
@@ -241,7 +241,7 @@ def run_cad_job(
     ``out_dir/.cadscope/``. Never raises for the child's failures: the
     outcome is classified and counted.
     """
-    obs = observability or ModelObservability()
+    obs = observability or default_observability()
     engine = engine or pick_engine(job.engine, formats=job.formats())
     out = Path(out_dir)
     work = out / ".cadscope"

@@ -28,7 +28,7 @@ from ._catalogue import (
     solids_range,
 )
 from ._exposition import serve_metrics
-from ._facade import ModelObservability
+from ._facade import ModelObservability, default_observability
 from ._multiprocess import enable_multiprocess, mark_process_dead, multiprocess_registry
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "ModelObservability",
     "bound",
     "bound_version",
+    "default_observability",
     "doc_complexity",
     "enable_multiprocess",
     "file_size_range",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from timeit import default_timer
@@ -33,7 +34,7 @@ from ._catalogue import (
     solids_range,
 )
 
-__all__ = ["ModelObservability"]
+__all__ = ["ModelObservability", "default_observability"]
 
 log = logging.getLogger("cadscope.metrics")
 
@@ -332,3 +333,12 @@ class ModelObservability:
             self.metrics.ai_provider_latency.labels(bound("provider", provider), model[:64], operation[:64]).observe(
                 latency_seconds
             )
+
+
+@functools.lru_cache(maxsize=1)
+def default_observability() -> ModelObservability:
+    """The process-wide facade on the default registry, created on first use.
+
+    In a prefork worker that is after the fork and after the multiprocess switch.
+    """
+    return ModelObservability()

@@ -107,7 +107,9 @@ def _on_worker_init(**_: Any) -> None:
 def _on_worker_ready(**_: Any) -> None:
     ready_file = WorkerSettings.from_env().ready_file
     if ready_file:
-        Path(ready_file).write_text(str(os.getpid()))
+        path = Path(ready_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(str(os.getpid()))
 
 
 @signals.worker_process_init.connect

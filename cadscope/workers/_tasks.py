@@ -15,7 +15,7 @@ from opentelemetry import trace
 from pydantic import ValidationError
 
 from ..freecad_bridge import EngineUnavailable, JobSpec, RunLimits, discover_engines, pick_engine, run_cad_job
-from ..metrics import ModelObservability
+from ..metrics import ModelObservability, default_observability
 from ..tracing import job_id_var
 from ._app import PUBLISHED_AT_HEADER, app
 from ._config import WorkerSettings
@@ -26,12 +26,6 @@ log = logging.getLogger("cadscope.workers")
 
 TASK_NAME = "cadscope.run_job"
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-
-
-@lru_cache(maxsize=1)
-def observability() -> ModelObservability:
-    """Per process, created after fork and after the multiprocess switch."""
-    return ModelObservability()
 
 
 @lru_cache(maxsize=1)
@@ -66,7 +60,7 @@ def run_job(self: Task, spec: Any, job_id: str | None = None) -> dict[str, Any]:
     """Run one CAD job. Returns a JSON result; a failed job is a result with
     ``status="failed"`` and a classified ``outcome``, not a task exception."""
     started = default_timer()
-    obs = observability()
+    obs = default_observability()
     m = obs.metrics
     job_id = job_id if isinstance(job_id, str) and _JOB_ID.fullmatch(job_id) else str(self.request.id)
     token = job_id_var.set(job_id)

@@ -88,7 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_id = uuid.uuid4().hex[:8]
     queue = f"cadscope-run-{run_id}"
     metrics_port = args.metrics_port or _free_port()
-    ready = out / "broker" / f"ready-{run_id}"
+    ready = out / f".ready-{run_id}"
     from ._config import EMBEDDED, broker_settings
 
     embedded = broker in (EMBEDDED, "filesystem://")
@@ -202,7 +202,7 @@ def _summarise(results: dict[str, dict[str, Any]], expected: dict[str, bool], tr
     by_engine: dict[tuple[str, str, str], dict[str, Any]] = {}
     stage_times: dict[tuple[str, str], list[float]] = defaultdict(list)
     engine_of: dict[str, tuple[str, str, str]] = {}
-    succeeded = failed = expected_failures = unexpected = 0
+    succeeded = failed = expected_failures = unexpected = unexpected_successes = 0
     for job_id, result in results.items():
         engine = result.get("engine") or {}
         key = (engine.get("engine", "unknown"), engine.get("freecad_version", "?"), engine.get("occt_version", "?"))
@@ -217,6 +217,7 @@ def _summarise(results: dict[str, dict[str, Any]], expected: dict[str, bool], tr
         failed += not ok
         if expected.get(job_id):
             expected_failures += 1
+            unexpected_successes += ok
         elif not ok:
             unexpected += 1
         for stage, seconds in (result.get("stages") or {}).items():
@@ -238,7 +239,8 @@ def _summarise(results: dict[str, dict[str, Any]], expected: dict[str, bool], tr
                                 "p95_s": round(_quantile(values, 0.95), 6)}
     return {
         "jobs": {"submitted": len(specs), "succeeded": succeeded, "failed": failed,
-                 "expected_failures": expected_failures, "unexpected_failures": unexpected},
+                 "expected_failures": expected_failures, "unexpected_failures": unexpected,
+                 "unexpected_successes": unexpected_successes},
         "engines": [{**row, "outcomes": dict(row["outcomes"])} for row in by_engine.values()],
         "stages": stages,
         "results": [
