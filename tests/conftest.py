@@ -113,10 +113,31 @@ def start_worker(tmp_path: Path, redis_url: str):  # type: ignore[no-untyped-def
         }
         log = data / "worker.log"
         proc = subprocess.Popen(  # noqa: S603
-            [sys.executable, "-m", "celery", "-A", "cadscope.workers.app", "worker", "--pool", "prefork",
-             "--concurrency", str(concurrency), "-Q", queue, "-n", f"{queue}@%h", "--loglevel", "INFO",
-             "--without-gossip", "--without-mingle", *extra],
-            stdout=log.open("wb"), stderr=subprocess.STDOUT, env=worker_env, stdin=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "cadscope.workers.app",
+                "worker",
+                "--pool",
+                "prefork",
+                "--concurrency",
+                str(concurrency),
+                "-Q",
+                queue,
+                "-n",
+                f"{queue}@%h",
+                "--loglevel",
+                "INFO",
+                "--without-gossip",
+                "--without-mingle",
+                *extra,
+            ],
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            env=worker_env,
+            stdin=subprocess.DEVNULL,
         )
         handle = WorkerHandle(proc, queue, f"http://127.0.0.1:{port}/metrics", data, log, worker_env)
         handles.append(handle)

@@ -21,7 +21,10 @@ DATA = Path(__file__).resolve().parent / "data"
 
 def _cadscope(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run(  # noqa: S603
-        [sys.executable, "-m", "cadscope.workers.cli", *args], capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "cadscope.workers.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, **(env or {})},
     )
 

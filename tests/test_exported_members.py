@@ -12,6 +12,7 @@ import pytest
 )
 def test_all_is_sorted_and_real(module):
     mod = importlib.import_module(module)
+
     # isort-style, as ruff's RUF022 keeps it: CONSTANTS, Classes, functions.
     def key(name: str) -> tuple[int, str]:
         return (0 if name.isupper() else 1 if name[0].isupper() else 2, name)

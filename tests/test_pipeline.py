@@ -26,10 +26,17 @@ pytestmark = pytest.mark.slow
 
 SMALL = {
     "name": "small_plate",
-    "parts": [{"name": "plate", "material": "pla", "steps": [
-        {"kind": "box", "name": "b", "length": 20, "width": 10, "height": 2},
-        {"kind": "cylinder", "name": "h", "radius": 2, "height": 2, "placement": {"position": [10, 5, 0]}},
-        {"kind": "boolean", "name": "d", "operation": "cut", "operands": ["b", "h"]}]}],
+    "parts": [
+        {
+            "name": "plate",
+            "material": "pla",
+            "steps": [
+                {"kind": "box", "name": "b", "length": 20, "width": 10, "height": 2},
+                {"kind": "cylinder", "name": "h", "radius": 2, "height": 2, "placement": {"position": [10, 5, 0]}},
+                {"kind": "boolean", "name": "d", "operation": "cut", "operands": ["b", "h"]},
+            ],
+        }
+    ],
     "exports": [{"format": "brep", "of": "plate", "name": "plate"}],
 }
 
@@ -47,8 +54,11 @@ def producer(otlp_receiver, redis_url):
 
 
 def _worker_env(otlp_receiver):
-    return {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
-            "OTEL_EXPORTER_OTLP_INSECURE": "true"}
+    return {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.endpoint,
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+    }
 
 
 def _submit(tracer, spec, queue):
@@ -68,10 +78,12 @@ def test_one_trace_from_the_publisher_to_the_deepest_occt_span(producer, start_w
         assert result["status"] == "succeeded", result
         assert result["job_id"] == job_id
     for (_job_id, trace_id, _handle), engine in zip(submitted, ("freecad", "ocp"), strict=True):
+
         def complete(spans, trace_id=trace_id):
             mine = [s for s in spans if s["trace_id"] == trace_id]
             names = {s["name"] for s in mine}
             return {"POST /v1/jobs", "run/cadscope.run_job", "occt.feature", "cad.stage validate_export"} <= names
+
         spans = [s for s in otlp_receiver.wait_for(complete, timeout=60) if s["trace_id"] == trace_id]
         by_id = {s["span_id"]: s for s in spans}
         by_name = {s["name"]: s for s in spans}
@@ -108,8 +120,9 @@ def test_one_trace_from_the_publisher_to_the_deepest_occt_span(producer, start_w
             continue  # no AI flow in this run: the family has no samples yet
         assert name in families or base in families, name
         assert re.search(rf'^{name}\S*{{[^}}]*freecad_version="0\.20\.2"', text, re.M), name
-        assert re.search(rf'^{name}\S*{{[^}}]*freecad_version="none",occt_version="8\.0\.\d+"', text, re.M) or \
-            re.search(rf'^{name}\S*{{[^}}]*occt_version="8\.0\.\d+"', text, re.M), name
+        assert re.search(
+            rf'^{name}\S*{{[^}}]*freecad_version="none",occt_version="8\.0\.\d+"', text, re.M
+        ) or re.search(rf'^{name}\S*{{[^}}]*occt_version="8\.0\.\d+"', text, re.M), name
     promtool = shutil.which("promtool")
     assert promtool, "promtool is part of the test environment (Debian prometheus)"
     check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
@@ -125,10 +138,13 @@ def test_failed_job_is_a_classified_result_and_counted(producer, start_worker, o
     invalid = run_job.apply_async(args=[{"name": "x", "parts": []}], queue=worker.queue).get(timeout=60)
     assert invalid["outcome"] == "rejected" and invalid["errors"][0]["loc"] == "parts"
     text = worker.scrape()
-    assert re.search(r'^model_generation_completed_total\{[^}]*status="failure"[^}]*\} 2\.0$', text, re.M) or \
-        text.count('status="failure"') >= 2
+    assert (
+        re.search(r'^model_generation_completed_total\{[^}]*status="failure"[^}]*\} 2\.0$', text, re.M)
+        or text.count('status="failure"') >= 2
+    )
     spans = otlp_receiver.wait_for(
-        lambda spans: any(s["trace_id"] == trace_id and s["name"] == "cad.subprocess freecad" for s in spans), 60)
+        lambda spans: any(s["trace_id"] == trace_id and s["name"] == "cad.subprocess freecad" for s in spans), 60
+    )
     sub = next(s for s in spans if s["trace_id"] == trace_id and s["name"] == "cad.subprocess freecad")
     assert sub["status"] == 2 and sub["attributes"]["error.type"] == "script_error"
 
@@ -146,7 +162,8 @@ def test_max_tasks_per_child_1_loses_no_span(producer, start_worker, otlp_receiv
         return len({s["trace_id"] for s in spans if s["trace_id"] in traces and s["name"].startswith(name_prefix)})
 
     spans = otlp_receiver.wait_for(
-        lambda spans: count(spans, "run/cadscope.run_job") == 10 and count(spans, "cad.subprocess") == 10, 60)
+        lambda spans: count(spans, "run/cadscope.run_job") == 10 and count(spans, "cad.subprocess") == 10, 60
+    )
     assert count(spans, "occt.boolean") == 10
     pids = {s["resource"]["process.pid"] for s in spans if s["trace_id"] in traces and s["name"].startswith("run/")}
     assert len(pids) == 10  # each job in a fresh pool child

@@ -53,8 +53,13 @@ def _probe_events(traceparent: str) -> list[dict]:
 
 
 def test_probe_rejects_invalid_traceparents():
-    for bad in ["", "ff-" + "a" * 32 + "-" + "b" * 16 + "-01", "00-" + "0" * 32 + "-" + "b" * 16 + "-01",
-                "00-" + "A" * 32 + "-" + "b" * 16 + "-01", "00-abc-def-01"]:
+    for bad in [
+        "",
+        "ff-" + "a" * 32 + "-" + "b" * 16 + "-01",
+        "00-" + "0" * 32 + "-" + "b" * 16 + "-01",
+        "00-" + "A" * 32 + "-" + "b" * 16 + "-01",
+        "00-abc-def-01",
+    ]:
         assert cadscope_probe._parse_traceparent(bad) is None, bad
     assert cadscope_probe._parse_traceparent("00-" + "a" * 32 + "-" + "b" * 16 + "-01") == ("a" * 32, "b" * 16)
 
@@ -106,7 +111,10 @@ def test_hostile_events_are_dropped_and_counted_never_raised():
     recorder = Recorder()
     now = time.time_ns()
     hostile = [
-        [], "x", {"t": "nope"}, {"t": "start", "id": "zz", "n": "a", "ts": now, "a": {}},
+        [],
+        "x",
+        {"t": "nope"},
+        {"t": "start", "id": "zz", "n": "a", "ts": now, "a": {}},
         {"t": "start", "id": "0" * 16, "n": "a", "ts": now, "a": {}},
         {"t": "start", "id": "c" * 16, "n": "Bad Name!", "ts": now, "a": {}},
         {"t": "start", "id": "d" * 16, "n": "ok.name", "ts": "yesterday", "a": {}},
@@ -122,8 +130,16 @@ def test_hostile_events_are_dropped_and_counted_never_raised():
         for event in hostile:
             replayer.handle(event)
         # Garbage parent ids hang off the subprocess span; attributes are bounded.
-        replayer.handle({"t": "start", "id": "1" * 16, "p": "not-a-parent", "n": "occt.boolean", "ts": now,
-                         "a": {"cad.x": "y" * 10_000, "Bad Key": 1, "cad.nested": {"a": 1}}})
+        replayer.handle(
+            {
+                "t": "start",
+                "id": "1" * 16,
+                "p": "not-a-parent",
+                "n": "occt.boolean",
+                "ts": now,
+                "a": {"cad.x": "y" * 10_000, "Bad Key": 1, "cad.nested": {"a": 1}},
+            }
+        )
         replayer.handle({"t": "start", "id": "1" * 16, "n": "occt.boolean", "ts": now, "a": {}})
         replayer.handle({"t": "end", "id": "1" * 16, "ts": now + 5, "a": {}})
     assert sum(replayer.dropped.values()) == len(hostile) + 1

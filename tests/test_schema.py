@@ -66,8 +66,10 @@ def test_unknown_fields_and_code_like_values_are_refused():
 
 def test_ten_thousand_booleans_are_refused():
     steps = [{"kind": "box", "name": f"b{i}", "length": 1, "width": 1, "height": 1} for i in range(200)]
-    many = [{"kind": "boolean", "name": f"u{i}", "operation": "union", "operands": [f"b{j}" for j in range(200)]}
-            for i in range(50)]
+    many = [
+        {"kind": "boolean", "name": f"u{i}", "operation": "union", "operands": [f"b{j}" for j in range(200)]}
+        for i in range(50)
+    ]
     data = {**BASE, "parts": [{"name": "p", "steps": steps + many}]}
     assert "steps" in _error(data) or "operands" in _error(data)
 
@@ -77,8 +79,13 @@ def test_references_and_assembly_cycles():
     data["parts"][0]["steps"].append({"kind": "fillet", "name": "f", "target": "missing", "radius": 1})
     assert "no earlier step defines" in _error(data)
     data = copy.deepcopy(BASE)
-    data["assembly"] = {"name": "a", "instances": [
-        {"name": "x", "part": "p", "attach": {"to": "y"}}, {"name": "y", "part": "p", "attach": {"to": "x"}}]}
+    data["assembly"] = {
+        "name": "a",
+        "instances": [
+            {"name": "x", "part": "p", "attach": {"to": "y"}},
+            {"name": "y", "part": "p", "attach": {"to": "x"}},
+        ],
+    }
     assert "cycle" in _error(data)
 
 

@@ -89,7 +89,7 @@ def test_json_log_lines_carry_trace_and_job_and_survive_crlf():
     token = job_id_var.set("job-1")
     try:
         with provider.get_tracer("t").start_as_current_span("s") as span:
-            logger.warning("part name\r\n{\"forged\": true}", extra={"part": "a\nb"})
+            logger.warning('part name\r\n{"forged": true}', extra={"part": "a\nb"})
     finally:
         job_id_var.reset(token)
     lines = stream.getvalue().splitlines()

@@ -17,7 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -65,7 +65,11 @@ class EngineInfo:
 def _ask_versions(argv: list[str]) -> dict[str, str] | None:
     try:
         out = subprocess.run(  # noqa: S603
-            argv, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
             env=build_env(extra={"HOME": _engine_home()}),
         ).stdout
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -73,7 +77,7 @@ def _ask_versions(argv: list[str]) -> dict[str, str] | None:
         return None
     for line in out.splitlines():
         if line.startswith(_MARK):
-            return json.loads(line[len(_MARK):])  # type: ignore[no-any-return]
+            return json.loads(line[len(_MARK) :])  # type: ignore[no-any-return]
     return None
 
 
@@ -95,20 +99,28 @@ def discover_engines() -> dict[str, EngineInfo]:
         versions = _ask_versions([freecadcmd, "-c", _FREECAD_VERSION_SCRIPT])
         if versions:
             engines["freecad"] = EngineInfo(
-                "freecad", (freecadcmd, str(CHILD_DIR / "engine_freecad.py")),
-                versions["freecad_version"], versions["occt_version"], frozenset(ENGINE_FORMATS["freecad"]),
+                "freecad",
+                (freecadcmd, str(CHILD_DIR / "engine_freecad.py")),
+                versions["freecad_version"],
+                versions["occt_version"],
+                frozenset(ENGINE_FORMATS["freecad"]),
             )
     python = os.environ.get("CADSCOPE_OCP_PYTHON", sys.executable)
     versions = _ask_versions([python, "-c", _OCP_VERSION_SCRIPT])
     if versions:
         engines["ocp"] = EngineInfo(
-            "ocp", (python, str(CHILD_DIR / "engine_ocp.py")),
-            versions["freecad_version"], versions["occt_version"], frozenset(ENGINE_FORMATS["ocp"]),
+            "ocp",
+            (python, str(CHILD_DIR / "engine_ocp.py")),
+            versions["freecad_version"],
+            versions["occt_version"],
+            frozenset(ENGINE_FORMATS["ocp"]),
         )
     return engines
 
 
-def pick_engine(requested: str, engines: Mapping[str, EngineInfo] | None = None, formats: set[str] = frozenset()) -> EngineInfo:  # type: ignore[assignment]
+def pick_engine(
+    requested: str, engines: Mapping[str, EngineInfo] | None = None, formats: Set[str] = frozenset()
+) -> EngineInfo:
     """The engine for a job: as requested, or for ``auto`` FreeCAD first, then OCP."""
     engines = discover_engines() if engines is None else engines
     order = ["freecad", "ocp"] if requested == "auto" else [requested]
@@ -140,7 +152,9 @@ class ChildTelemetry:
             self.stages[stage] = self.stages.get(stage, 0.0) + duration_s
             o.record_stage(self.flow_type, stage, duration_s)
         elif name == "document.create":
-            o.record_document_load(str(a.get("cad.document.source", "new")), str(a.get("cad.workbench", "Part")), duration_s)
+            o.record_document_load(
+                str(a.get("cad.document.source", "new")), str(a.get("cad.workbench", "Part")), duration_s
+            )
         elif name == "document.recompute":
             o.record_recompute(str(a.get("cad.workbench", "Part")), int(a.get("cad.object_count", 0)), duration_s)
         elif name == "occt.boolean":
@@ -218,8 +232,13 @@ def _verify_artifacts(manifest: Mapping[str, Any], out_dir: Path) -> tuple[list[
         if len(data) != item.get("size") or hashlib.sha256(data).hexdigest() != item.get("sha256"):
             return [], f"artifact {name!r} does not match its manifest entry"
         verified.append(
-            {"name": name, "format": item.get("format"), "size": len(data), "sha256": item["sha256"],
-             "deterministic": item.get("deterministic")}
+            {
+                "name": name,
+                "format": item.get("format"),
+                "size": len(data),
+                "sha256": item["sha256"],
+                "deterministic": item.get("deterministic"),
+            }
         )
     return verified, None
 
@@ -262,8 +281,12 @@ def run_cad_job(
             stderr_path=str(work / "stderr.log"),
             tracer_provider=tracer_provider,
             span_name=f"cad.subprocess {engine.name}",
-            attributes={"cad.engine": engine.name, "cad.freecad_version": engine.freecad_version,
-                        "cad.occt_version": engine.occt_version, "cad.job_id": job_id},
+            attributes={
+                "cad.engine": engine.name,
+                "cad.freecad_version": engine.freecad_version,
+                "cad.occt_version": engine.occt_version,
+                "cad.job_id": job_id,
+            },
             observer=telemetry,
             on_drop=lambda reason: m.telemetry_rejected.labels(bound("rejected_reason", reason)).inc(),
         )
@@ -281,6 +304,12 @@ def run_cad_job(
         if outcome in ("oom", "timeout", "crash", "killed"):
             m.worker_restarts.labels(outcome, *v.values()).inc()
     return CadResult(
-        engine=engine, run=result, outcome=outcome, error_type=error_type, error_message=message,
-        artifacts=artifacts, manifest=result.manifest if outcome == "ok" else None, stages=telemetry.stages,
+        engine=engine,
+        run=result,
+        outcome=outcome,
+        error_type=error_type,
+        error_message=message,
+        artifacts=artifacts,
+        manifest=result.manifest if outcome == "ok" else None,
+        stages=telemetry.stages,
     )

@@ -39,7 +39,9 @@ _CLOCK_SLACK_NS = 60 * 1_000_000_000
 class EventObserver(Protocol):
     """What a runner's caller does with the child's telemetry (metrics, progress)."""
 
-    def span_ended(self, name: str, attributes: Mapping[str, Any], duration_s: float, error_type: str | None) -> None: ...
+    def span_ended(
+        self, name: str, attributes: Mapping[str, Any], duration_s: float, error_type: str | None
+    ) -> None: ...
 
     def metric(self, name: str, value: float, attributes: Mapping[str, Any]) -> None: ...
 
@@ -198,8 +200,8 @@ class Replayer:
         if not isinstance(name, str) or not _METRIC.fullmatch(name) or attrs is None:
             self.drop("bad_metric")
             return
-        if type(value) not in (int, float) or value != value or value < 0:
-            self.drop("bad_metric")
+        if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < float("inf"):
+            self.drop("bad_metric")  # NaN fails the range check too
             return
         if self._observer is not None:
             self._observer.metric(name, float(value), attrs)

@@ -202,8 +202,18 @@ def run(
     with tracer.start_as_current_span(span_name, attributes=span_attributes, end_on_exit=False) as span:
         try:
             result = _run_in_span(
-                argv, span, tracer, limits, env, env_allowlist, cwd, stdout_path, stderr_path,
-                observer, on_drop, require_manifest,
+                argv,
+                span,
+                tracer,
+                limits,
+                env,
+                env_allowlist,
+                cwd,
+                stdout_path,
+                stderr_path,
+                observer,
+                on_drop,
+                require_manifest,
             )
         except BaseException as exc:
             span.record_exception(exc)
@@ -436,10 +446,9 @@ def _supervise(
         if exited is None:
             # The pipe closed first (the child closed its fd): wait for the exit,
             # still honouring the deadline.
-            exited = _wait_with_deadline(proc, pidfd, deadline, limits)
-            timed_out = timed_out or exited[2]
+            status, rusage, late = _wait_with_deadline(proc, pidfd, deadline, limits)
             _kill_group(proc.pid, signal.SIGKILL)
-            return exited[0], exited[1], timed_out
+            return status, rusage, timed_out or late
         return exited[0], exited[1], timed_out
     finally:
         os.close(pidfd)

@@ -113,9 +113,10 @@ class Boolean(_Model):
     operands: Annotated[list[Name], Field(min_length=2, max_length=256)]
 
 
-EdgeSelector = Literal["all", "vertical", "top", "bottom"] | Annotated[
-    list[Annotated[int, Field(ge=0, le=100_000)]], Field(min_length=1, max_length=1_000)
-]
+EdgeSelector = (
+    Literal["all", "vertical", "top", "bottom"]
+    | Annotated[list[Annotated[int, Field(ge=0, le=100_000)]], Field(min_length=1, max_length=1_000)]
+)
 
 
 class Fillet(_Model):
@@ -150,7 +151,13 @@ class Part(_Model):
     def _references(self) -> Part:
         seen: set[str] = set()
         for index, step in enumerate(self.steps):
-            refs = step.operands if isinstance(step, Boolean) else [step.target] if isinstance(step, Fillet | Chamfer) else []
+            refs = (
+                step.operands
+                if isinstance(step, Boolean)
+                else [step.target]
+                if isinstance(step, Fillet | Chamfer)
+                else []
+            )
             for ref in refs:
                 if ref not in seen:
                     raise ValueError(f"steps[{index}] ({step.name}) uses {ref!r}, which no earlier step defines")
@@ -250,7 +257,9 @@ class JobSpec(_Model):
                 if instance.attach is not None:
                     own = parts[instance.part].lcs
                     if instance.attach.lcs != "origin" and instance.attach.lcs not in own:
-                        raise ValueError(f"instance {instance.name!r}: part {instance.part!r} has no lcs {instance.attach.lcs!r}")
+                        raise ValueError(
+                            f"instance {instance.name!r}: part {instance.part!r} has no lcs {instance.attach.lcs!r}"
+                        )
                     parent_part = next(i.part for i in self.assembly.instances if i.name == instance.attach.to)
                     if instance.attach.to_lcs != "origin" and instance.attach.to_lcs not in parts[parent_part].lcs:
                         raise ValueError(

@@ -63,18 +63,49 @@ ALLOWED_LABEL_VALUES: dict[str, frozenset[str]] = {
     "workbench": frozenset({"Part", "PartDesign", "Import", "Mesh", "Assembly4", "Material"}),
     "class": frozenset(
         {
-            "Part::Box", "Part::Cylinder", "Part::Sphere", "Part::Cone", "Part::Torus", "Part::Feature",
-            "Part::MultiFuse", "Part::Cut", "Part::MultiCommon", "Part::Fillet", "Part::Chamfer", "App::Part",
-            "BRepPrimAPI_MakeBox", "BRepPrimAPI_MakeCylinder", "BRepPrimAPI_MakeSphere", "BRepPrimAPI_MakeCone",
-            "BRepPrimAPI_MakeTorus", "BRepPrimAPI_MakePrism", "BRepAlgoAPI_Fuse", "BRepAlgoAPI_Cut",
-            "BRepAlgoAPI_Common", "BRepFilletAPI_MakeFillet", "BRepFilletAPI_MakeChamfer", "TopoDS_Compound",
+            "Part::Box",
+            "Part::Cylinder",
+            "Part::Sphere",
+            "Part::Cone",
+            "Part::Torus",
+            "Part::Feature",
+            "Part::MultiFuse",
+            "Part::Cut",
+            "Part::MultiCommon",
+            "Part::Fillet",
+            "Part::Chamfer",
+            "App::Part",
+            "BRepPrimAPI_MakeBox",
+            "BRepPrimAPI_MakeCylinder",
+            "BRepPrimAPI_MakeSphere",
+            "BRepPrimAPI_MakeCone",
+            "BRepPrimAPI_MakeTorus",
+            "BRepPrimAPI_MakePrism",
+            "BRepAlgoAPI_Fuse",
+            "BRepAlgoAPI_Cut",
+            "BRepAlgoAPI_Common",
+            "BRepFilletAPI_MakeFillet",
+            "BRepFilletAPI_MakeChamfer",
+            "TopoDS_Compound",
         }
     ),
     "operation": frozenset({"union", "cut", "common"}),
     "feature": frozenset({"fillet", "chamfer"}),
     "memory_operation": frozenset(
-        {"boolean_union", "boolean_cut", "boolean_common", "boolean_complex", "fillet", "chamfer",
-         "export_step", "export_stl", "export_brep", "export_iges", "export_obj", "process"}
+        {
+            "boolean_union",
+            "boolean_cut",
+            "boolean_common",
+            "boolean_complex",
+            "fillet",
+            "chamfer",
+            "export_step",
+            "export_stl",
+            "export_brep",
+            "export_iges",
+            "export_obj",
+            "process",
+        }
     ),
     "solver": frozenset({"lcs_attachment", "newton_raphson"}),
     "library": frozenset({"standard"}),
@@ -91,9 +122,25 @@ ALLOWED_LABEL_VALUES: dict[str, frozenset[str]] = {
     "compatible": frozenset({"true", "false"}),
     "provider": frozenset({"local", "openai_compatible"}),
     "rejected_reason": frozenset(
-        {"not_an_object", "bad_attributes", "bad_result", "unknown_type", "bad_span_id", "duplicate_span_id",
-         "bad_span", "too_many_spans", "end_without_start", "bad_metric", "line_too_long", "truncated_line",
-         "too_many_events", "invalid_json", "handler_error", "pipe_held_open", "unknown_metric"}
+        {
+            "not_an_object",
+            "bad_attributes",
+            "bad_result",
+            "unknown_type",
+            "bad_span_id",
+            "duplicate_span_id",
+            "bad_span",
+            "too_many_spans",
+            "end_without_start",
+            "bad_metric",
+            "line_too_long",
+            "truncated_line",
+            "too_many_events",
+            "invalid_json",
+            "handler_error",
+            "pipe_held_open",
+            "unknown_metric",
+        }
     ),
 }
 
@@ -154,88 +201,151 @@ class Catalogue:
 
         # Flow lifecycle
         self.generation_started = counter(
-            "model_generation_started", "Model generation flows started.", ("flow_type", *v))
+            "model_generation_started", "Model generation flows started.", ("flow_type", *v)
+        )
         self.generation_completed = counter(
-            "model_generation_completed", "Model generation flows finished, by status.", ("flow_type", "status", *v))
+            "model_generation_completed", "Model generation flows finished, by status.", ("flow_type", "status", *v)
+        )
         self.generation_duration = histogram(
-            "model_generation_duration_seconds", "Wall time of a whole flow, failures included.",
-            ("flow_type", "status", *v), FLOW_BUCKETS)
+            "model_generation_duration_seconds",
+            "Wall time of a whole flow, failures included.",
+            ("flow_type", "status", *v),
+            FLOW_BUCKETS,
+        )
         self.stage_duration = histogram(
-            "model_generation_stage_duration_seconds", "Wall time of one stage of a flow.",
-            ("flow_type", "stage", *v), FLOW_BUCKETS)
+            "model_generation_stage_duration_seconds",
+            "Wall time of one stage of a flow.",
+            ("flow_type", "stage", *v),
+            FLOW_BUCKETS,
+        )
         self.active_flows = Gauge(
-            "model_generation_active_flows", "Flows being processed now.", ("flow_type", *v),
-            registry=r, multiprocess_mode="livesum")
+            "model_generation_active_flows",
+            "Flows being processed now.",
+            ("flow_type", *v),
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.ai_provider_latency = histogram(
-            "ai_provider_latency_seconds", "Latency of AI provider calls.",
-            ("provider", "model", "operation"), AI_LATENCY_BUCKETS)
+            "ai_provider_latency_seconds",
+            "Latency of AI provider calls.",
+            ("provider", "model", "operation"),
+            AI_LATENCY_BUCKETS,
+        )
         # FreeCAD documents
         self.document_load = histogram(
-            "freecad_document_load_seconds", "Time to create or load a document.",
-            ("source", "workbench", *v), FAST_BUCKETS)
+            "freecad_document_load_seconds",
+            "Time to create or load a document.",
+            ("source", "workbench", *v),
+            FAST_BUCKETS,
+        )
         self.recompute = histogram(
-            "freecad_recompute_duration_seconds", "Document recompute time.",
-            ("workbench", "doc_complexity", *v), FAST_BUCKETS)
+            "freecad_recompute_duration_seconds",
+            "Document recompute time.",
+            ("workbench", "doc_complexity", *v),
+            FAST_BUCKETS,
+        )
         self.object_created = counter(
-            "freecad_object_created", "Document objects created, by class.", ("class", "workbench", *v))
+            "freecad_object_created", "Document objects created, by class.", ("class", "workbench", *v)
+        )
         # OCCT
         self.occt_boolean = histogram(
-            "occt_boolean_duration_seconds", "Duration of one OCCT boolean.",
-            ("operation", "solids_range", *v), OCCT_OP_BUCKETS)
+            "occt_boolean_duration_seconds",
+            "Duration of one OCCT boolean.",
+            ("operation", "solids_range", *v),
+            OCCT_OP_BUCKETS,
+        )
         self.occt_feature = histogram(
-            "occt_feature_duration_seconds", "Duration of one OCCT fillet or chamfer.", ("feature", *v), OCCT_OP_BUCKETS)
+            "occt_feature_duration_seconds", "Duration of one OCCT fillet or chamfer.", ("feature", *v), OCCT_OP_BUCKETS
+        )
         self.occt_memory = histogram(
-            "occt_operation_memory_bytes", "Peak resident memory of the CAD process during one operation.",
-            ("operation", *v), MEMORY_BUCKETS)
+            "occt_operation_memory_bytes",
+            "Peak resident memory of the CAD process during one operation.",
+            ("operation", *v),
+            MEMORY_BUCKETS,
+        )
         # Assembly4
         self.a4_solve = histogram(
-            "a4_constraint_solve_duration_seconds", "Assembly4 placement solve time.", ("solver", *v), SOLVER_BUCKETS)
+            "a4_constraint_solve_duration_seconds", "Assembly4 placement solve time.", ("solver", *v), SOLVER_BUCKETS
+        )
         self.a4_lcs = histogram(
-            "a4_lcs_resolution_duration_seconds", "Time to resolve local coordinate systems.",
-            ("lcs_count_range", *v), SOLVER_BUCKETS)
+            "a4_lcs_resolution_duration_seconds",
+            "Time to resolve local coordinate systems.",
+            ("lcs_count_range", *v),
+            SOLVER_BUCKETS,
+        )
         self.a4_iterations_total = counter(
-            "a4_solver_iterations", "Solver iterations, summed over solves.", ("solver", *v))
+            "a4_solver_iterations", "Solver iterations, summed over solves.", ("solver", *v)
+        )
         self.a4_iterations = histogram(
-            "a4_solver_iterations_per_solve", "Iterations of one solve (for the P95 > 200 alert).",
-            ("solver", *v), ITERATION_BUCKETS)
+            "a4_solver_iterations_per_solve",
+            "Iterations of one solve (for the P95 > 200 alert).",
+            ("solver", *v),
+            ITERATION_BUCKETS,
+        )
         # Materials
         self.material_access = counter(
-            "material_library_access", "Material library lookups.", ("library", "result", *v))
+            "material_library_access", "Material library lookups.", ("library", "result", *v)
+        )
         self.material_property = histogram(
-            "material_property_apply_duration_seconds", "Time to apply a material property.",
-            ("property", *v), FAST_BUCKETS)
+            "material_property_apply_duration_seconds",
+            "Time to apply a material property.",
+            ("property", *v),
+            FAST_BUCKETS,
+        )
         self.material_appearance = histogram(
-            "material_appearance_apply_duration_seconds", "Time to apply a material appearance.",
-            ("appearance_type", *v), FAST_BUCKETS)
+            "material_appearance_apply_duration_seconds",
+            "Time to apply a material appearance.",
+            ("appearance_type", *v),
+            FAST_BUCKETS,
+        )
         # Topology and export
         self.topology_hash = histogram(
-            "topology_hash_compute_duration_seconds", "Time to compute a topology hash.", ("scope", *v), FAST_BUCKETS)
+            "topology_hash_compute_duration_seconds", "Time to compute a topology hash.", ("scope", *v), FAST_BUCKETS
+        )
         self.export_validation = counter(
-            "deterministic_export_validation", "Exports written twice and compared.", ("format", "result", *v))
+            "deterministic_export_validation", "Exports written twice and compared.", ("format", "result", *v)
+        )
         self.export_duration = histogram(
-            "export_duration_seconds", "Time to export one file.", ("format", "file_size_range", *v), EXPORT_BUCKETS)
+            "export_duration_seconds", "Time to export one file.", ("format", "file_size_range", *v), EXPORT_BUCKETS
+        )
         # Workbenches
         self.workbench_invocations = counter(
-            "freecad_workbench_invocations", "Workbench invocations.", ("workbench", *v))
+            "freecad_workbench_invocations", "Workbench invocations.", ("workbench", *v)
+        )
         self.workbench_compatibility = counter(
-            "freecad_workbench_compatibility", "Workbench availability checks.", ("workbench", "compatible", *v))
+            "freecad_workbench_compatibility", "Workbench availability checks.", ("workbench", "compatible", *v)
+        )
         # Worker and subprocess
         self.worker_restarts = counter(
-            "freecad_worker_restarts", "CAD processes that died and had to be replaced.", ("reason", *v))
+            "freecad_worker_restarts", "CAD processes that died and had to be replaced.", ("reason", *v)
+        )
         self.subprocess_outcomes = counter(
-            "cadscope_subprocess_outcomes", "CAD subprocesses by classified outcome.", ("engine", "outcome", *v))
+            "cadscope_subprocess_outcomes", "CAD subprocesses by classified outcome.", ("engine", "outcome", *v)
+        )
         self.subprocess_peak_memory = histogram(
-            "cadscope_subprocess_peak_memory_bytes", "Peak RSS of a CAD subprocess (wait4 ru_maxrss).",
-            ("engine", *v), MEMORY_BUCKETS)
+            "cadscope_subprocess_peak_memory_bytes",
+            "Peak RSS of a CAD subprocess (wait4 ru_maxrss).",
+            ("engine", *v),
+            MEMORY_BUCKETS,
+        )
         self.telemetry_rejected = counter(
-            "cadscope_telemetry_events_rejected", "Child telemetry events dropped, by reason.", ("reason",))
+            "cadscope_telemetry_events_rejected", "Child telemetry events dropped, by reason.", ("reason",)
+        )
         self.task_runtime = histogram(
-            "cadscope_task_runtime_seconds", "Celery task run time, failures included.", ("task", "outcome"),
-            FLOW_BUCKETS)
+            "cadscope_task_runtime_seconds",
+            "Celery task run time, failures included.",
+            ("task", "outcome"),
+            FLOW_BUCKETS,
+        )
         self.task_queue_wait = histogram(
-            "cadscope_task_queue_wait_seconds", "Time from publish to the start of execution.", ("task",),
-            QUEUE_WAIT_BUCKETS)
+            "cadscope_task_queue_wait_seconds",
+            "Time from publish to the start of execution.",
+            ("task",),
+            QUEUE_WAIT_BUCKETS,
+        )
         self.task_outcomes = counter(
-            "cadscope_task_outcomes", "Celery task executions by outcome.", ("task", "outcome"))
+            "cadscope_task_outcomes", "Celery task executions by outcome.", ("task", "outcome")
+        )
         self.attempts_lost = counter(
-            "cadscope_task_attempts_lost", "Task attempts lost with their worker process (redelivered).", ("task",))
+            "cadscope_task_attempts_lost", "Task attempts lost with their worker process (redelivered).", ("task",)
+        )

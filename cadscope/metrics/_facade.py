@@ -146,10 +146,15 @@ class ModelObservability:
 
     @contextlib.contextmanager
     def observe_document_operation(
-        self, document_id: str, operation: str, workbench: str = "Part", source: str = "new",
+        self,
+        document_id: str,
+        operation: str,
+        workbench: str = "Part",
+        source: str = "new",
         object_count: int = 0,
     ) -> Iterator[dict[str, Any]]:
         attributes = {"cad.document.id": document_id, "cad.document.operation": operation}
+
         def record(outcome: dict[str, Any]) -> None:
             if operation == "recompute":
                 self.record_recompute(workbench, outcome.get("object_count", object_count), outcome["duration"])
@@ -182,6 +187,7 @@ class ModelObservability:
     @contextlib.contextmanager
     def observe_occt_boolean(self, operation: str, solids_count: int) -> Iterator[dict[str, Any]]:
         attributes = {"cad.boolean.operation": operation, "cad.solids_count": solids_count}
+
         def record(outcome: dict[str, Any]) -> None:
             self.record_occt_boolean(operation, solids_count, outcome["duration"])
 
@@ -223,8 +229,11 @@ class ModelObservability:
     ) -> Iterator[dict[str, Any]]:
         """Yields a dict; set ``context["iterations"]`` as the solver runs."""
         attributes = {
-            "cad.a4.solver": solver_type, "cad.a4.constraints_count": constraints_count, "cad.lcs_count": lcs_count
+            "cad.a4.solver": solver_type,
+            "cad.a4.constraints_count": constraints_count,
+            "cad.lcs_count": lcs_count,
         }
+
         def record(outcome: dict[str, Any]) -> None:
             self.record_assembly4_solve(solver_type, outcome["duration"], outcome["iterations"])
 
@@ -267,6 +276,7 @@ class ModelObservability:
         self, property_type: str, material_count: int = 1, library: str = "standard"
     ) -> Iterator[dict[str, Any]]:
         attributes = {"cad.material.property": property_type, "cad.material.count": material_count}
+
         def record(outcome: dict[str, Any]) -> None:
             self.record_material_property(property_type, outcome["duration"])
 
@@ -296,6 +306,7 @@ class ModelObservability:
     @contextlib.contextmanager
     def observe_export(self, format: str, file_size: int | None = None) -> Iterator[dict[str, Any]]:  # noqa: A002
         """Yields a dict; set ``context["file_size"]`` once the file is written."""
+
         def record(outcome: dict[str, Any]) -> None:
             self.record_export(format, outcome["file_size"], outcome["duration"])
 

@@ -16,8 +16,8 @@ turn on OTLP export; ``CADSCOPE_TRACES_FILE`` writes OTLP/JSON lines.
 from __future__ import annotations
 
 from ._carrier import EnvGetter, EnvSetter, extract_from_env, inject_into_env, normalise_key
-from ._logging import JsonFormatter, configure_json_logging, job_id_var
 from ._ids import PinnableIdGenerator, pinned_span_id
+from ._logging import JsonFormatter, configure_json_logging, job_id_var
 from ._otlpjson import OTLPJsonFileSpanExporter, spans_to_otlp_json
 from ._setup import flush_tracing, get_tracer_provider, setup_tracing, shutdown_tracing
 

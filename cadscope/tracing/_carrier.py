@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping
 
 from opentelemetry import propagate
 from opentelemetry.context import Context
@@ -38,7 +38,7 @@ class EnvGetter(Getter[Mapping[str, str]]):
         value = carrier.get(normalise_key(key))
         return None if value is None else [value]
 
-    def keys(self, carrier: Mapping[str, str]) -> Iterable[str]:
+    def keys(self, carrier: Mapping[str, str]) -> list[str]:
         return list(carrier.keys())
 
 

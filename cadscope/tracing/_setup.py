@@ -30,9 +30,7 @@ def _otlp_exporter() -> SpanExporter | None:
     No endpoint set means no network export: a worker on a laptop must not
     spend its time retrying ``localhost:4317``.
     """
-    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
-        "OTEL_EXPORTER_OTLP_ENDPOINT"
-    )
+    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     if not endpoint or os.environ.get("OTEL_TRACES_EXPORTER", "otlp") == "none":
         return None
     protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get(
@@ -77,9 +75,7 @@ def setup_tracing(
             "process.pid": os.getpid(),
         }
         attributes.update(resource_attributes or {})
-        provider = TracerProvider(
-            resource=Resource.create(attributes), id_generator=PinnableIdGenerator()
-        )
+        provider = TracerProvider(resource=Resource.create(attributes), id_generator=PinnableIdGenerator())
         chosen: list[SpanExporter] = list(exporters)
         otlp = _otlp_exporter()
         if otlp is not None:

@@ -11,9 +11,21 @@ from typing import Any, TextIO
 __all__ = ["SpanRecord", "read_otlp_json", "render_waterfall", "traces_by_job"]
 
 _KEY_ATTRIBUTES = (
-    "cad.job_id", "cad.engine", "cad.freecad_version", "cad.occt_version", "cad.stage",
-    "cad.boolean.operation", "cad.solids_count", "cad.feature", "cad.export.format", "cad.export.size_bytes",
-    "cad.a4.iterations", "cad.subprocess.outcome", "error.type", "http.route", "http.status_code",
+    "cad.job_id",
+    "cad.engine",
+    "cad.freecad_version",
+    "cad.occt_version",
+    "cad.stage",
+    "cad.boolean.operation",
+    "cad.solids_count",
+    "cad.feature",
+    "cad.export.format",
+    "cad.export.size_bytes",
+    "cad.a4.iterations",
+    "cad.subprocess.outcome",
+    "error.type",
+    "http.route",
+    "http.status_code",
 )
 
 
@@ -64,10 +76,16 @@ def read_otlp_json(lines: Iterable[str]) -> Iterator[SpanRecord]:
             for scope_spans in resource_spans.get("scopeSpans", []):
                 for span in scope_spans.get("spans", []):
                     yield SpanRecord(
-                        trace_id=span["traceId"], span_id=span["spanId"], parent_span_id=span.get("parentSpanId", ""),
-                        name=span["name"], start_ns=int(span["startTimeUnixNano"]), end_ns=int(span["endTimeUnixNano"]),
-                        status_code=int(span.get("status", {}).get("code", 0)), kind=int(span.get("kind", 0)),
-                        service=service, attributes=_attributes(span.get("attributes", [])),
+                        trace_id=span["traceId"],
+                        span_id=span["spanId"],
+                        parent_span_id=span.get("parentSpanId", ""),
+                        name=span["name"],
+                        start_ns=int(span["startTimeUnixNano"]),
+                        end_ns=int(span["endTimeUnixNano"]),
+                        status_code=int(span.get("status", {}).get("code", 0)),
+                        kind=int(span.get("kind", 0)),
+                        service=service,
+                        attributes=_attributes(span.get("attributes", [])),
                     )
 
 
@@ -106,7 +124,9 @@ def render_waterfall(spans: list[SpanRecord], out: TextIO, width: int = 40) -> N
         length = max(1, int((span.end_ns - span.start_ns) / total * width))
         bar = " " * left + "█" * min(length, width - left) if left < width else " " * (width - 1) + "▏"
         status = {2: "ERROR", 1: "ok"}.get(span.status_code, "")
-        keys = " ".join(f"{k.removeprefix('cad.')}={span.attributes[k]}" for k in _KEY_ATTRIBUTES if k in span.attributes)
+        keys = " ".join(
+            f"{k.removeprefix('cad.')}={span.attributes[k]}" for k in _KEY_ATTRIBUTES if k in span.attributes
+        )
         label = ("  " * depth + span.name)[:44]
         out.write(f"{label:<44} {bar:<{width}} {span.duration_s * 1000:9.2f} ms {status:<5} {keys}\n")
         for child in sorted(children.get(span.span_id, []), key=lambda s: s.start_ns):

@@ -74,19 +74,21 @@ class OTLPReceiver:
             resource = {a.key: _any_value(a.value) for a in resource_spans.resource.attributes}
             for scope_spans in resource_spans.scope_spans:
                 for span in scope_spans.spans:
-                    found.append({
-                        "trace_id": span.trace_id.hex(),
-                        "span_id": span.span_id.hex(),
-                        "parent_span_id": span.parent_span_id.hex(),
-                        "name": span.name,
-                        "kind": span.kind,
-                        "start": span.start_time_unix_nano,
-                        "end": span.end_time_unix_nano,
-                        "status": span.status.code,
-                        "attributes": {a.key: _any_value(a.value) for a in span.attributes},
-                        "events": [e.name for e in span.events],
-                        "resource": resource,
-                    })
+                    found.append(
+                        {
+                            "trace_id": span.trace_id.hex(),
+                            "span_id": span.span_id.hex(),
+                            "parent_span_id": span.parent_span_id.hex(),
+                            "name": span.name,
+                            "kind": span.kind,
+                            "start": span.start_time_unix_nano,
+                            "end": span.end_time_unix_nano,
+                            "status": span.status.code,
+                            "attributes": {a.key: _any_value(a.value) for a in span.attributes},
+                            "events": [e.name for e in span.events],
+                            "resource": resource,
+                        }
+                    )
         with self._changed:
             self.spans.extend(found)
             self._changed.notify_all()

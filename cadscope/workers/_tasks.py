@@ -51,8 +51,14 @@ def _default_versions() -> tuple[str, str]:
 
 
 def _failure(job_id: str, outcome: str, error_type: str, message: str, **extra: Any) -> dict[str, Any]:
-    return {"job_id": job_id, "status": "failed", "outcome": outcome, "error_type": error_type,
-            "error_message": message, **extra}
+    return {
+        "job_id": job_id,
+        "status": "failed",
+        "outcome": outcome,
+        "error_type": error_type,
+        "error_message": message,
+        **extra,
+    }
 
 
 @app.task(name=TASK_NAME, bind=True)
@@ -99,7 +105,9 @@ def _run(obs: ModelObservability, spec: Any, job_id: str, started: float) -> dic
         job, engine = None, None
         problem = {"error_type": "engine_unavailable", "message": str(exc)}
     validate_seconds = max(default_timer() - validate_start, 0)
-    flow_type = job.flow_type if job else (spec.get("flow_type", "parametric") if isinstance(spec, dict) else "parametric")
+    flow_type = (
+        job.flow_type if job else (spec.get("flow_type", "parametric") if isinstance(spec, dict) else "parametric")
+    )
     versions = (engine.freecad_version, engine.occt_version) if engine else _default_versions()
 
     with obs.engine_versions(*versions), obs.observe_model_generation(flow_type, job_id) as flow:
@@ -109,17 +117,30 @@ def _run(obs: ModelObservability, spec: Any, job_id: str, started: float) -> dic
             flow["failed"] = True
             trace.get_current_span().set_attribute("error.type", problem["error_type"])
             log.warning("job rejected", extra={"error_type": problem["error_type"]})
-            return _failure(job_id, "rejected", problem["error_type"], problem["message"],
-                            errors=problem.get("errors", []))
+            return _failure(
+                job_id, "rejected", problem["error_type"], problem["message"], errors=problem.get("errors", [])
+            )
         span = trace.get_current_span()
-        span.set_attributes({"cad.engine": engine.name, "cad.freecad_version": engine.freecad_version,
-                             "cad.occt_version": engine.occt_version, "cad.job_name": job.name})
+        span.set_attributes(
+            {
+                "cad.engine": engine.name,
+                "cad.freecad_version": engine.freecad_version,
+                "cad.occt_version": engine.occt_version,
+                "cad.job_name": job.name,
+            }
+        )
         out_dir = _settings().data_dir / "jobs" / job_id
         # Leave the CAD process time to be killed before Celery's own soft limit.
         timeout = min(job.timeout_s, max(_settings().soft_time_limit - 5, 1))
         with obs.observe_stage(flow_type, "engine"):
-            cad = run_cad_job(job, out_dir, engine=engine, job_id=job_id, observability=obs,
-                              limits=RunLimits(timeout_s=timeout, memory_bytes=_memory_limit()))
+            cad = run_cad_job(
+                job,
+                out_dir,
+                engine=engine,
+                job_id=job_id,
+                observability=obs,
+                limits=RunLimits(timeout_s=timeout, memory_bytes=_memory_limit()),
+            )
         with obs.observe_stage(flow_type, "collect"):
             result = {
                 "job_id": job_id,

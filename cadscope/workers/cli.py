@@ -1,8 +1,8 @@
 """``cadscope``: run the whole pipeline on one machine, run a worker, read a trace.
 
-    cadscope run [--jobs N] [--engine auto|freecad|ocp|all] [--concurrency C] [--broker URL] [--out DIR]
-    cadscope worker [celery worker options...]
-    cadscope trace traces.jsonl [--job ID]
+cadscope run [--jobs N] [--engine auto|freecad|ocp|all] [--concurrency C] [--broker URL] [--out DIR]
+cadscope worker [celery worker options...]
+cadscope trace traces.jsonl [--job ID]
 """
 
 from __future__ import annotations
@@ -24,8 +24,16 @@ from typing import Any
 
 __all__ = ["main"]
 
-_OP_SPANS = ("occt.boolean", "occt.feature", "a4.solve", "a4.lcs_resolution", "document.recompute",
-             "topology.hash", "export", "material.apply_property")
+_OP_SPANS = (
+    "occt.boolean",
+    "occt.feature",
+    "a4.solve",
+    "a4.lcs_resolution",
+    "document.recompute",
+    "topology.hash",
+    "export",
+    "material.apply_property",
+)
 
 
 def _free_port() -> int:
@@ -43,6 +51,7 @@ def _pick_engines(choice: str) -> list[str]:
     from ..freecad_bridge import discover_engines
 
     found = discover_engines()
+    engines: list[str]
     if choice == "all":
         engines = [name for name in ("freecad", "ocp") if name in found]
     elif choice == "auto":
@@ -120,10 +129,30 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     log = out / "worker.log"
     worker = subprocess.Popen(  # noqa: S603
-        [sys.executable, "-m", "celery", "-A", "cadscope.workers.app", "worker", "--pool", "prefork",
-         "--concurrency", str(args.concurrency), "-Q", queue, "-n", f"{queue}@%h", "--loglevel", "INFO",
-         "--without-gossip", "--without-mingle"],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "cadscope.workers.app",
+            "worker",
+            "--pool",
+            "prefork",
+            "--concurrency",
+            str(args.concurrency),
+            "-Q",
+            queue,
+            "-n",
+            f"{queue}@%h",
+            "--loglevel",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
+        ],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        stdin=subprocess.DEVNULL,
     )
     try:
         _wait_for(ready, worker, 90, log)
@@ -137,11 +166,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             job_id = f"job-{run_id}-{index:04d}"
             expected_failures[job_id] = bool(spec.get("expect_failure"))
             with tracer.start_as_current_span(
-                "cadscope.submit", kind=trace.SpanKind.CLIENT,
+                "cadscope.submit",
+                kind=trace.SpanKind.CLIENT,
                 attributes={"cad.job_id": job_id, "cad.job_name": spec["name"], "cad.engine": spec["engine"]},
             ):
-                pending[job_id] = run_job.apply_async(args=[spec], kwargs={"job_id": job_id}, task_id=job_id,
-                                                      queue=queue)
+                pending[job_id] = run_job.apply_async(
+                    args=[spec], kwargs={"job_id": job_id}, task_id=job_id, queue=queue
+                )
         results: dict[str, dict[str, Any]] = {}
         outcomes: Counter[str] = Counter()
         deadline = time.monotonic() + args.timeout
@@ -152,11 +183,19 @@ def cmd_run(args: argparse.Namespace) -> int:
                     try:
                         results[job_id] = handle.get(timeout=5, propagate=False) or {}
                     except Exception as exc:  # noqa: BLE001 - shown in the summary
-                        results[job_id] = {"job_id": job_id, "status": "failed", "outcome": "task_error",
-                                           "error_message": str(exc)}
+                        results[job_id] = {
+                            "job_id": job_id,
+                            "status": "failed",
+                            "outcome": "task_error",
+                            "error_message": str(exc),
+                        }
                     if not isinstance(results[job_id], dict):
-                        results[job_id] = {"job_id": job_id, "status": "failed", "outcome": "task_error",
-                                           "error_message": repr(results[job_id])}
+                        results[job_id] = {
+                            "job_id": job_id,
+                            "status": "failed",
+                            "outcome": "task_error",
+                            "error_message": repr(results[job_id]),
+                        }
                     outcomes[results[job_id].get("outcome", "unknown")] += 1
                     del pending[job_id]
             if len(results) != shown:
@@ -165,13 +204,19 @@ def cmd_run(args: argparse.Namespace) -> int:
             time.sleep(0.2)
         sys.stderr.write("\n")
         for job_id in pending:
-            results[job_id] = {"job_id": job_id, "status": "failed", "outcome": "lost",
-                               "error_message": f"no result within {args.timeout} s"}
+            results[job_id] = {
+                "job_id": job_id,
+                "status": "failed",
+                "outcome": "lost",
+                "error_message": f"no result within {args.timeout} s",
+            }
         metrics_text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).read()  # noqa: S310
         (out / "metrics.prom").write_bytes(metrics_text)
         if args.keep_serving:
-            print(f"serving: worker /metrics on http://127.0.0.1:{metrics_port}/metrics, queue {queue}; "
-                  "Ctrl-C to stop", file=sys.stderr)
+            print(
+                f"serving: worker /metrics on http://127.0.0.1:{metrics_port}/metrics, queue {queue}; Ctrl-C to stop",
+                file=sys.stderr,
+            )
             try:
                 while worker.poll() is None:
                     time.sleep(1)
@@ -195,8 +240,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if unexpected else 0
 
 
-def _summarise(results: dict[str, dict[str, Any]], expected: dict[str, bool], traces: Path,
-               specs: list[dict[str, Any]]) -> dict[str, Any]:
+def _summarise(
+    results: dict[str, dict[str, Any]], expected: dict[str, bool], traces: Path, specs: list[dict[str, Any]]
+) -> dict[str, Any]:
     from ..tracing._waterfall import read_otlp_json, traces_by_job
 
     by_engine: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -207,8 +253,17 @@ def _summarise(results: dict[str, dict[str, Any]], expected: dict[str, bool], tr
         engine = result.get("engine") or {}
         key = (engine.get("engine", "unknown"), engine.get("freecad_version", "?"), engine.get("occt_version", "?"))
         engine_of[job_id] = key
-        row = by_engine.setdefault(key, {"engine": key[0], "freecad_version": key[1], "occt_version": key[2],
-                                         "jobs": 0, "outcomes": Counter(), "peak_rss_bytes": 0})
+        row = by_engine.setdefault(
+            key,
+            {
+                "engine": key[0],
+                "freecad_version": key[1],
+                "occt_version": key[2],
+                "jobs": 0,
+                "outcomes": Counter(),
+                "peak_rss_bytes": 0,
+            },
+        )
         row["jobs"] += 1
         row["outcomes"][result.get("outcome", "unknown")] += 1
         row["peak_rss_bytes"] = max(row["peak_rss_bytes"], int(result.get("peak_rss_bytes") or 0))
@@ -235,12 +290,20 @@ def _summarise(results: dict[str, dict[str, Any]], expected: dict[str, bool], tr
                         stage_times[(engine_key[0], span.name)].append(span.duration_s)
     stages: dict[str, dict[str, Any]] = defaultdict(dict)
     for (engine, name), values in sorted(stage_times.items()):
-        stages[name][engine] = {"count": len(values), "p50_s": round(_quantile(values, 0.5), 6),
-                                "p95_s": round(_quantile(values, 0.95), 6)}
+        stages[name][engine] = {
+            "count": len(values),
+            "p50_s": round(_quantile(values, 0.5), 6),
+            "p95_s": round(_quantile(values, 0.95), 6),
+        }
     return {
-        "jobs": {"submitted": len(specs), "succeeded": succeeded, "failed": failed,
-                 "expected_failures": expected_failures, "unexpected_failures": unexpected,
-                 "unexpected_successes": unexpected_successes},
+        "jobs": {
+            "submitted": len(specs),
+            "succeeded": succeeded,
+            "failed": failed,
+            "expected_failures": expected_failures,
+            "unexpected_failures": unexpected,
+            "unexpected_successes": unexpected_successes,
+        },
         "engines": [{**row, "outcomes": dict(row["outcomes"])} for row in by_engine.values()],
         "stages": stages,
         "results": [
@@ -252,18 +315,24 @@ def _summarise(results: dict[str, dict[str, Any]], expected: dict[str, bool], tr
 
 def _print_summary(summary: dict[str, Any], out: Any) -> None:
     jobs = summary["jobs"]
-    out.write(f"\njobs: {jobs['submitted']} submitted, {jobs['succeeded']} succeeded, {jobs['failed']} failed "
-              f"({jobs['expected_failures']} expected)\n\n")
+    out.write(
+        f"\njobs: {jobs['submitted']} submitted, {jobs['succeeded']} succeeded, {jobs['failed']} failed "
+        f"({jobs['expected_failures']} expected)\n\n"
+    )
     out.write(f"{'engine':<8} {'FreeCAD':<8} {'OCCT':<7} {'jobs':>4}  {'peak RSS':>9}  outcomes\n")
     for row in summary["engines"]:
         outcomes = " ".join(f"{k}={v}" for k, v in sorted(row["outcomes"].items()))
-        out.write(f"{row['engine']:<8} {row['freecad_version']:<8} {row['occt_version']:<7} {row['jobs']:>4}  "
-                  f"{row['peak_rss_bytes'] / 2**20:>6.0f} MiB  {outcomes}\n")
+        out.write(
+            f"{row['engine']:<8} {row['freecad_version']:<8} {row['occt_version']:<7} {row['jobs']:>4}  "
+            f"{row['peak_rss_bytes'] / 2**20:>6.0f} MiB  {outcomes}\n"
+        )
     engines = sorted({e for per in summary["stages"].values() for e in per})
     out.write(f"\n{'stage / operation':<26}" + "".join(f"{e + ' p50':>13}{e + ' p95':>13}" for e in engines) + "\n")
     for name, per in summary["stages"].items():
         cells = "".join(
-            f"{per[e]['p50_s'] * 1000:>10.1f} ms{per[e]['p95_s'] * 1000:>10.1f} ms" if e in per else f"{'-':>13}{'-':>13}"
+            f"{per[e]['p50_s'] * 1000:>10.1f} ms{per[e]['p95_s'] * 1000:>10.1f} ms"
+            if e in per
+            else f"{'-':>13}{'-':>13}"
             for e in engines
         )
         out.write(f"{name:<26}{cells}\n")
@@ -285,10 +354,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
         return 1
     if args.job is None:
         for job_id, spans in sorted(jobs.items()):
-            names = {s.name for s in spans}
-            print(f"{job_id}  {len(spans):4d} spans  trace {spans[0].trace_id}  "
-                  f"{'ERROR' if any(s.status_code == 2 for s in spans) else 'ok':5} "
-                  f"{'freecad' if any('freecad' in n for n in names) else 'ocp' if any('ocp' in n for n in names) else ''}")
+            engine = next((str(s.attributes["cad.engine"]) for s in spans if "cad.engine" in s.attributes), "")
+            status = "ERROR" if any(s.status_code == 2 for s in spans) else "ok"
+            print(f"{job_id}  {len(spans):4d} spans  trace {spans[0].trace_id}  {status:5} {engine}")
         print("\n(cadscope trace FILE --job ID draws one)", file=sys.stderr)
         return 0
     if args.job not in jobs:
@@ -299,8 +367,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cadscope", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="cadscope", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the whole pipeline on this machine on a built-in workload")
     run.add_argument("--jobs", type=int, default=14)

@@ -121,8 +121,7 @@ def select_edges(backend, shape, selector):
     eps = 1e-6 * max(1.0, zmax - zmin)
     if selector == "vertical":
         picked = [
-            i for i, b in enumerate(boxes)
-            if abs(b[0] - b[3]) < eps and abs(b[1] - b[4]) < eps and b[5] - b[2] > eps
+            i for i, b in enumerate(boxes) if abs(b[0] - b[3]) < eps and abs(b[1] - b[4]) < eps and b[5] - b[2] > eps
         ]
     elif selector == "top":
         picked = [i for i, b in enumerate(boxes) if abs(b[2] - zmax) < eps and abs(b[5] - zmax) < eps]
@@ -199,9 +198,7 @@ def _build_part(backend, probe, part):
         for step in steps:
             if step["kind"] in PRIMITIVES:
                 handles[step["name"]] = backend.primitive(step, placement_matrix(step.get("placement")))
-                probe.metric(
-                    "freecad.object_created", 1, cls=backend.object_class(step["kind"]), workbench="Part"
-                )
+                probe.metric("freecad.object_created", 1, cls=backend.object_class(step["kind"]), workbench="Part")
     with probe.span("document.recompute", {"cad.object_count": len(handles), "cad.workbench": "Part"}) as span:
         shapes = backend.recompute(handles)
         span["cad.object_count"] = backend.object_count()
@@ -216,7 +213,9 @@ def _build_part(backend, probe, part):
                 reset_peak_rss()
                 shapes[step["name"]] = backend.boolean(step["operation"], operands)
                 _memory(span, "boolean_" + step["operation"], probe)
-            probe.metric("freecad.object_created", 1, cls=backend.object_class(kind, step["operation"]), workbench="Part")
+            probe.metric(
+                "freecad.object_created", 1, cls=backend.object_class(kind, step["operation"]), workbench="Part"
+            )
         elif kind in ("fillet", "chamfer"):
             target = shapes[step["target"]]
             edges = select_edges(backend, target, step.get("edges", "all"))
@@ -295,7 +294,8 @@ def _assemble(backend, probe, job, parts):
                     raise JobError("instance %r: unknown LCS %s" % (inst["name"], exc)) from None
                 placed[inst["name"]] = compose(compose(placed[parent], parent_lcs), invert(own_lcs))
             probe.progress(
-                kind="assembly4", phase="solver_progress",
+                kind="assembly4",
+                phase="solver_progress",
                 constraints_resolved=len(constraints) - sum(1 for i in still if i.get("attach")),
                 constraints_total=len(constraints),
             )
@@ -329,8 +329,14 @@ def _export(backend, probe, job, out_dir, targets):
             _memory(span, "export_" + fmt, probe)
         probe.progress(kind="export", phase="exported", format=fmt, done=index + 1, total=total)
         artifacts.append(
-            {"name": filename, "format": fmt, "of": export["of"], "size": size,
-             "sha256": sha256_file(path), "validate": export.get("validate_determinism", True)}
+            {
+                "name": filename,
+                "format": fmt,
+                "of": export["of"],
+                "size": size,
+                "sha256": sha256_file(path),
+                "validate": export.get("validate_determinism", True),
+            }
         )
     return artifacts
 
@@ -346,8 +352,11 @@ def _validate_exports(backend, probe, out_dir, targets, artifacts):
         same = normalised_digest(again) == normalised_digest(os.path.join(out_dir, artifact["name"]))
         artifact["deterministic"] = same
         probe.metric(
-            "export.validation", 1, format=artifact["format"].upper(),
-            result="pass" if same else "fail", size_bytes=artifact["size"],
+            "export.validation",
+            1,
+            format=artifact["format"].upper(),
+            result="pass" if same else "fail",
+            size_bytes=artifact["size"],
         )
         os.unlink(again)
     os.rmdir(scratch)

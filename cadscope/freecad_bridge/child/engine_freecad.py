@@ -12,10 +12,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import cadscope_job  # noqa: E402
 import FreeCAD  # noqa: E402  (FreeCAD's Python only)
 import Part  # noqa: E402
-
-import cadscope_job  # noqa: E402
 
 _CLASSES = {
     "box": "Part::Box",
@@ -45,8 +44,12 @@ class FreeCADBackend:
 
     def workbenches(self):
         found = lambda name: importlib.util.find_spec(name) is not None  # noqa: E731
-        return {"Part": found("Part"), "Import": found("Import"), "Mesh": found("Mesh"),
-                "Assembly4": found("Asm4_locator")}
+        return {
+            "Part": found("Part"),
+            "Import": found("Import"),
+            "Mesh": found("Mesh"),
+            "Assembly4": found("Asm4_locator"),
+        }
 
     def export_workbench(self, fmt):
         return {"stl": "Mesh", "obj": "Mesh"}.get(fmt, "Import")
@@ -111,14 +114,16 @@ class FreeCADBackend:
         return shape.makeChamfer(size, selected)
 
     def edge_boxes(self, shape):
-        return [
-            (b.XMin, b.YMin, b.ZMin, b.XMax, b.YMax, b.ZMax) for b in (edge.BoundBox for edge in shape.Edges)
-        ]
+        return [(b.XMin, b.YMin, b.ZMin, b.XMax, b.YMax, b.ZMax) for b in (edge.BoundBox for edge in shape.Edges)]
 
     def properties(self, shape):
         return {
-            "volume": shape.Volume, "area": shape.Area, "solids": len(shape.Solids),
-            "faces": len(shape.Faces), "edges": len(shape.Edges), "vertices": len(shape.Vertexes),
+            "volume": shape.Volume,
+            "area": shape.Area,
+            "solids": len(shape.Solids),
+            "faces": len(shape.Faces),
+            "edges": len(shape.Edges),
+            "vertices": len(shape.Vertexes),
         }
 
     def vertices(self, shape):

@@ -10,7 +10,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from OCP.BRep import BRep_Tool  # noqa: E402
+import cadscope_job  # noqa: E402
+from OCP.Bnd import Bnd_Box  # noqa: E402
+from OCP.BRep import (
+    BRep_Builder,  # noqa: E402
+    BRep_Tool,  # noqa: E402
+)
 from OCP.BRepAlgoAPI import BRepAlgoAPI_Common, BRepAlgoAPI_Cut, BRepAlgoAPI_Fuse  # noqa: E402
 from OCP.BRepBndLib import BRepBndLib  # noqa: E402
 from OCP.BRepBuilderAPI import (  # noqa: E402
@@ -30,23 +35,21 @@ from OCP.BRepPrimAPI import (  # noqa: E402
     BRepPrimAPI_MakeTorus,
 )
 from OCP.BRepTools import BRepTools  # noqa: E402
-from OCP.Bnd import Bnd_Box  # noqa: E402
-from OCP.BRep import BRep_Builder  # noqa: E402
+from OCP.collections import (  # noqa: E402
+    IndexedMap_TopoDS_Shape_TopTools_ShapeMapHasher as TopTools_IndexedMapOfShape,
+)
+from OCP.collections import (
+    List_TopoDS_Shape as TopTools_ListOfShape,
+)
 from OCP.gp import gp_Pnt, gp_Trsf, gp_Vec  # noqa: E402
 from OCP.GProp import GProp_GProps  # noqa: E402
-from OCP.IGESControl import IGESControl_Writer  # noqa: E402
 from OCP.IFSelect import IFSelect_ReturnStatus  # noqa: E402
+from OCP.IGESControl import IGESControl_Writer  # noqa: E402
 from OCP.STEPControl import STEPControl_AsIs, STEPControl_Writer  # noqa: E402
 from OCP.StlAPI import StlAPI_Writer  # noqa: E402
 from OCP.TopAbs import TopAbs_EDGE, TopAbs_FACE, TopAbs_SOLID, TopAbs_VERTEX  # noqa: E402
 from OCP.TopExp import TopExp  # noqa: E402
 from OCP.TopoDS import TopoDS, TopoDS_Compound  # noqa: E402
-from OCP.collections import (  # noqa: E402
-    IndexedMap_TopoDS_Shape_TopTools_ShapeMapHasher as TopTools_IndexedMapOfShape,
-    List_TopoDS_Shape as TopTools_ListOfShape,
-)
-
-import cadscope_job  # noqa: E402
 
 _KERNEL_RE = re.compile(r"libTKernel[^/]*\.so\.(\d+\.\d+\.\d+)")
 
@@ -104,10 +107,14 @@ class OCPBackend:
         if kind == "boolean":
             return {"union": "BRepAlgoAPI_Fuse", "cut": "BRepAlgoAPI_Cut", "common": "BRepAlgoAPI_Common"}[operation]
         return {
-            "box": "BRepPrimAPI_MakeBox", "cylinder": "BRepPrimAPI_MakeCylinder",
-            "sphere": "BRepPrimAPI_MakeSphere", "cone": "BRepPrimAPI_MakeCone",
-            "torus": "BRepPrimAPI_MakeTorus", "extrusion": "BRepPrimAPI_MakePrism",
-            "fillet": "BRepFilletAPI_MakeFillet", "chamfer": "BRepFilletAPI_MakeChamfer",
+            "box": "BRepPrimAPI_MakeBox",
+            "cylinder": "BRepPrimAPI_MakeCylinder",
+            "sphere": "BRepPrimAPI_MakeSphere",
+            "cone": "BRepPrimAPI_MakeCone",
+            "torus": "BRepPrimAPI_MakeTorus",
+            "extrusion": "BRepPrimAPI_MakePrism",
+            "fillet": "BRepFilletAPI_MakeFillet",
+            "chamfer": "BRepFilletAPI_MakeChamfer",
             "assembly": "TopoDS_Compound",
         }[kind]
 
@@ -181,9 +188,12 @@ class OCPBackend:
         BRepGProp.VolumeProperties_s(shape, volume)
         BRepGProp.SurfaceProperties_s(shape, area)
         return {
-            "volume": volume.Mass(), "area": area.Mass(),
-            "solids": len(_indexed(shape, TopAbs_SOLID)), "faces": len(_indexed(shape, TopAbs_FACE)),
-            "edges": len(_indexed(shape, TopAbs_EDGE)), "vertices": len(_indexed(shape, TopAbs_VERTEX)),
+            "volume": volume.Mass(),
+            "area": area.Mass(),
+            "solids": len(_indexed(shape, TopAbs_SOLID)),
+            "faces": len(_indexed(shape, TopAbs_FACE)),
+            "edges": len(_indexed(shape, TopAbs_EDGE)),
+            "vertices": len(_indexed(shape, TopAbs_VERTEX)),
         }
 
     def vertices(self, shape):
