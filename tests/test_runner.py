@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import textwrap
 import time
@@ -234,3 +235,46 @@ def test_garbage_on_the_pipe_is_dropped_counted_and_bounded(tmp_path):
     assert result.dropped["line_too_long"] == 1
     assert result.dropped["too_many_events"] == 300 + 1 - (100 - 1)
     assert json.loads(json.dumps(result.manifest)) == {"artifacts": []}
+
+
+def test_the_cad_process_dies_with_the_process_that_started_it(tmp_path):
+    """A worker child killed by Celery's hard time limit must leave no CAD process."""
+    pid_file = tmp_path / "child.pid"
+    code = textwrap.dedent(f"""
+        import sys
+        from cadscope.freecad_bridge import RunLimits, run
+        run([sys.executable, "-c", "import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+             "time.sleep(300)"], limits=RunLimits(timeout_s=300))
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 30
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    assert _alive(child)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 1.0
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not _alive(child), "the CAD process outlived its worker"
+
+
+def test_memory_limit_applies_to_the_engine_process(tmp_path):
+    code = "import resource; print(resource.getrlimit(resource.RLIMIT_AS)[0])"
+    out = tmp_path / "out.txt"
+    run(
+        [sys.executable, "-c", code],
+        limits=RunLimits(timeout_s=30, memory_bytes=900 << 20),
+        stdout_path=str(out),
+        require_manifest=False,
+    )
+    assert int(out.read_text()) == 900 << 20
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

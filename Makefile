@@ -1,0 +1,12 @@
+# Shortcuts; the README's commands are the reference.
+.PHONY: test bench lint
+
+test:
+	.ci/run
+
+lint:
+	.venv/bin/ruff check cadscope tests bench && .venv/bin/ruff format --check cadscope tests bench && .venv/bin/mypy cadscope
+
+# Every figure is a ratio measured in one run; results are appended to bench/RESULTS.md.
+bench:
+	.venv/bin/python bench/job_overhead.py --write bench/RESULTS.md
