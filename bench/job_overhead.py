@@ -70,7 +70,10 @@ def probe_cost(python_argv: list[str], n: int = 20_000) -> float:
         handle.write(script)
     try:
         out = subprocess.run(
-            [*python_argv, handle.name], capture_output=True, text=True, timeout=600,
+            [*python_argv, handle.name],
+            capture_output=True,
+            text=True,
+            timeout=600,
             env=build_env(extra={"HOME": _engine_home()}),
         ).stdout
     finally:
@@ -88,8 +91,14 @@ def bare_run(engine, job: JobSpec, out: Path) -> float:
     (work / "job.json").write_text(json.dumps(payload))
     env = build_env(extra={"CADSCOPE_JOB": str(work / "job.json"), "CADSCOPE_OUT": str(out), "HOME": _engine_home()})
     start = time.perf_counter()
-    proc = subprocess.run(list(engine.argv), env=env, cwd=work, stdin=subprocess.DEVNULL,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.run(
+        list(engine.argv),
+        env=env,
+        cwd=work,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     elapsed = time.perf_counter() - start
     if proc.returncode != 0 or not any(out.glob("*.step")):
         raise RuntimeError("bare run failed")
@@ -99,8 +108,15 @@ def bare_run(engine, job: JobSpec, out: Path) -> float:
 def instrumented_run(engine, job: JobSpec, out: Path, obs: ModelObservability, provider: TracerProvider) -> float:
     start = time.perf_counter()
     with provider.get_tracer("bench").start_as_current_span("task"):
-        result = run_cad_job(job, out, engine=engine, job_id="bench", observability=obs,
-                             limits=RunLimits(timeout_s=300), tracer_provider=provider)
+        result = run_cad_job(
+            job,
+            out,
+            engine=engine,
+            job_id="bench",
+            observability=obs,
+            limits=RunLimits(timeout_s=300),
+            tracer_provider=provider,
+        )
     elapsed = time.perf_counter() - start
     if not result.ok:
         raise RuntimeError(f"instrumented run failed: {result.outcome} {result.error_message}")

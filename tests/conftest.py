@@ -6,7 +6,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -19,6 +18,7 @@ import redis
 
 from cadscope.freecad_bridge import EngineInfo, discover_engines
 from cadscope.tracing.testing import OTLPReceiver
+from cadscope.workers.cli import worker_command
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -113,27 +113,7 @@ def start_worker(tmp_path: Path, redis_url: str):  # type: ignore[no-untyped-def
         }
         log = data / "worker.log"
         proc = subprocess.Popen(  # noqa: S603
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "cadscope.workers.app",
-                "worker",
-                "--pool",
-                "prefork",
-                "--concurrency",
-                str(concurrency),
-                "-Q",
-                queue,
-                "-n",
-                f"{queue}@%h",
-                "--loglevel",
-                "INFO",
-                "--without-gossip",
-                "--without-mingle",
-                *extra,
-            ],
+            worker_command(queue, concurrency, *extra),
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
             env=worker_env,

@@ -148,3 +148,23 @@ def test_hostile_events_are_dropped_and_counted_never_raised():
     (boolean,) = [s for s in exporter.get_finished_spans() if s.name == "occt.boolean"]
     assert boolean.parent.span_id == parent.get_span_context().span_id
     assert dict(boolean.attributes) == {"cad.x": "y" * 256}
+
+
+def test_artifacts_are_verified_against_the_manifest(tmp_path):
+    import hashlib
+
+    from cadscope.freecad_bridge._engines import _verify_artifacts
+
+    (tmp_path / "part.step").write_bytes(b"ISO-10303-21;")
+    good = {"name": "part.step", "format": "step", "size": 13, "sha256": hashlib.sha256(b"ISO-10303-21;").hexdigest()}
+    verified, problem = _verify_artifacts({"artifacts": [good]}, tmp_path)
+    assert problem is None and verified[0]["size"] == 13
+    for bad, expected in [
+        ({**good, "sha256": "0" * 64}, "does not match"),
+        ({**good, "size": 14}, "does not match"),
+        ({**good, "name": "missing.step"}, "missing"),
+        ({**good, "name": "../part.step"}, "unsafe"),
+        ({**good, "name": ".cadscope"}, "unsafe"),
+    ]:
+        assert expected in _verify_artifacts({"artifacts": [bad]}, tmp_path)[1]
+    assert _verify_artifacts({"artifacts": []}, tmp_path)[1] == "manifest lists no artifacts"

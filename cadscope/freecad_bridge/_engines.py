@@ -228,14 +228,17 @@ def _verify_artifacts(manifest: Mapping[str, Any], out_dir: Path) -> tuple[list[
         path = (root / name).resolve()
         if path.parent != root or not path.is_file():
             return [], f"artifact {name!r} is missing"
-        data = path.read_bytes()
-        if len(data) != item.get("size") or hashlib.sha256(data).hexdigest() != item.get("sha256"):
+        size = path.stat().st_size
+        if size != item.get("size"):
             return [], f"artifact {name!r} does not match its manifest entry"
+        with path.open("rb") as handle:  # streamed: an STL can be hundreds of MB
+            if hashlib.file_digest(handle, "sha256").hexdigest() != item.get("sha256"):
+                return [], f"artifact {name!r} does not match its manifest entry"
         verified.append(
             {
                 "name": name,
                 "format": item.get("format"),
-                "size": len(data),
+                "size": size,
                 "sha256": item["sha256"],
                 "deterministic": item.get("deterministic"),
             }

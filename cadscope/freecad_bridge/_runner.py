@@ -171,9 +171,8 @@ def _classify(
     near_limit = limits.memory_bytes is not None and rusage_maxrss >= 0.9 * limits.memory_bytes
     if signum == signal.SIGKILL and near_limit:
         return "oom", "oom_kill", "killed by SIGKILL at its memory limit"
-    if replayer.manifest is not None or not require_manifest:
-        if code == 0 or replayer.manifest is not None:
-            return "ok", None, ""
+    if replayer.manifest is not None or (not require_manifest and code == 0):
+        return "ok", None, ""
     if last_error is not None:
         return "script_error", last_error[0], last_error[1]
     if signum in _CRASH_SIGNALS:

@@ -22,7 +22,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main"]
+__all__ = ["main", "worker_command"]
 
 _OP_SPANS = (
     "occt.boolean",
@@ -45,6 +45,15 @@ def _free_port() -> int:
 def _quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, int(round(q * (len(ordered) - 1)))))] if ordered else 0.0
+
+
+def worker_command(queue: str, concurrency: int, *extra: str) -> list[str]:
+    """``celery worker`` (prefork) on ``queue``, named after it, as run by ``cadscope run``."""
+    return [
+        sys.executable, "-m", "celery", "-A", "cadscope.workers.app", "worker", "--pool", "prefork",
+        "--concurrency", str(concurrency), "-Q", queue, "-n", f"{queue}@%h", "--loglevel", "INFO",
+        "--without-gossip", "--without-mingle", *extra,
+    ]  # fmt: skip
 
 
 def _pick_engines(choice: str) -> list[str]:
@@ -129,26 +138,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     log = out / "worker.log"
     worker = subprocess.Popen(  # noqa: S603
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "cadscope.workers.app",
-            "worker",
-            "--pool",
-            "prefork",
-            "--concurrency",
-            str(args.concurrency),
-            "-Q",
-            queue,
-            "-n",
-            f"{queue}@%h",
-            "--loglevel",
-            "INFO",
-            "--without-gossip",
-            "--without-mingle",
-        ],
+        worker_command(queue, args.concurrency),
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
         env=env,
