@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -132,3 +133,98 @@ def start_worker(tmp_path: Path, redis_url: str):  # type: ignore[no-untyped-def
     yield start
     for handle in handles:
         handle.stop()
+
+
+@dataclass
+class RedisServer:
+    proc: subprocess.Popen[bytes]
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def pause(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, on its own port (never the shared one)."""
+    port = free_port()
+    proc = subprocess.Popen(  # noqa: S603
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+         "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    client = redis.Redis(port=port, socket_connect_timeout=0.5)
+    wait_until(lambda: _pings(client), 10, what="test redis-server")
+    server = RedisServer(proc, port)
+    yield server
+    server.resume()
+    proc.terminate()
+    proc.wait(10)
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+@dataclass
+class ApiHandle:
+    proc: subprocess.Popen[bytes]
+    url: str
+    token: str
+    log: Path
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+@pytest.fixture
+def start_api(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """``cadscope api`` (uvicorn) sharing a worker's broker, queue and data folder."""
+    handles: list[ApiHandle] = []
+
+    def start(worker: WorkerHandle, env: dict[str, str] | None = None) -> ApiHandle:
+        import httpx
+
+        port = free_port()
+        token = uuid.uuid4().hex
+        log = tmp_path / f"api-{port}.log"
+        api_env = {**worker.env, "CADSCOPE_API_TOKEN": token, "CADSCOPE_QUEUE": worker.queue, **(env or {})}
+        api_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        proc = subprocess.Popen(  # noqa: S603
+            [sys.executable, "-m", "cadscope.workers.cli", "api", "--port", str(port)],
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            env=api_env,
+            stdin=subprocess.DEVNULL,
+        )
+        handle = ApiHandle(proc, f"http://127.0.0.1:{port}", token, log)
+        handles.append(handle)
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"{handle.url}/health/live", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return proc.poll() is not None
+
+        wait_until(up, 60, what="api up")
+        if proc.poll() is not None:
+            pytest.fail(f"api exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        return handle
+
+    yield start
+    for handle in handles:
+        handle.proc.terminate()
+        try:
+            handle.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            handle.proc.kill()

@@ -12,8 +12,10 @@ live gauges.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -24,8 +26,9 @@ from ..freecad_bridge import discover_engines
 from ..metrics import enable_multiprocess, mark_process_dead, multiprocess_registry, serve_metrics
 from ..tracing import configure_json_logging, flush_tracing, setup_tracing
 from ._config import WorkerSettings, broker_settings
+from ._progress import Heartbeat, ProgressService, progress_store
 
-__all__ = ["PUBLISHED_AT_HEADER", "QUEUE", "app", "configure_app"]
+__all__ = ["PUBLISHED_AT_HEADER", "QUEUE", "app", "configure_app", "progress"]
 
 log = logging.getLogger("cadscope.workers")
 
@@ -87,13 +90,23 @@ def _stamp_published_at(headers: dict[str, Any] | None = None, **_: Any) -> None
         headers.setdefault(PUBLISHED_AT_HEADER, time.time())
 
 
+@functools.lru_cache(maxsize=1)
+def progress() -> ProgressService:
+    """This process's progress service (Redis streams or files, like the broker)."""
+    return ProgressService(progress_store(app.conf.broker_url, WorkerSettings.from_env().data_dir))
+
+
 @signals.worker_init.connect
-def _on_worker_init(**_: Any) -> None:
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
     settings = WorkerSettings.from_env()
     configure_json_logging("cadscope-worker")
     enable_multiprocess(str(settings.metrics_dir), wipe=True)
     server, _thread = serve_metrics(multiprocess_registry(), settings.metrics_port, settings.metrics_addr)
     engines = discover_engines()
+    node = getattr(sender, "hostname", None) or f"worker@{socket.gethostname()}"
+    info = {"node": node, "pid": os.getpid(), "engines": [e.as_dict() for e in engines.values()],
+            "concurrency": getattr(sender, "concurrency", None)}  # fmt: skip
+    Heartbeat(progress().store, node, info).start()
     log.info(
         "worker ready to fork",
         extra={

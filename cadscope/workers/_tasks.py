@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from ..freecad_bridge import EngineUnavailable, JobSpec, RunLimits, discover_engines, pick_engine, run_cad_job
 from ..metrics import ModelObservability, default_observability
 from ..tracing import job_id_var
-from ._app import PUBLISHED_AT_HEADER, app
+from ._app import PUBLISHED_AT_HEADER, app, progress
 from ._config import WorkerSettings
 
 __all__ = ["TASK_NAME", "run_job"]
@@ -77,12 +77,14 @@ def run_job(self: Task, spec: Any, job_id: str | None = None) -> dict[str, Any]:
     span.set_attribute("cad.job_id", job_id)
     try:
         result = _run(obs, spec, job_id, started)
-    except Exception:
+    except Exception as exc:
         m.task_outcomes.labels(TASK_NAME, "failure").inc()
         m.task_runtime.labels(TASK_NAME, "failure").observe(max(default_timer() - started, 0))
+        progress().finish(job_id, status="failed", outcome="task_error", error_type=type(exc).__name__)
         raise
     finally:
         job_id_var.reset(token)
+    progress().finish(job_id, **{k: result.get(k) for k in ("status", "outcome", "error_type", "duration_s")})
     outcome = "success" if result["status"] == "succeeded" else "failure"
     m.task_outcomes.labels(TASK_NAME, outcome).inc()
     m.task_runtime.labels(TASK_NAME, outcome).observe(max(default_timer() - started, 0))
@@ -110,6 +112,8 @@ def _run(obs: ModelObservability, spec: Any, job_id: str, started: float) -> dic
     )
     versions = (engine.freecad_version, engine.occt_version) if engine else _default_versions()
 
+    events = progress()
+    events.publish_stage(job_id, "validate", "finished", seconds=round(validate_seconds, 6))
     with obs.engine_versions(*versions), obs.observe_model_generation(flow_type, job_id) as flow:
         obs.record_stage(flow_type, "validate", validate_seconds)
         if problem is not None or job is None or engine is None:
@@ -132,6 +136,7 @@ def _run(obs: ModelObservability, spec: Any, job_id: str, started: float) -> dic
         out_dir = _settings().data_dir / "jobs" / job_id
         # Leave the CAD process time to be killed before Celery's own soft limit.
         timeout = min(job.timeout_s, max(_settings().soft_time_limit - 5, 1))
+        events.publish_stage(job_id, "engine", "started", engine=engine.name)
         with obs.observe_stage(flow_type, "engine"):
             cad = run_cad_job(
                 job,
@@ -140,7 +145,11 @@ def _run(obs: ModelObservability, spec: Any, job_id: str, started: float) -> dic
                 job_id=job_id,
                 observability=obs,
                 limits=RunLimits(timeout_s=timeout, memory_bytes=_memory_limit()),
+                on_progress=lambda attributes: events.publish_child_event(job_id, attributes),
             )
+        for stage, seconds in cad.stages.items():
+            events.publish_stage(job_id, stage, "finished", seconds=round(seconds, 6))
+        events.publish_stage(job_id, "engine", "finished", outcome=cad.outcome)
         with obs.observe_stage(flow_type, "collect"):
             result = {
                 "job_id": job_id,

@@ -2,6 +2,7 @@
 
 cadscope run [--jobs N] [--engine auto|freecad|ocp|all] [--concurrency C] [--broker URL] [--out DIR]
 cadscope worker [celery worker options...]
+cadscope api [--host H] [--port P] [--workers N]
 cadscope trace traces.jsonl [--job ID]
 """
 
@@ -334,6 +335,14 @@ def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
     return 0  # pragma: no cover
 
 
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    uvicorn.run("cadscope.api:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
+                log_level=args.log_level, access_log=False)  # fmt: skip
+    return 0
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     from ..tracing._waterfall import read_otlp_json, render_waterfall, traces_by_job
 
@@ -372,6 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--keep-serving", action="store_true", help="leave the worker and /metrics up afterwards")
     run.add_argument("--keep-out", action="store_true", help="do not clear a previous run's output first")
     sub.add_parser("worker", help="start a prefork Celery worker (other options go to celery worker)")
+    api = sub.add_parser("api", help="serve the HTTP API (uvicorn); token from CADSCOPE_API_TOKEN[_FILE]")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--workers", type=int, default=1)
+    api.add_argument("--log-level", default="warning")
     trace_cmd = sub.add_parser("trace", help="draw a job's trace from an OTLP/JSON file")
     trace_cmd.add_argument("file")
     trace_cmd.add_argument("--job")
@@ -382,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "run":
         return cmd_run(args)
+    if args.command == "api":
+        return cmd_api(args)
     return cmd_trace(args)
 
 

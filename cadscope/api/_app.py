@@ -1,0 +1,279 @@
+"""The HTTP front door: enqueue jobs, report status, stream progress, tell the truth about health."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from opentelemetry import trace
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from ..freecad_bridge import JobSpec
+from ..metrics import multiprocess_registry
+from ..tracing import configure_json_logging, setup_tracing
+from ..workers import app as celery_app
+from ..workers import configure_app, run_job
+from ..workers._config import WorkerSettings
+from ..workers._progress import TERMINAL, ProgressService, progress_store
+from ._health import health_score, run_checks
+from ._red import REDMiddleware
+
+__all__ = ["ApiSettings", "create_app"]
+
+log = logging.getLogger("cadscope.api")
+
+_JOB_ID = re.compile(r"^job-[0-9a-f]{20}$|^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_ARTIFACT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.(step|stl|brep|iges|obj)$")
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    token: str | None
+    allow_anonymous: bool = False
+    broker_url: str | None = None
+    data_dir: Path = field(default_factory=lambda: WorkerSettings.from_env().data_dir)
+    queue: str = "cadscope"
+    max_body_bytes: int = 1 << 20
+    publish_timeout_s: float = 5.0
+    check_timeout_s: float = 1.0
+    prometheus_url: str | None = None
+
+    @classmethod
+    def from_env(cls) -> ApiSettings:
+        token = os.environ.get("CADSCOPE_API_TOKEN")
+        token_file = os.environ.get("CADSCOPE_API_TOKEN_FILE")
+        if not token and token_file:
+            token = Path(token_file).read_text().strip()
+        return cls(
+            token=token or None,
+            allow_anonymous=os.environ.get("CADSCOPE_API_ALLOW_ANONYMOUS") == "1",
+            broker_url=os.environ.get("CELERY_BROKER_URL"),
+            queue=os.environ.get("CADSCOPE_QUEUE", "cadscope"),
+            max_body_bytes=int(os.environ.get("CADSCOPE_API_MAX_BODY", str(1 << 20))),
+            prometheus_url=os.environ.get("CADSCOPE_PROMETHEUS_URL") or None,
+        )
+
+
+def _problem(status: int, detail: Any, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=dict(headers or {}))
+
+
+def create_app(settings: ApiSettings | None = None) -> FastAPI:
+    """The API app (``uvicorn --factory cadscope.api:create_app``).
+
+    Fails at setup, not at the first request, when no token is configured and
+    anonymous use was not asked for explicitly.
+    """
+    settings = settings or ApiSettings.from_env()
+    if not settings.token and not settings.allow_anonymous:
+        raise ValueError("set CADSCOPE_API_TOKEN or CADSCOPE_API_TOKEN_FILE (or CADSCOPE_API_ALLOW_ANONYMOUS=1)")
+    configure_app(celery_app, settings.broker_url)
+    store = progress_store(celery_app.conf.broker_url, settings.data_dir)
+    events = ProgressService(store)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Per server process (after uvicorn forks its workers).
+        from opentelemetry.instrumentation.celery import CeleryInstrumentor
+
+        configure_json_logging("cadscope-api")
+        provider = setup_tracing("cadscope-api")
+        instrumentor = CeleryInstrumentor()
+        if not instrumentor.is_instrumented_by_opentelemetry:
+            instrumentor.instrument(tracer_provider=provider)
+        yield
+        provider.force_flush(5000)
+
+    app = FastAPI(title="cadscope", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(REDMiddleware)
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+    FastAPIInstrumentor.instrument_app(app, excluded_urls="/health/.*,/metrics")
+
+    def authorised(request: Request) -> None:
+        if settings.token is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        expected = settings.token.encode()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            raise HTTPException(401, "unauthorized", headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(HTTPException)
+    async def http_errors(_: Request, exc: HTTPException) -> JSONResponse:
+        return _problem(exc.status_code, exc.detail, exc.headers)
+
+    @app.post("/v1/jobs", status_code=202, dependencies=[Depends(authorised)])
+    async def submit(request: Request) -> JSONResponse:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > settings.max_body_bytes:
+            return _problem(413, f"job spec larger than {settings.max_body_bytes} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > settings.max_body_bytes:
+                return _problem(413, f"job spec larger than {settings.max_body_bytes} bytes")
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return _problem(422, [{"loc": ["body"], "msg": "body is not valid JSON", "type": "json_invalid"}])
+        try:
+            spec = JobSpec.model_validate(data)
+        except ValidationError as exc:
+            # Never echo the input back: it is the client's, and may be hostile.
+            errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()[:50]]
+            return _problem(422, errors)
+        job_id = f"job-{uuid.uuid4().hex[:20]}"
+        span = trace.get_current_span()
+        span.set_attribute("cad.job_id", job_id)
+        payload = spec.model_dump(mode="json")
+
+        def publish() -> None:
+            # No retries: a publish either happened (202) or did not (503), so a
+            # client that retries after a 503 never makes a twin.
+            run_job.apply_async(args=[payload], kwargs={"job_id": job_id}, task_id=job_id, queue=settings.queue,
+                                retry=False)  # fmt: skip
+
+        try:
+            await asyncio.wait_for(run_in_threadpool(publish), timeout=settings.publish_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - any broker failure is a 503, never a hang
+            log.warning("enqueue failed", extra={"job_id": job_id, "error": type(exc).__name__})
+            span.set_attribute("error.type", "broker_unavailable")
+            return _problem(503, "the job queue is unavailable; nothing was enqueued, retry later",
+                            headers={"Retry-After": "5"})  # fmt: skip
+        await run_in_threadpool(events.publish, job_id, "job.submitted", job_name=spec.name, engine=spec.engine)
+        context = span.get_span_context()
+        headers = {}
+        if context.is_valid:
+            headers["traceparent"] = f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
+        return JSONResponse(
+            {"job_id": job_id, "status": "queued", "status_url": f"/v1/jobs/{job_id}",
+             "events_url": f"/v1/jobs/{job_id}/events"},
+            status_code=202, headers=headers,
+        )  # fmt: skip
+
+    def _known(job_id: str) -> list[tuple[str, dict[str, Any]]]:
+        if not _JOB_ID.fullmatch(job_id):
+            raise HTTPException(404, "no such job")
+        found = store.read(job_id)
+        if not found:
+            raise HTTPException(404, "no such job")
+        return found
+
+    @app.get("/v1/jobs/{job_id}")
+    async def status(job_id: str) -> JSONResponse:
+        found = await run_in_threadpool(_known, job_id)
+        kinds = [event for _, event in found]
+        finished = next((e for e in kinds if e.get("type") == TERMINAL), None)
+        state = (
+            "finished" if finished else ("running" if any(e["type"] != "job.submitted" for e in kinds) else "queued")
+        )
+        body: dict[str, Any] = {
+            "job_id": job_id,
+            "state": state,
+            "stages": [{"stage": e.get("stage"), "seconds": e.get("seconds")} for e in kinds
+                       if e.get("type") == "stage.finished"],
+            "submitted_at": next((e["ts"] for e in kinds if e.get("type") == "job.submitted"), None),
+        }  # fmt: skip
+        if finished:
+            body.update({k: finished.get(k) for k in ("status", "outcome", "error_type", "duration_s")})
+            result = await run_in_threadpool(_result, job_id)
+            if isinstance(result, dict):
+                for key in ("artifacts", "manifest", "engine", "error_message", "errors", "trace_id"):
+                    if result.get(key) is not None:
+                        body[key] = result[key]
+        return JSONResponse(body)
+
+    def _result(job_id: str) -> Any:
+        handle = run_job.AsyncResult(job_id)
+        try:
+            return handle.get(timeout=2, propagate=False) if handle.ready() else None
+        except Exception:  # noqa: BLE001 - a status page must not fail for the result backend
+            return None
+
+    @app.get("/v1/jobs/{job_id}/artifacts/{name}", dependencies=[Depends(authorised)])
+    async def artifact(job_id: str, name: str) -> Response:
+        await run_in_threadpool(_known, job_id)
+        if not _ARTIFACT.fullmatch(name):
+            raise HTTPException(404, "no such artifact")
+        result = await run_in_threadpool(_result, job_id)
+        listed = {a["name"]: a for a in (result or {}).get("artifacts", [])} if isinstance(result, dict) else {}
+        root = (settings.data_dir / "jobs" / job_id).resolve()
+        path = (root / name).resolve()
+        if name not in listed or path.parent != root or not path.is_file():
+            raise HTTPException(404, "no such artifact")
+        return FileResponse(path, filename=name, headers={"X-Content-SHA256": listed[name]["sha256"]})
+
+    @app.get("/v1/jobs/{job_id}/events")
+    async def stream(job_id: str, request: Request) -> StreamingResponse:
+        await run_in_threadpool(_known, job_id)
+        after = request.headers.get("last-event-id", "0")
+        after = after if re.fullmatch(r"[0-9]+(-[0-9]+)?", after) else "0"
+
+        def sse() -> Iterator[bytes]:
+            for entry_id, event in events.follow(job_id, after=after, timeout_s=3600):
+                yield f"id: {entry_id}\nevent: {event.get('type')}\ndata: {json.dumps(event)}\n\n".encode()
+
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+    def broker_ping() -> bool:
+        with celery_app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=settings.check_timeout_s)
+        return True
+
+    async def checks(detailed: bool) -> tuple[list[Any], dict[str, Any], list[Any]]:
+        store_ping = getattr(store, "ping", None)
+        return await run_checks(broker_ping, store.workers, store_ping if detailed else None,
+                                settings.prometheus_url if detailed else None, settings.check_timeout_s)  # fmt: skip
+
+    @app.get("/health/live")
+    async def live() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/health/ready")
+    async def ready() -> JSONResponse:
+        results, _workers, _alerts = await checks(detailed=False)
+        ok = all(check.ok for check in results)
+        return JSONResponse(
+            {"status": "ready" if ok else "not_ready", "checks": {c.name: c.public(False) for c in results}},
+            status_code=200 if ok else 503,
+        )
+
+    @app.get("/health/detailed", dependencies=[Depends(authorised)])
+    async def detailed() -> JSONResponse:
+        results, found_workers, alerts = await checks(detailed=True)
+        now = time.time()
+        return JSONResponse({
+            "status": "ready" if all(c.ok for c in results if c.name != "prometheus") else "not_ready",
+            "score": health_score(results, alerts),
+            "score_rule": "see cadscope.api._health (100 minus broker 50, workers 30, engines 10, store 10, alerts)",
+            "checks": {c.name: c.public(True) for c in results},
+            "workers": [
+                {"node": node, "engines": info.get("engines", []), "concurrency": info.get("concurrency"),
+                 "heartbeat_age_s": round(now - float(info.get("ts", now)), 1)}
+                for node, info in sorted(found_workers.items())
+            ],
+            "alerts": alerts,
+        })  # fmt: skip
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        registry = multiprocess_registry() if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else REGISTRY
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

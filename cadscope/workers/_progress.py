@@ -1,0 +1,255 @@
+"""Job progress events and worker heartbeats, for the API to replay.
+
+One ordered stream of events per job: a Redis stream ``cadscope:progress:<id>``
+when the broker is Redis, a JSON-lines file under the data directory for the
+embedded broker. Streams expire (``PROGRESS_TTL_S``). The last event of every
+job is ``job.finished``.
+
+The progress service has seed 003's calls (``publish_document_progress``,
+``publish_assembly4_progress``, ...) and counts every event it publishes.
+Publishing never raises into a job: a progress store that is down loses
+progress events (counted), not jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from prometheus_client import Counter
+
+__all__ = ["TERMINAL", "FileStore", "Heartbeat", "ProgressService", "ProgressStore", "RedisStore", "progress_store"]
+
+log = logging.getLogger("cadscope.progress")
+
+PROGRESS_TTL_S = 24 * 3600
+HEARTBEAT_TTL_S = 30
+MAX_EVENTS_PER_JOB = 5_000
+TERMINAL = "job.finished"
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+_PUBLISHED: Counter | None = None
+
+
+def _published_counter() -> Counter:
+    global _PUBLISHED
+    if _PUBLISHED is None:
+        _PUBLISHED = Counter(
+            "cadscope_progress_events", "Progress events published, by kind and result.", ("kind", "result")
+        )
+    return _PUBLISHED
+
+
+class ProgressStore(Protocol):
+    def append(self, job_id: str, event: Mapping[str, Any]) -> None: ...
+
+    def read(self, job_id: str, after: str = "0", block_ms: int = 0) -> list[tuple[str, dict[str, Any]]]: ...
+
+    def exists(self, job_id: str) -> bool: ...
+
+    def heartbeat(self, node: str, info: Mapping[str, Any]) -> None: ...
+
+    def workers(self) -> dict[str, dict[str, Any]]: ...
+
+
+def _check_id(job_id: str) -> str:
+    if not _JOB_ID.fullmatch(job_id):
+        raise ValueError(f"invalid job id {job_id!r}")
+    return job_id
+
+
+class RedisStore:
+    def __init__(self, url: str, *, timeout_s: float = 2.0) -> None:
+        import redis
+
+        # decode_responses=True: replies are str, which redis-py's stubs cannot express.
+        self._redis: Any = redis.Redis.from_url(
+            url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s, decode_responses=True
+        )
+
+    @staticmethod
+    def _key(job_id: str) -> str:
+        return f"cadscope:progress:{_check_id(job_id)}"
+
+    def append(self, job_id: str, event: Mapping[str, Any]) -> None:
+        key = self._key(job_id)
+        pipe = self._redis.pipeline()
+        pipe.xadd(key, {"e": json.dumps(event, default=str)}, maxlen=MAX_EVENTS_PER_JOB, approximate=True)
+        pipe.expire(key, PROGRESS_TTL_S)
+        pipe.execute()
+
+    def read(self, job_id: str, after: str = "0", block_ms: int = 0) -> list[tuple[str, dict[str, Any]]]:
+        key = self._key(job_id)
+        if block_ms:
+            # The socket timeout must outlast the block.
+            reply = self._redis.xread({key: after}, count=500, block=block_ms)
+            entries = reply[0][1] if reply else []
+        else:
+            entries = self._redis.xrange(key, min=f"({after}" if after != "0" else "-", count=500)
+        return [(entry_id, json.loads(fields["e"])) for entry_id, fields in entries]
+
+    def exists(self, job_id: str) -> bool:
+        return bool(self._redis.exists(self._key(job_id)))
+
+    def heartbeat(self, node: str, info: Mapping[str, Any]) -> None:
+        self._redis.set(f"cadscope:worker:{node}", json.dumps(info, default=str), ex=HEARTBEAT_TTL_S)
+
+    def workers(self) -> dict[str, dict[str, Any]]:
+        found = {}
+        for key in self._redis.scan_iter("cadscope:worker:*", count=100):
+            value = self._redis.get(key)
+            if value:
+                found[key.split(":", 2)[2]] = json.loads(value)
+        return found
+
+    def ping(self) -> bool:
+        return bool(self._redis.ping())
+
+
+class FileStore:
+    """JSON lines per job; ids are line numbers. One host only (the embedded broker)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self._root = Path(root)
+        (self._root / "progress").mkdir(parents=True, exist_ok=True)
+        (self._root / "workers").mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def _path(self, job_id: str) -> Path:
+        return self._root / "progress" / f"{_check_id(job_id)}.jsonl"
+
+    def append(self, job_id: str, event: Mapping[str, Any]) -> None:
+        line = (json.dumps(event, default=str) + "\n").encode()
+        fd = os.open(self._path(job_id), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+    def read(self, job_id: str, after: str = "0", block_ms: int = 0) -> list[tuple[str, dict[str, Any]]]:
+        deadline = time.monotonic() + block_ms / 1000
+        skip = int(after) if after.isdigit() else 0
+        while True:
+            try:
+                lines = self._path(job_id).read_text().splitlines()
+            except FileNotFoundError:
+                lines = []
+            events = [(str(n), json.loads(line)) for n, line in enumerate(lines, 1) if n > skip and line]
+            if events or time.monotonic() >= deadline:
+                return events
+            time.sleep(0.05)
+
+    def exists(self, job_id: str) -> bool:
+        path = self._path(job_id)
+        return path.exists() and time.time() - path.stat().st_mtime < PROGRESS_TTL_S
+
+    def heartbeat(self, node: str, info: Mapping[str, Any]) -> None:
+        safe = re.sub(r"[^A-Za-z0-9_.@-]", "_", node)[:128]
+        tmp = self._root / "workers" / f".{safe}.tmp"
+        tmp.write_text(json.dumps(info, default=str))
+        tmp.replace(self._root / "workers" / f"{safe}.json")
+
+    def workers(self) -> dict[str, dict[str, Any]]:
+        found = {}
+        now = time.time()
+        for path in (self._root / "workers").glob("*.json"):
+            if now - path.stat().st_mtime < HEARTBEAT_TTL_S:
+                found[path.stem] = json.loads(path.read_text())
+        return found
+
+    def ping(self) -> bool:
+        return self._root.is_dir()
+
+
+def progress_store(broker_url: str | None, data_dir: str | os.PathLike[str]) -> RedisStore | FileStore:
+    """Redis streams next to a Redis broker, files next to the embedded one."""
+    url = os.environ.get("CADSCOPE_PROGRESS_URL") or broker_url or ""
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return RedisStore(url)
+    return FileStore(data_dir)
+
+
+class ProgressService:
+    """Seed 003's progress calls; each appends an event and counts it."""
+
+    def __init__(self, store: ProgressStore) -> None:
+        self.store = store
+
+    def publish(self, job_id: str, kind: str, **fields: Any) -> None:
+        event = {"type": kind, "ts": time.time(), **fields}
+        try:
+            self.store.append(job_id, event)
+            result = "ok"
+        except Exception as exc:  # noqa: BLE001 - progress is best effort; the job goes on
+            log.warning("progress event lost", extra={"kind": kind, "error": type(exc).__name__})
+            result = "error"
+        _published_counter().labels(kind if kind in _KINDS else "other", result).inc()
+
+    def publish_stage(self, job_id: str, stage: str, phase: str, **fields: Any) -> None:
+        self.publish(job_id, f"stage.{phase}", stage=stage, **fields)
+
+    def publish_document_progress(self, job_id: str, phase: str, document_id: str = "", **fields: Any) -> None:
+        self.publish(job_id, "document", phase=phase, document_id=document_id, **fields)
+
+    def publish_assembly4_progress(
+        self, job_id: str, phase: str, constraints_resolved: int = 0, constraints_total: int = 0, **fields: Any
+    ) -> None:
+        self.publish(job_id, "assembly4", phase=phase, constraints_resolved=constraints_resolved,
+                     constraints_total=constraints_total, **fields)  # fmt: skip
+
+    def publish_export_progress(self, job_id: str, phase: str, format: str, done: int, total: int) -> None:  # noqa: A002
+        self.publish(job_id, "export", phase=phase, format=format, done=done, total=total)
+
+    def publish_child_event(self, job_id: str, attributes: Mapping[str, Any]) -> None:
+        """A progress event from the CAD child (already bounded by the replay)."""
+        fields = {k: v for k, v in attributes.items() if k != "kind"}
+        kind = str(attributes.get("kind", ""))
+        if kind == "document":
+            self.publish_document_progress(job_id, **fields)
+        elif kind == "assembly4":
+            self.publish_assembly4_progress(job_id, **fields)
+        elif kind == "export":
+            self.publish_export_progress(job_id, **fields)
+        else:
+            self.publish(job_id, "other", **fields)
+
+    def finish(self, job_id: str, **fields: Any) -> None:
+        self.publish(job_id, TERMINAL, **fields)
+
+    def follow(self, job_id: str, after: str = "0", timeout_s: float = 3600) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Every event from ``after`` on, until ``job.finished`` or the timeout."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for entry_id, event in self.store.read(job_id, after, block_ms=1000):
+                after = entry_id
+                yield entry_id, event
+                if event.get("type") == TERMINAL:
+                    return
+
+
+_KINDS = frozenset(
+    {"job.submitted", "stage.started", "stage.finished", "document", "assembly4", "export", TERMINAL, "other"}
+)
+
+
+class Heartbeat(threading.Thread):
+    """Refreshes this worker's heartbeat (engines, versions) every few seconds."""
+
+    def __init__(self, store: ProgressStore, node: str, info: Mapping[str, Any], interval_s: float = 5.0) -> None:
+        super().__init__(name="cadscope-heartbeat", daemon=True)
+        self.store, self.node, self.info, self.interval_s = store, node, dict(info), interval_s
+
+    def run(self) -> None:
+        while True:
+            try:
+                self.store.heartbeat(self.node, {**self.info, "ts": time.time()})
+            except Exception as exc:  # noqa: BLE001 - a broker outage must not kill the worker
+                log.warning("heartbeat failed", extra={"error": type(exc).__name__})
+            time.sleep(self.interval_s)
