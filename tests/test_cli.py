@@ -48,7 +48,7 @@ def _check_run(out: Path, jobs: int, proc: subprocess.CompletedProcess[str]) -> 
         assert len({s.trace_id for s in spans}) == 1, job_id
         ids = {s.span_id for s in spans}
         roots = [s for s in spans if s.parent_span_id not in ids]
-        assert [r.name for r in roots] == ["cadscope.submit"], job_id  # one connected tree
+        assert [(r.name, r.kind) for r in roots] == [("POST /v1/jobs", 2)], job_id  # one tree from the SERVER span
         children = defaultdict(list)
         for span in spans:
             children[span.parent_span_id].append(span.name)

@@ -103,7 +103,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.add_middleware(REDMiddleware)
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
-    FastAPIInstrumentor.instrument_app(app, excluded_urls="/health/.*,/metrics")
+    FastAPIInstrumentor.instrument_app(app, excluded_urls="/health/.*,/metrics", exclude_spans=["receive", "send"])
 
     def authorised(request: Request) -> None:
         if settings.token is None:
@@ -194,9 +194,19 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             body.update({k: finished.get(k) for k in ("status", "outcome", "error_type", "duration_s")})
             result = await run_in_threadpool(_result, job_id)
             if isinstance(result, dict):
-                for key in ("artifacts", "manifest", "engine", "error_message", "errors", "trace_id"):
+                for key in (
+                    "artifacts",
+                    "manifest",
+                    "engine",
+                    "error_message",
+                    "errors",
+                    "trace_id",
+                    "peak_rss_bytes",
+                    "expect_failure",
+                ):
                     if result.get(key) is not None:
                         body[key] = result[key]
+                body["timings"] = result.get("stages") or {}
         return JSONResponse(body)
 
     def _result(job_id: str) -> Any:

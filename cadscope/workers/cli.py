@@ -86,19 +86,66 @@ def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float, log: Pa
     raise SystemExit(f"cadscope: the worker did not become ready (exit {proc.poll()}); log tail:\n{tail}")
 
 
-def _progress(done: int, total: int, outcomes: Counter[str]) -> None:
+def _progress_line(done: int, total: int, outcomes: Counter[str], stages: Counter[str]) -> str:
+    """``[####....] 5/14 ok=4 script_error=1 | stages validate:6 generate:5 ...`` (jobs past each stage)."""
     width = 30
     filled = int(width * done / max(total, 1))
     counts = " ".join(f"{k}={v}" for k, v in sorted(outcomes.items()))
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {counts}   ")
-    sys.stderr.flush()
+    order = ("validate", "generate", "assemble", "export", "validate_export")
+    per_stage = " ".join(f"{name}:{stages[name]}" for name in order if stages[name])
+    return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {counts} | stages {per_stage}   "
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=1):  # noqa: S310 - loopback
+                return
+        except OSError:
+            time.sleep(0.1)
+    tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+    raise SystemExit(f"cadscope: the API did not come up (exit {proc.poll()}); log tail:\n{tail}")
+
+
+class _Api:
+    """The few calls ``cadscope run`` makes to the API, over plain HTTP."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self.url, self.token = url, token
+
+    def _call(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(  # noqa: S310 - loopback
+            self.url + path, data=data, method=method,
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+        )  # fmt: skip
+        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+            return json.load(response)  # type: ignore[no-any-return]
+
+    def submit(self, spec: dict[str, Any]) -> str:
+        return str(self._call("POST", "/v1/jobs", spec)["job_id"])
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/jobs/{job_id}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     if out.exists() and not args.keep_out:
         # Only what a previous run wrote: --out may be a folder with other files.
-        for name in ("jobs", "broker", "metrics", "traces.jsonl", "metrics.prom", "summary.json", "worker.log"):
+        for name in (
+            "jobs",
+            "broker",
+            "metrics",
+            "progress",
+            "workers",
+            "traces.jsonl",
+            "metrics.prom",
+            "summary.json",
+            "worker.log",
+            "api.log",
+        ):
             target = out / name
             shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -123,105 +170,83 @@ def cmd_run(args: argparse.Namespace) -> int:
         "CADSCOPE_METRICS_PORT": str(metrics_port),
         "CADSCOPE_READY_FILE": str(ready),
     }
-    os.environ.update(env)
-    # Import after the environment is set: the app reads it at import.
-    from opentelemetry import trace
-    from opentelemetry.instrumentation.celery import CeleryInstrumentor
-
-    from ..tracing import setup_tracing, shutdown_tracing
     from . import _workload
-    from ._app import app, configure_app
-    from ._tasks import run_job
 
-    configure_app(app, env["CELERY_BROKER_URL"])
     where = "embedded broker (kombu filesystem transport, no server)" if embedded else broker.split("@")[-1]
     print(f"cadscope run: {args.jobs} jobs on {', '.join(engines)} via {where}; output in {out}", file=sys.stderr)
 
+    token = uuid.uuid4().hex
+    api_port = args.api_port or _free_port()
+    api_url = f"http://127.0.0.1:{api_port}"
+    api_env = {k: v for k, v in env.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    api_env.update({"CADSCOPE_API_TOKEN": token, "CADSCOPE_QUEUE": queue})
     log = out / "worker.log"
     worker = subprocess.Popen(  # noqa: S603
-        worker_command(queue, args.concurrency),
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        env=env,
+        worker_command(queue, args.concurrency), stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
         stdin=subprocess.DEVNULL,
-    )
+    )  # fmt: skip
+    api = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "cadscope.workers.cli", "api", "--port", str(api_port)],
+        stdout=(out / "api.log").open("wb"), stderr=subprocess.STDOUT, env=api_env, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    results: dict[str, dict[str, Any]] = {}
+    expected_failures: dict[str, bool] = {}
+    specs = _workload.workload(args.jobs, engines)
     try:
         _wait_for(ready, worker, 90, log)
-        provider = setup_tracing("cadscope-cli")
-        CeleryInstrumentor().instrument(tracer_provider=provider)
-        tracer = trace.get_tracer("cadscope.cli")
-        specs = _workload.workload(args.jobs, engines)
-        pending: dict[str, Any] = {}
-        expected_failures = {}
-        for index, spec in enumerate(specs):
-            job_id = f"job-{run_id}-{index:04d}"
+        _wait_http(f"{api_url}/health/live", api, 60, out / "api.log")
+        client = _Api(api_url, token)
+        pending: dict[str, dict[str, Any]] = {}
+        for spec in specs:
+            job_id = client.submit(spec)
+            pending[job_id] = spec
             expected_failures[job_id] = bool(spec.get("expect_failure"))
-            with tracer.start_as_current_span(
-                "cadscope.submit",
-                kind=trace.SpanKind.CLIENT,
-                attributes={"cad.job_id": job_id, "cad.job_name": spec["name"], "cad.engine": spec["engine"]},
-            ):
-                pending[job_id] = run_job.apply_async(
-                    args=[spec], kwargs={"job_id": job_id}, task_id=job_id, queue=queue
-                )
-        results: dict[str, dict[str, Any]] = {}
         outcomes: Counter[str] = Counter()
+        stages_done: dict[str, set[str]] = {}  # per job: the stages it has finished
+        shown = ""
         deadline = time.monotonic() + args.timeout
-        shown = -1
         while pending and time.monotonic() < deadline:
-            for job_id, handle in list(pending.items()):
-                if handle.ready():
-                    try:
-                        results[job_id] = handle.get(timeout=5, propagate=False) or {}
-                    except Exception as exc:  # noqa: BLE001 - shown in the summary
-                        results[job_id] = {
-                            "job_id": job_id,
-                            "status": "failed",
-                            "outcome": "task_error",
-                            "error_message": str(exc),
-                        }
-                    if not isinstance(results[job_id], dict):
-                        results[job_id] = {
-                            "job_id": job_id,
-                            "status": "failed",
-                            "outcome": "task_error",
-                            "error_message": repr(results[job_id]),
-                        }
-                    outcomes[results[job_id].get("outcome", "unknown")] += 1
+            for job_id in list(pending):
+                body = client.status(job_id)
+                stages_done[job_id] = {s["stage"] for s in body.get("stages", [])}
+                if body.get("state") == "finished":
+                    results[job_id] = {**body, "stages": body.get("timings") or {}}
+                    outcomes[body.get("outcome") or "unknown"] += 1
                     del pending[job_id]
-            if len(results) != shown:
-                shown = len(results)
-                _progress(shown, len(specs), outcomes)
-            time.sleep(0.2)
+            line = _progress_line(
+                len(results), len(specs), outcomes, Counter(s for v in stages_done.values() for s in v)
+            )
+            if line != shown:
+                sys.stderr.write("\r" + line)
+                sys.stderr.flush()
+                shown = line
+            time.sleep(0.3)
         sys.stderr.write("\n")
         for job_id in pending:
-            results[job_id] = {
-                "job_id": job_id,
-                "status": "failed",
-                "outcome": "lost",
-                "error_message": f"no result within {args.timeout} s",
-            }
+            results[job_id] = {"job_id": job_id, "status": "failed", "outcome": "lost",
+                               "error_message": f"no result within {args.timeout} s"}  # fmt: skip
         metrics_text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).read()  # noqa: S310
         (out / "metrics.prom").write_bytes(metrics_text)
         if args.keep_serving:
             print(
-                f"serving: worker /metrics on http://127.0.0.1:{metrics_port}/metrics, queue {queue}; Ctrl-C to stop",
+                f"serving: API {api_url} (Authorization: Bearer {token}), API metrics {api_url}/metrics, "
+                f"worker metrics http://127.0.0.1:{metrics_port}/metrics; Ctrl-C to stop",
                 file=sys.stderr,
             )
             try:
-                while worker.poll() is None:
+                while worker.poll() is None and api.poll() is None:
                     time.sleep(1)
             except KeyboardInterrupt:
                 pass
     finally:
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)  # warm shutdown: children flush their spans
-            try:
-                worker.wait(60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
-        shutdown_tracing()
+        for proc in (api, worker):  # the API first: nothing new reaches the worker
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)  # warm shutdown: children flush their spans
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
     summary = _summarise(results, expected_failures, out / "traces.jsonl", specs)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _print_summary(summary, sys.stdout)
@@ -378,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", default="cadscope-out")
     run.add_argument("--timeout", type=float, default=900, help="seconds to wait for the whole workload")
     run.add_argument("--metrics-port", type=int, default=0, help="worker /metrics port (default: a free one)")
+    run.add_argument("--api-port", type=int, default=0, help="API port (default: a free one)")
     run.add_argument("--keep-serving", action="store_true", help="leave the worker and /metrics up afterwards")
     run.add_argument("--keep-out", action="store_true", help="do not clear a previous run's output first")
     sub.add_parser("worker", help="start a prefork Celery worker (other options go to celery worker)")
@@ -390,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     trace_cmd.add_argument("file")
     trace_cmd.add_argument("--job")
     args, extra = parser.parse_known_args(argv)
+    if argv is None:
+        # `cadscope trace ... | head` closes the pipe early: exit quietly, like cat.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if args.command == "worker":
         return cmd_worker(args, extra)
     if extra:
