@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from opentelemetry import trace
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -31,6 +31,7 @@ from ..workers import configure_app, run_job
 from ..workers._config import WorkerSettings
 from ..workers._progress import TERMINAL, ProgressService, progress_store
 from ._health import health_score, run_checks
+from ._queue import QueueCollector
 from ._red import REDMiddleware
 
 __all__ = ["ApiSettings", "create_app"]
@@ -85,6 +86,9 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     configure_app(celery_app, settings.broker_url)
     store = progress_store(celery_app.conf.broker_url, settings.data_dir)
     events = ProgressService(store)
+    queue_collector = QueueCollector(
+        celery_app.conf.broker_url, settings.queue, dict(celery_app.conf.broker_transport_options or {})
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -284,6 +288,10 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:
         registry = multiprocess_registry() if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else REGISTRY
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        text = await run_in_threadpool(generate_latest, registry)
+        queue = CollectorRegistry()
+        queue.register(queue_collector)
+        text += await run_in_threadpool(generate_latest, queue)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     return app

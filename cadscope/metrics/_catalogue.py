@@ -121,6 +121,7 @@ ALLOWED_LABEL_VALUES: dict[str, frozenset[str]] = {
     "task_outcome": frozenset({"success", "failure", "retry", "rejected", "lost", "dead_letter"}),
     "compatible": frozenset({"true", "false"}),
     "provider": frozenset({"local", "openai_compatible"}),
+    "ai_outcome": frozenset({"ok", "timeout", "rate_limited", "server_error", "invalid_output"}),
     "rejected_reason": frozenset(
         {
             "not_an_object",
@@ -230,6 +231,16 @@ class Catalogue:
             "Latency of AI provider calls.",
             ("provider", "model", "operation"),
             AI_LATENCY_BUCKETS,
+        )
+        self.ai_provider_requests = counter(
+            "ai_provider_requests", "AI provider calls by outcome.", ("provider", "model", "outcome")
+        )
+        self.ai_rate_limit_remaining = Gauge(
+            "ai_provider_rate_limit_remaining_ratio",
+            "Rate-limit headroom the provider reports (0-1).",
+            ("provider",),
+            registry=r,
+            multiprocess_mode="livemostrecent",
         )
         # FreeCAD documents
         self.document_load = histogram(

@@ -338,6 +338,16 @@ class ModelObservability:
                 bound("workbench", workbench), "true" if compatible else "false", *self.versions().values()
             ).inc()
 
+    def record_ai_provider_request(self, provider: str, model: str, outcome: str) -> None:
+        with _never_raise("ai request"):
+            self.metrics.ai_provider_requests.labels(
+                bound("provider", provider), model[:64], bound("ai_outcome", outcome)
+            ).inc()
+
+    def set_ai_rate_limit_remaining(self, provider: str, ratio: float) -> None:
+        with _never_raise("ai rate limit"):
+            self.metrics.ai_rate_limit_remaining.labels(bound("provider", provider)).set(max(0.0, min(1.0, ratio)))
+
     def record_ai_provider_latency(self, provider: str, model: str, operation: str, latency_seconds: float) -> None:
         # model and operation come from configuration, never from requests.
         with _never_raise("ai latency"):
