@@ -16,9 +16,15 @@ from pathlib import Path
 
 import pytest
 import redis
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.instrumentation.celery import CeleryInstrumentor
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from cadscope.freecad_bridge import EngineInfo, discover_engines
+from cadscope.tracing import setup_tracing
 from cadscope.tracing.testing import OTLPReceiver
+from cadscope.workers import app, configure_app
 from cadscope.workers.cli import worker_command
 
 REPO = Path(__file__).resolve().parent.parent
@@ -110,6 +116,7 @@ def start_worker(tmp_path: Path, redis_url: str):  # type: ignore[no-untyped-def
             "CADSCOPE_METRICS_PORT": str(port),
             "CADSCOPE_READY_FILE": str(ready),
             "OTEL_BSP_SCHEDULE_DELAY": "200",
+            "CADSCOPE_ALLOW_FAULTS": "1",  # the suite injects faults on purpose
             **(env or {}),
         }
         log = data / "worker.log"
@@ -228,3 +235,15 @@ def start_api(tmp_path: Path):  # type: ignore[no-untyped-def]
             handle.proc.wait(15)
         except subprocess.TimeoutExpired:
             handle.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def producer(otlp_receiver, redis_url):
+    """This test process as the API would be: a traced Celery producer."""
+    configure_app(app, redis_url)
+    provider = setup_tracing("cadscope-test-producer", exporters=())
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=otlp_receiver.endpoint, insecure=True)))
+    instrumentor = CeleryInstrumentor()
+    if not instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.instrument(tracer_provider=provider)
+    return trace.get_tracer("test.api", tracer_provider=provider)

@@ -12,12 +12,8 @@ import uuid
 
 import pytest
 from opentelemetry import trace
-from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-from opentelemetry.instrumentation.celery import CeleryInstrumentor
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-from cadscope.tracing import setup_tracing
-from cadscope.workers import app, configure_app, run_job
+from cadscope.workers import run_job
 from cadscope.workers._workload import ASSEMBLY, PLATE, workload
 
 from .test_metrics import SEED_003
@@ -39,18 +35,6 @@ SMALL = {
     ],
     "exports": [{"format": "brep", "of": "plate", "name": "plate"}],
 }
-
-
-@pytest.fixture(scope="module")
-def producer(otlp_receiver, redis_url):
-    """This test process as the API would be: a traced Celery producer."""
-    configure_app(app, redis_url)
-    provider = setup_tracing("cadscope-test-producer", exporters=())
-    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=otlp_receiver.endpoint, insecure=True)))
-    instrumentor = CeleryInstrumentor()
-    if not instrumentor.is_instrumented_by_opentelemetry:
-        instrumentor.instrument(tracer_provider=provider)
-    return trace.get_tracer("test.api", tracer_provider=provider)
 
 
 def _worker_env(otlp_receiver):

@@ -287,7 +287,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        registry = multiprocess_registry() if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else REGISTRY
+        registry = multiprocess_registry()[0] if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else REGISTRY
         text = await run_in_threadpool(generate_latest, registry)
         queue = CollectorRegistry()
         queue.register(queue_collector)

@@ -231,9 +231,9 @@ class JobSpec(_Model):
     assembly: Assembly | None = None
     exports: Annotated[list[Export], Field(min_length=1, max_length=32)]
     timeout_s: Annotated[float, Field(gt=0, le=3_600)] = 120.0
-    # Deliberate faults for tests and the demo workload: an enum the engine
-    # script maps to a fixed action, never code.
-    fault: Literal["raise", "segfault", "hang", "memory", "no_manifest"] | None = None
+    # Deliberate faults for tests and the demo workload: an enum mapped to a
+    # fixed action, never code; refused unless the worker has CADSCOPE_ALLOW_FAULTS=1.
+    fault: Literal["raise", "segfault", "hang", "memory", "no_manifest", "kill_worker"] | None = None
     expect_failure: bool = False
 
     @model_validator(mode="after")

@@ -29,12 +29,19 @@ from ._catalogue import (
 )
 from ._exposition import serve_metrics
 from ._facade import ModelObservability, default_observability
-from ._multiprocess import enable_multiprocess, mark_process_dead, multiprocess_registry
+from ._multiprocess import (
+    CompactingMultiProcessCollector,
+    enable_multiprocess,
+    mark_process_dead,
+    multiprocess_registry,
+    process_reaped,
+)
 
 __all__ = [
     "ALLOWED_LABEL_VALUES",
     "VERSION_LABELS",
     "Catalogue",
+    "CompactingMultiProcessCollector",
     "ModelObservability",
     "bound",
     "bound_version",
@@ -45,6 +52,7 @@ __all__ = [
     "lcs_count_range",
     "mark_process_dead",
     "multiprocess_registry",
+    "process_reaped",
     "serve_metrics",
     "solids_range",
 ]

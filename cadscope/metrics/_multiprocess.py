@@ -1,24 +1,50 @@
-"""Multiprocess registry: the worker's main process owns the directory.
+"""Multiprocess registry: the worker's main process owns the directory, and keeps it bounded.
 
 prometheus_client picks its value class when it is imported, from
 ``PROMETHEUS_MULTIPROC_DIR``. :func:`enable_multiprocess` sets the variable and
 switches the value class, so it works whether or not prometheus_client was
 imported first, as long as it runs before any labelled child is created (all
 cadscope metrics have labels, so children are created lazily).
+
+Upstream never compacts: every recycled pool child leaves its files behind and
+each scrape reads them all (client_python #204, #367: 6,800 files, 40 s
+scrapes). Deleting them would make counters go backwards. Here the files of
+processes that have been reaped are merged into one accumulator per type,
+atomically with respect to scrapes (one lock, held by the scrape and the
+compaction, in the one process that serves ``/metrics``), so no counter ever
+decreases and the directory holds the live processes plus two accumulators.
 """
 
 from __future__ import annotations
 
 import glob
+import logging
 import os
+import re
 import shutil
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Iterable
 
+import psutil
 from prometheus_client import CollectorRegistry, values
+from prometheus_client.metrics_core import Metric
+from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-__all__ = ["enable_multiprocess", "mark_process_dead", "multiprocess_registry"]
+__all__ = [
+    "CompactingMultiProcessCollector",
+    "enable_multiprocess",
+    "mark_process_dead",
+    "multiprocess_registry",
+    "process_reaped",
+]
+
+log = logging.getLogger("cadscope.metrics")
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
+ACCUMULATED = "compacted"
+_PID_FILE = re.compile(r"^(counter|histogram|gauge_[a-z]+|summary)_(\d+)\.db$")
 
 
 def enable_multiprocess(path: str, *, wipe: bool = False) -> str:
@@ -37,8 +63,91 @@ def enable_multiprocess(path: str, *, wipe: bool = False) -> str:
     return path
 
 
-def multiprocess_registry(path: str | None = None) -> CollectorRegistry:
-    """A registry that aggregates every process's files (for ``/metrics``)."""
+def process_reaped(pid: int) -> bool:
+    """True once ``pid`` is gone for good: not running, and not a zombie awaiting its parent."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_DEAD
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False
+
+
+class CompactingMultiProcessCollector(MultiProcessCollector):
+    """``MultiProcessCollector`` that folds reaped processes' files into accumulators."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None,
+        path: str | None = None,
+        reaped: Callable[[int], bool] = process_reaped,
+    ) -> None:
+        super().__init__(registry, path)
+        self._reaped = reaped
+        self._lock = threading.Lock()
+        self.compacted_files = 0
+
+    def collect(self) -> Iterable[Metric]:
+        with self._lock:
+            return list(super().collect())
+
+    def compact(self) -> int:
+        """Merge reaped processes' counters and histograms; drop their gauges. Returns files removed."""
+        with self._lock:
+            dead: dict[str, list[str]] = defaultdict(list)
+            for name in os.listdir(self._path):
+                match = _PID_FILE.match(name)
+                if match and int(match.group(2)) != os.getpid() and self._reaped(int(match.group(2))):
+                    dead[match.group(1)].append(os.path.join(self._path, name))
+            removed = 0
+            for kind, files in dead.items():
+                if kind in ("counter", "histogram", "summary"):
+                    self._fold(kind, files)
+                for file in files:
+                    os.unlink(file)
+                    removed += 1
+            self.compacted_files += removed
+            return removed
+
+    def _fold(self, kind: str, files: list[str]) -> None:
+        accumulator = os.path.join(self._path, f"{kind}_{ACCUMULATED}.db")
+        totals: dict[str, float] = defaultdict(float)
+        # Counter and histogram samples (buckets, sums) are sums over processes,
+        # so adding the raw values key by key is exactly what a scrape would do.
+        for file in ([accumulator] if os.path.exists(accumulator) else []) + files:
+            for key, value, _timestamp, _pos in MmapedDict.read_all_values_from_file(file):
+                totals[key] += value
+        temporary = accumulator + ".tmp"
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        merged = MmapedDict(temporary)
+        try:
+            for key, value in totals.items():
+                merged.write_value(key, value, 0.0)
+        finally:
+            merged.close()
+        os.replace(temporary, accumulator)
+
+
+def multiprocess_registry(
+    path: str | None = None, *, compact_every_s: float | None = None
+) -> tuple[CollectorRegistry, CompactingMultiProcessCollector]:
+    """A registry aggregating every process's files, and its collector.
+
+    With ``compact_every_s``, a daemon thread compacts reaped processes' files
+    on that period (the worker's main process does this).
+    """
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=path or os.environ[ENV])
-    return registry
+    collector = CompactingMultiProcessCollector(registry, path=path or os.environ[ENV])
+    if compact_every_s:
+
+        def loop() -> None:
+            while True:
+                threading.Event().wait(compact_every_s)
+                try:
+                    collector.compact()
+                except Exception:  # noqa: BLE001 - retried next period; never kills the worker
+                    log.exception("metrics compaction failed")
+
+        threading.Thread(target=loop, name="cadscope-metrics-compaction", daemon=True).start()
+    return registry, collector

@@ -101,7 +101,10 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     settings = WorkerSettings.from_env()
     configure_json_logging("cadscope-worker")
     enable_multiprocess(str(settings.metrics_dir), wipe=True)
-    server, _thread = serve_metrics(multiprocess_registry(), settings.metrics_port, settings.metrics_addr)
+    # Pool children come and go (max_tasks_per_child, crashes): fold the files of
+    # reaped ones into accumulators so scrapes stay flat and counters never drop.
+    registry, _collector = multiprocess_registry(compact_every_s=5.0)
+    server, _thread = serve_metrics(registry, settings.metrics_port, settings.metrics_addr)
     engines = discover_engines()
     node = getattr(sender, "hostname", None) or f"worker@{socket.gethostname()}"
     info = {"node": node, "pid": os.getpid(), "engines": [e.as_dict() for e in engines.values()],

@@ -23,6 +23,8 @@ class WorkerSettings:
     hard_time_limit: int
     soft_time_limit: int
     ready_file: str | None
+    max_deliveries: int = 3
+    allow_faults: bool = False
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> WorkerSettings:
@@ -40,6 +42,8 @@ class WorkerSettings:
             hard_time_limit=hard,
             soft_time_limit=soft,
             ready_file=env.get("CADSCOPE_READY_FILE"),
+            max_deliveries=int(env.get("CADSCOPE_MAX_DELIVERIES", "3")),
+            allow_faults=env.get("CADSCOPE_ALLOW_FAULTS") == "1",
         )
 
 

@@ -13,6 +13,7 @@ progress events (counted), not jobs.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -58,6 +59,10 @@ class ProgressStore(Protocol):
 
     def workers(self) -> dict[str, dict[str, Any]]: ...
 
+    def record_attempt(self, job_id: str, started: float) -> list[float]:
+        """Append this delivery's start time; return every attempt's start time so far."""
+        ...
+
 
 def _check_id(job_id: str) -> str:
     if not _JOB_ID.fullmatch(job_id):
@@ -100,6 +105,15 @@ class RedisStore:
 
     def heartbeat(self, node: str, info: Mapping[str, Any]) -> None:
         self._redis.set(f"cadscope:worker:{node}", json.dumps(info, default=str), ex=HEARTBEAT_TTL_S)
+
+    def record_attempt(self, job_id: str, started: float) -> list[float]:
+        # Redis redelivery carries no count: we keep our own, one entry per delivery.
+        key = f"cadscope:attempts:{_check_id(job_id)}"
+        pipe = self._redis.pipeline()
+        pipe.rpush(key, repr(started))
+        pipe.expire(key, PROGRESS_TTL_S)
+        pipe.lrange(key, 0, -1)
+        return [float(x) for x in pipe.execute()[2]]
 
     def workers(self) -> dict[str, dict[str, Any]]:
         found = {}
@@ -149,6 +163,16 @@ class FileStore:
     def exists(self, job_id: str) -> bool:
         path = self._path(job_id)
         return path.exists() and time.time() - path.stat().st_mtime < PROGRESS_TTL_S
+
+    def record_attempt(self, job_id: str, started: float) -> list[float]:
+        path = self._root / "progress" / f"{_check_id(job_id)}.attempts"
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.write(fd, f"{started!r}\n".encode())
+            return [float(x) for x in path.read_text().split()]
+        finally:
+            os.close(fd)
 
     def heartbeat(self, node: str, info: Mapping[str, Any]) -> None:
         safe = re.sub(r"[^A-Za-z0-9_.@-]", "_", node)[:128]
@@ -235,8 +259,9 @@ class ProgressService:
 
 
 _KINDS = frozenset(
-    {"job.submitted", "stage.started", "stage.finished", "document", "assembly4", "export", TERMINAL, "other"}
-)
+    {"job.submitted", "stage.started", "stage.finished", "document", "assembly4", "export", "attempt.lost",
+     TERMINAL, "other"}
+)  # fmt: skip
 
 
 class Heartbeat(threading.Thread):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import time
 from functools import lru_cache
 from timeit import default_timer
@@ -12,6 +13,7 @@ from typing import Any
 
 from celery import Task
 from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 from pydantic import ValidationError
 
 from ..freecad_bridge import EngineUnavailable, JobSpec, RunLimits, discover_engines, pick_engine, run_cad_job
@@ -75,6 +77,12 @@ def run_job(self: Task, spec: Any, job_id: str | None = None) -> dict[str, Any]:
         m.task_queue_wait.labels(TASK_NAME).observe(max(time.time() - published, 0.0))
     span = trace.get_current_span()
     span.set_attribute("cad.job_id", job_id)
+    dead = _count_delivery(job_id, span)
+    if dead is not None:
+        job_id_var.reset(token)
+        m.task_outcomes.labels(TASK_NAME, "dead_letter").inc()
+        progress().finish(job_id, **{k: dead.get(k) for k in ("status", "outcome", "error_type")})
+        return dead
     try:
         result = _run(obs, spec, job_id, started)
     except Exception as exc:
@@ -89,6 +97,52 @@ def run_job(self: Task, spec: Any, job_id: str | None = None) -> dict[str, Any]:
     m.task_outcomes.labels(TASK_NAME, outcome).inc()
     m.task_runtime.labels(TASK_NAME, outcome).observe(max(default_timer() - started, 0))
     return result
+
+
+def _count_delivery(job_id: str, span: trace.Span) -> dict[str, Any] | None:
+    """Count this delivery; record the attempts lost before it; dead-letter a poison job.
+
+    A pool child killed mid-job (OOM, hard time limit, a crash) leaves no trace
+    of its attempt: its consumer span never ended. The next delivery finds the
+    earlier start times and re-creates each lost attempt as an ERROR span in the
+    same trace (``error.type=worker_lost``), counts it, and, past
+    ``CADSCOPE_MAX_DELIVERIES``, refuses to run the job again.
+    """
+    now = time.time()
+    try:
+        attempts = progress().store.record_attempt(job_id, now)
+    except Exception:  # noqa: BLE001 - without the store we cannot count: run the job
+        log.warning("delivery count unavailable", exc_info=True)
+        return None
+    attempt = len(attempts)
+    span.set_attribute("cad.attempt", attempt)
+    if attempt == 1:
+        return None
+    m = default_observability().metrics
+    tracer = trace.get_tracer("cadscope.workers")
+    parent = trace.set_span_in_context(span)
+    for number, lost_start in enumerate(attempts[:-1], 1):
+        if number < attempt - 1:
+            continue  # counted by the delivery after it
+        lost = tracer.start_span(
+            f"lost attempt {number}/{TASK_NAME}", context=parent, start_time=int(lost_start * 1e9),
+            attributes={"cad.job_id": job_id, "cad.attempt": number, "error.type": "worker_lost"},
+        )  # fmt: skip
+        lost.set_status(Status(StatusCode.ERROR, "the worker process running this attempt died"))
+        lost.end(end_time=int(now * 1e9))
+        m.attempts_lost.labels(TASK_NAME).inc()
+        progress().publish(job_id, "attempt.lost", attempt=number)
+    log.warning("earlier attempt lost with its worker", extra={"attempt": attempt})
+    max_deliveries = _settings().max_deliveries
+    if attempt <= max_deliveries:
+        return None
+    span.set_attribute("error.type", "dead_letter")
+    span.set_status(Status(StatusCode.ERROR, f"dead-lettered after {attempt - 1} lost attempts"))
+    log.error("job dead-lettered", extra={"attempts": attempt - 1})
+    return _failure(
+        job_id, "dead_letter", "dead_letter",
+        f"the job killed its worker on {attempt - 1} deliveries (limit {max_deliveries}); not run again",
+    )  # fmt: skip
 
 
 def _run(obs: ModelObservability, spec: Any, job_id: str, started: float) -> dict[str, Any]:
@@ -106,6 +160,9 @@ def _run(obs: ModelObservability, spec: Any, job_id: str, started: float) -> dic
     except EngineUnavailable as exc:
         job, engine = None, None
         problem = {"error_type": "engine_unavailable", "message": str(exc)}
+    if job is not None and job.fault and not _settings().allow_faults:
+        job, engine = None, None
+        problem = {"error_type": "faults_disabled", "message": "fault injection is off on this worker"}
     validate_seconds = max(default_timer() - validate_start, 0)
     flow_type = (
         job.flow_type if job else (spec.get("flow_type", "parametric") if isinstance(spec, dict) else "parametric")
@@ -136,6 +193,8 @@ def _run(obs: ModelObservability, spec: Any, job_id: str, started: float) -> dic
         out_dir = _settings().data_dir / "jobs" / job_id
         # Leave the CAD process time to be killed before Celery's own soft limit.
         timeout = min(job.timeout_s, max(_settings().soft_time_limit - 5, 1))
+        if job.fault == "kill_worker":
+            os.kill(os.getpid(), signal.SIGKILL)  # a poison job, for the reliability tests
         events.publish_stage(job_id, "engine", "started", engine=engine.name)
         with obs.observe_stage(flow_type, "engine"):
             cad = run_cad_job(

@@ -169,6 +169,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         "PROMETHEUS_MULTIPROC_DIR": str(out / "metrics"),
         "CADSCOPE_METRICS_PORT": str(metrics_port),
         "CADSCOPE_READY_FILE": str(ready),
+        # The workload's deliberately failing jobs use fault injection.
+        "CADSCOPE_ALLOW_FAULTS": "1",
     }
     from . import _workload
 

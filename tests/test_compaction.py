@@ -1,0 +1,95 @@
+"""Compaction of dead processes' metric files, with real processes writing real files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from cadscope.metrics import CompactingMultiProcessCollector, process_reaped
+
+CHILD = textwrap.dedent(
+    """
+    import sys, time
+    from cadscope.metrics import ModelObservability, enable_multiprocess
+    enable_multiprocess(sys.argv[1])
+    obs = ModelObservability()
+    with obs.engine_versions("0.20.2", "7.6.3"):
+        for _ in range(3):
+            obs.record_occt_boolean("union", 4, 0.02)
+        obs.record_object_created("Part::Box", "Part", 5)
+        obs.metrics.active_flows.labels("parametric", "0.20.2", "7.6.3").inc()  # left behind, as by a SIGKILL
+    if len(sys.argv) > 2:
+        print("ready", flush=True)
+        time.sleep(float(sys.argv[2]))
+    """
+)
+
+
+def _spawn(path, linger: float | None = None) -> subprocess.Popen[str]:
+    argv = [sys.executable, "-c", CHILD, str(path)] + ([str(linger)] if linger else [])
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+
+
+def _samples(registry: CollectorRegistry) -> dict[tuple[str, tuple], float]:
+    text = generate_latest(registry).decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_compaction_keeps_every_counter_and_drops_dead_gauges(tmp_path):
+    for _ in range(12):
+        assert _spawn(tmp_path).wait() == 0
+    live = _spawn(tmp_path, linger=60)
+    assert live.stdout.readline().strip() == "ready"
+    zombie = _spawn(tmp_path)
+    while not os.path.exists(f"/proc/{zombie.pid}") or \
+            open(f"/proc/{zombie.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":  # fmt: skip
+        time.sleep(0.02)
+    try:
+        registry = CollectorRegistry()
+        collector = CompactingMultiProcessCollector(registry, path=str(tmp_path))
+        before = _samples(registry)
+        files_before = len(os.listdir(tmp_path))
+
+        removed = collector.compact()
+
+        after = _samples(registry)
+        names = os.listdir(tmp_path)
+        assert removed == files_before - len(names) + 2  # +2: the accumulators it wrote
+        assert sorted(n for n in names if "compacted" in n) == ["counter_compacted.db", "histogram_compacted.db"]
+        # Only the live process and the unreaped zombie keep files of their own.
+        assert {n.rsplit("_", 1)[1] for n in names if "compacted" not in n} == {f"{live.pid}.db", f"{zombie.pid}.db"}
+        counters = {k: v for k, v in before.items() if not k[0].startswith("model_generation_active")}
+        assert {k: after[k] for k in counters} == counters
+        boolean = ("occt_boolean_duration_seconds_count",
+                   (("freecad_version", "0.20.2"), ("occt_version", "7.6.3"), ("operation", "union"),
+                    ("solids_range", "3-5")))  # fmt: skip
+        assert after[boolean] == 3 * 14
+        gauge = ("model_generation_active_flows",
+                 (("flow_type", "parametric"), ("freecad_version", "0.20.2"), ("occt_version", "7.6.3")))  # fmt: skip
+        assert before[gauge] == 14 and after[gauge] == 2  # dead processes' gauges are gone
+
+        # The zombie is compacted once it has been reaped, into the same accumulators.
+        assert not process_reaped(zombie.pid)
+        zombie.wait()
+        assert process_reaped(zombie.pid)
+        for _ in range(3):
+            assert _spawn(tmp_path).wait() == 0
+        collector.compact()
+        again = _samples(registry)
+        assert again[boolean] == 3 * 17
+        assert all(again[k] >= v for k, v in after.items() if k in counters), "a counter went backwards"
+        assert {n.rsplit("_", 1)[1] for n in os.listdir(tmp_path) if "compacted" not in n} == {f"{live.pid}.db"}
+    finally:
+        live.kill()
+        live.wait()
