@@ -101,9 +101,11 @@ def start_worker(tmp_path: Path, redis_url: str):  # type: ignore[no-untyped-def
     """Start real ``celery worker`` processes (prefork); stopped after the test."""
     handles: list[WorkerHandle] = []
 
-    def start(*extra: str, env: dict[str, str] | None = None, concurrency: int = 2) -> WorkerHandle:
-        queue = f"test-{uuid.uuid4().hex[:8]}"
-        data = tmp_path / queue
+    def start(
+        *extra: str, env: dict[str, str] | None = None, concurrency: int = 2, queue: str | None = None
+    ) -> WorkerHandle:
+        queue = queue or f"test-{uuid.uuid4().hex[:8]}"
+        data = tmp_path / f"{queue}-{uuid.uuid4().hex[:4]}"
         data.mkdir()
         port = free_port()
         ready = data / "ready"

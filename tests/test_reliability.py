@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from cadscope.workers import app, configure_app, run_job
-from cadscope.workers._workload import ASSEMBLY
+from cadscope.workers._workload import ASSEMBLY, PLATE
 
 from .conftest import wait_until
 
@@ -34,10 +34,15 @@ def client(redis_url):
     return app
 
 
-def _cad_processes(worker) -> list[psutil.Process]:
-    return [
-        p for p in psutil.Process(worker.proc.pid).children(recursive=True) if "freecadcmd" in " ".join(p.cmdline())
-    ]
+def _cad_processes(worker, marker: str = "freecadcmd") -> list[psutil.Process]:
+    found = []
+    for process in psutil.Process(worker.proc.pid).children(recursive=True):
+        try:
+            if marker in " ".join(process.cmdline()):
+                found.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return found
 
 
 def _scrape_values(text: str, name: str) -> float:
@@ -144,3 +149,46 @@ def test_metrics_directory_stays_bounded_and_counters_never_drop(client, start_w
     assert len(files) <= 16, sorted(files)
     assert max(sizes) < 60, f"directory grew to {max(sizes)} files between compactions"
     os.kill(worker.proc.pid, signal.SIGTERM)
+
+
+def test_worker_sigkilled_leaves_no_cad_process_and_another_worker_takes_the_job(client, start_worker, engines):
+    limits = {"CADSCOPE_TASK_TIME_LIMIT": "8", "CADSCOPE_TASK_SOFT_TIME_LIMIT": "6",
+              "CADSCOPE_VISIBILITY_TIMEOUT": "10"}  # fmt: skip
+    first = start_worker(env=limits, concurrency=1)
+    job_id = f"job-orphan-{uuid.uuid4().hex[:8]}"
+    handle = run_job.apply_async(args=[{**PLATE, "engine": "ocp"}], kwargs={"job_id": job_id}, task_id=job_id,
+                                 queue=first.queue)  # fmt: skip
+    cad = wait_until(lambda: _cad_processes(first, "engine_ocp"), 60, what="the CAD process")[0]
+    first.proc.kill()
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline and cad.is_running() and cad.status() != psutil.STATUS_ZOMBIE:
+        time.sleep(0.02)
+    assert not cad.is_running() or cad.status() == psutil.STATUS_ZOMBIE, "the CAD process outlived its worker"
+    # Another worker on the same queue gets the unacknowledged job once the visibility timeout has passed
+    # (kombu restores such messages when a consumer starts, and periodically after that).
+    time.sleep(int(limits["CADSCOPE_VISIBILITY_TIMEOUT"]) + 1)
+    start_worker(env=limits, concurrency=1, queue=first.queue)
+    result = handle.get(timeout=120)
+    assert result["status"] == "succeeded" and result["job_id"] == job_id
+
+
+def test_warm_shutdown_finishes_the_job_and_exports_its_spans(producer, start_worker, otlp_receiver, engines):
+    worker = start_worker(env={"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.endpoint,
+                               "OTEL_EXPORTER_OTLP_INSECURE": "true"}, concurrency=1)  # fmt: skip
+    job_id = f"job-sigterm-{uuid.uuid4().hex[:8]}"
+    with producer.start_as_current_span("POST /v1/jobs") as root:
+        handle = run_job.apply_async(args=[{**ASSEMBLY, "engine": "freecad"}], kwargs={"job_id": job_id},
+                                     task_id=job_id, queue=worker.queue)  # fmt: skip
+    wait_until(lambda: _cad_processes(worker), 60, what="the CAD process")
+    worker.proc.send_signal(signal.SIGTERM)
+    assert handle.get(timeout=120)["status"] == "succeeded"
+    assert worker.proc.wait(60) == 0
+    trace_id = format(root.get_span_context().trace_id, "032x")
+    spans = otlp_receiver.wait_for(
+        lambda s: any(x["trace_id"] == trace_id and x["name"] == "run/cadscope.run_job" for x in s), 30
+    )
+    assert any(s["trace_id"] == trace_id and s["name"] == "cad.stage validate_export" for s in spans)
+    import redis as redis_lib
+
+    broker = redis_lib.Redis.from_url(worker.env["CELERY_BROKER_URL"])
+    assert not any(job_id.encode() in value for value in broker.hvals("unacked")), "left unacknowledged"

@@ -74,7 +74,7 @@ def configure_app(celery_app: Celery, broker_url: str | None = None, settings: W
     transport = dict(celery_app.conf.broker_transport_options or {})
     if not celery_app.conf.broker_url.startswith("filesystem"):
         # Longer than the hard time limit, or Redis redelivers a job still running.
-        transport.setdefault("visibility_timeout", settings.hard_time_limit + 300)
+        transport.setdefault("visibility_timeout", settings.visibility_timeout)
         transport.setdefault("socket_connect_timeout", 3)
         transport.setdefault("socket_timeout", 10)
     celery_app.conf.broker_transport_options = transport

@@ -23,6 +23,7 @@ class WorkerSettings:
     hard_time_limit: int
     soft_time_limit: int
     ready_file: str | None
+    visibility_timeout: int = 1200
     max_deliveries: int = 3
     allow_faults: bool = False
 
@@ -34,6 +35,10 @@ class WorkerSettings:
         soft = int(env.get("CADSCOPE_TASK_SOFT_TIME_LIMIT", str(max(hard - 60, 1))))
         if soft >= hard:
             raise ValueError(f"CADSCOPE_TASK_SOFT_TIME_LIMIT ({soft}) must be below CADSCOPE_TASK_TIME_LIMIT ({hard})")
+        visibility = int(env.get("CADSCOPE_VISIBILITY_TIMEOUT", str(hard + 300)))
+        if visibility <= hard:
+            # Redis would hand a job that is still running to a second worker.
+            raise ValueError(f"CADSCOPE_VISIBILITY_TIMEOUT ({visibility}) must exceed CADSCOPE_TASK_TIME_LIMIT ({hard})")
         return cls(
             data_dir=data,
             metrics_dir=Path(env.get("PROMETHEUS_MULTIPROC_DIR", str(data / "metrics"))),
@@ -42,6 +47,7 @@ class WorkerSettings:
             hard_time_limit=hard,
             soft_time_limit=soft,
             ready_file=env.get("CADSCOPE_READY_FILE"),
+            visibility_timeout=visibility,
             max_deliveries=int(env.get("CADSCOPE_MAX_DELIVERIES", "3")),
             allow_faults=env.get("CADSCOPE_ALLOW_FAULTS") == "1",
         )
