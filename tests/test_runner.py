@@ -80,6 +80,16 @@ def _group_alive(pgid: int) -> list[int]:
     return alive
 
 
+def _group_gone(pgid: int, within: float = 1.0) -> bool:
+    """SIGKILL is delivered asynchronously: allow the group a moment to finish dying."""
+    deadline = time.monotonic() + within
+    while _group_alive(pgid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def _run(engine, tmp_path, **update):
     registry = CollectorRegistry()
     provider, exporter = in_memory_provider()
@@ -180,7 +190,7 @@ def test_hung_job_is_killed_as_a_group_at_its_timeout(tmp_path):
     result = run(["/bin/sh", str(script)], limits=RunLimits(timeout_s=1, kill_grace_s=0.5))
     assert result.outcome == "timeout"
     assert time.monotonic() - started < 5
-    assert _group_alive(result.pid) == []
+    assert _group_gone(result.pid)
 
 
 def test_a_grandchild_holding_the_pipe_cannot_keep_the_runner_waiting(tmp_path):
@@ -196,7 +206,7 @@ def test_a_grandchild_holding_the_pipe_cannot_keep_the_runner_waiting(tmp_path):
     result = run([sys.executable, "-c", code], limits=RunLimits(timeout_s=30))
     assert result.outcome == "ok"
     assert time.monotonic() - started < 5
-    assert _group_alive(result.pid) == []
+    assert _group_gone(result.pid)
 
 
 def test_secrets_in_the_workers_environment_never_reach_the_child(tmp_path, monkeypatch):
@@ -278,3 +288,41 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def test_an_exception_inside_the_runner_kills_the_group_and_ends_spans_with_error(tmp_path):
+    """Celery's soft time limit raises inside the task, here inside poll(): the CAD
+    process group must die with it and the child's open spans must end as ERROR."""
+    import signal as signal_module
+
+    class SoftTimeLimitExceeded(Exception):
+        pass
+
+    def on_alarm(*_):
+        raise SoftTimeLimitExceeded()
+
+    code = textwrap.dedent("""
+        import os, time, json
+        fd = int(os.environ["CADSCOPE_TELEMETRY_FD"])
+        tp = os.environ["TRACEPARENT"].split("-")
+        os.write(fd, (json.dumps({"t": "start", "id": "ab" * 8, "p": tp[2], "n": "occt.boolean",
+                                  "ts": time.time_ns(), "a": {}}) + "\\n").encode())
+        time.sleep(300)
+    """)
+    provider, exporter = in_memory_provider()
+    previous = signal_module.signal(signal_module.SIGALRM, on_alarm)
+    signal_module.alarm(2)
+    started = time.monotonic()
+    try:
+        with pytest.raises(SoftTimeLimitExceeded):
+            run([sys.executable, "-c", code], limits=RunLimits(timeout_s=60), tracer_provider=provider)
+    finally:
+        signal_module.alarm(0)
+        signal_module.signal(signal_module.SIGALRM, previous)
+    assert time.monotonic() - started < 10
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    sub = spans["cad.subprocess"]
+    assert sub.status.status_code is StatusCode.ERROR and sub.attributes["error.type"].endswith("SoftTimeLimitExceeded")
+    assert spans["occt.boolean"].status.status_code is StatusCode.ERROR
+    assert spans["occt.boolean"].attributes["error.type"] == "SoftTimeLimitExceeded"
+    assert _group_gone(sub.attributes["process.pid"])

@@ -237,7 +237,6 @@ def run(
             span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
             span.end()
             raise
-        span.set_attribute("process.pid", result.pid)
         if result.exit_code is not None:
             span.set_attribute("process.exit.code", result.exit_code)
         if result.signal is not None:
@@ -302,6 +301,7 @@ def _run_in_span(
     finally:
         os.close(write_fd)
         stdout.close()
+    span.set_attribute("process.pid", proc.pid)  # known now, whatever happens next
     if preexec is None:
         try:
             _apply_limits(proc.pid, limits)

@@ -38,7 +38,9 @@ class WorkerSettings:
         visibility = int(env.get("CADSCOPE_VISIBILITY_TIMEOUT", str(hard + 300)))
         if visibility <= hard:
             # Redis would hand a job that is still running to a second worker.
-            raise ValueError(f"CADSCOPE_VISIBILITY_TIMEOUT ({visibility}) must exceed CADSCOPE_TASK_TIME_LIMIT ({hard})")
+            raise ValueError(
+                f"CADSCOPE_VISIBILITY_TIMEOUT ({visibility}) must exceed CADSCOPE_TASK_TIME_LIMIT ({hard})"
+            )
         return cls(
             data_dir=data,
             metrics_dir=Path(env.get("PROMETHEUS_MULTIPROC_DIR", str(data / "metrics"))),
