@@ -3,6 +3,7 @@ queue, a disabled fault, and a metrics directory that stays bounded under churn.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -192,3 +193,39 @@ def test_warm_shutdown_finishes_the_job_and_exports_its_spans(producer, start_wo
 
     broker = redis_lib.Redis.from_url(worker.env["CELERY_BROKER_URL"])
     assert not any(job_id.encode() in value for value in broker.hvals("unacked")), "left unacknowledged"
+
+
+def test_hostile_trace_context_in_task_headers_never_breaks_a_job(client, start_worker, engines):
+    worker = start_worker()
+    hostile = [
+        {"traceparent": "00-" + "f" * 32 + "-" + "0" * 16 + "-01"},
+        {"traceparent": "zz" * 100, "tracestate": ",".join(f"k{i}=v" for i in range(200))},
+        {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\nX-Evil: 1"},
+        {"baggage": "k=" + "v" * 20_000},
+    ]
+    handles = [run_job.apply_async(args=[TINY], queue=worker.queue, headers=h) for h in hostile]
+    assert [h.get(timeout=60)["status"] for h in handles] == ["succeeded"] * len(hostile)
+    for line in worker.log.read_text().splitlines():
+        if "X-Evil" in line:
+            json.loads(line)  # an echoed header stays inside one JSON record; it never starts a line
+
+
+def test_a_canary_secret_reaches_no_log_span_or_metric(producer, start_worker, otlp_receiver, engines):
+    canary = f"canary-{uuid.uuid4().hex}"
+    worker = start_worker(env={"CADSCOPE_TEST_CANARY": canary, "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.endpoint,
+                               "OTEL_EXPORTER_OTLP_INSECURE": "true"})  # fmt: skip
+    with producer.start_as_current_span("POST /v1/jobs") as root:
+        result = run_job.apply_async(args=[TINY], queue=worker.queue).get(timeout=60)
+    assert result["status"] == "succeeded"
+    trace_id = format(root.get_span_context().trace_id, "032x")
+    spans = otlp_receiver.wait_for(
+        lambda s: any(x["trace_id"] == trace_id and x["name"].startswith("cad.subprocess") for x in s), 30
+    )
+    assert canary not in json.dumps([s for s in spans if s["trace_id"] == trace_id])
+    assert canary not in worker.scrape()
+    assert canary not in worker.log.read_text()
+    stderr = Path(result["out_dir"]) / ".cadscope" / "stderr.log"
+    assert canary not in stderr.read_text(errors="replace")
+    sub = next(s for s in spans if s["trace_id"] == trace_id and s["name"].startswith("cad.subprocess"))
+    assert "process.command_args" not in sub["attributes"]  # argv is not recorded unless asked for
+    assert worker.metrics_url.startswith("http://127.0.0.1:")  # /metrics binds to loopback by default
