@@ -153,8 +153,9 @@ def test_metrics_directory_stays_bounded_and_counters_never_drop(client, start_w
 
 
 def test_worker_sigkilled_leaves_no_cad_process_and_another_worker_takes_the_job(client, start_worker, engines):
-    limits = {"CADSCOPE_TASK_TIME_LIMIT": "8", "CADSCOPE_TASK_SOFT_TIME_LIMIT": "6",
-              "CADSCOPE_VISIBILITY_TIMEOUT": "10"}  # fmt: skip
+    # The runner's own timeout is the soft limit minus 5 s: leave the job room under a loaded machine.
+    limits = {"CADSCOPE_TASK_TIME_LIMIT": "20", "CADSCOPE_TASK_SOFT_TIME_LIMIT": "15",
+              "CADSCOPE_VISIBILITY_TIMEOUT": "21"}  # fmt: skip
     first = start_worker(env=limits, concurrency=1)
     job_id = f"job-orphan-{uuid.uuid4().hex[:8]}"
     handle = run_job.apply_async(args=[{**PLATE, "engine": "ocp"}], kwargs={"job_id": job_id}, task_id=job_id,

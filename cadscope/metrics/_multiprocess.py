@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry, values
 from prometheus_client.metrics_core import Metric
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.samples import Sample
 
 __all__ = [
     "CompactingMultiProcessCollector",
@@ -86,10 +87,24 @@ class CompactingMultiProcessCollector(MultiProcessCollector):
         self._reaped = reaped
         self._lock = threading.Lock()
         self.compacted_files = 0
+        self._exposed: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
 
     def collect(self) -> Iterable[Metric]:
         with self._lock:
-            return list(super().collect())
+            metrics = list(super().collect())
+            for metric in metrics:
+                if metric.type in ("counter", "histogram", "summary"):
+                    metric.samples = [self._monotonic(sample) for sample in metric.samples]
+            return metrics
+
+    def _monotonic(self, sample: Sample) -> Sample:
+        # Compaction changes the order in which floats are summed, which can move
+        # a histogram's _sum down by an ulp; Prometheus reads any decrease as a
+        # counter reset (a rate() spike). Never expose less than before.
+        key = (sample.name, tuple(sorted(sample.labels.items())))
+        value = max(sample.value, self._exposed.get(key, sample.value))
+        self._exposed[key] = value
+        return sample._replace(value=value)
 
     def compact(self) -> int:
         """Merge reaped processes' counters and histograms; drop their gauges. Returns files removed."""
