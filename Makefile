@@ -10,3 +10,4 @@ lint:
 # Every figure is a ratio measured in one run; results are appended to bench/RESULTS.md.
 bench:
 	.venv/bin/python bench/job_overhead.py --write bench/RESULTS.md
+	.venv/bin/python bench/scrape_churn.py --write bench/RESULTS.md
