@@ -19,13 +19,16 @@ from cadscope.workers.cli import main
 DATA = Path(__file__).resolve().parent / "data"
 
 
-def _cadscope(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def _cadscope(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 600, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(  # noqa: S603
         [sys.executable, "-m", "cadscope.workers.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         env={**os.environ, **(env or {})},
+        cwd=cwd,
     )
 
 
@@ -67,10 +70,14 @@ def _check_run(out: Path, jobs: int, proc: subprocess.CompletedProcess[str]) -> 
 @pytest.mark.slow
 def test_run_on_the_embedded_broker(tmp_path, engines):
     out = tmp_path / "out"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
     env = {k: "" for k in ("CELERY_BROKER_URL",)}
-    proc = _cadscope("run", "--jobs", "6", "--engine", "all", "--out", str(out), env=env)
+    proc = _cadscope("run", "--jobs", "6", "--engine", "all", "--out", str(out), env=env, cwd=cwd)
     _check_run(out, 6, proc)
     assert "embedded broker" in proc.stderr
+    # The broker's files (queue, exchange tables, results) live under --out, never in the cwd.
+    assert list(cwd.iterdir()) == []
 
 
 @pytest.mark.slow

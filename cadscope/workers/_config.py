@@ -64,7 +64,8 @@ def broker_settings(broker_url: str | None, data_dir: Path) -> dict[str, Any]:
     queue = data_dir / "broker" / "queue"
     processed = data_dir / "broker" / "processed"
     results = data_dir / "broker" / "results"
-    for folder in (queue, processed, results):
+    control = data_dir / "broker" / "control"
+    for folder in (queue, processed, results, control):
         folder.mkdir(parents=True, exist_ok=True)
     return {
         "broker_url": "filesystem://",
@@ -72,6 +73,9 @@ def broker_settings(broker_url: str | None, data_dir: Path) -> dict[str, Any]:
             "data_folder_in": str(queue),
             "data_folder_out": str(queue),
             "processed_folder": str(processed),
+            # kombu's default is ./control: exchange tables in whatever
+            # directory the process happened to start in.
+            "control_folder": str(control),
             "store_processed": False,
             # The default 1 s poll would show up as queue wait on every job.
             "polling_interval": 0.05,
