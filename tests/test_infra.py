@@ -40,6 +40,7 @@ spec.loader.exec_module(generate)
 OTHER_METRICS = {"up", "cadscope_queue_messages", "cadscope_progress_events_total"}
 LABELS = {
     "flow_type",
+    "violation_type",
     "freecad_version",
     "occt_version",
     "operation",

@@ -121,7 +121,18 @@ ALLOWED_LABEL_VALUES: dict[str, frozenset[str]] = {
     "task_outcome": frozenset({"success", "failure", "retry", "rejected", "lost", "dead_letter"}),
     "compatible": frozenset({"true", "false"}),
     "provider": frozenset({"local", "openai_compatible"}),
-    "ai_outcome": frozenset({"ok", "timeout", "rate_limited", "server_error", "invalid_output"}),
+    "ai_outcome": frozenset(
+        {"ok", "timeout", "rate_limited", "server_error", "unavailable", "invalid_output", "refused"}
+    ),
+    "token_kind": frozenset({"input", "output"}),
+    "doc_source": frozenset({"store", "http"}),
+    "doc_error": frozenset(
+        {"not_found", "download_failed", "too_large", "size_mismatch", "checksum_mismatch", "bad_uri", "load_failed"}
+    ),
+    "load_stage": frozenset({"download", "checksum", "load", "validate"}),
+    "violation_type": frozenset({"checksum_mismatch", "path_traversal"}),
+    "severity": frozenset({"critical", "high", "medium", "low"}),
+    "span_drop_reason": frozenset({"queue_full", "export_failed", "shutdown"}),
     "rejected_reason": frozenset(
         {
             "not_an_object",
@@ -242,6 +253,29 @@ class Catalogue:
             registry=r,
             multiprocess_mode="livemostrecent",
         )
+        self.ai_failovers = counter(
+            "ai_provider_failovers",
+            "Prompts passed on to the next provider, by the provider that failed.",
+            ("provider",),
+        )
+        self.ai_circuit_state = Gauge(
+            "ai_provider_circuit_state",
+            "Circuit breaker per provider: 0 closed, 1 half-open, 2 open (worst live process).",
+            ("provider",),
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.ai_tokens = counter("ai_provider_tokens", "Tokens used by provider calls.", ("provider", "model", "kind"))
+        self.ai_cost = counter(
+            "ai_provider_cost_usd", "Estimated cost of provider calls (configured prices).", ("provider", "model")
+        )
+        self.ai_synthetic_ok = Gauge(
+            "ai_provider_synthetic_ok",
+            "Last synthetic check of the provider: 1 passed, 0 failed.",
+            ("provider",),
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
         # FreeCAD documents
         self.document_load = histogram(
             "freecad_document_load_seconds",
@@ -341,6 +375,44 @@ class Catalogue:
         )
         self.telemetry_rejected = counter(
             "cadscope_telemetry_events_rejected", "Child telemetry events dropped, by reason.", ("reason",)
+        )
+        # Input documents (the upload flow; seed 000's integrity and cache metrics in CAD terms)
+        self.security_violations = counter(
+            "cadscope_security_violations", "Security violations, by type and severity.", ("violation_type", "severity")
+        )
+        self.document_cache_hits = counter("cadscope_document_cache_hits", "Verified input documents found cached.", ())
+        self.document_cache_misses = counter(
+            "cadscope_document_cache_misses", "Input documents that had to be fetched.", ()
+        )
+        # Labelled so that only processes that touch the cache create a gauge file
+        # (an unlabelled gauge makes one in every pool process at import).
+        self.document_cache_entries = Gauge(
+            "cadscope_document_cache_entries", "Documents in this host's cache.", ("cache",), registry=r,
+            multiprocess_mode="livemostrecent",
+        )  # fmt: skip
+        self.document_cache_bytes = Gauge(
+            "cadscope_document_cache_bytes", "Bytes held by this host's document cache.", ("cache",), registry=r,
+            multiprocess_mode="livemostrecent",
+        )  # fmt: skip
+        self.document_load_attempts = counter(
+            "cadscope_document_load_attempts", "Input document loads started, by source.", ("source",)
+        )
+        self.document_load_failures = counter(
+            "cadscope_document_load_failures", "Input document loads that failed, by error type.",
+            ("source", "error_type"),
+        )  # fmt: skip
+        self.document_load_stage = histogram(
+            "cadscope_document_load_stage_seconds", "Time of each stage of loading an input document.",
+            ("stage",), FAST_BUCKETS,
+        )  # fmt: skip
+        self.document_load_progress = Gauge(
+            "cadscope_document_load_progress_ratio", "Progress of the current document load, per stage (0-1).",
+            ("stage",), registry=r, multiprocess_mode="livemostrecent",
+        )  # fmt: skip
+        self.spans_dropped = counter(
+            "cadscope_telemetry_spans_dropped",
+            "Spans never exported, by reason (queue_full, export_failed, shutdown).",
+            ("reason",),
         )
         self.task_runtime = histogram(
             "cadscope_task_runtime_seconds",

@@ -348,6 +348,65 @@ class ModelObservability:
         with _never_raise("ai rate limit"):
             self.metrics.ai_rate_limit_remaining.labels(bound("provider", provider)).set(max(0.0, min(1.0, ratio)))
 
+    # -- input documents (upload flow) --------------------------------------------------------
+
+    def record_security_violation(self, violation_type: str, severity: str) -> None:
+        with _never_raise("security violation"):
+            self.metrics.security_violations.labels(
+                bound("violation_type", violation_type), bound("severity", severity)
+            ).inc()
+
+    def record_document_cache(self, *, hit: bool) -> None:
+        with _never_raise("document cache"):
+            (self.metrics.document_cache_hits if hit else self.metrics.document_cache_misses).inc()
+
+    def set_document_cache(self, entries: int, size_bytes: int) -> None:
+        with _never_raise("document cache size"):
+            self.metrics.document_cache_entries.labels("documents").set(entries)
+            self.metrics.document_cache_bytes.labels("documents").set(size_bytes)
+
+    def record_document_load_attempt(self, source: str) -> None:
+        with _never_raise("document load"):
+            self.metrics.document_load_attempts.labels(bound("doc_source", source)).inc()
+
+    def record_document_load_failure(self, source: str, error_type: str) -> None:
+        with _never_raise("document load failure"):
+            self.metrics.document_load_failures.labels(
+                bound("doc_source", source), bound("doc_error", error_type)
+            ).inc()
+
+    def record_document_load_stage(self, stage: str, seconds: float) -> None:
+        with _never_raise("document load stage"):
+            self.metrics.document_load_stage.labels(bound("load_stage", stage)).observe(max(0.0, seconds))
+
+    def set_document_load_progress(self, stage: str, ratio: float) -> None:
+        with _never_raise("document load progress"):
+            self.metrics.document_load_progress.labels(bound("load_stage", stage)).set(max(0.0, min(1.0, ratio)))
+
+    def record_spans_dropped(self, reason: str, count: int) -> None:
+        """The span processor's ``on_drop`` callback (see ``setup_tracing``)."""
+        with _never_raise("spans dropped"):
+            self.metrics.spans_dropped.labels(bound("span_drop_reason", reason)).inc(count)
+
+    def record_ai_failover(self, provider: str) -> None:
+        with _never_raise("ai failover"):
+            self.metrics.ai_failovers.labels(bound("provider", provider)).inc()
+
+    def set_ai_circuit_state(self, provider: str, value: int) -> None:
+        with _never_raise("ai circuit"):
+            self.metrics.ai_circuit_state.labels(bound("provider", provider)).set(value)
+
+    def record_ai_usage(self, provider: str, model: str, input_tokens: int, output_tokens: int, cost: float) -> None:
+        with _never_raise("ai usage"):
+            p, m = bound("provider", provider), model[:64]
+            self.metrics.ai_tokens.labels(p, m, "input").inc(max(0, input_tokens))
+            self.metrics.ai_tokens.labels(p, m, "output").inc(max(0, output_tokens))
+            self.metrics.ai_cost.labels(p, m).inc(max(0.0, cost))
+
+    def set_ai_synthetic(self, provider: str, ok: bool) -> None:
+        with _never_raise("ai synthetic"):
+            self.metrics.ai_synthetic_ok.labels(bound("provider", provider)).set(1 if ok else 0)
+
     def record_ai_provider_latency(self, provider: str, model: str, operation: str, latency_seconds: float) -> None:
         # model and operation come from configuration, never from requests.
         with _never_raise("ai latency"):
