@@ -2,12 +2,12 @@
 
 Usage in a process that starts CAD subprocesses::
 
-    from cadscope.tracing import setup_tracing, inject_into_env, flush_tracing
+    from cadscope.tracing import setup_tracing, inject_into_env, shutdown_tracing
 
     setup_tracing("cadscope-worker")           # once per process, after fork
     env = inject_into_env({"PATH": "/usr/bin"}) # TRACEPARENT/TRACESTATE/BAGGAGE
     ...
-    flush_tracing()                             # before os._exit
+    shutdown_tracing(5000)                      # before os._exit: bounded, drops counted
 
 ``OTEL_EXPORTER_OTLP_ENDPOINT`` (and the other standard ``OTEL_*`` variables)
 turn on OTLP export; ``CADSCOPE_TRACES_FILE`` writes OTLP/JSON lines.

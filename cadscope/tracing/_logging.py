@@ -53,9 +53,15 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_json_logging(service: str, level: int | str = logging.INFO, stream: Any = None) -> None:
-    """Replace the root logger's handlers with one JSON handler (idempotent)."""
+    """Replace the root logger's handlers with one JSON handler (idempotent).
+
+    Writes to the process's real stderr: in a Celery pool process ``sys.stderr``
+    is Celery's redirect proxy, which logs what is written to it, and drops
+    what its own logging writes back (recursion guard): every record of a pool
+    process would be lost.
+    """
     root = logging.getLogger()
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = logging.StreamHandler(stream or sys.__stderr__ or sys.stderr)
     handler.setFormatter(JsonFormatter(service))
     for old in list(root.handlers):
         root.removeHandler(old)

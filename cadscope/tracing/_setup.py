@@ -5,23 +5,25 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.export import SpanExporter
 
 from ._ids import PinnableIdGenerator
 from ._otlpjson import OTLPJsonFileSpanExporter
+from ._processor import BoundedBatchSpanProcessor, DropCallback
 
 __all__ = ["flush_tracing", "get_tracer_provider", "setup_tracing", "shutdown_tracing"]
 
 TRACES_FILE_ENV = "CADSCOPE_TRACES_FILE"
 
 _lock = threading.Lock()
-_state: dict[str, Any] = {"pid": None, "provider": None}
+_state: dict[str, Any] = {"pid": None, "provider": None, "bounded": []}
 
 
 def _otlp_exporter() -> SpanExporter | None:
@@ -53,13 +55,16 @@ def setup_tracing(
     exporters: Sequence[SpanExporter] = (),
     processors: Sequence[SpanProcessor] = (),
     set_global: bool = True,
+    on_drop: DropCallback | None = None,
 ) -> TracerProvider:
     """Create this process's tracer provider, once.
 
     Exporters: OTLP when ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`` is set (the
     standard ``OTEL_*`` variables apply), an OTLP/JSON-lines file when
     ``traces_file`` or ``$CADSCOPE_TRACES_FILE`` is set, and any ``exporters``
-    given, each behind a bounded ``BatchSpanProcessor`` (``OTEL_BSP_*``).
+    given, each behind a :class:`BoundedBatchSpanProcessor` (``OTEL_BSP_*``):
+    a slow or dead collector costs queued spans, counted through
+    ``on_drop(reason, count)``, never the caller's time.
     ``processors`` are added as they are (tests pass a ``SimpleSpanProcessor``).
 
     Idempotent per process: a second call returns the same provider; after a
@@ -83,13 +88,12 @@ def setup_tracing(
         path = traces_file or os.environ.get(TRACES_FILE_ENV)
         if path:
             chosen.append(OTLPJsonFileSpanExporter(path))
-        for exporter in chosen:
-            provider.add_span_processor(BatchSpanProcessor(exporter))
-        for processor in processors:
+        bounded = [BoundedBatchSpanProcessor(exporter, on_drop=on_drop) for exporter in chosen]
+        for processor in [*bounded, *processors]:
             provider.add_span_processor(processor)
         if set_global:
             _set_global(provider)
-        _state.update(pid=os.getpid(), provider=provider)
+        _state.update(pid=os.getpid(), provider=provider, bounded=bounded)
         return provider
 
 
@@ -118,8 +122,15 @@ def flush_tracing(timeout_millis: int = 5000) -> bool:
     return provider.force_flush(timeout_millis) if provider is not None else True
 
 
-def shutdown_tracing() -> None:
+def shutdown_tracing(timeout_millis: int = 5000) -> None:
+    """Flush and stop within ``timeout_millis`` in all (the SDK's
+    ``TracerProvider.shutdown`` takes no deadline); spans that could not be
+    exported by then are counted as dropped (reason ``shutdown``)."""
     provider = get_tracer_provider()
-    if provider is not None:
-        provider.shutdown()
-        _state.update(pid=None, provider=None)
+    if provider is None:
+        return
+    deadline = time.monotonic() + timeout_millis / 1000
+    for processor in _state["bounded"]:
+        processor.shutdown(max(0, int((deadline - time.monotonic()) * 1000)))
+    provider.shutdown()  # the others; ours are already closed
+    _state.update(pid=None, provider=None, bounded=[])

@@ -23,8 +23,14 @@ from typing import Any
 from celery import Celery, signals
 
 from ..freecad_bridge import discover_engines
-from ..metrics import enable_multiprocess, mark_process_dead, multiprocess_registry, serve_metrics
-from ..tracing import configure_json_logging, flush_tracing, setup_tracing
+from ..metrics import (
+    default_observability,
+    enable_multiprocess,
+    mark_process_dead,
+    multiprocess_registry,
+    serve_metrics,
+)
+from ..tracing import configure_json_logging, setup_tracing, shutdown_tracing
 from ._config import WorkerSettings, broker_settings
 from ._progress import Heartbeat, ProgressService, progress_store
 
@@ -133,7 +139,7 @@ def _on_worker_process_init(**_: Any) -> None:
     from opentelemetry.instrumentation.celery import CeleryInstrumentor
 
     configure_json_logging("cadscope-worker")
-    provider = setup_tracing("cadscope-worker")
+    provider = setup_tracing("cadscope-worker", on_drop=default_observability().record_spans_dropped)
     instrumentor = CeleryInstrumentor()
     if not instrumentor.is_instrumented_by_opentelemetry:
         instrumentor.instrument(tracer_provider=provider)
@@ -141,6 +147,8 @@ def _on_worker_process_init(**_: Any) -> None:
 
 @signals.worker_process_shutdown.connect
 def _on_worker_process_shutdown(pid: int | None = None, **_: Any) -> None:
-    flush_tracing(timeout_millis=5000)
+    # Bounded: a collector that is down or hangs costs at most 5 s here, and
+    # the spans it never took are counted (cadscope_telemetry_spans_dropped).
+    shutdown_tracing(timeout_millis=5000)
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         mark_process_dead(pid or os.getpid())

@@ -1,0 +1,99 @@
+"""The bounded span processor: a slow, hung or failing exporter costs counted
+spans, never the caller's time (unit level; the worker-level scenario with a
+real gRPC collector that hangs is in test_reliability.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from cadscope.tracing._processor import BoundedBatchSpanProcessor
+
+
+class HangingExporter(InMemorySpanExporter):
+    """Accepts the first batch and then never returns until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def export(self, spans):  # type: ignore[no-untyped-def]
+        self.entered.set()
+        self.release.wait(30)
+        return super().export(spans)
+
+
+class FailingExporter(InMemorySpanExporter):
+    def export(self, spans):  # type: ignore[no-untyped-def]
+        return SpanExportResult.FAILURE
+
+
+def _provider(processor: BoundedBatchSpanProcessor) -> TracerProvider:
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(processor)
+    return provider
+
+
+def _end_spans(provider: TracerProvider, count: int) -> None:
+    tracer = provider.get_tracer("test")
+    for i in range(count):
+        tracer.start_span(f"s{i}").end()
+
+
+def test_every_span_is_exported_and_flush_waits_for_it():
+    exporter = InMemorySpanExporter()
+    processor = BoundedBatchSpanProcessor(exporter, max_queue_size=50, max_export_batch_size=7)
+    _end_spans(_provider(processor), 40)
+    assert processor.force_flush(5000)
+    names = [s.name for s in exporter.get_finished_spans()]
+    assert names == [f"s{i}" for i in range(40)]  # all of them, in order
+    assert processor.dropped == {"queue_full": 0, "export_failed": 0, "shutdown": 0}
+
+
+def test_hung_exporter_costs_counted_spans_not_the_callers_time():
+    exporter = HangingExporter()
+    drops: list[tuple[str, int]] = []
+    processor = BoundedBatchSpanProcessor(
+        exporter, max_queue_size=10, max_export_batch_size=5, schedule_delay_millis=10,
+        on_drop=lambda reason, n: drops.append((reason, n)),
+    )  # fmt: skip
+    provider = _provider(processor)
+    _end_spans(provider, 5)
+    assert exporter.entered.wait(5)  # the first batch is stuck in export
+
+    started = time.monotonic()
+    _end_spans(provider, 100)  # the queue holds 10; 90 are dropped on the spot
+    assert processor.dropped["queue_full"] == 90
+    assert not processor.force_flush(200)  # gives up at its timeout ...
+    processor.shutdown(300)  # ... and so does shutdown, counting what it leaves behind
+    assert time.monotonic() - started < 5, "the caller waited on a hung exporter"
+    assert processor.dropped == {"queue_full": 90, "export_failed": 0, "shutdown": 10}
+    assert sum(n for _, n in drops) == 100 and {r for r, _ in drops} == {"queue_full", "shutdown"}
+
+    _end_spans(provider, 3)  # after shutdown: counted, not queued
+    assert processor.dropped["shutdown"] == 13
+    exporter.release.set()
+
+
+def test_failed_exports_are_counted():
+    processor = BoundedBatchSpanProcessor(FailingExporter(), max_queue_size=100, max_export_batch_size=10)
+    _end_spans(_provider(processor), 25)
+    assert processor.force_flush(5000)
+    assert processor.dropped["export_failed"] == 25
+
+
+def test_unsampled_spans_are_neither_queued_nor_counted():
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    exporter = InMemorySpanExporter()
+    processor = BoundedBatchSpanProcessor(exporter, max_queue_size=5)
+    provider = TracerProvider(sampler=ALWAYS_OFF, shutdown_on_exit=False)
+    provider.add_span_processor(processor)
+    _end_spans(provider, 20)
+    assert processor.force_flush(5000)
+    assert exporter.get_finished_spans() == () and sum(processor.dropped.values()) == 0
