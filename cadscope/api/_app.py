@@ -23,9 +23,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from ..ai import AllProvidersFailed, ProviderChain, SyntheticCheck, chain_from_env
 from ..freecad_bridge import JobSpec
-from ..metrics import multiprocess_registry
-from ..tracing import configure_json_logging, setup_tracing
+from ..metrics import default_observability, multiprocess_registry
+from ..tracing import configure_json_logging, setup_tracing, shutdown_tracing
 from ..workers import app as celery_app
 from ..workers import configure_app, run_job
 from ..workers._config import WorkerSettings
@@ -53,6 +54,8 @@ class ApiSettings:
     publish_timeout_s: float = 5.0
     check_timeout_s: float = 1.0
     prometheus_url: str | None = None
+    ai_chain: ProviderChain | None = field(default=None, compare=False)  # None: chain_from_env()
+    ai_synthetic_interval_s: float | None = None
 
     @classmethod
     def from_env(cls) -> ApiSettings:
@@ -67,6 +70,7 @@ class ApiSettings:
             queue=os.environ.get("CADSCOPE_QUEUE", "cadscope"),
             max_body_bytes=int(os.environ.get("CADSCOPE_API_MAX_BODY", str(1 << 20))),
             prometheus_url=os.environ.get("CADSCOPE_PROMETHEUS_URL") or None,
+            ai_synthetic_interval_s=float(os.environ.get("CADSCOPE_AI_SYNTHETIC_INTERVAL_S", "0")) or None,
         )
 
 
@@ -96,12 +100,17 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         from opentelemetry.instrumentation.celery import CeleryInstrumentor
 
         configure_json_logging("cadscope-api")
-        provider = setup_tracing("cadscope-api")
+        provider = setup_tracing("cadscope-api", on_drop=default_observability().record_spans_dropped)
         instrumentor = CeleryInstrumentor()
         if not instrumentor.is_instrumented_by_opentelemetry:
             instrumentor.instrument(tracer_provider=provider)
+        synthetic.start()
         yield
-        provider.force_flush(5000)
+        synthetic.stop()
+        shutdown_tracing(5000)  # bounded: a hung collector cannot hold the API's exit
+
+    chain = settings.ai_chain or chain_from_env()
+    synthetic = SyntheticCheck(chain, settings.ai_synthetic_interval_s)
 
     app = FastAPI(title="cadscope", version="0.1.0", lifespan=lifespan)
     app.add_middleware(REDMiddleware)
@@ -122,26 +131,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     async def http_errors(_: Request, exc: HTTPException) -> JSONResponse:
         return _problem(exc.status_code, exc.detail, exc.headers)
 
-    @app.post("/v1/jobs", status_code=202, dependencies=[Depends(authorised)])
-    async def submit(request: Request) -> JSONResponse:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > settings.max_body_bytes:
-            return _problem(413, f"job spec larger than {settings.max_body_bytes} bytes")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > settings.max_body_bytes:
-                return _problem(413, f"job spec larger than {settings.max_body_bytes} bytes")
-        try:
-            data = json.loads(body)
-        except ValueError:
-            return _problem(422, [{"loc": ["body"], "msg": "body is not valid JSON", "type": "json_invalid"}])
-        try:
-            spec = JobSpec.model_validate(data)
-        except ValidationError as exc:
-            # Never echo the input back: it is the client's, and may be hostile.
-            errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()[:50]]
-            return _problem(422, errors)
+    async def enqueue(spec: JobSpec, extra: Mapping[str, Any] | None = None) -> JSONResponse:
         job_id = f"job-{uuid.uuid4().hex[:20]}"
         span = trace.get_current_span()
         span.set_attribute("cad.job_id", job_id)
@@ -167,9 +157,68 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             headers["traceparent"] = f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
         return JSONResponse(
             {"job_id": job_id, "status": "queued", "status_url": f"/v1/jobs/{job_id}",
-             "events_url": f"/v1/jobs/{job_id}/events"},
+             "events_url": f"/v1/jobs/{job_id}/events", **(extra or {})},
             status_code=202, headers=headers,
         )  # fmt: skip
+
+    async def read_json(request: Request) -> Any:
+        """The body as JSON, or the 413/422 response to send instead."""
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > settings.max_body_bytes:
+            return _problem(413, f"body larger than {settings.max_body_bytes} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > settings.max_body_bytes:
+                return _problem(413, f"body larger than {settings.max_body_bytes} bytes")
+        try:
+            return json.loads(body)
+        except ValueError:
+            return _problem(422, [{"loc": ["body"], "msg": "body is not valid JSON", "type": "json_invalid"}])
+
+    @app.post("/v1/jobs", status_code=202, dependencies=[Depends(authorised)])
+    async def submit(request: Request) -> JSONResponse:
+        data = await read_json(request)
+        if isinstance(data, JSONResponse):
+            return data
+        try:
+            spec = JobSpec.model_validate(data)
+        except ValidationError as exc:
+            # Never echo the input back: it is the client's, and may be hostile.
+            errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()[:50]]
+            return _problem(422, errors)
+        return await enqueue(spec)
+
+    @app.post("/v1/prompts", status_code=202, dependencies=[Depends(authorised)])
+    async def submit_prompt(request: Request) -> JSONResponse:
+        """The ai_prompt flow: ``{"prompt": "...", "engine": "auto"}`` → the
+        provider chain → a validated job spec → the same queue as ``/v1/jobs``."""
+        data = await read_json(request)
+        if isinstance(data, JSONResponse):
+            return data
+        prompt = data.get("prompt") if isinstance(data, dict) else None
+        engine = data.get("engine", "auto") if isinstance(data, dict) else "auto"
+        if not isinstance(prompt, str) or not prompt.strip() or len(prompt) > 4000:
+            return _problem(422, [{"loc": ["body", "prompt"], "msg": "a prompt of 1 to 4000 characters",
+                                   "type": "value_error"}])  # fmt: skip
+        if engine not in ("auto", "freecad", "ocp"):
+            return _problem(422, [{"loc": ["body", "engine"], "msg": "auto, freecad or ocp", "type": "value_error"}])
+        try:
+            result = await run_in_threadpool(chain.generate, prompt)
+        except AllProvidersFailed as exc:
+            attempts = [{"provider": a.provider, "outcome": a.outcome, "detail": a.message} for a in exc.attempts]
+            if exc.refused:
+                return _problem(422, {"msg": "no provider could turn this prompt into a job", "attempts": attempts})
+            return _problem(503, {"msg": "no AI provider available; nothing was enqueued", "attempts": attempts},
+                            headers={"Retry-After": "10"})  # fmt: skip
+        spec = result.spec.model_copy(update={"engine": engine}) if engine != "auto" else result.spec
+        try:
+            spec = JobSpec.model_validate(spec.model_dump(mode="json"))  # engine/format compatibility
+        except ValidationError as exc:
+            errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()[:50]]
+            return _problem(422, errors)
+        return await enqueue(spec, {"provider": result.provider, "model": result.model,
+                                    "failovers": sum(1 for a in result.attempts if a.outcome != "ok")})  # fmt: skip
 
     def _known(job_id: str) -> list[tuple[str, dict[str, Any]]]:
         if not _JOB_ID.fullmatch(job_id):
@@ -264,7 +313,12 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         results, _workers, _alerts = await checks(detailed=False)
         ok = all(check.ok for check in results)
         return JSONResponse(
-            {"status": "ready" if ok else "not_ready", "checks": {c.name: c.public(False) for c in results}},
+            {
+                "status": "ready" if ok else "not_ready",
+                "checks": {c.name: c.public(False) for c in results},
+                # Reported, not required: /v1/jobs works with every AI provider down.
+                "ai_providers": chain.states(),
+            },
             status_code=200 if ok else 503,
         )
 
@@ -281,6 +335,11 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
                 {"node": node, "engines": info.get("engines", []), "concurrency": info.get("concurrency"),
                  "heartbeat_age_s": round(now - float(info.get("ts", now)), 1)}
                 for node, info in sorted(found_workers.items())
+            ],
+            "ai_providers": [
+                {"provider": p.name, "model": p.model, "circuit": chain.breakers[p.name].state,
+                 "synthetic": synthetic.last.get(p.name)}
+                for p in chain.providers
             ],
             "alerts": alerts,
         })  # fmt: skip
