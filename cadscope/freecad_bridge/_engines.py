@@ -155,6 +155,11 @@ class ChildTelemetry:
             o.record_document_load(
                 str(a.get("cad.document.source", "new")), str(a.get("cad.workbench", "Part")), duration_s
             )
+        elif name == "document.load":
+            o.record_document_load("upload", str(a.get("cad.workbench", "Import")), duration_s)
+            o.record_document_load_stage("load", duration_s)
+        elif name == "document.validate":
+            o.record_document_load_stage("validate", duration_s)
         elif name == "document.recompute":
             o.record_recompute(str(a.get("cad.workbench", "Part")), int(a.get("cad.object_count", 0)), duration_s)
         elif name == "occt.boolean":
@@ -194,6 +199,11 @@ class ChildTelemetry:
             o.metrics.telemetry_rejected.labels("unknown_metric").inc()
 
     def progress(self, a: Mapping[str, Any]) -> None:
+        if a.get("kind") == "document_load":
+            ratio = a.get("ratio")
+            self.obs.set_document_load_progress(
+                str(a.get("stage")), float(ratio) if isinstance(ratio, (int, float)) else 0.0
+            )
         if self.on_progress is not None:
             self.on_progress(a)
 
@@ -256,6 +266,7 @@ def run_cad_job(
     limits: RunLimits | None = None,
     tracer_provider: trace.TracerProvider | None = None,
     on_progress: Callable[[Mapping[str, Any]], None] | None = None,
+    input_path: str | os.PathLike[str] | None = None,
 ) -> CadResult:
     """Run a validated job in a contained subprocess of its engine.
 
@@ -269,6 +280,10 @@ def run_cad_job(
     work = out / ".cadscope"
     work.mkdir(parents=True, exist_ok=True)
     payload = {"job": {**job.model_dump(mode="json"), "job_id": job_id}, "material_library": material_library_path()}
+    if job.input is not None:
+        if input_path is None:
+            raise ValueError("a job with an input document needs input_path: the verified local copy")
+        payload["input_path"] = str(input_path)
     (work / "job.json").write_text(json.dumps(payload))
     limits = limits or RunLimits(timeout_s=job.timeout_s, memory_bytes=2 << 30)
     telemetry = ChildTelemetry(obs, job.flow_type, on_progress)

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-__all__ = ["JobSpec", "load_material_library", "material_library_path"]
+__all__ = ["InputDocument", "JobSpec", "load_material_library", "material_library_path"]
 
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")]
 # A file name stem: no separators, no leading dot, so nothing escapes the job's folder.
@@ -135,9 +135,37 @@ class Chamfer(_Model):
     edges: EdgeSelector = "all"
 
 
+class Import(_Primitive):
+    """The job's input document (``JobSpec.input``), loaded by the engine, as a solid."""
+
+    kind: Literal["import"]
+
+
 Step = Annotated[
-    Box | Cylinder | Sphere | Cone | Torus | Extrusion | Boolean | Fillet | Chamfer, Field(discriminator="kind")
+    Box | Cylinder | Sphere | Cone | Torus | Extrusion | Import | Boolean | Fillet | Chamfer,
+    Field(discriminator="kind"),
 ]
+
+MAX_INPUT_BYTES = 512 << 20
+
+
+class InputDocument(_Model):
+    """An existing document to load (the ``upload`` flow), pinned by its sha256:
+    the worker verifies the bytes before an engine ever opens them."""
+
+    # store://<key> (a key in the worker's document store) or http(s)://...
+    uri: Annotated[str, StringConstraints(pattern=r"^(?:store://[A-Za-z0-9._/-]{1,256}|https?://\S{1,2000})$")]
+    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    format: Literal["step", "brep", "fcstd"]
+    size_bytes: Annotated[int, Field(gt=0, le=MAX_INPUT_BYTES)] | None = None
+
+    @model_validator(mode="after")
+    def _key_stays_in_the_store(self) -> InputDocument:
+        if self.uri.startswith("store://"):
+            key = self.uri.removeprefix("store://")
+            if key.startswith("/") or ".." in key.split("/"):
+                raise ValueError("a store key must not start with '/' or contain '..'")
+        return self
 
 
 class Part(_Model):
@@ -226,6 +254,7 @@ class JobSpec(_Model):
 
     name: Name
     flow_type: Literal["parametric", "ai_prompt", "upload"] = "parametric"
+    input: InputDocument | None = None
     engine: Literal["auto", "freecad", "ocp"] = "auto"
     parts: Annotated[list[Part], Field(min_length=1, max_length=100)]
     assembly: Assembly | None = None
@@ -233,11 +262,31 @@ class JobSpec(_Model):
     timeout_s: Annotated[float, Field(gt=0, le=3_600)] = 120.0
     # Deliberate faults for tests and the demo workload: an enum mapped to a
     # fixed action, never code; refused unless the worker has CADSCOPE_ALLOW_FAULTS=1.
-    fault: Literal["raise", "segfault", "hang", "memory", "no_manifest", "kill_worker"] | None = None
+    # ``hang_unresponsive``: the CAD process hangs and the pool process stops
+    # answering Celery's soft time limit, as if stuck in C code: only the hard limit ends it.
+    fault: Literal["raise", "segfault", "hang", "hang_unresponsive", "memory", "no_manifest", "kill_worker"] | None = (
+        None
+    )
     expect_failure: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upload_flow(cls, data: Any) -> Any:
+        # A job with an input document is an upload flow unless it says otherwise.
+        if isinstance(data, dict) and data.get("input") is not None and "flow_type" not in data:
+            return {**data, "flow_type": "upload"}
+        return data
 
     @model_validator(mode="after")
     def _cross_references(self) -> JobSpec:
+        imports = [s.name for p in self.parts for s in p.steps if isinstance(s, Import)]
+        if imports and self.input is None:
+            raise ValueError(f"step {imports[0]!r} imports a document, but the job has no input")
+        if self.input is not None:
+            if not imports:
+                raise ValueError("the job has an input document but no import step uses it")
+            if self.input.format == "fcstd" and self.engine != "freecad":
+                raise ValueError("an FCStd input needs engine 'freecad'")
         parts = {p.name: p for p in self.parts}
         if len(parts) != len(self.parts):
             raise ValueError("part names must be unique")

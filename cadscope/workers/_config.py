@@ -26,6 +26,9 @@ class WorkerSettings:
     visibility_timeout: int = 1200
     max_deliveries: int = 3
     allow_faults: bool = False
+    document_store: Path | None = None  # store:// keys resolve here; default data_dir/store
+    document_cache: Path | None = None  # verified input documents; default data_dir/document-cache
+    document_cache_bytes: int = 1 << 30
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> WorkerSettings:
@@ -52,6 +55,9 @@ class WorkerSettings:
             visibility_timeout=visibility,
             max_deliveries=int(env.get("CADSCOPE_MAX_DELIVERIES", "3")),
             allow_faults=env.get("CADSCOPE_ALLOW_FAULTS") == "1",
+            document_store=Path(env.get("CADSCOPE_DOCUMENT_STORE", str(data / "store"))),
+            document_cache=Path(env.get("CADSCOPE_DOCUMENT_CACHE", str(data / "document-cache"))),
+            document_cache_bytes=int(env.get("CADSCOPE_DOCUMENT_CACHE_BYTES", str(1 << 30))),
         )
 
 

@@ -17,6 +17,7 @@ from opentelemetry.trace import Status, StatusCode
 from pydantic import ValidationError
 
 from ..freecad_bridge import EngineUnavailable, JobSpec, RunLimits, discover_engines, pick_engine, run_cad_job
+from ..freecad_bridge._documents import DocumentCache, DocumentError, fetch_document
 from ..metrics import ModelObservability, default_observability
 from ..tracing import job_id_var
 from ._app import PUBLISHED_AT_HEADER, app, progress
@@ -195,6 +196,28 @@ def _run(obs: ModelObservability, spec: Any, job_id: str, started: float) -> dic
         timeout = min(job.timeout_s, max(_settings().soft_time_limit - 5, 1))
         if job.fault == "kill_worker":
             os.kill(os.getpid(), signal.SIGKILL)  # a poison job, for the reliability tests
+        if job.fault == "hang_unresponsive":
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})  # billiard's soft-limit signal
+        input_path = None
+        if job.input is not None:
+            settings = _settings()
+            cache = DocumentCache(settings.document_cache or settings.data_dir / "document-cache",
+                                  settings.document_cache_bytes)  # fmt: skip
+            events.publish_stage(job_id, "prepare", "started")
+            try:
+                with obs.observe_stage(flow_type, "prepare"):
+                    input_path = fetch_document(
+                        job.input, cache=cache, store_root=settings.document_store or settings.data_dir / "store",
+                        observability=obs,
+                        on_progress=lambda stage, ratio: events.publish(
+                            job_id, "document.progress", stage=stage, ratio=round(ratio, 3)),
+                    )  # fmt: skip
+            except DocumentError as exc:
+                flow["failed"] = True
+                span.set_attribute("error.type", exc.error_type)
+                log.warning("input document rejected", extra={"error_type": exc.error_type})
+                return _failure(job_id, "rejected", exc.error_type, str(exc))
+            events.publish_stage(job_id, "prepare", "finished")
         events.publish_stage(job_id, "engine", "started", engine=engine.name)
         with obs.observe_stage(flow_type, "engine"):
             cad = run_cad_job(
@@ -205,6 +228,7 @@ def _run(obs: ModelObservability, spec: Any, job_id: str, started: float) -> dic
                 observability=obs,
                 limits=RunLimits(timeout_s=timeout, memory_bytes=_memory_limit()),
                 on_progress=lambda attributes: events.publish_child_event(job_id, attributes),
+                input_path=input_path,
             )
         for stage, seconds in cad.stages.items():
             events.publish_stage(job_id, stage, "finished", seconds=round(seconds, 6))

@@ -191,8 +191,29 @@ class _Materials:
         return card
 
 
-def _build_part(backend, probe, part):
+def _load_input(backend, probe, document, matrix):
+    """The job's input document, already verified by the worker (sha256), as a solid."""
+    fmt = document["format"]
+    attrs = {"cad.document.source": "upload", "cad.document.format": fmt, "cad.workbench": "Import"}
+    with probe.span("document.load", attrs) as span:
+        shape = backend.load(document["path"], fmt)
+        span["cad.document.size_bytes"] = os.path.getsize(document["path"])
+    probe.progress(kind="document_load", stage="load", ratio=1.0)
+    with probe.span("document.validate", {"cad.document.format": fmt}) as span:
+        valid = backend.is_valid(shape)
+        span["cad.document.valid"] = valid
+    if not valid:
+        raise JobError("the input document does not hold a valid solid")
+    probe.progress(kind="document_load", stage="validate", ratio=1.0)
+    return backend.transform(shape, matrix)
+
+
+def _build_part(backend, probe, part, document=None):
     steps = part["steps"]
+    imported = {}
+    for step in steps:
+        if step["kind"] == "import":
+            imported[step["name"]] = _load_input(backend, probe, document, placement_matrix(step.get("placement")))
     with probe.span("document.phase", {"cad.part": part["name"], "cad.phase": "create_objects"}):
         handles = {}
         for step in steps:
@@ -202,6 +223,7 @@ def _build_part(backend, probe, part):
     with probe.span("document.recompute", {"cad.object_count": len(handles), "cad.workbench": "Part"}) as span:
         shapes = backend.recompute(handles)
         span["cad.object_count"] = backend.object_count()
+    shapes.update(imported)
     probe.progress(kind="document", phase="recompute_done", part=part["name"])
 
     for step in steps:
@@ -362,7 +384,7 @@ def _validate_exports(backend, probe, out_dir, targets, artifacts):
     os.rmdir(scratch)
 
 
-def run_job(job, backend, probe, out_dir, material_library):
+def run_job(job, backend, probe, out_dir, material_library, document=None):
     """Run ``job`` with ``backend``, emitting probe events; return the manifest."""
     probe.hello(engine=backend.engine, **backend.versions())
     for workbench, compatible in backend.workbenches().items():
@@ -377,7 +399,7 @@ def run_job(job, backend, probe, out_dir, material_library):
     with probe.span("cad.stage generate", {"cad.stage": "generate"}):
         probe.metric("workbench.invocation", 1, workbench="Part")
         for part in job["parts"]:
-            shape = _build_part(backend, probe, part)
+            shape = _build_part(backend, probe, part, document)
             parts[part["name"]] = shape
             info = dict(backend.properties(shape))
             with probe.span("topology.hash", {"cad.topology.scope": "part"}):
@@ -430,7 +452,10 @@ def main(backend_factory):
     fault = payload["job"].get("fault")
     if fault:
         _inject(fault, probe)
-    run_job(payload["job"], backend, probe, os.environ["CADSCOPE_OUT"], payload["material_library"])
+    document = None
+    if payload["job"].get("input"):
+        document = {"path": payload["input_path"], "format": payload["job"]["input"]["format"]}
+    run_job(payload["job"], backend, probe, os.environ["CADSCOPE_OUT"], payload["material_library"], document)
 
 
 def _inject(fault, probe):
@@ -442,7 +467,7 @@ def _inject(fault, probe):
             raise RuntimeError("injected script error")
         if fault == "segfault":
             os.kill(os.getpid(), signal.SIGSEGV)
-        if fault == "hang":
+        if fault in ("hang", "hang_unresponsive"):
             while True:
                 time.sleep(1)
         if fault == "memory":

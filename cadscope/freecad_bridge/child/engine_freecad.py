@@ -99,6 +99,30 @@ class FreeCADBackend:
             shapes[name] = obj.Shape.copy()
         return shapes
 
+    def load(self, path, fmt):
+        """A STEP, BREP or FCStd document as one shape: its only solid, or a compound of them."""
+        if fmt == "fcstd":
+            source = FreeCAD.openDocument(path, True)  # hidden: no GUI objects
+            try:
+                top = [o for o in source.Objects if getattr(o, "Shape", None) is not None and not o.InList]
+                solids = [solid for o in top for solid in o.Shape.Solids]
+                solids = [solid.copy() for solid in solids]
+            finally:
+                FreeCAD.closeDocument(source.Name)
+        else:
+            shape = Part.Shape()
+            shape.read(path)  # the format follows the file's extension (.step, .brep)
+            solids = list(shape.Solids)
+        if not solids:
+            raise cadscope_job.JobError("the input document contains no solid")
+        loaded = solids[0] if len(solids) == 1 else Part.makeCompound(solids)
+        obj = self.doc.addObject("Part::Feature", "imported")
+        obj.Shape = loaded
+        return loaded
+
+    def is_valid(self, shape):
+        return bool(shape.isValid())
+
     def boolean(self, operation, shapes):
         base, tools = shapes[0], shapes[1:]
         if operation == "union":

@@ -23,6 +23,7 @@ from OCP.BRepBuilderAPI import (  # noqa: E402
     BRepBuilderAPI_MakePolygon,
     BRepBuilderAPI_Transform,
 )
+from OCP.BRepCheck import BRepCheck_Analyzer  # noqa: E402
 from OCP.BRepFilletAPI import BRepFilletAPI_MakeChamfer, BRepFilletAPI_MakeFillet  # noqa: E402
 from OCP.BRepGProp import BRepGProp  # noqa: E402
 from OCP.BRepMesh import BRepMesh_IncrementalMesh  # noqa: E402
@@ -45,11 +46,11 @@ from OCP.gp import gp_Pnt, gp_Trsf, gp_Vec  # noqa: E402
 from OCP.GProp import GProp_GProps  # noqa: E402
 from OCP.IFSelect import IFSelect_ReturnStatus  # noqa: E402
 from OCP.IGESControl import IGESControl_Writer  # noqa: E402
-from OCP.STEPControl import STEPControl_AsIs, STEPControl_Writer  # noqa: E402
+from OCP.STEPControl import STEPControl_AsIs, STEPControl_Reader, STEPControl_Writer  # noqa: E402
 from OCP.StlAPI import StlAPI_Writer  # noqa: E402
 from OCP.TopAbs import TopAbs_EDGE, TopAbs_FACE, TopAbs_SOLID, TopAbs_VERTEX  # noqa: E402
 from OCP.TopExp import TopExp  # noqa: E402
-from OCP.TopoDS import TopoDS, TopoDS_Compound  # noqa: E402
+from OCP.TopoDS import TopoDS, TopoDS_Compound, TopoDS_Shape  # noqa: E402
 
 _KERNEL_RE = re.compile(r"libTKernel[^/]*\.so\.(\d+\.\d+\.\d+)")
 
@@ -208,6 +209,31 @@ class OCPBackend:
 
     def set_appearance(self, name, appearance):
         self._props.setdefault(name, {})["appearance"] = dict(appearance)
+
+    def load(self, path, fmt):
+        """A STEP or BREP file as one shape: its only solid, or a compound of them."""
+        if fmt == "step":
+            reader = STEPControl_Reader()
+            if reader.ReadFile(path) != IFSelect_ReturnStatus.IFSelect_RetDone:
+                raise cadscope_job.JobError("OCCT could not read the STEP document")
+            reader.TransferRoots()
+            shape = reader.OneShape()
+        elif fmt == "brep":
+            shape = TopoDS_Shape()
+            if not BRepTools.Read_s(shape, path, BRep_Builder()):
+                raise cadscope_job.JobError("OCCT could not read the BREP document")
+        else:
+            raise cadscope_job.JobError("the OCP engine cannot read %r documents" % fmt)
+        self._objects += 1
+        solids = _indexed(shape, TopAbs_SOLID)
+        if len(solids) == 1:
+            return TopoDS.Solid(solids[0])
+        if not solids:
+            raise cadscope_job.JobError("the input document contains no solid")
+        return self.compound(solids)
+
+    def is_valid(self, shape):
+        return bool(BRepCheck_Analyzer(shape).IsValid())
 
     def transform(self, shape, matrix):
         return BRepBuilderAPI_Transform(shape, _trsf(matrix), True).Shape()

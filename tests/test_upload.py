@@ -1,0 +1,262 @@
+"""The upload flow: input documents fetched, verified before any engine opens
+them, cached, and rebuilt by both engines (real freecadcmd, real OCP)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import subprocess
+import threading
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from cadscope.freecad_bridge import JobSpec, run_cad_job
+from cadscope.freecad_bridge._documents import DocumentCache, DocumentError, fetch_document
+from cadscope.freecad_bridge._schema import InputDocument
+from cadscope.metrics import Catalogue, ModelObservability
+from cadscope.tracing.testing import in_memory_provider
+
+from .conftest import wait_until
+
+
+def _obs() -> tuple[ModelObservability, CollectorRegistry]:
+    registry = CollectorRegistry()
+    return ModelObservability(Catalogue(registry)), registry
+
+
+def _value(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    return registry.get_sample_value(name, labels) or 0.0
+
+
+def _doc(uri: str, data: bytes, fmt: str = "step") -> InputDocument:
+    return InputDocument(uri=uri, sha256=hashlib.sha256(data).hexdigest(), format=fmt)  # type: ignore[arg-type]
+
+
+DATA = b"ISO-10303-21;\n" + b"x" * 300_000
+
+
+def test_a_stored_document_is_verified_cached_and_a_second_load_is_a_hit(tmp_path):
+    obs, registry = _obs()
+    store = tmp_path / "store"
+    (store / "parts").mkdir(parents=True)
+    (store / "parts" / "a.step").write_bytes(DATA)
+    cache = DocumentCache(tmp_path / "cache")
+    doc = _doc("store://parts/a.step", DATA)
+    stages: list[tuple[str, float]] = []
+    first = fetch_document(doc, cache=cache, store_root=store, observability=obs,
+                           on_progress=lambda s, r: stages.append((s, r)))  # fmt: skip
+    assert first.read_bytes() == DATA and first.suffix == ".step"
+    assert ("download", 1.0) in stages and ("checksum", 1.0) in stages
+    again = fetch_document(doc, cache=cache, store_root=store, observability=obs)
+    assert again == first
+    assert _value(registry, "cadscope_document_cache_misses_total") == 1
+    assert _value(registry, "cadscope_document_cache_hits_total") == 1
+    assert _value(registry, "cadscope_document_load_attempts_total", source="store") == 2
+    assert _value(registry, "cadscope_document_cache_entries", cache="documents") == 1
+    assert _value(registry, "cadscope_document_cache_bytes", cache="documents") == len(DATA)
+    assert _value(registry, "cadscope_document_load_stage_seconds_count", stage="checksum") == 2
+
+
+def test_a_tampered_document_is_rejected_counted_and_logged_as_a_security_event(tmp_path, caplog):
+    obs, registry = _obs()
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "a.step").write_bytes(DATA[:-1] + b"y")  # one byte changed after the sha256 was taken
+    cache = DocumentCache(tmp_path / "cache")
+    provider, exporter = in_memory_provider()
+    from opentelemetry import trace
+
+    with caplog.at_level(logging.ERROR, logger="cadscope.documents"), \
+            trace.use_span(provider.get_tracer("t").start_span("task"), end_on_exit=True):  # fmt: skip
+        with pytest.raises(DocumentError) as rejected:
+            fetch_document(_doc("store://a.step", DATA), cache=cache, store_root=store, observability=obs)
+    assert rejected.value.error_type == "checksum_mismatch"
+    assert _value(registry, "cadscope_security_violations_total", violation_type="checksum_mismatch",
+                  severity="critical") == 1  # fmt: skip
+    assert _value(registry, "cadscope_document_load_failures_total", source="store",
+                  error_type="checksum_mismatch") == 1  # fmt: skip
+    record = next(r for r in caplog.records if getattr(r, "security_event", False))
+    assert record.violation_type == "checksum_mismatch"  # type: ignore[attr-defined]
+    assert list(cache.root.iterdir()) == []  # nothing bad left behind for a later lookup
+
+
+def test_a_tampered_cache_entry_is_caught_too(tmp_path):
+    obs, registry = _obs()
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "a.step").write_bytes(DATA)
+    cache = DocumentCache(tmp_path / "cache")
+    doc = _doc("store://a.step", DATA)
+    cached = fetch_document(doc, cache=cache, store_root=store, observability=obs)
+    cached.write_bytes(b"evil")
+    with pytest.raises(DocumentError, match="sha256"):
+        fetch_document(doc, cache=cache, store_root=store, observability=obs)
+    assert not cached.exists()
+
+
+def test_a_key_that_escapes_the_store_is_a_violation_even_past_the_schema(tmp_path):
+    obs, registry = _obs()
+    (tmp_path / "secret.step").write_bytes(DATA)
+    (tmp_path / "store").mkdir()
+    # model_construct skips the schema's own check: the fetcher must not rely on it alone.
+    doc = InputDocument.model_construct(uri="store://../secret.step", sha256=hashlib.sha256(DATA).hexdigest(),
+                                        format="step", size_bytes=None)  # fmt: skip
+    with pytest.raises(DocumentError) as rejected:
+        fetch_document(doc, cache=DocumentCache(tmp_path / "cache"), store_root=tmp_path / "store",
+                       observability=obs)  # fmt: skip
+    assert rejected.value.error_type == "bad_uri"
+    assert _value(registry, "cadscope_security_violations_total", violation_type="path_traversal", severity="high")
+
+
+def test_the_cache_evicts_the_least_recently_used_beyond_its_budget(tmp_path):
+    obs, _ = _obs()
+    store = tmp_path / "store"
+    store.mkdir()
+    cache = DocumentCache(tmp_path / "cache", max_bytes=2 * len(DATA) + 10)
+    docs = []
+    for i in range(3):
+        data = DATA + bytes([i])
+        (store / f"{i}.step").write_bytes(data)
+        docs.append(_doc(f"store://{i}.step", data))
+    import os
+    import time
+
+    for index, doc in enumerate(docs[:2]):
+        path = fetch_document(doc, cache=cache, store_root=store, observability=obs)
+        os.utime(path, (time.time() - 100 + index, time.time() - 100 + index))
+    fetch_document(docs[0], cache=cache, store_root=store, observability=obs)  # 0 is now the most recent
+    fetch_document(docs[2], cache=cache, store_root=store, observability=obs)  # over budget: 1 goes
+    kept = {p.name.split(".")[0] for p in cache.root.iterdir()}
+    assert kept == {docs[0].sha256, docs[2].sha256}
+
+
+class FlakyRangeServer:
+    """Serves one file with HTTP Range support; the first response is cut off
+    half way (Content-Length promised, connection closed)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.ranges: list[str | None] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                header = self.headers.get("Range")
+                server.ranges.append(header)
+                start = int(header.split("=")[1].rstrip("-")) if header else 0
+                body = server.data[start:]
+                self.send_response(206 if header else 200)
+                self.send_header("Content-Length", str(len(body)))
+                if header:
+                    self.send_header("Content-Range", f"bytes {start}-{len(server.data) - 1}/{len(server.data)}")
+                self.end_headers()
+                if len(server.ranges) == 1:
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.connection.shutdown(2)  # the connection drops mid-body
+                    return
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/doc.step"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+def test_an_http_download_cut_off_half_way_resumes_with_a_range_request(tmp_path):
+    obs, registry = _obs()
+    server = FlakyRangeServer(DATA)
+    try:
+        path = fetch_document(_doc(server.url, DATA), cache=DocumentCache(tmp_path / "cache"),
+                              store_root=tmp_path, observability=obs)  # fmt: skip
+    finally:
+        server.httpd.shutdown()
+    assert path.read_bytes() == DATA
+    assert server.ranges[0] is None and server.ranges[1] == f"bytes={len(DATA) // 2}-"
+    assert _value(registry, "cadscope_document_load_attempts_total", source="http") == 1
+
+
+# -- end to end: a real worker rebuilds a real document with both engines --------------------------
+
+
+@pytest.mark.slow
+def test_a_previous_jobs_step_is_uploaded_and_rebuilt_by_both_engines(start_worker, engines, redis_url):
+    from cadscope.workers import app, configure_app, run_job
+    from cadscope.workers._workload import PLATE
+
+    configure_app(app, redis_url)
+    worker = start_worker(concurrency=1)
+    first = run_job.apply_async(args=[{**PLATE, "engine": "freecad"}], queue=worker.queue).get(timeout=120)
+    assert first["status"] == "succeeded"
+    step = Path(first["out_dir"]) / "plate.step"
+    store = worker.data_dir / "store" / "uploads"
+    store.mkdir(parents=True)
+    shutil.copy(step, store / "plate.step")
+    sha = hashlib.sha256(step.read_bytes()).hexdigest()
+
+    def rebuild(engine: str, digest: str = sha) -> dict[str, Any]:
+        spec = {
+            "name": "rebuilt", "engine": engine,
+            "input": {"uri": "store://uploads/plate.step", "sha256": digest, "format": "step"},
+            "parts": [{"name": "p", "steps": [
+                {"kind": "import", "name": "doc"},
+                {"kind": "cylinder", "name": "bore", "radius": 3, "height": 8, "placement": {"position": [30, 20, 0]}},
+                {"kind": "boolean", "name": "bored", "operation": "cut", "operands": ["doc", "bore"]}]}],
+            "exports": [{"format": "step", "of": "p", "name": "p"}, {"format": "brep", "of": "p", "name": "p"}],
+        }  # fmt: skip
+        return run_job.apply_async(args=[spec], queue=worker.queue).get(timeout=120)
+
+    results = {engine: rebuild(engine) for engine in ("freecad", "ocp")}
+    before = first["manifest"]["parts"]["plate"]["volume"]
+    for engine, result in results.items():
+        assert result["status"] == "succeeded", result
+        after = result["manifest"]["parts"]["p"]["volume"]
+        assert after == pytest.approx(before - 3.14159265 * 9 * 8, rel=1e-4), engine  # the bore, nothing else
+    text = worker.scrape()
+    assert "cadscope_document_cache_hits_total 1.0" in text  # the second engine found it verified and cached
+    assert "cadscope_document_cache_misses_total 1.0" in text
+    assert 'freecad_document_load_seconds_count{freecad_version="none"' in text  # OCP loaded it ...
+    assert 'source="upload"' in text and 'flow_type="upload"' in text  # ... as an upload flow
+
+    tampered = rebuild("freecad", digest=hashlib.sha256(b"another file").hexdigest())
+    assert tampered["status"] == "failed" and tampered["error_type"] == "checksum_mismatch"
+    text = worker.scrape()
+    assert 'cadscope_security_violations_total{severity="critical",violation_type="checksum_mismatch"} 1.0' in text
+    # No engine ran for it: the subprocess count is what the three good jobs made.
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("cadscope_subprocess_outcomes_total{")) == 3  # fmt: skip
+    logged = [json.loads(line) for line in worker.log.read_text().splitlines() if '"security_event"' in line]
+    assert logged and logged[0]["violation_type"] == "checksum_mismatch"
+
+
+@pytest.mark.slow
+def test_an_fcstd_document_is_loaded_by_freecad(tmp_path, engines):
+    saved = tmp_path / "box.FCStd"
+    script = ("import FreeCAD; d = FreeCAD.newDocument('src'); b = d.addObject('Part::Box', 'b'); "
+              f"b.Length = 20; d.recompute(); d.saveAs({str(saved)!r})")  # fmt: skip
+    subprocess.run(["freecadcmd", "-c", script], check=True, capture_output=True, timeout=120)
+    wait_until(saved.exists, 5, what="FCStd saved")
+    data = saved.read_bytes()
+    spec = JobSpec.model_validate({
+        "name": "from_fcstd", "engine": "freecad",
+        "input": {"uri": "store://box.FCStd", "sha256": hashlib.sha256(data).hexdigest(), "format": "fcstd"},
+        "parts": [{"name": "p", "steps": [{"kind": "import", "name": "doc"}]}],
+        "exports": [{"format": "brep", "of": "p", "name": "p"}],
+    })  # fmt: skip
+    obs, registry = _obs()
+    path = fetch_document(spec.input, cache=DocumentCache(tmp_path / "cache"), store_root=tmp_path,  # type: ignore[arg-type]
+                          observability=obs)  # fmt: skip
+    result = run_cad_job(spec, tmp_path / f"out-{uuid.uuid4().hex[:6]}", observability=obs, input_path=path)
+    assert result.ok, result.error_message
+    assert result.manifest is not None and result.manifest["parts"]["p"]["volume"] == pytest.approx(20 * 10 * 10)
+    assert _value(registry, "cadscope_document_load_stage_seconds_count", stage="validate") == 1
