@@ -148,6 +148,7 @@ def start_worker(tmp_path: Path, redis_url: str):  # type: ignore[no-untyped-def
 class RedisServer:
     proc: subprocess.Popen[bytes]
     port: int
+    dir: Path
 
     @property
     def url(self) -> str:
@@ -159,23 +160,37 @@ class RedisServer:
     def resume(self) -> None:
         self.proc.send_signal(signal.SIGCONT)
 
+    def stop(self) -> None:
+        """A clean shutdown (the append-only file is flushed): the broker is gone."""
+        self.proc.terminate()
+        self.proc.wait(10)
+
+    def start(self) -> None:
+        """The same server again: same port, same data directory."""
+        self.proc = _start_redis(self.port, self.dir)
+
+
+def _start_redis(port: int, directory: Path) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(  # noqa: S603
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+         "--dir", str(directory)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    client = redis.Redis(port=port, socket_connect_timeout=0.5)
+    wait_until(lambda: _pings(client), 10, what="test redis-server")
+    return proc
+
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server of the test's own, on its own port (never the shared one)."""
     port = free_port()
-    proc = subprocess.Popen(  # noqa: S603
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-         "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    client = redis.Redis(port=port, socket_connect_timeout=0.5)
-    wait_until(lambda: _pings(client), 10, what="test redis-server")
-    server = RedisServer(proc, port)
+    server = RedisServer(_start_redis(port, tmp_path), port, tmp_path)
     yield server
-    server.resume()
-    proc.terminate()
-    proc.wait(10)
+    if server.proc.poll() is None:
+        server.resume()
+        server.proc.terminate()
+        server.proc.wait(10)
 
 
 def _pings(client: redis.Redis) -> bool:

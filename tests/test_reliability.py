@@ -74,6 +74,7 @@ def test_pool_child_killed_mid_job_runs_again_once_and_the_lost_attempt_shows(
         lambda spans: (
             any(s["trace_id"] == trace_id and s["name"] == "cad.stage validate_export" for s in spans)
             and any(s["trace_id"] == trace_id and s["name"].startswith("lost attempt 1/") for s in spans)
+            and any(s["trace_id"] == trace_id and s["name"] == "run/cadscope.run_job" for s in spans)
         ),
         60,
     )
@@ -148,7 +149,9 @@ def test_metrics_directory_stays_bounded_and_counters_never_drop(client, start_w
     files = os.listdir(Path(worker.env["PROMETHEUS_MULTIPROC_DIR"]))
     # Two live pool children (a few files each) plus the accumulators; 300 children's files without compaction.
     assert len(files) <= 16, sorted(files)
-    assert max(sizes) < 60, f"directory grew to {max(sizes)} files between compactions"
+    # Between compactions the directory holds the files of the children that died since the last one: on
+    # this 2-core machine 52 to 70 seen. Without compaction, 300 children leave well over 900.
+    assert max(sizes) < 150, f"directory grew to {max(sizes)} files between compactions"
     os.kill(worker.proc.pid, signal.SIGTERM)
 
 
@@ -230,3 +233,148 @@ def test_a_canary_secret_reaches_no_log_span_or_metric(producer, start_worker, o
     sub = next(s for s in spans if s["trace_id"] == trace_id and s["name"].startswith("cad.subprocess"))
     assert "process.command_args" not in sub["attributes"]  # argv is not recorded unless asked for
     assert worker.metrics_url.startswith("http://127.0.0.1:")  # /metrics binds to loopback by default
+
+
+class _HangingCollector:
+    """A TCP listener that accepts connections and never answers: a collector
+    that hangs (gRPC waits for the HTTP/2 handshake until its deadline)."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.endpoint = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+def _dropped_in_files(metrics_dir: Path) -> dict[str, float]:
+    """Read the multiprocess files directly: the worker's HTTP server is gone after exit."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(metrics_dir))
+    found: dict[str, float] = {}
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name == "cadscope_telemetry_spans_dropped_total":
+                found[sample.labels["reason"]] = found.get(sample.labels["reason"], 0) + sample.value
+    return found
+
+
+def test_a_down_or_hanging_collector_costs_counted_spans_never_job_time(client, start_worker, otlp_receiver, engines):
+    """Scenario 8. The exporter's deadline is 20 s: a job or a shutdown that
+    waited on it would take at least that long. Latency ratios against a live
+    collector are printed (and recorded in bench/RESULTS.md), not asserted."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on: a collector that is down
+        probe.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    hanging = _HangingCollector()
+    otel = {"OTEL_EXPORTER_OTLP_INSECURE": "true", "OTEL_EXPORTER_OTLP_TIMEOUT": "20",
+            "OTEL_BSP_MAX_QUEUE_SIZE": "48", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "8"}  # fmt: skip
+    latency: dict[str, list[float]] = {}
+    accounted: dict[str, float] = {}
+    try:
+        for mode, endpoint in (("live", otlp_receiver.endpoint), ("down", down), ("hanging", hanging.endpoint)):
+            worker = start_worker(env={**otel, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}, concurrency=1)
+            run_job.apply_async(args=[TINY], queue=worker.queue).get(timeout=60)  # warm-up
+            for _ in range(6):
+                started = time.monotonic()
+                assert run_job.apply_async(args=[TINY], queue=worker.queue).get(timeout=60)["status"] == "succeeded"
+                latency.setdefault(mode, []).append(time.monotonic() - started)
+            queued = _dropped_in_files(Path(worker.env["PROMETHEUS_MULTIPROC_DIR"]))
+            stopping = time.monotonic()
+            assert worker.stop(signal.SIGTERM, timeout=60) == 0
+            shutdown_s = time.monotonic() - stopping
+            dropped = _dropped_in_files(Path(worker.env["PROMETHEUS_MULTIPROC_DIR"]))
+            print(f"{mode}: median job {sorted(latency[mode])[3]:.3f} s, shutdown {shutdown_s:.1f} s, "
+                  f"dropped {dropped}")  # fmt: skip
+            # The pool child's flush is bounded at 5 s; the exporter's deadline is 20 s.
+            assert shutdown_s < 15, f"{mode}: shutdown took {shutdown_s:.1f} s"
+            assert max(latency[mode]) < 10, f"{mode}: a job waited on the exporter: {latency[mode]}"
+            if mode == "live":
+                assert sum(dropped.values()) == 0, dropped
+            else:
+                # 7 jobs' spans, a queue of 48: the rest were dropped and counted while jobs ran ...
+                assert queued.get("queue_full", 0) > 0, queued
+                # ... and what was still queued at exit is counted too, not silently lost.
+                assert dropped.get("shutdown", 0) + dropped.get("export_failed", 0) > 0, dropped
+                accounted[mode] = sum(dropped.values())
+    finally:
+        hanging.close()
+    # Nothing was exported in either case, so every span of the same 7 jobs is in a counter.
+    assert accounted["down"] == accounted["hanging"], accounted
+    live = sorted(latency["live"])[3]
+    print("job latency ratio vs live collector:",
+          {m: round(sorted(v)[3] / live, 3) for m, v in latency.items()})  # fmt: skip
+
+
+def test_celery_hard_time_limit_takes_the_cad_process_group_with_the_pool_child(client, start_worker, engines):
+    """Scenario 5, hard limit: the pool process ignores the soft limit (as if
+    stuck in C code), so billiard kills it at the hard limit (4 s for this one
+    call, far below the runner's own timeout); the hung CAD process, which has
+    PR_SET_PDEATHSIG, goes with it, and the worker carries on."""
+    worker = start_worker(concurrency=1)
+    hung = {**TINY, "fault": "hang_unresponsive"}
+    started = time.monotonic()
+    handle = run_job.apply_async(args=[hung], queue=worker.queue, soft_time_limit=2, time_limit=4)
+    cad = wait_until(lambda: _cad_processes(worker), 60, what="the CAD process")[0]
+    pool_child = cad.parent()
+    with pytest.raises(Exception) as failed:  # noqa: PT011 - the worker's TimeLimitExceeded, re-raised
+        handle.get(timeout=60)
+    assert type(failed.value).__name__ == "TimeLimitExceeded", repr(failed.value)
+    assert time.monotonic() - started < 30, "the hard limit, not a later timeout, ended the job"
+    wait_until(lambda: not pool_child.is_running() or pool_child.status() == psutil.STATUS_ZOMBIE, 10,
+               what="pool child gone")  # fmt: skip
+    wait_until(lambda: not cad.is_running() or cad.status() == psutil.STATUS_ZOMBIE, 2, what="CAD process gone")
+    assert "Hard time limit (4s) exceeded" in worker.log.read_text()
+    assert run_job.apply_async(args=[TINY], queue=worker.queue).get(timeout=60)["status"] == "succeeded"
+
+
+def test_broker_stopped_and_restarted_mid_job_loses_no_accepted_job(redis_server, start_worker, engines):
+    """Scenario 9, stop/start (the SIGSTOP case is in test_api.py): the test's
+    own redis-server (append-only file on) goes away while one job runs and
+    another waits, and comes back on the same port. The worker reconnects by
+    itself; both jobs complete. A message the worker had reserved on the lost
+    connection comes back through Redis's visibility timeout (here 25 s):
+    at-least-once, so a job may run twice, never zero times."""
+    from celery import Celery
+
+    limits = {"CADSCOPE_TASK_TIME_LIMIT": "20", "CADSCOPE_TASK_SOFT_TIME_LIMIT": "15",
+              "CADSCOPE_VISIBILITY_TIMEOUT": "25"}  # fmt: skip
+    broker = {"CELERY_BROKER_URL": redis_server.url, "CELERY_RESULT_BACKEND": redis_server.url}
+    worker = start_worker(env={**broker, **limits}, concurrency=1)
+    client = configure_app(Celery("producer", set_as_current=False), redis_server.url)
+    client.conf.broker_transport_options = {**client.conf.broker_transport_options, "visibility_timeout": 25}
+    task = client.signature("cadscope.run_job")
+    running = task.apply_async(args=[{**PLATE, "engine": "freecad"}], queue=worker.queue)
+    waiting = task.apply_async(args=[TINY], queue=worker.queue)
+    wait_until(lambda: _cad_processes(worker), 60, what="the first job running")
+    redis_server.stop()
+    time.sleep(2)
+    assert worker.proc.poll() is None, "the worker must survive a broker outage"
+    redis_server.start()
+    # The producer's own result connection died with the server: read the results through a new one.
+    reader = configure_app(Celery("reader", set_as_current=False), redis_server.url)
+    results = [reader.AsyncResult(h.id).get(timeout=150) for h in (running, waiting)]
+    assert [r["status"] for r in results] == ["succeeded", "succeeded"]
+    assert worker.proc.poll() is None

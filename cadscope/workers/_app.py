@@ -102,6 +102,17 @@ def progress() -> ProgressService:
     return ProgressService(progress_store(app.conf.broker_url, WorkerSettings.from_env().data_dir))
 
 
+@signals.celeryd_init.connect
+def _on_celeryd_init(conf: Any = None, **_: Any) -> None:
+    """Worker only: a job that finished while Redis was restarting must not turn
+    into a failure because its result could not be stored. Retry storing it
+    (exponential backoff, up to ~5 min) instead. The API keeps the default:
+    its reads fail fast rather than hold a request for minutes."""
+    if conf is not None:
+        conf.result_backend_always_retry = True
+        conf.result_backend_max_retries = 40
+
+
 @signals.worker_init.connect
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
     settings = WorkerSettings.from_env()
