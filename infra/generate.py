@@ -38,6 +38,7 @@ THRESHOLDS = {
     "http_error_ratio": 0.05,  # seed 002: > 5 % 5xx
     "ai_latency_p95_s": 30,  # seed 004: provider latency > 30 s
     "ai_rate_limit_remaining": 0.10,  # seed 004: < 10 % of the provider's rate limit left
+    "spans_dropped_per_s": 0,  # any span the collector never got, sustained for 10 m
     "queue_messages": 50,  # backlog: more than 50 jobs waiting for 10 minutes
     "slo_success": 0.99,  # 99 % of flows succeed (28-day SLO); burn rates per the SRE workbook
 }
@@ -171,7 +172,8 @@ ALERTS = [
     ),
     Alert(
         "AIProviderHighErrorRate",
-        'sum by (provider) (rate(ai_provider_requests_total{outcome!="ok"}[5m]))'
+        # A refused prompt is the prompt's fault, not the provider's.
+        'sum by (provider) (rate(ai_provider_requests_total{outcome!~"ok|refused"}[5m]))'
         f" / sum by (provider) (rate(ai_provider_requests_total[5m])) > {THRESHOLDS['ai_error_ratio']}",
         "critical", "AI provider {{ $labels.provider }} failing",
         "{{ $value | humanizePercentage }} of calls to {{ $labels.provider }} failed over 5 m (threshold 10%).",
@@ -339,6 +341,42 @@ ALERTS = [
         below=[series('ai_provider_rate_limit_remaining_ratio{provider="openai_compatible", instance="w:9808"}',
                       "0.15x25")],
         labels={"provider": "openai_compatible", "instance": "w:9808"}, value_text="5%",
+    ),
+    Alert(
+        "AIProviderCircuitOpen",
+        "max by (provider) (ai_provider_circuit_state) == 2",
+        "warning", "AI provider {{ $labels.provider }} skipped: circuit open",
+        "The circuit breaker of {{ $labels.provider }} has been open for 5 m: prompts fail over to the next "
+        "provider (value {{ printf \"%.0f\" $value }}: 0 closed, 1 half-open, 2 open).",
+        "ai-provider-errors",
+        above=[series('ai_provider_circuit_state{provider="openai_compatible", instance="a:8000"}', "2x25")],
+        below=[series('ai_provider_circuit_state{provider="openai_compatible", instance="a:8000"}', "1x25")],
+        labels={"provider": "openai_compatible"}, value_text="2",
+    ),
+    Alert(
+        "TelemetrySpansDropped",
+        "sum by (instance, reason) (rate(cadscope_telemetry_spans_dropped_total[5m]))"
+        f" > {THRESHOLDS['spans_dropped_per_s']}",
+        "warning", "Spans dropped on {{ $labels.instance }} ({{ $labels.reason }})",
+        "{{ printf \"%.2f\" $value }} spans per second never reach the collector from {{ $labels.instance }} "
+        "(reason {{ $labels.reason }}): traces are incomplete.",
+        "telemetry-spans-dropped", for_="10m",
+        above=[series('cadscope_telemetry_spans_dropped_total{reason="queue_full", instance="w:9808"}', "0+6x40")],
+        below=[series('cadscope_telemetry_spans_dropped_total{reason="queue_full", instance="w:9808"}', "30x40")],
+        labels={"instance": "w:9808", "reason": "queue_full"}, value_text="0.10",
+    ),
+    Alert(
+        "SecurityViolation",
+        "sum by (instance, violation_type) (increase(cadscope_security_violations_total[5m])) > 0",
+        "critical", "Security violation on {{ $labels.instance }}: {{ $labels.violation_type }}",
+        "{{ printf \"%.0f\" $value }} {{ $labels.violation_type }} violation(s) in the last 5 m: an input document did not match its "
+        "checksum, or a document key tried to leave the store. The job was rejected; find out who sent it.",
+        "security-violation", for_="0m",
+        above=[series('cadscope_security_violations_total{violation_type="checksum_mismatch", severity="critical", '
+                      'instance="w:9808"}', "0 0 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1")],
+        below=[series('cadscope_security_violations_total{violation_type="checksum_mismatch", severity="critical", '
+                      'instance="w:9808"}', "1x25")],
+        labels={"instance": "w:9808", "violation_type": "checksum_mismatch"}, value_text="1", eval_time="3m",
     ),
     Alert(
         "JobSLOBurnRateFast",
