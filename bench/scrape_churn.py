@@ -54,8 +54,10 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--write")
     parser.add_argument("--dead", default="0,100,1000,10000")
+    parser.add_argument("--live", type=int, default=LIVE, help="live processes (issue 7's target: 64)")
     args = parser.parse_args()
-    sleepers = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"]) for _ in range(LIVE)]
+    live = args.live
+    sleepers = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"]) for _ in range(live)]
     rows = []
     try:
         for dead in (int(x) for x in args.dead.split(",")):
@@ -86,7 +88,7 @@ def main() -> int:
         for proc in sleepers:
             proc.kill()
     lines = [
-        f"### Scrape cost vs. fleet churn ({time.strftime('%Y-%m-%d')}, {LIVE} live processes, "
+        f"### Scrape cost vs. fleet churn ({time.strftime('%Y-%m-%d')}, {live} live processes, "
         f"{FAMILIES} families x {LABEL_SETS} label sets each, median of 5 scrapes)",
         "",
         "| dead processes | files before | files after compaction | upstream scrape | ours (compacted) | "

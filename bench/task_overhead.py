@@ -1,0 +1,135 @@
+"""Task overhead: a no-op Celery task over Redis, prefork worker, three stacks.
+
+bare (plain Celery) vs. upstream (opentelemetry-instrumentation-celery + SDK
+batch processor + OTLP gRPC + a prometheus_client counter and histogram) vs.
+cadscope (its worker app as deployed). See bench/_noop_app.py.
+
+Each round pre-fills a queue with N messages while no worker runs, starts a
+prefork worker, and times from its ``worker_ready`` to the queue drained and
+every message acknowledged (late ack). Worker-side CPU (main process and pool
+children, user + system) over the same interval, divided by N, is the
+microseconds per task. An OTLP gRPC receiver in this process takes the spans,
+so export costs what it costs. Modes are interleaved, rounds repeated.
+
+    python bench/task_overhead.py [--tasks 2000] [--rounds 3] [--write bench/RESULTS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import redis
+
+from cadscope.tracing.testing import OTLPReceiver
+
+HERE = Path(__file__).resolve().parent
+MODES = ("bare", "upstream", "cadscope")
+
+
+def _cpu(proc: psutil.Process) -> float:
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def run_round(mode: str, tasks: int, broker: str, endpoint: str, concurrency: int) -> tuple[float, float]:
+    client = redis.Redis.from_url(broker)
+    client.flushdb()
+    queue = f"bench-{mode}-{os.getpid()}"
+    env = {**os.environ, "BENCH_MODE": mode, "BENCH_BROKER": broker, "PYTHONPATH": str(HERE)}
+    with tempfile.TemporaryDirectory() as tmp:
+        sys.path.insert(0, str(HERE))
+        os.environ["BENCH_MODE"], os.environ["BENCH_BROKER"] = "bare", broker
+        import _noop_app  # the bare app is enough to publish
+
+        for _ in range(tasks):
+            _noop_app.noop.apply_async(queue=queue)
+        assert client.llen(queue) == tasks
+        env.update(
+            PROMETHEUS_MULTIPROC_DIR=str(Path(tmp) / "metrics"),
+            CADSCOPE_DATA_DIR=tmp,
+            CADSCOPE_METRICS_PORT="0",
+            OTEL_EXPORTER_OTLP_ENDPOINT=endpoint,
+            OTEL_EXPORTER_OTLP_INSECURE="true",
+        )
+        Path(env["PROMETHEUS_MULTIPROC_DIR"]).mkdir()
+        command = [sys.executable, "-m", "celery", "-A", "_noop_app", "worker", "--pool", "prefork",
+                   "--concurrency", str(concurrency), "-Q", queue, "--loglevel", "WARNING",
+                   "--without-gossip", "--without-mingle", "--without-heartbeat"]  # fmt: skip
+        worker = subprocess.Popen(command, env=env, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = psutil.Process(worker.pid)
+        try:
+            # The clock starts when the first message leaves the queue, the same way for every mode.
+            deadline = time.monotonic() + 60
+            while client.llen(queue) == tasks:
+                if time.monotonic() > deadline or worker.poll() is not None:
+                    raise RuntimeError(f"{mode}: worker did not start: {worker.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+                time.sleep(0.001)
+            started, cpu0 = time.perf_counter(), _cpu(proc)
+            left_at_start = client.llen(queue) + client.hlen("unacked")
+            while client.llen(queue) or client.hlen("unacked"):
+                time.sleep(0.002)
+            elapsed, cpu = time.perf_counter() - started, _cpu(proc) - cpu0
+        finally:
+            worker.terminate()
+            worker.wait(60)
+    done = left_at_start
+    return done / elapsed, cpu / done * 1e6
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tasks", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--broker", default="redis://127.0.0.1:6379/12")
+    parser.add_argument("--write")
+    args = parser.parse_args()
+    results: dict[str, list[tuple[float, float]]] = {m: [] for m in MODES}
+    with OTLPReceiver() as receiver:
+        for r in range(args.rounds):
+            for mode in MODES if r % 2 == 0 else reversed(MODES):
+                results[mode].append(run_round(mode, args.tasks, args.broker, receiver.endpoint, args.concurrency))
+                rate, us = results[mode][-1]
+                print(f"round {r + 1} {mode:9s} {rate:8.0f} tasks/s {us:8.0f} µs CPU/task", flush=True)
+    bare_rate = statistics.median(r for r, _ in results["bare"])
+    bare_us = statistics.median(u for _, u in results["bare"])
+    lines = [
+        f"\n### Task overhead: no-op task, prefork -c {args.concurrency}, Redis, {args.tasks} tasks x "
+        f"{args.rounds} rounds ({time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()})\n",
+        "| stack | throughput (median) | range | ratio to bare | worker CPU per task | extra vs bare |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for mode in MODES:
+        rates = [r for r, _ in results[mode]]
+        us = statistics.median(u for _, u in results[mode])
+        rate = statistics.median(rates)
+        lines.append(
+            f"| {mode} | {rate:.0f} tasks/s | {min(rates):.0f}–{max(rates):.0f} | **{rate / bare_rate:.3f}** "
+            f"| {us:.0f} µs | {us - bare_us:+.0f} µs |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.write:
+        with open(args.write, "a") as out:
+            out.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
