@@ -111,3 +111,93 @@ def test_setup_tracing_is_idempotent(monkeypatch):
     assert first is second
     assert first.resource.attributes["service.name"] == "svc"
     first.shutdown()
+
+
+@pytest.fixture
+def consumer_tracing():
+    """Celery's own task tracer (``build_tracer``, what a pool child runs for each
+    message, headers flattened into the request) with our consumer handlers."""
+    from celery import Celery
+    from celery.app.trace import build_tracer
+
+    from cadscope.tracing import instrument_celery_worker, uninstrument_celery_worker
+
+    provider, exporter = in_memory_provider()
+    app = Celery("consumer-tracing", set_as_current=False)
+    seen = {}
+
+    @app.task(name="t.ok", bind=True)
+    def ok(self):
+        seen["current"] = trace.get_current_span().get_span_context()
+        return 1
+
+    @app.task(name="t.boom")
+    def boom():
+        raise ValueError("no such part")
+
+    @app.task(name="t.expected", throws=(KeyError,))
+    def expected():
+        raise KeyError("known")
+
+    def run(task, headers=None, task_id="job-1"):
+        request = {"id": task_id, "task": task.name, "retries": 0, "hostname": "w@h",
+                   "delivery_info": {"routing_key": "cadscope", "exchange": ""}, **(headers or {})}  # fmt: skip
+        build_tracer(task.name, task, app=app, eager=False, propagate=False)(task_id, (), {}, request)
+
+    instrument_celery_worker(provider)
+    try:
+        yield run, {"ok": ok, "boom": boom, "expected": expected}, exporter, seen
+    finally:
+        uninstrument_celery_worker()
+
+
+def test_consumer_span_continues_the_publishers_trace(consumer_tracing):
+    run, tasks, exporter, seen = consumer_tracing
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    before = trace.get_current_span()
+    run(tasks["ok"], {"traceparent": parent})
+    [span] = exporter.get_finished_spans()
+    assert span.name == "run/t.ok" and span.kind is trace.SpanKind.CONSUMER
+    assert f"{span.context.trace_id:032x}" == "0af7651916cd43dd8448eb211c80319c"
+    assert f"{span.parent.span_id:016x}" == "b7ad6b7169203331"  # a parent, not a link
+    assert dict(span.attributes) == {
+        "celery.action": "run",
+        "celery.task_name": "t.ok",
+        "messaging.message.id": "job-1",
+        "messaging.destination": "cadscope",
+        "celery.state": "SUCCESS",
+    }
+    assert seen["current"].span_id == span.context.span_id  # the task body runs inside the span
+    assert trace.get_current_span() is before  # and the context is restored after it
+
+
+def test_consumer_span_records_failures_but_not_declared_throws(consumer_tracing):
+    run, tasks, exporter, _ = consumer_tracing
+    run(tasks["boom"], task_id="job-2")
+    run(tasks["expected"], task_id="job-3")
+    failed, expected = exporter.get_finished_spans()
+    assert failed.status.status_code is trace.StatusCode.ERROR
+    assert failed.attributes["error.type"] == "ValueError"
+    assert failed.attributes["celery.state"] == "FAILURE"
+    assert [e.name for e in failed.events] == ["exception"]
+    assert expected.status.status_code is trace.StatusCode.UNSET
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"traceparent": "00-00000000000000000000000000000000-b7ad6b7169203331-01"},
+        {"traceparent": "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
+        {"traceparent": "00-0AF7651916CD43DD8448EB211C80319C-B7AD6B7169203331-01"},
+        {"traceparent": ["00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"]},
+        {"traceparent": 7, "tracestate": {"a": 1}, "baggage": ["x"]},
+        {"traceparent": "0" * 100_000, "tracestate": ",".join(f"k{i}=v" for i in range(500))},
+    ],
+    ids=["zero-trace-id", "version-ff", "upper-case", "list", "non-strings", "huge"],
+)
+def test_hostile_headers_start_a_new_trace_and_never_raise(consumer_tracing, headers):
+    run, tasks, exporter, seen = consumer_tracing
+    run(tasks["ok"], headers)
+    [span] = exporter.get_finished_spans()
+    assert span.parent is None and span.context.is_valid
+    assert span.attributes["celery.state"] == "SUCCESS"

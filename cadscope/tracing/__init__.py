@@ -16,6 +16,7 @@ turn on OTLP export; ``CADSCOPE_TRACES_FILE`` writes OTLP/JSON lines.
 from __future__ import annotations
 
 from ._carrier import EnvGetter, EnvSetter, extract_from_env, inject_into_env, normalise_key
+from ._celery import instrument_celery_worker, uninstrument_celery_worker
 from ._ids import PinnableIdGenerator, pinned_span_id
 from ._logging import JsonFormatter, configure_json_logging, job_id_var
 from ._otlpjson import OTLPJsonFileSpanExporter, spans_to_otlp_json
@@ -32,10 +33,12 @@ __all__ = [
     "flush_tracing",
     "get_tracer_provider",
     "inject_into_env",
+    "instrument_celery_worker",
     "job_id_var",
     "normalise_key",
     "pinned_span_id",
     "setup_tracing",
     "shutdown_tracing",
     "spans_to_otlp_json",
+    "uninstrument_celery_worker",
 ]

@@ -1,0 +1,148 @@
+"""The consumer side of Celery tracing, lean: one CONSUMER span per task run.
+
+opentelemetry-instrumentation-celery stays on the publishing side (the API and
+the CLI): its PRODUCER span ``apply_async/<task>`` injects ``traceparent`` into
+the message headers. In the worker, its ``task_prerun``/``task_postrun``
+handlers cost about twice what this module does per task (bench/RESULTS.md,
+"Task overhead"), mostly in attributes that every span then carries through
+export: the ``repr()`` of ``delivery_info``, ``reply_to``, ``timelimit``,
+``hostname`` (already on the resource as ``host.name``), a conversation id
+equal to the message id, plus a no-op duration histogram we never export.
+
+This module keeps what a trace reader uses, under the same names, so queries
+written against upstream keep working:
+
+- span ``run/<task name>``, kind CONSUMER, child of the publisher's span
+  (a parent, not a link: one trace from the request to the deepest OCCT span);
+- ``celery.action="run"``, ``celery.task_name``, ``messaging.message.id``,
+  ``messaging.destination`` (the routing key), ``celery.retries`` when > 0,
+  ``celery.state`` at the end;
+- ERROR status and an exception event on failure (unless the task declares the
+  exception in ``throws``), ``celery.retry.reason`` on retry.
+
+Header values that are not strings are ignored rather than coerced, so a
+hostile message cannot feed lists or numbers into the W3C propagator; invalid
+``traceparent`` values start a new trace, as the W3C spec says.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import signals
+from opentelemetry import context, propagate, trace
+from opentelemetry.propagators.textmap import Getter
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+__all__ = ["instrument_celery_worker", "uninstrument_celery_worker"]
+
+log = logging.getLogger(__name__)
+
+
+class _RequestGetter(Getter[Any]):
+    """Reads propagation headers off a Celery request (headers become attributes)."""
+
+    def get(self, carrier: Any, key: str) -> list[str] | None:
+        value = getattr(carrier, key, None)
+        return [value] if isinstance(value, str) else None
+
+    def keys(self, carrier: Any) -> list[str]:
+        return []
+
+
+_GETTER = _RequestGetter()
+
+
+class _WorkerTracing:
+    def __init__(self, tracer_provider: trace.TracerProvider | None) -> None:
+        self._tracer = trace.get_tracer("cadscope.celery", tracer_provider=tracer_provider)
+        # task id -> (span, context token); one entry per task running in this process.
+        self._live: dict[str, tuple[trace.Span, object]] = {}
+
+    def connect(self) -> None:
+        signals.task_prerun.connect(self.on_prerun, weak=False)
+        signals.task_postrun.connect(self.on_postrun, weak=False)
+        signals.task_failure.connect(self.on_failure, weak=False)
+        signals.task_retry.connect(self.on_retry, weak=False)
+
+    def disconnect(self) -> None:
+        signals.task_prerun.disconnect(self.on_prerun)
+        signals.task_postrun.disconnect(self.on_postrun)
+        signals.task_failure.disconnect(self.on_failure)
+        signals.task_retry.disconnect(self.on_retry)
+        self._live.clear()
+
+    def on_prerun(self, task_id: str | None = None, task: Any = None, **_: Any) -> None:
+        if task is None or not task_id:
+            return
+        request = task.request
+        parent = propagate.extract(request, getter=_GETTER)
+        attributes: dict[str, Any] = {
+            "celery.action": "run",
+            "celery.task_name": task.name,
+            "messaging.message.id": task_id,
+        }
+        delivery = getattr(request, "delivery_info", None)
+        if isinstance(delivery, dict) and isinstance(delivery.get("routing_key"), str):
+            attributes["messaging.destination"] = delivery["routing_key"]
+        retries = getattr(request, "retries", 0)
+        if isinstance(retries, int) and retries > 0:
+            attributes["celery.retries"] = retries
+        span = self._tracer.start_span(
+            f"run/{task.name}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes
+        )
+        token = context.attach(trace.set_span_in_context(span, parent))
+        self._live[task_id] = (span, token)
+
+    def on_postrun(self, task_id: str | None = None, state: str | None = None, **_: Any) -> None:
+        entry = self._live.pop(task_id, None) if task_id else None
+        if entry is None:
+            return
+        span, token = entry
+        if state is not None:
+            span.set_attribute("celery.state", str(state))
+        span.end()
+        try:
+            context.detach(token)  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001 - a foreign context change must not fail the task
+            log.debug("context detach failed", exc_info=True)
+
+    def on_failure(self, task_id: str | None = None, exception: BaseException | None = None,
+                   sender: Any = None, **_: Any) -> None:  # fmt: skip
+        entry = self._live.get(task_id) if task_id else None
+        if entry is None or not entry[0].is_recording():
+            return
+        span = entry[0]
+        throws = getattr(sender, "throws", ())
+        if exception is not None and throws and isinstance(exception, tuple(throws)):
+            return  # an expected exception: Celery logs it at INFO, we do not call it an error
+        if exception is not None:
+            span.record_exception(exception)
+            span.set_attribute("error.type", type(exception).__qualname__)
+        span.set_status(Status(StatusCode.ERROR, str(exception) if exception is not None else None))
+
+    def on_retry(self, request: Any = None, reason: Any = None, **_: Any) -> None:
+        task_id = getattr(request, "id", None)
+        entry = self._live.get(task_id) if isinstance(task_id, str) else None
+        if entry is not None and entry[0].is_recording():
+            entry[0].set_attribute("celery.retry.reason", str(reason))
+
+
+_installed: _WorkerTracing | None = None
+
+
+def instrument_celery_worker(tracer_provider: trace.TracerProvider | None = None) -> None:
+    """Trace every task this process runs (idempotent; call after fork, in
+    ``worker_process_init``, once the tracer provider exists)."""
+    global _installed
+    if _installed is None:
+        _installed = _WorkerTracing(tracer_provider)
+        _installed.connect()
+
+
+def uninstrument_celery_worker() -> None:
+    global _installed
+    if _installed is not None:
+        _installed.disconnect()
+        _installed = None
