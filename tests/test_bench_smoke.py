@@ -18,3 +18,15 @@ def test_scrape_churn_runs_and_compaction_keeps_the_exposition(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line for line in out.read_text().splitlines() if line.startswith("| 20 |")]
     assert rows and "| 28 | 9 |" in rows[0]  # 8 live + 20 dead files, then 8 live + 1 accumulator
+
+
+def test_task_cpu_runs_and_every_span_reaches_the_collector(tmp_path):
+    out = tmp_path / "results.md"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "task_cpu.py"), "--tasks", "300", "--rounds", "1", "--write", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    # The script exits non-zero when a stack's collector did not receive every span.
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    stacks = [line.split(" | ")[0].lstrip("| ") for line in out.read_text().splitlines() if " µs | " in line]
+    assert stacks == ["bare", "upstream", "cadscope-upstream-consumer", "cadscope"]

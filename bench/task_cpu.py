@@ -1,0 +1,217 @@
+"""Per-task CPU of the instrumentation in a pool process, without the noise.
+
+bench/task_overhead.py measures the real thing (a prefork worker over Redis)
+but on a 2-core VM its rounds scatter by ±15 %, more than the effect. This
+script isolates what instrumentation adds where it runs, in the pool process:
+it drives Celery's own task tracer (``celery.app.trace.build_tracer``, what a
+pool child calls for every message, with the producer's ``traceparent`` among
+the flattened headers) in a loop, in one process per stack, and reads the
+process's CPU time (all threads, so span export counts) over N tasks, ending
+with a flush so every span has been encoded and sent over OTLP/gRPC to a
+sink in the parent.
+
+Stacks (one fresh process each, interleaved, repeated):
+
+- ``bare``: the task alone;
+- ``upstream``: opentelemetry-instrumentation-celery, the SDK's
+  ``BatchSpanProcessor``, OTLP gRPC, a prometheus_client counter and histogram
+  (multiprocess mode): what DESIGN.md measured;
+- ``cadscope-upstream-consumer``: cadscope's worker setup (bounded processor,
+  catalogue metrics) with opentelemetry-instrumentation-celery's consumer
+  handlers, as cadscope shipped before ``cadscope.tracing._celery``;
+- ``cadscope``: cadscope's worker setup with its lean consumer handlers.
+
+    python bench/task_cpu.py [--tasks 20000] [--rounds 5] [--write bench/RESULTS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent import futures
+from typing import Any
+
+STACKS = ("bare", "upstream", "cadscope-upstream-consumer", "cadscope")
+WARM_UP = 1000
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+class NullCollector:
+    """An OTLP/gRPC trace endpoint that only counts the spans it receives (in
+    another process than the one measured, so its work is not charged to the
+    stack under test)."""
+
+    def __init__(self) -> None:
+        self.spans = 0
+
+    def __enter__(self) -> NullCollector:
+        import grpc
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        def export(request: bytes, context: Any) -> bytes:
+            parsed = ExportTraceServiceRequest.FromString(request)
+            self.spans += sum(len(ss.spans) for rs in parsed.resource_spans for ss in rs.scope_spans)
+            return b""  # an empty ExportTraceServiceResponse
+
+        handler = grpc.method_handlers_generic_handler(
+            "opentelemetry.proto.collector.trace.v1.TraceService",
+            {"Export": grpc.unary_unary_rpc_method_handler(export)},
+        )
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        self._server.add_generic_rpc_handlers((handler,))
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self._server.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.stop(grace=1)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def child(stack: str, tasks: int) -> dict[str, float]:
+    """Runs in a fresh process: set the stack up as a pool child would, then time N tasks."""
+    from celery import Celery
+    from celery.app.trace import build_tracer
+
+    app = Celery("bench-cpu", set_as_current=True)
+    app.conf.update(task_ignore_result=True, result_backend=None)
+    flush = None
+
+    if stack == "bare":
+
+        @app.task(name="bench.noop")
+        def noop() -> None:
+            return None
+
+    elif stack == "upstream":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.instrumentation.celery import CeleryInstrumentor
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from prometheus_client import Counter, Histogram
+
+        tasks_total = Counter("bench_tasks", "Tasks run.", ("task", "outcome"))
+        runtime = Histogram("bench_task_runtime_seconds", "Task run time.", ("task",))
+        provider = TracerProvider()
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        CeleryInstrumentor().instrument(tracer_provider=provider)
+        flush = provider.force_flush
+
+        @app.task(name="bench.noop")
+        def noop() -> None:
+            started = time.perf_counter()
+            tasks_total.labels("bench.noop", "success").inc()
+            runtime.labels("bench.noop").observe(time.perf_counter() - started)
+
+    else:
+        from cadscope.metrics import default_observability
+        from cadscope.tracing import flush_tracing, instrument_celery_worker, setup_tracing
+
+        provider = setup_tracing("bench-cpu", on_drop=default_observability().record_spans_dropped)
+        if stack == "cadscope":
+            instrument_celery_worker(provider)
+        else:
+            from opentelemetry.instrumentation.celery import CeleryInstrumentor
+
+            CeleryInstrumentor().instrument(tracer_provider=provider)
+        flush = flush_tracing  # type: ignore[assignment]
+
+        @app.task(name="bench.noop")
+        def noop() -> None:
+            started = time.perf_counter()
+            m = default_observability().metrics
+            m.task_outcomes.labels("bench.noop", "success").inc()
+            m.task_runtime.labels("bench.noop", "success").observe(time.perf_counter() - started)
+
+    trace_task = build_tracer(noop.name, noop, app=app, eager=False, propagate=False)
+
+    def run(n: int, offset: int) -> None:
+        for i in range(offset, offset + n):
+            task_id = f"job-{i:08d}"
+            request = {"id": task_id, "task": noop.name, "retries": 0, "hostname": "bench@host",
+                       "delivery_info": {"exchange": "", "routing_key": "cadscope", "priority": 0,
+                                         "redelivered": False},
+                       "reply_to": "8fe6b313-2d9b-3ffa-99f1-fdbd326c4878", "correlation_id": task_id,
+                       "timelimit": [900, 840], "traceparent": TRACEPARENT}  # fmt: skip
+            trace_task(task_id, (), {}, request)
+
+    run(WARM_UP, 0)  # imports, first spans, the gRPC channel
+    if flush is not None:
+        flush()
+    cpu0 = time.process_time()
+    run(tasks, WARM_UP)
+    if flush is not None:
+        flush()
+    cpu = time.process_time() - cpu0
+    return {"us_per_task": cpu / tasks * 1e6}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tasks", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--write")
+    parser.add_argument("--child", choices=STACKS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.tasks)))
+        return 0
+    results: dict[str, list[float]] = {s: [] for s in STACKS}
+    with NullCollector() as sink, tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for stack in STACKS if r % 2 == 0 else tuple(reversed(STACKS)):
+                metrics_dir = os.path.join(tmp, f"{stack}-{r}")
+                os.mkdir(metrics_dir)
+                env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint,
+                       "OTEL_EXPORTER_OTLP_INSECURE": "true", "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
+                       "CADSCOPE_TRACES_FILE": ""}  # fmt: skip
+                before = sink.spans
+                out = subprocess.run(
+                    [sys.executable, __file__, "--child", stack, "--tasks", str(args.tasks)],
+                    env=env, capture_output=True, text=True, timeout=600, check=True,
+                )  # fmt: skip
+                us = json.loads(out.stdout.strip().splitlines()[-1])["us_per_task"]
+                received = sink.spans - before
+                # Every task's span must have reached the collector: a stack that dropped
+                # spans (queue full) would look cheaper than it is.
+                expected = 0 if stack == "bare" else args.tasks + WARM_UP
+                if received != expected:
+                    raise SystemExit(f"{stack}: the collector received {received} spans, expected {expected}")
+                results[stack].append(us)
+                print(f"round {r + 1} {stack:28s} {us:7.1f} µs CPU/task, {received} spans exported", flush=True)
+    bare = statistics.median(results["bare"])
+    lines = [
+        f"\n### Task CPU in the pool process: Celery's task tracer in a loop, {args.tasks} tasks x "
+        f"{args.rounds} rounds, OTLP/gRPC to a null collector ({time.strftime('%Y-%m-%d')}, "
+        f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+        "`python bench/task_cpu.py`)\n",
+        "| stack | CPU per task (median) | range | added by instrumentation |",
+        "| --- | --- | --- | --- |",
+    ]
+    for stack in STACKS:
+        values = results[stack]
+        median = statistics.median(values)
+        lines.append(
+            f"| {stack} | {median:.1f} µs | {min(values):.1f}–{max(values):.1f} µs | **{median - bare:+.1f} µs** |"
+        )
+    lines.append("\nEvery span of every instrumented run reached the collector (checked per run).")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.write:
+        with open(args.write, "a") as handle:
+            handle.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
