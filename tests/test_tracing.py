@@ -119,6 +119,7 @@ def consumer_tracing():
     message, headers flattened into the request) with our consumer handlers."""
     from celery import Celery
     from celery.app.trace import build_tracer
+    from opentelemetry.instrumentation.celery import CeleryInstrumentor
 
     from cadscope.tracing import instrument_celery_worker, uninstrument_celery_worker
 
@@ -144,11 +145,20 @@ def consumer_tracing():
                    "delivery_info": {"routing_key": "cadscope", "exchange": ""}, **(headers or {})}  # fmt: skip
         build_tracer(task.name, task, app=app, eager=False, propagate=False)(task_id, (), {}, request)
 
+    # The hard case: opentelemetry-instrumentation-celery instrumented in the same
+    # process too (auto-instrumentation; the test session's producer). Its consumer
+    # handlers must give way, or every run would get two spans and a leaked context.
+    upstream = CeleryInstrumentor()
+    ours_to_undo = not upstream.is_instrumented_by_opentelemetry
+    if ours_to_undo:
+        upstream.instrument(tracer_provider=provider)
     instrument_celery_worker(provider)
     try:
         yield run, {"ok": ok, "boom": boom, "expected": expected}, exporter, seen
     finally:
         uninstrument_celery_worker()
+        if ours_to_undo:
+            upstream.uninstrument()
 
 
 def test_consumer_span_continues_the_publishers_trace(consumer_tracing):

@@ -23,6 +23,11 @@ written against upstream keep working:
 Header values that are not strings are ignored rather than coerced, so a
 hostile message cannot feed lists or numbers into the W3C propagator; invalid
 ``traceparent`` values start a new trace, as the W3C spec says.
+
+If opentelemetry-instrumentation-celery is also instrumented in the process
+(``opentelemetry-instrument celery worker``, say), its consumer handlers are
+disconnected while ours are connected, so a task run gets one span, not two
+nested ones; its publisher handlers stay.
 """
 
 from __future__ import annotations
@@ -54,13 +59,33 @@ class _RequestGetter(Getter[Any]):
 _GETTER = _RequestGetter()
 
 
+def _upstream_consumer_handlers() -> list[tuple[Any, Any]]:
+    """opentelemetry-instrumentation-celery's task-run handlers, if it is instrumented here."""
+    try:
+        from opentelemetry.instrumentation.celery import CeleryInstrumentor
+    except ImportError:
+        return []
+    upstream = CeleryInstrumentor()  # a singleton
+    if not upstream.is_instrumented_by_opentelemetry:
+        return []
+    names = (("task_prerun", "_trace_prerun"), ("task_postrun", "_trace_postrun"),
+             ("task_failure", "_trace_failure"), ("task_retry", "_trace_retry"))  # fmt: skip
+    return [
+        (getattr(signals, signal), getattr(upstream, method)) for signal, method in names if hasattr(upstream, method)
+    ]
+
+
 class _WorkerTracing:
     def __init__(self, tracer_provider: trace.TracerProvider | None) -> None:
         self._tracer = trace.get_tracer("cadscope.celery", tracer_provider=tracer_provider)
         # task id -> (span, context token); one entry per task running in this process.
         self._live: dict[str, tuple[trace.Span, object]] = {}
+        self._displaced: list[tuple[Any, Any]] = []
 
     def connect(self) -> None:
+        for signal, handler in _upstream_consumer_handlers():
+            if signal.disconnect(handler):
+                self._displaced.append((signal, handler))
         signals.task_prerun.connect(self.on_prerun, weak=False)
         signals.task_postrun.connect(self.on_postrun, weak=False)
         signals.task_failure.connect(self.on_failure, weak=False)
@@ -71,6 +96,9 @@ class _WorkerTracing:
         signals.task_postrun.disconnect(self.on_postrun)
         signals.task_failure.disconnect(self.on_failure)
         signals.task_retry.disconnect(self.on_retry)
+        for signal, handler in self._displaced:
+            signal.connect(handler, weak=False)
+        self._displaced.clear()
         self._live.clear()
 
     def on_prerun(self, task_id: str | None = None, task: Any = None, **_: Any) -> None:
