@@ -2,14 +2,19 @@
 
 1. Job overhead: the standard job on each engine, fully instrumented
    (``run_cad_job``: spans re-emitted through a batch processor, metrics,
-   trace propagation, the probe writing to its pipe) vs. bare (the same engine
-   script through ``subprocess.run`` with no telemetry pipe, so the probe is a
-   no-op, and no spans or metrics). Runs are interleaved A/B so drift hits
-   both sides alike; we report medians and the ratio of medians.
+   trace propagation, the probe writing to its pipe, the contained runner and
+   the manifest check) vs. bare (the same engine script through
+   ``subprocess.run`` with no telemetry pipe, so the probe is a no-op, and no
+   spans or metrics). Both sides write the job file inside their timing.
+   Runs are interleaved A/B, alternating which goes first, so drift hits both
+   sides alike. On a 2-core VM one run scatters by +-10 %, so the figure is
+   the median of the *paired* ratios (run i instrumented / run i bare) with a
+   95 % bootstrap interval, for wall time and for CPU time (this process,
+   its threads and its reaped children: the CAD process included).
 2. Probe cost: microseconds per event (a span is two events) in the child,
    in this Python and in FreeCAD's own, writing to a pipe a reader drains.
 
-    python bench/job_overhead.py [--runs 15] [--write bench/RESULTS.md]
+    python bench/job_overhead.py [--runs 100] [--write bench/RESULTS.md]
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import argparse
 import json
 import os
 import platform
+import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -84,13 +91,18 @@ def probe_cost(python_argv: list[str], n: int = 20_000) -> float:
     raise RuntimeError(f"probe benchmark printed nothing useful:\n{out[-2000:]}")
 
 
-def bare_run(engine, job: JobSpec, out: Path) -> float:
+def _cpu() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def bare_run(engine, job: JobSpec, out: Path) -> tuple[float, float]:
+    start, cpu = time.perf_counter(), _cpu()
     work = out / ".cadscope"
     work.mkdir(parents=True, exist_ok=True)
     payload = {"job": {**job.model_dump(mode="json"), "job_id": "bench"}, "material_library": material_library_path()}
     (work / "job.json").write_text(json.dumps(payload))
     env = build_env(extra={"CADSCOPE_JOB": str(work / "job.json"), "CADSCOPE_OUT": str(out), "HOME": _engine_home()})
-    start = time.perf_counter()
     proc = subprocess.run(
         list(engine.argv),
         env=env,
@@ -99,14 +111,16 @@ def bare_run(engine, job: JobSpec, out: Path) -> float:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, _cpu() - cpu
     if proc.returncode != 0 or not any(out.glob("*.step")):
         raise RuntimeError("bare run failed")
-    return elapsed
+    return elapsed, cpu
 
 
-def instrumented_run(engine, job: JobSpec, out: Path, obs: ModelObservability, provider: TracerProvider) -> float:
-    start = time.perf_counter()
+def instrumented_run(
+    engine, job: JobSpec, out: Path, obs: ModelObservability, provider: TracerProvider
+) -> tuple[float, float]:
+    start, cpu = time.perf_counter(), _cpu()
     with provider.get_tracer("bench").start_as_current_span("task"):
         result = run_cad_job(
             job,
@@ -117,15 +131,23 @@ def instrumented_run(engine, job: JobSpec, out: Path, obs: ModelObservability, p
             limits=RunLimits(timeout_s=300),
             tracer_provider=provider,
         )
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, _cpu() - cpu
     if not result.ok:
         raise RuntimeError(f"instrumented run failed: {result.outcome} {result.error_message}")
-    return elapsed
+    return elapsed, cpu
+
+
+def paired(instrumented: list[float], bare: list[float], resamples: int = 4000) -> tuple[float, float, float]:
+    """Median of the paired ratios and its 95 % percentile-bootstrap interval."""
+    ratios = [i / b for i, b in zip(instrumented, bare, strict=True)]
+    rng = random.Random(7)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return statistics.median(ratios), medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--write", help="append a results section to this Markdown file")
     args = parser.parse_args()
 
@@ -138,15 +160,18 @@ def main() -> int:
         f"### Job overhead and probe cost ({time.strftime('%Y-%m-%d')})",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"{platform.platform()}. Runs per side: {args.runs}, interleaved A/B, after one warm-up each.",
+        f"{platform.platform()}. Runs per side: {args.runs}, interleaved A/B, after one warm-up each. "
+        "Ratios: median of paired ratios [95 % bootstrap interval].",
         "",
-        "| engine (FreeCAD / OCCT) | bare median | instrumented median | ratio | bare range | instrumented range |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| engine (FreeCAD / OCCT) | bare wall median | instrumented wall median | wall ratio | CPU ratio "
+        "| bare wall range | instrumented wall range |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, engine in sorted(engines.items()):
         spec = dict(PLATE, engine=name)
         job = JobSpec.model_validate(spec)
-        bare, instrumented = [], []
+        bare: list[tuple[float, float]] = []
+        instrumented: list[tuple[float, float]] = []
         root = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
         try:
             bare_run(engine, job, root / "warm-bare")
@@ -163,11 +188,15 @@ def main() -> int:
                     shutil.rmtree(out)
         finally:
             shutil.rmtree(root, ignore_errors=True)
-        mb, mi = statistics.median(bare), statistics.median(instrumented)
+        bare_wall, inst_wall = [w for w, _ in bare], [w for w, _ in instrumented]
+        wall = paired(inst_wall, bare_wall)
+        cpu = paired([c for _, c in instrumented], [c for _, c in bare])
         lines.append(
-            f"| {name} ({engine.freecad_version} / {engine.occt_version}) | {mb * 1000:.1f} ms | {mi * 1000:.1f} ms | "
-            f"**{mi / mb:.3f}** | {min(bare) * 1000:.0f}–{max(bare) * 1000:.0f} ms | "
-            f"{min(instrumented) * 1000:.0f}–{max(instrumented) * 1000:.0f} ms |"
+            f"| {name} ({engine.freecad_version} / {engine.occt_version}) "
+            f"| {statistics.median(bare_wall) * 1000:.1f} ms | {statistics.median(inst_wall) * 1000:.1f} ms "
+            f"| **{wall[0]:.3f}** [{wall[1]:.3f}–{wall[2]:.3f}] | **{cpu[0]:.3f}** [{cpu[1]:.3f}–{cpu[2]:.3f}] "
+            f"| {min(bare_wall) * 1000:.0f}–{max(bare_wall) * 1000:.0f} ms "
+            f"| {min(inst_wall) * 1000:.0f}–{max(inst_wall) * 1000:.0f} ms |"
         )
         print(lines[-1], flush=True)
     provider.shutdown()
