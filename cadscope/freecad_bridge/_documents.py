@@ -77,25 +77,23 @@ class DocumentCache:
         self.evict(keep=path)
         return path
 
-    def entries(self) -> list[os.stat_result]:
+    def _scan(self) -> list[tuple[str, os.stat_result]]:
+        """Cached documents (not the dot-named staging files), each with its stat;
+        a file another pool process evicts meanwhile is skipped."""
         found = []
         for entry in os.scandir(self.root):
             if entry.is_file() and not entry.name.startswith("."):
                 try:
-                    found.append(entry.stat())
+                    found.append((entry.path, entry.stat()))
                 except FileNotFoundError:
                     pass
         return found
 
+    def entries(self) -> list[os.stat_result]:
+        return [stat for _, stat in self._scan()]
+
     def evict(self, keep: Path | None = None) -> None:
-        files = []
-        for entry in os.scandir(self.root):
-            if entry.is_file() and not entry.name.startswith(".") and entry.path != str(keep):
-                try:
-                    stat = entry.stat()
-                except FileNotFoundError:
-                    continue
-                files.append((stat.st_mtime, stat.st_size, entry.path))
+        files = [(stat.st_mtime, stat.st_size, path) for path, stat in self._scan() if path != str(keep)]
         total = sum(size for _, size, _ in files) + (keep.stat().st_size if keep else 0)
         for _, size, path in sorted(files):  # oldest use first
             if total <= self.max_bytes:
