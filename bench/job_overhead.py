@@ -34,6 +34,7 @@ import textwrap
 import time
 from pathlib import Path
 
+from _common import publish
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -205,11 +206,7 @@ def main() -> int:
     lines.append(f"| {sys.executable} ({platform.python_version()}) | **{probe_cost([sys.executable]):.2f}** |")
     if "freecad" in engines:
         lines.append(f"| freecadcmd (FreeCAD's Python) | **{probe_cost([engines['freecad'].argv[0]]):.2f}** |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write:
-        with open(args.write, "a") as handle:
-            handle.write("\n" + text)
+    publish("\n" + "\n".join(lines) + "\n", args.write)
     return 0
 
 

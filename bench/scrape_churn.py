@@ -21,6 +21,7 @@ import tempfile
 import time
 from timeit import default_timer
 
+from _common import publish
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -98,11 +99,7 @@ def main() -> int:
     for dead, before, after, up, ours_ms, compact_ms in rows:
         lines.append(f"| {dead:,} | {before:,} | {after} | {up:.1f} ms | **{ours_ms:.1f} ms** | {ours_ms / up:.3f} | "
                      f"{compact_ms:.0f} ms |")  # fmt: skip
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write:
-        with open(args.write, "a") as handle:
-            handle.write("\n" + text)
+    publish("\n" + "\n".join(lines) + "\n", args.write)
     return 0
 
 

@@ -35,47 +35,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent import futures
-from typing import Any
+
+from _common import NullCollector, publish
 
 STACKS = ("bare", "upstream", "cadscope-upstream-consumer", "cadscope")
 WARM_UP = 1000
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-
-
-class NullCollector:
-    """An OTLP/gRPC trace endpoint that only counts the spans it receives (in
-    another process than the one measured, so its work is not charged to the
-    stack under test)."""
-
-    def __init__(self) -> None:
-        self.spans = 0
-
-    def __enter__(self) -> NullCollector:
-        import grpc
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-
-        def export(request: bytes, context: Any) -> bytes:
-            parsed = ExportTraceServiceRequest.FromString(request)
-            self.spans += sum(len(ss.spans) for rs in parsed.resource_spans for ss in rs.scope_spans)
-            return b""  # an empty ExportTraceServiceResponse
-
-        handler = grpc.method_handlers_generic_handler(
-            "opentelemetry.proto.collector.trace.v1.TraceService",
-            {"Export": grpc.unary_unary_rpc_method_handler(export)},
-        )
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        self._server.add_generic_rpc_handlers((handler,))
-        self.port = self._server.add_insecure_port("127.0.0.1:0")
-        self._server.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.stop(grace=1)
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
 
 def child(stack: str, tasks: int) -> dict[str, float]:
@@ -205,11 +170,7 @@ def main() -> int:
             f"| {stack} | {median:.1f} µs | {min(values):.1f}–{max(values):.1f} µs | **{median - bare:+.1f} µs** |"
         )
     lines.append("\nEvery span of every instrumented run reached the collector (checked per run).")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write:
-        with open(args.write, "a") as handle:
-            handle.write(text)
+    publish("\n".join(lines) + "\n", args.write)
     return 0
 
 

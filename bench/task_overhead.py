@@ -9,7 +9,7 @@ prefork worker, and times from its ``worker_ready`` to the queue drained and
 every message acknowledged (late ack). Worker-side CPU (main process and pool
 children, user + system) over the same interval, divided by N, is the
 microseconds per task. An OTLP gRPC endpoint in this process takes the spans
-and only counts them (``task_cpu.NullCollector``): export costs the worker what
+and only counts them (``_common.NullCollector``): export costs the worker what
 it costs, while a collector's own work, which runs elsewhere in a fleet, is not
 charged to the 2 cores under test. Modes are interleaved, rounds repeated.
 bench/task_cpu.py isolates the pool process's share with less noise.
@@ -31,11 +31,9 @@ from pathlib import Path
 
 import psutil
 import redis
+from _common import NullCollector, publish
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from task_cpu import NullCollector  # noqa: E402
 
 MODES = ("bare", "upstream", "cadscope")
 
@@ -128,11 +126,7 @@ def main() -> int:
             f"| {mode} | {rate:.0f} tasks/s | {min(rates):.0f}–{max(rates):.0f} | **{rate / bare_rate:.3f}** "
             f"| {us:.0f} µs | {us - bare_us:+.0f} µs |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write:
-        with open(args.write, "a") as out:
-            out.write(text)
+    publish("\n".join(lines) + "\n", args.write)
     return 0
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import psutil
 import redis
+from _common import publish
 
 from cadscope.freecad_bridge import JobSpec, build_env, discover_engines
 from cadscope.freecad_bridge._engines import _engine_home
@@ -198,11 +199,7 @@ def main() -> int:
     for done, main_rss, pool in rows:
         lines.append(f"| {done} | {main_rss:.1f} MiB | {max(pool):.1f} MiB | "
                      f"{main_rss - base_main:+.1f} / {max(pool) - base_pool:+.1f} MiB |")  # fmt: skip
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write:
-        with open(args.write, "a") as out:
-            out.write(text)
+    publish("\n".join(lines) + "\n", args.write)
     return 0
 
 

@@ -1,0 +1,51 @@
+"""What the benchmark scripts share: a collector that only counts, and how results are published."""
+
+from __future__ import annotations
+
+from concurrent import futures
+from typing import Any
+
+__all__ = ["NullCollector", "publish"]
+
+
+class NullCollector:
+    """An OTLP/gRPC trace endpoint that only counts the spans it receives (in
+    another process than the one measured, so its work is not charged to the
+    stack under test)."""
+
+    def __init__(self) -> None:
+        self.spans = 0
+
+    def __enter__(self) -> NullCollector:
+        import grpc
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        def export(request: bytes, context: Any) -> bytes:
+            parsed = ExportTraceServiceRequest.FromString(request)
+            self.spans += sum(len(ss.spans) for rs in parsed.resource_spans for ss in rs.scope_spans)
+            return b""  # an empty ExportTraceServiceResponse
+
+        handler = grpc.method_handlers_generic_handler(
+            "opentelemetry.proto.collector.trace.v1.TraceService",
+            {"Export": grpc.unary_unary_rpc_method_handler(export)},
+        )
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        self._server.add_generic_rpc_handlers((handler,))
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self._server.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.stop(grace=1)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def publish(text: str, results_file: str | None) -> None:
+    """Print a results section and, with ``--write FILE``, append it there."""
+    print(text)
+    if results_file:
+        with open(results_file, "a") as handle:
+            handle.write(text)
