@@ -8,6 +8,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import StatusCode
 
 from cadscope.freecad_bridge._replay import Replayer
@@ -64,14 +70,28 @@ def test_probe_rejects_invalid_traceparents():
     assert cadscope_probe._parse_traceparent("00-" + "a" * 32 + "-" + "b" * 16 + "-01") == ("a" * 32, "b" * 16)
 
 
-def test_probe_events_replay_as_spans_with_the_childs_ids():
+class ApiOnlyTracer(trace.Tracer):
+    """A tracer that is not the SDK's: the replay must fall back to start_span()."""
+
+    def __init__(self, inner: trace.Tracer) -> None:
+        self._inner = inner
+
+    def start_span(self, *args, **kwargs):
+        return self._inner.start_span(*args, **kwargs)
+
+    def start_as_current_span(self, *args, **kwargs):
+        return self._inner.start_as_current_span(*args, **kwargs)
+
+
+@pytest.mark.parametrize("path", ["sdk_processor", "api_start_span"])
+def test_probe_events_replay_as_spans_with_the_childs_ids(path):
     provider, exporter = in_memory_provider()
-    tracer = provider.get_tracer("t")
+    tracer = provider.get_tracer("t", "1.2")
     recorder = Recorder()
     with tracer.start_as_current_span("cad.subprocess") as parent:
         ctx = parent.get_span_context()
         events = _probe_events(f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-01")
-        replayer = Replayer(tracer, parent, recorder)
+        replayer = Replayer(tracer if path == "sdk_processor" else ApiOnlyTracer(tracer), parent, recorder)
         for event in events:
             replayer.handle(event)
     spans = {s.name: s for s in exporter.get_finished_spans()}
@@ -85,6 +105,11 @@ def test_probe_events_replay_as_spans_with_the_childs_ids():
     assert spans["occt.boolean"].attributes["cad.solids_count"] == 3
     assert spans["occt.feature"].status.status_code is StatusCode.ERROR
     assert spans["occt.feature"].attributes["error.type"] == "ValueError"
+    assert spans["occt.feature"].end_time >= spans["occt.feature"].start_time
+    for span in spans.values():
+        assert span.resource is provider.resource
+        assert (span.instrumentation_scope.name, span.instrumentation_scope.version) == ("t", "1.2")
+        assert span.context.trace_flags.sampled
     assert recorder.metrics == [("occt.memory", 123.0, {"operation": "fillet"})]
     assert replayer.manifest == {"artifacts": []}
     assert not replayer.dropped
@@ -142,12 +167,16 @@ def test_hostile_events_are_dropped_and_counted_never_raised():
         )
         replayer.handle({"t": "start", "id": "1" * 16, "n": "occt.boolean", "ts": now, "a": {}})
         replayer.handle({"t": "end", "id": "1" * 16, "ts": now + 5, "a": {}})
+        # A parent id that is not even hashable hangs off the subprocess span too.
+        replayer.handle({"t": "start", "id": "2" * 16, "p": ["x"], "n": "occt.feature", "ts": now, "a": {}})
+        replayer.handle({"t": "end", "id": "2" * 16, "ts": now + 5, "a": {}})
     assert sum(replayer.dropped.values()) == len(hostile) + 1
     assert replayer.dropped["duplicate_span_id"] == 1
     assert replayer.manifest is None and recorder.metrics == []
-    (boolean,) = [s for s in exporter.get_finished_spans() if s.name == "occt.boolean"]
-    assert boolean.parent.span_id == parent.get_span_context().span_id
-    assert dict(boolean.attributes) == {"cad.x": "y" * 256}
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert spans["occt.boolean"].parent.span_id == parent.get_span_context().span_id
+    assert spans["occt.feature"].parent.span_id == parent.get_span_context().span_id
+    assert dict(spans["occt.boolean"].attributes) == {"cad.x": "y" * 256}
 
 
 def test_artifacts_are_verified_against_the_manifest(tmp_path):
@@ -168,3 +197,21 @@ def test_artifacts_are_verified_against_the_manifest(tmp_path):
     ]:
         assert expected in _verify_artifacts({"artifacts": [bad]}, tmp_path)[1]
     assert _verify_artifacts({"artifacts": []}, tmp_path)[1] == "manifest lists no artifacts"
+
+
+def test_replayed_spans_follow_their_parents_sampling_decision():
+    exporter = InMemorySpanExporter()
+    # What parentbased_traceidratio decides for most traces at a low ratio.
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("t")
+    with tracer.start_as_current_span("cad.subprocess") as parent:
+        assert not parent.is_recording()
+        recorder = Recorder()
+        replayer = Replayer(tracer, parent, recorder)
+        ctx = parent.get_span_context()
+        for event in _probe_events(f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-00"):
+            replayer.handle(event)
+    assert exporter.get_finished_spans() == ()
+    # Metrics do not depend on sampling.
+    assert [name for name, *_ in recorder.spans] == ["occt.boolean", "occt.feature", "cad.stage generate"]

@@ -1,10 +1,18 @@
 """Turn the child's probe events into real spans and observations.
 
-Spans are started when the child's ``start`` event arrives and ended at its
-``end`` event, with the child's own timestamps and (through
-:class:`~cadscope.tracing.PinnableIdGenerator`) the child's own span ids. A span
-the child opened and never closed is ended by :meth:`Replayer.close_open` with
+A child's span is checked when its ``start`` event arrives and emitted, with
+the child's own ids and timestamps, when its ``end`` event does. A span the
+child opened and never closed is emitted by :meth:`Replayer.close_open` with
 ERROR status and ``error.type``.
+
+The child's spans are finished facts, so with the SDK's tracer they go
+straight to its span processor as ``ReadableSpan`` objects, the type every
+exporter receives: about 5 us a span, against about 35 us for
+``start_span()``/``end()``, which build a live, locked, mutable span only to
+freeze it at once (bench/RESULTS.md). They follow their parent's sampling
+decision, as the default ``ParentBased`` sampler would decide. With any other
+tracer they go through ``start_span()`` at their end, with the child's span id
+pinned through :class:`~cadscope.tracing.PinnableIdGenerator`.
 
 Every event is untrusted input: ids, names, attributes and timestamps are
 checked and bounded, and a bad event is dropped and counted, never raised.
@@ -19,7 +27,9 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from opentelemetry import trace
-from opentelemetry.trace import Span, Status, StatusCode
+from opentelemetry.sdk import trace as sdk_trace
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, Status, StatusCode
 
 from ..tracing import pinned_span_id
 
@@ -34,6 +44,7 @@ MAX_ATTRIBUTES = 32
 MAX_STRING = 256
 # A child's clock is this host's clock; anything further off than this is garbage.
 _CLOCK_SLACK_NS = 60 * 1_000_000_000
+_UNSET = Status(StatusCode.UNSET)
 
 
 class EventObserver(Protocol):
@@ -78,12 +89,13 @@ class Replayer:
         on_drop: Callable[[str], None] | None = None,
     ) -> None:
         self._tracer = tracer
-        self._parent = parent
+        self._parent = parent.get_span_context()
         self._recording = parent.is_recording()
         self._observer = observer
         self._max_spans = max_spans
-        self._open: dict[str, tuple[Span, str, dict[str, Any], int]] = {}
-        self._known: dict[str, Span] = {}
+        # span id -> (span context, parent context, name, attributes, start)
+        self._open: dict[str, tuple[SpanContext, SpanContext, str, dict[str, Any], int]] = {}
+        self._known: dict[str, SpanContext] = {}
         self._started = 0
         self._not_before = time.time_ns() - _CLOCK_SLACK_NS
         self.dropped: Counter[str] = Counter()
@@ -91,6 +103,11 @@ class Replayer:
         self.hello: dict[str, Any] = {}
         self.manifest: dict[str, Any] | None = None
         self.errors: list[tuple[str, str]] = []
+        self._processor: Any = None
+        if isinstance(tracer, sdk_trace.Tracer):
+            info = tracer.instrumentation_info
+            self._processor, self._resource = tracer.span_processor, tracer.resource
+            self._scope = InstrumentationScope(info.name, info.version, info.schema_url)
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] += 1
@@ -155,16 +172,11 @@ class Replayer:
         self._started += 1
         # An unknown parent (garbage, or a span we dropped) hangs off the
         # subprocess span: the tree stays connected.
-        parent = self._known.get(event.get("p") or "", self._parent)
-        if self._recording:
-            with pinned_span_id(int(span_id, 16)):
-                span = self._tracer.start_span(
-                    name, context=trace.set_span_in_context(parent), start_time=start, attributes=attrs
-                )
-        else:
-            span = trace.INVALID_SPAN
-        self._known[span_id] = span
-        self._open[span_id] = (span, name, attrs, start)
+        parent_id = event.get("p")
+        parent = self._known.get(parent_id, self._parent) if isinstance(parent_id, str) else self._parent
+        context = SpanContext(self._parent.trace_id, int(span_id, 16), False, self._parent.trace_flags)
+        self._known[span_id] = context
+        self._open[span_id] = (context, parent, name, attrs, start)
 
     def _end(self, event: dict[str, Any]) -> None:
         span_id = event.get("id")
@@ -172,7 +184,7 @@ class Replayer:
         if opened is None:
             self.drop("end_without_start")
             return
-        span, name, attrs, start = opened
+        context, parent, name, attrs, start = opened
         end = self._timestamp(event.get("ts"))
         more = clean_attributes(event.get("a"))
         if end is None or more is None:
@@ -180,19 +192,57 @@ class Replayer:
             end, more = time.time_ns(), {}
         end = max(end, start)
         attrs.update(more)
-        span.set_attributes(more)
         error_type: str | None = None
+        status = _UNSET
         if event.get("s") == "error":
             raw_type = event.get("e")
             error_type = raw_type[:64] if isinstance(raw_type, str) and raw_type else "error"
             message = event.get("m")
             message = message[:MAX_STRING] if isinstance(message, str) else ""
-            span.set_attribute("error.type", error_type)
-            span.set_status(Status(StatusCode.ERROR, message))
+            status = Status(StatusCode.ERROR, message)
             self.errors.append((error_type, message))
-        span.end(end_time=end)
+        self._emit(context, parent, name, attrs, start, end, status, error_type)
         if self._observer is not None:
             self._observer.span_ended(name, attrs, (end - start) / 1e9, error_type)
+
+    def _emit(
+        self,
+        context: SpanContext,
+        parent: SpanContext,
+        name: str,
+        attrs: dict[str, Any],
+        start: int,
+        end: int,
+        status: Status,
+        error_type: str | None,
+    ) -> None:
+        if not self._recording:
+            return
+        attributes = dict(attrs, **{"error.type": error_type}) if error_type is not None else dict(attrs)
+        if self._processor is not None:
+            self._processor.on_end(
+                sdk_trace.ReadableSpan(
+                    name,
+                    context=context,
+                    parent=parent,
+                    resource=self._resource,
+                    attributes=attributes,
+                    status=status,
+                    start_time=start,
+                    end_time=end,
+                    instrumentation_scope=self._scope,
+                )
+            )
+            return
+        with pinned_span_id(context.span_id):
+            span = self._tracer.start_span(
+                name,
+                context=trace.set_span_in_context(NonRecordingSpan(parent)),
+                start_time=start,
+                attributes=attributes,
+            )
+        span.set_status(status)
+        span.end(end_time=end)
 
     def _metric(self, event: dict[str, Any]) -> None:
         name, value = event.get("n"), event.get("v")
@@ -210,12 +260,11 @@ class Replayer:
         """End every span the child left open (crash, kill, timeout) as ERROR."""
         end_ns = end_ns or time.time_ns()
         count = 0
+        status = Status(StatusCode.ERROR, f"span left open by the child ({error_type})")
         # Innermost first, so parents end after their children.
         for span_id in reversed(list(self._open)):
-            span, name, attrs, start = self._open.pop(span_id)
-            span.set_attribute("error.type", error_type)
-            span.set_status(Status(StatusCode.ERROR, f"span left open by the child ({error_type})"))
-            span.end(end_time=max(end_ns, start))
+            context, parent, name, attrs, start = self._open.pop(span_id)
+            self._emit(context, parent, name, attrs, start, max(end_ns, start), status, error_type)
             if self._observer is not None:
                 self._observer.span_ended(name, attrs, max(end_ns - start, 0) / 1e9, error_type)
             count += 1
