@@ -209,6 +209,65 @@ def test_a_grandchild_holding_the_pipe_cannot_keep_the_runner_waiting(tmp_path):
     assert _group_gone(result.pid)
 
 
+def test_events_are_read_in_batches_and_the_childs_exit_ends_the_wait(tmp_path):
+    # A 30 s batch window: events written apart still all arrive, and the
+    # child's exit wakes the runner at once instead of at the window's end.
+    code = textwrap.dedent("""
+        import json, os, time
+        fd = int(os.environ["CADSCOPE_TELEMETRY_FD"])
+        for i in range(3):
+            os.write(fd, (json.dumps({"t": "progress", "a": {"kind": "step", "done": i}}) + "\\n").encode())
+            time.sleep(0.2)
+        os.write(fd, b'{"t":"result","a":{"artifacts":[]}}\\n')
+        time.sleep(0.2)
+    """)
+    seen = []
+
+    class Observer:
+        def span_ended(self, *args):
+            pass
+
+        def metric(self, *args):
+            pass
+
+        def progress(self, attributes):
+            seen.append(attributes["done"])
+
+    started = time.monotonic()
+    result = run([sys.executable, "-c", code], limits=RunLimits(timeout_s=60, read_batch_s=30), observer=Observer())
+    assert result.outcome == "ok"
+    assert seen == [0, 1, 2]
+    assert time.monotonic() - started < 10  # liveness against the 30 s window, not a speed target
+
+
+def test_a_burst_larger_than_the_pipe_is_read_whole(tmp_path):
+    # 4 MB of events in one go: the runner reads on while chunks come back full.
+    code = textwrap.dedent("""
+        import os
+        fd = int(os.environ["CADSCOPE_TELEMETRY_FD"])
+        line = b'{"t":"metric","n":"occt.memory","v":1,"a":{"operation":"%s"}}\\n' % (b"x" * 40)
+        with os.fdopen(fd, "wb") as pipe:
+            pipe.write(line * 40_000)
+            pipe.write(b'{"t":"result","a":{"artifacts":[]}}\\n')
+    """)
+    counted = []
+
+    class Observer:
+        def span_ended(self, *args):
+            pass
+
+        def metric(self, name, value, attributes):
+            counted.append(value)
+
+        def progress(self, attributes):
+            pass
+
+    result = run([sys.executable, "-c", code], limits=RunLimits(timeout_s=120), observer=Observer())
+    assert result.outcome == "ok"
+    assert not result.dropped
+    assert len(counted) == 40_000
+
+
 def test_secrets_in_the_workers_environment_never_reach_the_child(tmp_path, monkeypatch):
     monkeypatch.setenv("CADSCOPE_CANARY_SECRET", "canary-7f3a")
     monkeypatch.setenv("CELERY_BROKER_URL", "redis://:hunter2@broker:6379/0")
