@@ -10,7 +10,8 @@
    sides alike. On a 2-core VM one run scatters by +-10 %, so the figure is
    the median of the *paired* ratios (run i instrumented / run i bare) with a
    95 % bootstrap interval, for wall time and for CPU time (this process,
-   its threads and its reaped children: the CAD process included).
+   its threads and its reaped children: the CAD process included), and the
+   median CPU this process (the worker's side) spends per job.
 2. Probe cost: microseconds per event (a span is two events) in the child,
    in this Python and in FreeCAD's own, writing to a pipe a reader drains.
 
@@ -92,12 +93,20 @@ def probe_cost(python_argv: list[str], n: int = 20_000) -> float:
     raise RuntimeError(f"probe benchmark printed nothing useful:\n{out[-2000:]}")
 
 
-def _cpu() -> float:
+def _cpu() -> tuple[float, float]:
+    """(this process with its threads, its reaped children): the worker's share and the whole."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    mine = own.ru_utime + own.ru_stime
+    return mine, mine + children.ru_utime + children.ru_stime
 
 
-def bare_run(engine, job: JobSpec, out: Path) -> tuple[float, float]:
+def _since(wall: float, cpu: tuple[float, float]) -> tuple[float, float, float]:
+    """Wall, total CPU and this process's CPU since ``wall``/``cpu`` were read."""
+    mine, total = _cpu()
+    return time.perf_counter() - wall, total - cpu[1], mine - cpu[0]
+
+
+def bare_run(engine, job: JobSpec, out: Path) -> tuple[float, float, float]:
     start, cpu = time.perf_counter(), _cpu()
     work = out / ".cadscope"
     work.mkdir(parents=True, exist_ok=True)
@@ -112,15 +121,15 @@ def bare_run(engine, job: JobSpec, out: Path) -> tuple[float, float]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    elapsed, cpu = time.perf_counter() - start, _cpu() - cpu
+    measured = _since(start, cpu)
     if proc.returncode != 0 or not any(out.glob("*.step")):
         raise RuntimeError("bare run failed")
-    return elapsed, cpu
+    return measured
 
 
 def instrumented_run(
     engine, job: JobSpec, out: Path, obs: ModelObservability, provider: TracerProvider
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
     start, cpu = time.perf_counter(), _cpu()
     with provider.get_tracer("bench").start_as_current_span("task"):
         result = run_cad_job(
@@ -132,10 +141,10 @@ def instrumented_run(
             limits=RunLimits(timeout_s=300),
             tracer_provider=provider,
         )
-    elapsed, cpu = time.perf_counter() - start, _cpu() - cpu
+    measured = _since(start, cpu)
     if not result.ok:
         raise RuntimeError(f"instrumented run failed: {result.outcome} {result.error_message}")
-    return elapsed, cpu
+    return measured
 
 
 def paired(instrumented: list[float], bare: list[float], resamples: int = 4000) -> tuple[float, float, float]:
@@ -165,14 +174,14 @@ def main() -> int:
         "Ratios: median of paired ratios [95 % bootstrap interval].",
         "",
         "| engine (FreeCAD / OCCT) | bare wall median | instrumented wall median | wall ratio | CPU ratio "
-        "| bare wall range | instrumented wall range |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| worker's own CPU per job, bare → instrumented | bare wall range | instrumented wall range |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, engine in sorted(engines.items()):
         spec = dict(PLATE, engine=name)
         job = JobSpec.model_validate(spec)
-        bare: list[tuple[float, float]] = []
-        instrumented: list[tuple[float, float]] = []
+        bare: list[tuple[float, float, float]] = []
+        instrumented: list[tuple[float, float, float]] = []
         root = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
         try:
             bare_run(engine, job, root / "warm-bare")
@@ -189,13 +198,15 @@ def main() -> int:
                     shutil.rmtree(out)
         finally:
             shutil.rmtree(root, ignore_errors=True)
-        bare_wall, inst_wall = [w for w, _ in bare], [w for w, _ in instrumented]
+        bare_wall, inst_wall = [w for w, _, _ in bare], [w for w, _, _ in instrumented]
         wall = paired(inst_wall, bare_wall)
-        cpu = paired([c for _, c in instrumented], [c for _, c in bare])
+        cpu = paired([c for _, c, _ in instrumented], [c for _, c, _ in bare])
+        own = statistics.median(o for _, _, o in bare) * 1000, statistics.median(o for _, _, o in instrumented) * 1000
         lines.append(
             f"| {name} ({engine.freecad_version} / {engine.occt_version}) "
             f"| {statistics.median(bare_wall) * 1000:.1f} ms | {statistics.median(inst_wall) * 1000:.1f} ms "
             f"| **{wall[0]:.3f}** [{wall[1]:.3f}–{wall[2]:.3f}] | **{cpu[0]:.3f}** [{cpu[1]:.3f}–{cpu[2]:.3f}] "
+            f"| {own[0]:.1f} → {own[1]:.1f} ms "
             f"| {min(bare_wall) * 1000:.0f}–{max(bare_wall) * 1000:.0f} ms "
             f"| {min(inst_wall) * 1000:.0f}–{max(inst_wall) * 1000:.0f} ms |"
         )
