@@ -266,6 +266,7 @@ def test_a_burst_larger_than_the_pipe_is_read_whole(tmp_path):
     assert result.outcome == "ok"
     assert not result.dropped
     assert len(counted) == 40_000
+    assert result.events == 40_000 + 1
 
 
 def test_secrets_in_the_workers_environment_never_reach_the_child(tmp_path, monkeypatch):
@@ -302,7 +303,9 @@ def test_garbage_on_the_pipe_is_dropped_counted_and_bounded(tmp_path):
     assert result.outcome == "ok"  # the job's own outcome is unaffected
     assert result.dropped["invalid_json"] == 1
     assert result.dropped["line_too_long"] == 1
-    assert result.dropped["too_many_events"] == 300 + 1 - (100 - 1)
+    # The budget of 100 lines: the bad JSON and the long line, then 98 metrics.
+    assert result.dropped["too_many_events"] == 300 + 1 - (100 - 2)
+    assert result.events == 1 + 1 + 300 + 1 + 1  # every line counted, dropped or not
     assert json.loads(json.dumps(result.manifest)) == {"artifacts": []}
 
 

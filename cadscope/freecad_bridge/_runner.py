@@ -101,6 +101,7 @@ class RunResult:
     error_message: str = ""
     dropped: Counter[str] = field(default_factory=Counter)
     stderr_tail: str = ""
+    events: int = 0  # telemetry lines the child wrote, dropped ones included
 
     @property
     def ok(self) -> bool:
@@ -255,6 +256,7 @@ def run(
         for key in ("engine", "freecad_version", "occt_version"):
             if key in result.hello:
                 span.set_attribute(f"cad.{key}", result.hello[key])
+        span.set_attribute("cad.telemetry.events", result.events)
         if result.dropped:
             span.set_attribute("cad.telemetry.dropped", sum(result.dropped.values()))
         if not result.ok:
@@ -326,8 +328,9 @@ def _run_in_span(
             proc.wait()
             os.close(read_fd)
             raise
+    reader = _LineReader(replayer, limits)
     try:
-        status, rusage, timed_out = _supervise(proc, read_fd, replayer, limits, started)
+        status, rusage, timed_out = _supervise(proc, read_fd, reader, limits, started)
     except BaseException as exc:
         replayer.close_open(type(exc).__name__)
         raise
@@ -358,6 +361,7 @@ def _run_in_span(
         error_message=message,
         dropped=replayer.dropped,
         stderr_tail=tail.decode("utf-8", "replace"),
+        events=reader.events,
     )
 
 
@@ -365,11 +369,11 @@ class _LineReader:
     """Splits the pipe into bounded lines and feeds the replayer."""
 
     def __init__(self, replayer: Replayer, limits: RunLimits) -> None:
-        self._replayer = replayer
+        self.replayer = replayer
         self._limits = limits
         self._buffer = bytearray()
         self._discarding = False
-        self._events = 0
+        self.events = 0
 
     def feed(self, chunk: bytes) -> None:
         if self._discarding:
@@ -387,50 +391,52 @@ class _LineReader:
             if newline < 0:
                 break
             if newline - start > self._limits.max_line_bytes:
-                self._replayer.drop("line_too_long")
+                self.events += 1
+                self.replayer.drop("line_too_long")
             else:
                 self._line(bytes(buffer[start:newline]))
             start = newline + 1
         del buffer[:start]
         if len(buffer) > self._limits.max_line_bytes:
-            self._replayer.drop("line_too_long")
+            self.events += 1
+            self.replayer.drop("line_too_long")
             buffer.clear()
             self._discarding = True
 
     def finish(self) -> None:
         if self._buffer and not self._discarding:
-            self._replayer.drop("truncated_line")
+            self.replayer.drop("truncated_line")
         self._buffer.clear()
 
     def _line(self, line: bytes) -> None:
         if not line.strip():
             return
-        self._events += 1
+        self.events += 1
         # Past the budget only the result manifest still counts: a flood of
         # events must not turn a good job into a failed one.
-        if self._events > self._limits.max_events and not line.startswith(b'{"t":"result"'):
-            self._replayer.drop("too_many_events")
+        if self.events > self._limits.max_events and not line.startswith(b'{"t":"result"'):
+            self.replayer.drop("too_many_events")
             return
         try:
             event = json.loads(line)
         except (ValueError, RecursionError):
-            self._replayer.drop("invalid_json")
+            self.replayer.drop("invalid_json")
             return
         try:
-            self._replayer.handle(event)
+            self.replayer.handle(event)
         except Exception:  # noqa: BLE001 - telemetry never fails the job
-            self._replayer.drop("handler_error")
+            self.replayer.drop("handler_error")
 
 
 def _supervise(
-    proc: subprocess.Popen[bytes], read_fd: int, replayer: Replayer, limits: RunLimits, started: float
+    proc: subprocess.Popen[bytes], read_fd: int, reader: _LineReader, limits: RunLimits, started: float
 ) -> tuple[int, Any, bool]:
     os.set_blocking(read_fd, False)
     pidfd = os.pidfd_open(proc.pid)
     poller = select.poll()
     poller.register(read_fd, select.POLLIN)
     poller.register(pidfd, select.POLLIN)
-    reader = _LineReader(replayer, limits)
+    replayer = reader.replayer
     deadline = started + limits.timeout_s
     kill_at: float | None = None
     timed_out = False
