@@ -1,8 +1,10 @@
 """An id generator that can be told the next span id.
 
-Child spans are re-emitted through the worker's own span processors with the
-ids the child chose, so the child's stderr and the trace agree. The SDK's
-public extension point for ids is the provider's ``IdGenerator``.
+Child spans are re-emitted with the ids the child chose, so the child's
+stderr and the trace agree. With the SDK's tracer the replay builds those
+spans from the child's ids itself; this generator is for the other path,
+spans started through ``start_span()``, where the SDK's public extension
+point for ids is the provider's ``IdGenerator``.
 """
 
 from __future__ import annotations
