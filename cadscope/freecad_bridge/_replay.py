@@ -10,7 +10,9 @@ straight to its span processor as ``ReadableSpan`` objects, the type every
 exporter receives: about 5 us a span, against about 35 us for
 ``start_span()``/``end()``, which build a live, locked, mutable span only to
 freeze it at once (bench/RESULTS.md). They follow their parent's sampling
-decision, as the default ``ParentBased`` sampler would decide. With any other
+decision, as the default ``ParentBased`` sampler would decide, and the bounds
+below (32 attributes an event, 256 characters a string) stand in for the
+SDK's span limits. With any other
 tracer they go through ``start_span()`` at their end, with the child's span id
 pinned through :class:`~cadscope.tracing.PinnableIdGenerator`.
 
