@@ -30,6 +30,22 @@ from cadscope.workers.cli import worker_command
 REPO = Path(__file__).resolve().parent.parent
 
 
+class Recorder:
+    """An EventObserver that keeps whatever the replay hands it."""
+
+    def __init__(self):  # type: ignore[no-untyped-def]
+        self.spans, self.metrics, self.progress_events = [], [], []
+
+    def span_ended(self, name, attributes, duration_s, error_type):  # type: ignore[no-untyped-def]
+        self.spans.append((name, dict(attributes), duration_s, error_type))
+
+    def metric(self, name, value, attributes):  # type: ignore[no-untyped-def]
+        self.metrics.append((name, value, dict(attributes)))
+
+    def progress(self, attributes):  # type: ignore[no-untyped-def]
+        self.progress_events.append(dict(attributes))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -19,22 +19,10 @@ from opentelemetry.trace import StatusCode
 from cadscope.freecad_bridge._replay import Replayer
 from cadscope.tracing.testing import in_memory_provider
 
+from .conftest import Recorder
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "cadscope" / "freecad_bridge" / "child"))
 import cadscope_probe  # noqa: E402
-
-
-class Recorder:
-    def __init__(self):
-        self.spans, self.metrics, self.progress_events = [], [], []
-
-    def span_ended(self, name, attributes, duration_s, error_type):
-        self.spans.append((name, dict(attributes), duration_s, error_type))
-
-    def metric(self, name, value, attributes):
-        self.metrics.append((name, value, dict(attributes)))
-
-    def progress(self, attributes):
-        self.progress_events.append(dict(attributes))
 
 
 def _probe_events(traceparent: str) -> list[dict]:

@@ -22,6 +22,8 @@ from cadscope.freecad_bridge import DEFAULT_ENV_ALLOWLIST, JobSpec, RunLimits, r
 from cadscope.metrics import Catalogue, ModelObservability
 from cadscope.tracing.testing import in_memory_provider
 
+from .conftest import Recorder
+
 pytestmark = pytest.mark.slow
 
 JOB = {
@@ -221,22 +223,11 @@ def test_events_are_read_in_batches_and_the_childs_exit_ends_the_wait(tmp_path):
         os.write(fd, b'{"t":"result","a":{"artifacts":[]}}\\n')
         time.sleep(0.2)
     """)
-    seen = []
-
-    class Observer:
-        def span_ended(self, *args):
-            pass
-
-        def metric(self, *args):
-            pass
-
-        def progress(self, attributes):
-            seen.append(attributes["done"])
-
+    recorder = Recorder()
     started = time.monotonic()
-    result = run([sys.executable, "-c", code], limits=RunLimits(timeout_s=60, read_batch_s=30), observer=Observer())
+    result = run([sys.executable, "-c", code], limits=RunLimits(timeout_s=60, read_batch_s=30), observer=recorder)
     assert result.outcome == "ok"
-    assert seen == [0, 1, 2]
+    assert [event["done"] for event in recorder.progress_events] == [0, 1, 2]
     assert time.monotonic() - started < 10  # liveness against the 30 s window, not a speed target
 
 
@@ -250,22 +241,11 @@ def test_a_burst_larger_than_the_pipe_is_read_whole(tmp_path):
             pipe.write(line * 40_000)
             pipe.write(b'{"t":"result","a":{"artifacts":[]}}\\n')
     """)
-    counted = []
-
-    class Observer:
-        def span_ended(self, *args):
-            pass
-
-        def metric(self, name, value, attributes):
-            counted.append(value)
-
-        def progress(self, attributes):
-            pass
-
-    result = run([sys.executable, "-c", code], limits=RunLimits(timeout_s=120), observer=Observer())
+    recorder = Recorder()
+    result = run([sys.executable, "-c", code], limits=RunLimits(timeout_s=120), observer=recorder)
     assert result.outcome == "ok"
     assert not result.dropped
-    assert len(counted) == 40_000
+    assert len(recorder.metrics) == 40_000
     assert result.events == 40_000 + 1
 
 
