@@ -56,7 +56,7 @@ from prometheus_client import CollectorRegistry
 
 from cadscope.freecad_bridge import JobSpec, RunLimits, build_env, discover_engines, run_cad_job
 from cadscope.freecad_bridge._engines import CHILD_DIR, _engine_home, _verify_artifacts
-from cadscope.freecad_bridge._runner import _SETPRIV
+from cadscope.freecad_bridge._runner import _with_pdeathsig
 from cadscope.freecad_bridge._schema import material_library_path
 from cadscope.metrics import Catalogue, ModelObservability
 from cadscope.tracing import PinnableIdGenerator
@@ -170,13 +170,14 @@ def instrumented_run(engine, job: JobSpec, out: Path, obs: ModelObservability, p
 
 def wrapper_cost(runs: int = 300) -> float:
     """CPU seconds that starting a process through ``setpriv --pdeathsig`` adds (``true`` with and without)."""
-    if _SETPRIV is None:
-        return 0.0
     true = shutil.which("true") or "/bin/true"
+    wrapped = _with_pdeathsig([true])  # exactly as the runner starts a CAD process
+    if wrapped is None:
+        return 0.0
     extra = []
     for _ in range(runs):
         cpu = []
-        for argv in ([true], [_SETPRIV, "--pdeathsig", "KILL", "--", true]):
+        for argv in ([true], wrapped):
             before = _cpu()[1]
             subprocess.run(argv, check=True)
             cpu.append(_cpu()[1] - before)

@@ -115,6 +115,11 @@ def _libc() -> Any:
 _SETPRIV = shutil.which("setpriv")
 
 
+def _with_pdeathsig(argv: Sequence[str]) -> list[str] | None:
+    """``argv`` behind ``setpriv --pdeathsig KILL``; None without ``setpriv``."""
+    return None if _SETPRIV is None else [_SETPRIV, "--pdeathsig", "KILL", "--", *argv]
+
+
 def _apply_limits(pid: int, limits: RunLimits) -> None:
     if limits.memory_bytes is not None:
         resource.prlimit(pid, resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
@@ -294,9 +299,9 @@ def _run_in_span(
     stderr = open(stderr_path, "w+b") if stderr_path else subprocess.DEVNULL  # noqa: SIM115
     replayer = Replayer(tracer, span, observer, max_spans=limits.max_spans, on_drop=on_drop)
     started = time.monotonic()
-    if _SETPRIV is not None:
-        command = [_SETPRIV, "--pdeathsig", "KILL", "--", *argv]
-        preexec = None
+    wrapped = _with_pdeathsig(argv)
+    if wrapped is not None:
+        command, preexec = wrapped, None
     else:
         command, preexec = list(argv), _preexec(limits, os.getpid())
     try:
