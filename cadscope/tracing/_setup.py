@@ -42,9 +42,9 @@ def _otlp_exporter() -> SpanExporter | None:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HTTPExporter
 
         return HTTPExporter()
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GRPCExporter
+    from ._otlpwire import OTLPWireSpanExporter
 
-    return GRPCExporter()
+    return OTLPWireSpanExporter()
 
 
 def setup_tracing(

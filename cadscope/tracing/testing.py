@@ -39,6 +39,7 @@ class OTLPReceiver:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self.spans: list[dict[str, Any]] = []
+        self.requests: list[Any] = []  # each ExportTraceServiceRequest as received
         self._server: Any = None
         self.port = 0
 
@@ -90,6 +91,7 @@ class OTLPReceiver:
                         }
                     )
         with self._changed:
+            self.requests.append(request)
             self.spans.extend(found)
             self._changed.notify_all()
 

@@ -1,0 +1,159 @@
+"""cadscope's OTLP trace encoder against upstream's: the same bytes, and the real gRPC path."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import random
+
+import pytest
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExportResult
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
+
+from cadscope.tracing._otlpwire import OTLPWireSpanExporter, encode_request
+from cadscope.tracing.testing import OTLPReceiver
+
+
+class Colour(enum.IntEnum):
+    RED = 3
+
+
+def _context(rng: random.Random, remote: bool = False, state: TraceState | None = None) -> SpanContext:
+    return SpanContext(rng.getrandbits(128) or 1, rng.getrandbits(64) or 1, is_remote=remote,
+                       trace_flags=TraceFlags(rng.choice([0, 1, 3])), trace_state=state)  # fmt: skip
+
+
+def _value(rng: random.Random):  # noqa: ANN202 - every attribute value type OTLP has
+    return rng.choice(
+        [
+            "", "part.step", "ünïcødé ✓ 部品", "x" * 300, "line\nbreak\x00nul",
+            True, False, 0, 1, -1, 127, 128, 2**63 - 1, -(2**63), 300, -300,
+            0.0, -0.0, 1.5, -2.25e-300, float("inf"), 1e308,
+            b"", b"\x00\xffbytes",
+            (), ("a", "b"), (1, 2, 3), (True, False), (1.5, 2.5), ["list", "of", "str"], ("mixed", 1, None),
+            {"k": 1, "n": {"deep": "x"}}, None, Colour.RED,
+        ]
+    )  # fmt: skip
+
+
+def _attributes(rng: random.Random, n: int) -> dict:
+    return {f"attr.{i}.{rng.randrange(1000)}": _value(rng) for i in range(n)}
+
+
+def _spans(seed: int, count: int = 60) -> list[ReadableSpan]:
+    rng = random.Random(seed)
+    resources = [
+        Resource.create({"service.name": "cadscope-worker", "host.name": "h1", "process.pid": 7}),
+        Resource({"service.name": "other"}, schema_url="https://opentelemetry.io/schemas/1.21.0"),
+        Resource({}),
+    ]
+    scopes = [
+        InstrumentationScope("cadscope.celery", "0.1"),
+        InstrumentationScope("cadscope.freecad", None, "https://opentelemetry.io/schemas/1.21.0"),
+        InstrumentationScope("", None),
+        None,
+    ]
+    states = [None, TraceState([("vendor", "x"), ("other", "y=z")])]
+    spans = []
+    for _ in range(count):
+        start = rng.choice([0, 1_700_000_000_000_000_000 + rng.randrange(10**12)])
+        spans.append(
+            ReadableSpan(
+                rng.choice(["run/cad.job", "occ.boolean fuse", "", "部品.export", "a" * 200]),
+                context=_context(rng, state=rng.choice(states)),
+                parent=rng.choice([None, _context(rng), _context(rng, remote=True)]),
+                resource=rng.choice(resources),
+                attributes=_attributes(rng, rng.randrange(0, 12)),
+                events=[
+                    Event(
+                        rng.choice(["exception", "", "retry"]),
+                        _attributes(rng, rng.randrange(0, 4)),
+                        rng.choice([None, start + 5]),
+                    )
+                    for _ in range(rng.randrange(0, 3))
+                ],  # fmt: skip
+                links=[
+                    Link(_context(rng, remote=rng.random() < 0.5), _attributes(rng, rng.randrange(0, 3)))
+                    for _ in range(rng.randrange(0, 2))
+                ],  # fmt: skip
+                kind=rng.choice(list(SpanKind)),
+                status=rng.choice(
+                    [
+                        Status(StatusCode.UNSET),
+                        Status(StatusCode.OK),
+                        Status(StatusCode.ERROR, rng.choice([None, "", "fillet failed: radius 3.0"])),
+                    ]
+                ),  # fmt: skip
+                start_time=start or None,
+                end_time=(start + rng.randrange(10**9)) if start else None,
+                instrumentation_scope=rng.choice(scopes),
+            )
+        )
+    # The same resource as another object: upstream groups by equality, not identity.
+    same = Resource.create({"service.name": "cadscope-worker", "host.name": "h1", "process.pid": 7})
+    spans.append(ReadableSpan("copy", context=_context(rng), resource=same, instrumentation_scope=scopes[0]))
+    return spans
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_bytes_are_upstreams_bytes(seed):
+    spans = _spans(seed)
+    ours = encode_request(spans)
+    assert ours == encode_spans(spans).SerializeToString()
+    # And a collector reads back every span.
+    parsed = ExportTraceServiceRequest.FromString(ours)
+    assert sum(len(s.spans) for r in parsed.resource_spans for s in r.scope_spans) == len(spans)
+
+
+def test_an_attribute_that_cannot_be_encoded_is_dropped_and_the_span_kept(caplog):
+    context = SpanContext(1, 2, is_remote=False)
+    span = ReadableSpan(
+        "s", context=context, attributes={"ok": 1, "huge": 2**64, "bad.str": "a\ud800b", "also.ok": "y"}
+    )
+    with caplog.at_level(logging.ERROR, logger="cadscope.tracing._otlpwire"):
+        ours = encode_request([span])
+    [parsed] = [s for r in ExportTraceServiceRequest.FromString(ours).resource_spans for ss in r.scope_spans
+                for s in ss.spans]  # fmt: skip
+    assert [a.key for a in parsed.attributes] == ["ok", "also.ok"]
+    assert "huge" in caplog.text and "bad.str" in caplog.text
+    # Upstream makes the same call for these two attributes.
+    good = ReadableSpan("s", context=context, attributes={"ok": 1, "also.ok": "y"})
+    assert ours == encode_spans([good]).SerializeToString()
+
+
+def test_a_name_that_is_not_utf8_is_sent_with_replacements():
+    """Where upstream's encoder raises and the whole batch is lost."""
+    span = ReadableSpan("stage \ud800", context=SpanContext(1, 2, is_remote=False),
+                        status=Status(StatusCode.ERROR, "bad \udfff"))  # fmt: skip
+    with pytest.raises(Exception):  # noqa: B017 - whichever error upb raises
+        encode_spans([span]).SerializeToString()
+    [parsed] = ExportTraceServiceRequest.FromString(encode_request([span])).resource_spans[0].scope_spans[0].spans
+    assert parsed.name == "stage ?" and parsed.status.message == "bad ?"
+
+
+def test_the_exporter_sends_the_same_request_over_grpc():
+    """A real gRPC receiver on loopback gets what upstream's exporter would have sent."""
+    spans = _spans(42, count=200)
+    with OTLPReceiver() as receiver:
+        exporter = OTLPWireSpanExporter(endpoint=receiver.endpoint, insecure=True)
+        try:
+            assert exporter.export(spans) is SpanExportResult.SUCCESS
+        finally:
+            exporter.shutdown()
+        [request] = receiver.requests
+    assert request == encode_spans(spans)
+
+
+def test_the_exporter_reports_failure_when_nobody_listens():
+    with OTLPReceiver() as receiver:
+        endpoint = receiver.endpoint
+    exporter = OTLPWireSpanExporter(endpoint=endpoint, insecure=True, timeout=1)
+    try:
+        assert exporter.export(_spans(1, count=3)) is SpanExportResult.FAILURE
+    finally:
+        exporter.shutdown()
