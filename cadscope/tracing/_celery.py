@@ -40,6 +40,8 @@ from opentelemetry import context, propagate, trace
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from ._lean import LeanSpan, start_lean_span
+
 __all__ = ["instrument_celery_worker", "uninstrument_celery_worker"]
 
 log = logging.getLogger(__name__)
@@ -117,9 +119,7 @@ class _WorkerTracing:
         retries = getattr(request, "retries", 0)
         if isinstance(retries, int) and retries > 0:
             attributes["celery.retries"] = retries
-        span = self._tracer.start_span(
-            f"run/{task.name}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes
-        )
+        span = start_lean_span(self._tracer, f"run/{task.name}", parent, SpanKind.CONSUMER, attributes)
         token = context.attach(trace.set_span_in_context(span, parent))
         self._live[task_id] = (span, token)
 
@@ -129,7 +129,10 @@ class _WorkerTracing:
             return
         span, token = entry
         if state is not None:
-            span.set_attribute("celery.state", str(state))
+            if isinstance(span, LeanSpan):
+                span.set_trusted_attribute("celery.state", str(state))
+            else:
+                span.set_attribute("celery.state", str(state))
         span.end()
         try:
             context.detach(token)  # type: ignore[arg-type]
