@@ -5,7 +5,7 @@ from __future__ import annotations
 from concurrent import futures
 from typing import Any
 
-__all__ = ["NullCollector", "publish"]
+__all__ = ["NullCollector", "NullCollectorProcess", "publish"]
 
 
 class NullCollector:
@@ -43,9 +43,51 @@ class NullCollector:
         return f"http://127.0.0.1:{self.port}"
 
 
+class NullCollectorProcess:
+    """A :class:`NullCollector` in a process of its own, for benchmarks whose
+    measured process is this one: decoding the requests must not be charged
+    to the worker under test. ``spans`` is read on exit."""
+
+    def __enter__(self) -> NullCollectorProcess:
+        import subprocess
+        import sys
+
+        self._proc = subprocess.Popen(
+            [sys.executable, __file__, "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        line = self._proc.stdout.readline()  # type: ignore[union-attr]
+        if not line.startswith("PORT "):
+            self._proc.kill()
+            raise RuntimeError(f"null collector did not start: {line!r}")
+        self.port = int(line.split()[1])
+        self.spans = -1
+        return self
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc: object) -> None:
+        out, _ = self._proc.communicate("", timeout=30)  # EOF on stdin: print the count and stop
+        self.spans = int(out.split()[-1])
+
+
+def _serve() -> None:
+    import sys
+
+    with NullCollector() as collector:
+        print(f"PORT {collector.port}", flush=True)
+        sys.stdin.read()
+    print(f"SPANS {collector.spans}", flush=True)
+
+
 def publish(text: str, results_file: str | None) -> None:
     """Print a results section and, with ``--write FILE``, append it there."""
     print(text)
     if results_file:
         with open(results_file, "a") as handle:
             handle.write(text)
+
+
+if __name__ == "__main__":
+    _serve()

@@ -1,9 +1,10 @@
 """What the instrumentation costs a CAD job, as ratios measured in one run.
 
-1. Job overhead: the standard job on each engine, fully instrumented
-   (``run_cad_job``: spans re-emitted through a batch processor, metrics,
-   trace propagation, the probe writing to its pipe, the contained runner and
-   the manifest check) vs. bare (the same engine script through
+1. Job overhead: the standard job on each engine, fully instrumented as a
+   worker runs it (``run_cad_job``: spans re-emitted through the bounded batch
+   processor and exported over OTLP/gRPC to a collector in another process,
+   within the run's CPU time; metrics in multiprocess mode; trace propagation,
+   the probe writing to its pipe, the contained runner and the manifest check) vs. bare (the same engine script through
    ``subprocess.run`` with no telemetry pipe, so the probe is a no-op, and no
    spans or metrics). Both sides write the job file inside their timing.
    Runs are interleaved A/B, alternating which goes first, so drift hits both
@@ -33,6 +34,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -48,18 +50,18 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from _common import publish
+from _common import NullCollectorProcess, publish
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 
 from cadscope.freecad_bridge import JobSpec, RunLimits, build_env, discover_engines, run_cad_job
 from cadscope.freecad_bridge._engines import CHILD_DIR, _engine_home, _verify_artifacts
 from cadscope.freecad_bridge._runner import _with_pdeathsig
 from cadscope.freecad_bridge._schema import material_library_path
-from cadscope.metrics import Catalogue, ModelObservability
+from cadscope.metrics import Catalogue, ModelObservability, enable_multiprocess
 from cadscope.tracing import PinnableIdGenerator
+from cadscope.tracing._otlpwire import OTLPWireSpanExporter
+from cadscope.tracing._processor import BoundedBatchSpanProcessor
 from cadscope.workers._workload import PLATE
 
 PROBE_LOOP = textwrap.dedent(
@@ -160,7 +162,9 @@ def instrumented_run(engine, job: JobSpec, out: Path, obs: ModelObservability, p
             limits=RunLimits(timeout_s=300),
             tracer_provider=provider,
         )
-    measured = _since(start, cpu)
+    wall = time.perf_counter() - start
+    provider.force_flush()  # the job's spans encoded and sent: their CPU is the job's, the wait is not
+    measured = _since(start, cpu)._replace(wall=wall)
     if not result.ok or result.manifest is None:
         raise RuntimeError(f"instrumented run failed: {result.outcome} {result.error_message}")
     check = time.thread_time()
@@ -204,9 +208,15 @@ def main() -> int:
     args = parser.parse_args()
 
     engines = discover_engines()
-    exporter = InMemorySpanExporter()
+    # As a worker runs: spans through the bounded batch processor and OTLP/gRPC
+    # (cadscope's encoder) to a collector in another process, metrics in
+    # multiprocess (mmap) mode.
+    stack = contextlib.ExitStack()
+    sink = stack.enter_context(NullCollectorProcess())
+    enable_multiprocess(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-metrics-")))
+    processor = BoundedBatchSpanProcessor(OTLPWireSpanExporter(endpoint=sink.endpoint, insecure=True))
     provider = TracerProvider(id_generator=PinnableIdGenerator())
-    provider.add_span_processor(BatchSpanProcessor(exporter))
+    provider.add_span_processor(processor)
     obs = ModelObservability(Catalogue(CollectorRegistry()), tracer_provider=provider)
     # Each engine's own Python runs the probe (the OCP engine runs in this one).
     probe_us = {name: probe_cost([engine.argv[0]]) for name, engine in sorted(engines.items())}
@@ -283,6 +293,9 @@ def main() -> int:
         )
         print(accounted[-1], flush=True)
     provider.shutdown()
+    stack.close()
+    if any(processor.dropped.values()) or sink.spans <= 0:
+        raise SystemExit(f"spans were lost on the way to the collector: {processor.dropped}, {sink.spans} received")
 
     lines += accounted
     lines += ["", "| probe, in the child's Python | µs per event (best of 5 × 20,000 spans) |", "| --- | --- |"]

@@ -16,10 +16,13 @@ Stacks (one fresh process each, interleaved, repeated):
 - ``upstream``: opentelemetry-instrumentation-celery, the SDK's
   ``BatchSpanProcessor``, OTLP gRPC, a prometheus_client counter and histogram
   (multiprocess mode): what DESIGN.md measured;
-- ``cadscope-upstream-consumer``: cadscope's worker setup (bounded processor,
-  catalogue metrics) with opentelemetry-instrumentation-celery's consumer
-  handlers, as cadscope shipped before ``cadscope.tracing._celery``;
-- ``cadscope``: cadscope's worker setup with its lean consumer handlers.
+- ``cadscope-sdk-span``: cadscope's worker setup (its consumer handlers,
+  bounded processor, catalogue metrics) with the SDK's span and upstream's
+  OTLP encoder, as cadscope was up to 37adb98;
+- ``cadscope-upstream-encoder``: the same with cadscope's lean task span
+  (``cadscope.tracing._lean``), still upstream's encoder;
+- ``cadscope``: as shipped: the lean task span and cadscope's OTLP encoder
+  (``cadscope.tracing._otlpwire``).
 
     python bench/task_cpu.py [--tasks 20000] [--rounds 5] [--write bench/RESULTS.md]
 """
@@ -38,7 +41,7 @@ import time
 
 from _common import NullCollector, publish
 
-STACKS = ("bare", "upstream", "cadscope-upstream-consumer", "cadscope")
+STACKS = ("bare", "upstream", "cadscope-sdk-span", "cadscope-upstream-encoder", "cadscope")
 WARM_UP = 1000
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -80,15 +83,19 @@ def child(stack: str, tasks: int) -> dict[str, float]:
 
     else:
         from cadscope.metrics import default_observability
-        from cadscope.tracing import flush_tracing, instrument_celery_worker, setup_tracing
+        from cadscope.tracing import _celery, flush_tracing, instrument_celery_worker, setup_tracing
 
-        provider = setup_tracing("bench-cpu", on_drop=default_observability().record_spans_dropped)
-        if stack == "cadscope":
-            instrument_celery_worker(provider)
-        else:
-            from opentelemetry.instrumentation.celery import CeleryInstrumentor
+        exporters = []
+        if stack != "cadscope":  # upstream's encoder, in upstream's OTLP/gRPC exporter
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-            CeleryInstrumentor().instrument(tracer_provider=provider)
+            exporters.append(OTLPSpanExporter(endpoint=os.environ.pop("OTEL_EXPORTER_OTLP_ENDPOINT"), insecure=True))
+        if stack == "cadscope-sdk-span":
+            _celery.start_lean_span = lambda tracer, name, context, kind, attributes: tracer.start_span(  # type: ignore[assignment]
+                name, context=context, kind=kind, attributes=attributes
+            )
+        provider = setup_tracing("bench-cpu", exporters=exporters, on_drop=default_observability().record_spans_dropped)
+        instrument_celery_worker(provider)
         flush = flush_tracing  # type: ignore[assignment]
 
         @app.task(name="bench.noop")

@@ -29,4 +29,4 @@ def test_task_cpu_runs_and_every_span_reaches_the_collector(tmp_path):
     # The script exits non-zero when a stack's collector did not receive every span.
     assert proc.returncode == 0, proc.stdout + proc.stderr
     stacks = [line.split(" | ")[0].lstrip("| ") for line in out.read_text().splitlines() if " µs | " in line]
-    assert stacks == ["bare", "upstream", "cadscope-upstream-consumer", "cadscope"]
+    assert stacks == ["bare", "upstream", "cadscope-sdk-span", "cadscope-upstream-encoder", "cadscope"]
