@@ -11,6 +11,7 @@ lint:
 bench:
 	.venv/bin/python bench/job_overhead.py --write bench/RESULTS.md
 	.venv/bin/python bench/scrape_churn.py --write bench/RESULTS.md
+	.venv/bin/python bench/span_cost.py --write bench/RESULTS.md
 	.venv/bin/python bench/task_cpu.py --write bench/RESULTS.md
 	.venv/bin/python bench/task_overhead.py --write bench/RESULTS.md
 	.venv/bin/python bench/throughput_memory.py --write bench/RESULTS.md

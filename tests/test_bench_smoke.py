@@ -30,3 +30,15 @@ def test_task_cpu_runs_and_every_span_reaches_the_collector(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     stacks = [line.split(" | ")[0].lstrip("| ") for line in out.read_text().splitlines() if " µs | " in line]
     assert stacks == ["bare", "upstream", "cadscope-sdk-span", "cadscope-upstream-encoder", "cadscope"]
+
+
+def test_span_cost_runs_and_the_encoders_agree(tmp_path):
+    out = tmp_path / "results.md"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "span_cost.py"), "--n", "1000", "--write", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    # The script exits non-zero when cadscope's encoder and upstream's give different bytes.
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| task span") or "OTLP encoding" in line]
+    assert len(rows) == 2

@@ -5,8 +5,8 @@ processors while it runs: a lock, bounded containers for attributes, events
 and links, ``on_start`` and ``_on_ending`` calls into every processor, and at
 ``end()`` a copy of itself as a :class:`~opentelemetry.sdk.trace.ReadableSpan`
 for ``on_end``. On this project's 2-core VMs that is about 80 us from
-``start_span()`` to ``end()`` (bench/RESULTS.md, "Task CPU"), paid on every task
-by the pool process.
+``start_span()`` to ``end()`` (bench/RESULTS.md, "One span, part by part"),
+paid on every task by the pool process.
 
 :func:`start_lean_span` takes the same decisions the SDK tracer takes, with
 the tracer's own sampler, id generator, resource, scope and span limits,

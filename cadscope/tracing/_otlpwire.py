@@ -3,7 +3,8 @@
 The OTLP exporters' encoder (``opentelemetry.exporter.otlp.proto.common``)
 builds a tree of protobuf objects, one per span, attribute and value, and then
 serialises it: on this project's 2-core VMs that costs about 90 us a span,
-more than the span's own life in the SDK (bench/RESULTS.md, "Span export").
+more than the span's own life in the SDK (bench/RESULTS.md, "One span, part
+by part"; ``bench/span_cost.py``).
 Every span a worker records passes through it on the export thread, which
 shares the cores with the CAD jobs and the Celery pool.
 
@@ -26,7 +27,9 @@ message, that is not valid UTF-8 is sent with the bad characters replaced,
 where upstream's encoder raises and loses the whole batch.
 
 :class:`OTLPWireSpanExporter` is the OTLP/gRPC exporter (its configuration,
-retries, compression and TLS all unchanged) sending these bytes.
+retries, compression and TLS all unchanged) sending these bytes. OTLP/HTTP
+(``OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf``) keeps upstream's exporter and
+encoder: its ``export()`` encodes inline, with no seam to take over.
 """
 
 from __future__ import annotations

@@ -1,0 +1,119 @@
+"""What one span costs the worker, part by part, ours vs. upstream's, in one process.
+
+- **start → end**: a CONSUMER span with a task's attributes, from start to end
+  (context attach/detach and one attribute set at the end included), through
+  the SDK's ``start_span()`` vs. cadscope's lean task span
+  (``cadscope.tracing._lean``), into a span processor that only queues.
+- **encode**: the OTLP ``ExportTraceServiceRequest`` for a batch of 512 such
+  spans, upstream's encoder (``encode_spans(...).SerializeToString()``) vs.
+  cadscope's (``cadscope.tracing._otlpwire.encode_request``); the two are
+  checked to give the same bytes first.
+
+Best of 5 repeats of N iterations, CPU time of this thread, as a ratio within
+the same run. bench/task_cpu.py measures the same changes in Celery's task
+loop, where caches are colder and every figure is larger.
+
+    python bench/span_cost.py [--n 20000] [--write bench/RESULTS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+
+from _common import publish
+from opentelemetry import context, trace
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
+
+from cadscope.tracing import PinnableIdGenerator
+from cadscope.tracing._lean import start_lean_span
+from cadscope.tracing._otlpwire import encode_request
+from cadscope.tracing._processor import BoundedBatchSpanProcessor
+
+PARENT = SpanContext(0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, is_remote=True,
+                     trace_flags=TraceFlags(TraceFlags.SAMPLED))  # fmt: skip
+
+
+class _Keep(SpanExporter):
+    def __init__(self) -> None:
+        self.spans: list[ReadableSpan] = []
+
+    def export(self, spans):  # type: ignore[no-untyped-def]
+        self.spans.extend(spans[: 2048 - len(self.spans)])
+        return SpanExportResult.SUCCESS
+
+
+def best_us(fn: Callable[[], object], n: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(5):
+        started = time.thread_time()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.thread_time() - started) / n * 1e6)
+    return best
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=20_000)
+    parser.add_argument("--write")
+    args = parser.parse_args()
+
+    keep = _Keep()
+    provider = TracerProvider(id_generator=PinnableIdGenerator())
+    provider.add_span_processor(BoundedBatchSpanProcessor(keep))
+    tracer = provider.get_tracer("cadscope.celery")
+    parent = trace.set_span_in_context(NonRecordingSpan(PARENT))
+    counter = iter(range(10**9))
+
+    def attributes() -> dict[str, str]:
+        return {"celery.action": "run", "celery.task_name": "cad.job", "messaging.destination": "cadscope",
+                "messaging.message.id": f"job-{next(counter):08d}"}  # fmt: skip
+
+    def sdk_span() -> None:
+        span = tracer.start_span("run/cad.job", context=parent, kind=SpanKind.CONSUMER, attributes=attributes())
+        token = context.attach(trace.set_span_in_context(span, parent))
+        span.set_attribute("celery.state", "SUCCESS")
+        span.end()
+        context.detach(token)
+
+    def lean_span() -> None:
+        span = start_lean_span(tracer, "run/cad.job", parent, SpanKind.CONSUMER, attributes())
+        token = context.attach(trace.set_span_in_context(span, parent))
+        span.set_trusted_attribute("celery.state", "SUCCESS")  # type: ignore[attr-defined]
+        span.end()
+        context.detach(token)
+
+    sdk_us, lean_us = best_us(sdk_span, args.n), best_us(lean_span, args.n)
+    provider.force_flush()
+    batch = keep.spans[:512]
+    if len(batch) != 512 or encode_request(batch) != encode_spans(batch).SerializeToString():
+        raise SystemExit("the encoders disagree (or too few spans were kept)")
+    rounds = max(1, args.n // 1000)
+    upstream_us = best_us(lambda: encode_spans(batch).SerializeToString(), rounds) / len(batch)
+    ours_us = best_us(lambda: encode_request(batch), rounds) / len(batch)
+    provider.shutdown()
+    lines = [
+        f"\n### One span, part by part ({time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}; `python bench/span_cost.py`, best of 5 × {args.n})\n",
+        "| part | upstream | cadscope | ratio |",
+        "| --- | --- | --- | --- |",
+        f"| task span, start → end (SDK span vs. lean span) | {sdk_us:.1f} µs | {lean_us:.1f} µs "
+        f"| **{lean_us / sdk_us:.2f}** |",
+        f"| OTLP encoding, per span in a batch of 512 (same bytes, checked) | {upstream_us:.1f} µs | {ours_us:.1f} µs "
+        f"| **{ours_us / upstream_us:.2f}** |",
+    ]
+    publish("\n".join(lines) + "\n", args.write)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
