@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import time
 
@@ -70,6 +71,19 @@ def reset_peak_rss():
         pass
 
 
+# One encoder, built once: json.dumps() with options builds a new one per call.
+_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
+def _new_span_id():
+    """16 hex digits, never all zero; random as the OpenTelemetry SDK's ids are
+    (``random.getrandbits``, seeded from the OS), without a syscall per span."""
+    span_id = 0
+    while not span_id:
+        span_id = random.getrandbits(64)
+    return f"{span_id:016x}"
+
+
 class _Span(dict):
     """Attributes of an open span; set more with ``span[key] = value``."""
 
@@ -103,14 +117,15 @@ class Probe:
     def _send(self, event):
         if self._fd is None:
             return
-        data = (json.dumps(event, separators=(",", ":"), default=str) + "\n").encode()
+        data = (_encode(event) + "\n").encode()
         try:
             # One write per line: the worker never sees half an event from us
             # unless we die mid-write, and then it drops the fragment.
-            view = memoryview(data)
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
+            written = os.write(self._fd, data)
+            if written < len(data):  # a line larger than the pipe's free space
+                view = memoryview(data)[written:]
+                while view:
+                    view = view[os.write(self._fd, view) :]
         except OSError:
             # The worker stopped listening (killed, timed out): the CAD work
             # goes on, telemetry is what gives way.
@@ -139,7 +154,7 @@ class _SpanContext:
         self._probe = probe
         span = _Span(attrs or ())
         span.name = name
-        span.span_id = os.urandom(8).hex()
+        span.span_id = _new_span_id()
         self._span = span
 
     def __enter__(self):
