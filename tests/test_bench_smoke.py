@@ -8,37 +8,33 @@ import sys
 from .conftest import REPO
 
 
-def test_scrape_churn_runs_and_compaction_keeps_the_exposition(tmp_path):
+def _bench(tmp_path, script: str, *args: str) -> str:
+    """Run ``bench/<script>`` and return the results section it wrote; it must exit 0."""
     out = tmp_path / "results.md"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "scrape_churn.py"), "--dead", "0,20", "--write", str(out)],
+        [sys.executable, str(REPO / "bench" / script), *args, "--write", str(out)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    # The script asserts the exposition is byte-identical before and after compaction.
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = [line for line in out.read_text().splitlines() if line.startswith("| 20 |")]
+    return out.read_text()
+
+
+def test_scrape_churn_runs_and_compaction_keeps_the_exposition(tmp_path):
+    # The script exits non-zero unless the exposition is byte-identical before and after compaction.
+    results = _bench(tmp_path, "scrape_churn.py", "--dead", "0,20")
+    rows = [line for line in results.splitlines() if line.startswith("| 20 |")]
     assert rows and "| 28 | 9 |" in rows[0]  # 8 live + 20 dead files, then 8 live + 1 accumulator
 
 
 def test_task_cpu_runs_and_every_span_reaches_the_collector(tmp_path):
-    out = tmp_path / "results.md"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "task_cpu.py"), "--tasks", "300", "--rounds", "1", "--write", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
     # The script exits non-zero when a stack's collector did not receive every span.
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    stacks = [line.split(" | ")[0].lstrip("| ") for line in out.read_text().splitlines() if " µs | " in line]
+    results = _bench(tmp_path, "task_cpu.py", "--tasks", "300", "--rounds", "1")
+    stacks = [line.split(" | ")[0].lstrip("| ") for line in results.splitlines() if " µs | " in line]
     assert stacks == ["bare", "upstream", "cadscope-sdk-span", "cadscope-upstream-encoder", "cadscope"]
 
 
 def test_span_cost_runs_and_the_encoders_agree(tmp_path):
-    out = tmp_path / "results.md"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "span_cost.py"), "--n", "1000", "--write", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
     # The script exits non-zero when cadscope's encoder and upstream's give different bytes.
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = [line for line in out.read_text().splitlines() if line.startswith("| task span") or "OTLP encoding" in line]
+    results = _bench(tmp_path, "span_cost.py", "--n", "1000")
+    rows = [line for line in results.splitlines() if line.startswith("| task span") or "OTLP encoding" in line]
     assert len(rows) == 2

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 _UNSET = Status(StatusCode.UNSET)
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _DEFAULT = TraceFlags(TraceFlags.DEFAULT)
-_RANDOM = getattr(TraceFlags, "RANDOM_TRACE_ID", 0)  # W3C Trace Context level 2; SDK >= 1.40
+_RANDOM = getattr(TraceFlags, "RANDOM_TRACE_ID", 0)  # W3C Trace Context level 2; absent in older APIs
 _PRIMITIVE = (str, bool, int, float)
 
 
