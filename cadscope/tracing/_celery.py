@@ -24,6 +24,9 @@ Header values that are not strings are ignored rather than coerced, so a
 hostile message cannot feed lists or numbers into the W3C propagator; invalid
 ``traceparent`` values start a new trace, as the W3C spec says.
 
+The span is a :class:`~cadscope.tracing._lean.LeanSpan`: the same exported
+span as the SDK's for the same calls, at about half the cost.
+
 If opentelemetry-instrumentation-celery is also instrumented in the process
 (``opentelemetry-instrument celery worker``, say), its consumer handlers are
 disconnected while ours are connected, so a task run gets one span, not two
