@@ -88,7 +88,7 @@ def main() -> int:
     def lean_span() -> None:
         span = start_lean_span(tracer, "run/cad.job", parent, SpanKind.CONSUMER, attributes())
         token = context.attach(trace.set_span_in_context(span, parent))
-        span.set_trusted_attribute("celery.state", "SUCCESS")  # type: ignore[attr-defined]
+        span.set_attribute("celery.state", "SUCCESS")
         span.end()
         context.detach(token)
 

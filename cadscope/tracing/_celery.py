@@ -43,7 +43,7 @@ from opentelemetry import context, propagate, trace
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from ._lean import LeanSpan, start_lean_span
+from ._lean import start_lean_span
 
 __all__ = ["instrument_celery_worker", "uninstrument_celery_worker"]
 
@@ -132,10 +132,7 @@ class _WorkerTracing:
             return
         span, token = entry
         if state is not None:
-            if isinstance(span, LeanSpan):
-                span.set_trusted_attribute("celery.state", str(state))
-            else:
-                span.set_attribute("celery.state", str(state))
+            span.set_attribute("celery.state", str(state))
         span.end()
         try:
             context.detach(token)  # type: ignore[arg-type]

@@ -21,11 +21,11 @@ leaves out, on purpose:
   debug log;
 - the SDK's own tracer metrics (``OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED``).
 
-The attributes a span starts with are kept in a plain dict when they are
-already what the SDK's ``BoundedAttributes`` would make of them (primitive
-values, under the count and length limits); otherwise, and from the first
-attribute the task's own code sets, they go through ``BoundedAttributes``
-(type checks, limits, the dropped count), as events' attributes do.
+Attributes stay in a plain dict while every one is what the SDK's
+``BoundedAttributes`` would keep unchanged (a primitive value under a
+non-empty string key, within the count limit, no length limit set); the first
+one that is not turns them into ``BoundedAttributes`` (type checks, limits,
+the dropped count), as events' attributes always are.
 A tracer that is not the SDK's gets its own ``start_span()``.
 """
 
@@ -60,6 +60,11 @@ def _within(count: int, limit: int | None) -> bool:
     return limit is None or count <= limit
 
 
+def _as_is(key: object, value: object) -> bool:
+    """Whether ``BoundedAttributes`` (with no length limit) would store this pair unchanged."""
+    return type(key) is str and bool(key) and type(value) in _PRIMITIVE
+
+
 class LeanSpan(trace.Span):
     """A recording span that is handed to the span processor once, at its end.
 
@@ -71,13 +76,13 @@ class LeanSpan(trace.Span):
                  "_start", "_end")  # fmt: skip
 
     def __init__(self, tracer: sdk_trace.Tracer, name: str, span_context: SpanContext, parent: SpanContext | None,
-                 kind: SpanKind, attributes: dict[str, Any] | BoundedAttributes, start_time: int) -> None:  # fmt: skip
+                 kind: SpanKind, attributes: dict[str, Any], start_time: int) -> None:  # fmt: skip
         self._tracer = tracer
         self._name = name
         self._context = span_context
         self._parent = parent
         self._kind = kind
-        self._attributes = attributes
+        self._attributes: dict[str, Any] | BoundedAttributes = attributes
         self._events: BoundedList | None = None
         self._status = _UNSET
         self._start = start_time
@@ -104,26 +109,26 @@ class LeanSpan(trace.Span):
             )  # fmt: skip
         return self._attributes
 
+    def _set(self, key: str, value: types.AnyValue) -> None:
+        attributes, limits = self._attributes, self._tracer._span_limits
+        if (
+            type(attributes) is dict
+            and limits.max_span_attribute_length is None
+            and _as_is(key, value)
+            and (key in attributes or _within(len(attributes) + 1, limits.max_span_attributes))
+        ):
+            attributes[key] = value
+        else:
+            self._bounded()[key] = value
+
     def set_attribute(self, key: str, value: types.AnyValue) -> None:
         if not self._ended("Setting attribute"):
-            self._bounded()[key] = value
+            self._set(key, value)
 
     def set_attributes(self, attributes: Mapping[str, types.AnyValue]) -> None:
         if not self._ended("Setting attribute"):
-            bounded = self._bounded()
             for key, value in attributes.items():
-                bounded[key] = value
-
-    def set_trusted_attribute(self, key: str, value: str | bool | int | float) -> None:
-        """For the instrumentation's own attributes, whose values it made itself:
-        no type check, only the count limit."""
-        attributes = self._attributes
-        if self._end is not None or isinstance(attributes, BoundedAttributes):
-            self.set_attribute(key, value)
-        elif key in attributes or _within(len(attributes) + 1, self._tracer._span_limits.max_span_attributes):
-            attributes[key] = value
-        else:
-            self.set_attribute(key, value)
+                self._set(key, value)
 
     def add_event(self, name: str, attributes: types.Attributes = None, timestamp: int | None = None) -> None:
         if self._ended("Adding event"):
@@ -220,15 +225,11 @@ def start_lean_span(tracer: trace.Tracer, name: str, context: context_api.Contex
         return trace.NonRecordingSpan(span_context)
     limits = tracer._span_limits
     initial: Mapping[str, Any] = sampling.attributes or {}
-    plain: dict[str, Any] | BoundedAttributes
-    if (
-        _within(len(initial), limits.max_span_attributes)
-        and limits.max_span_attribute_length is None
-        and all(type(k) is str and k and type(v) in _PRIMITIVE for k, v in initial.items())
+    span = LeanSpan(tracer, name, span_context, parent, kind, dict(initial), time_ns())
+    if not (
+        limits.max_span_attribute_length is None
+        and _within(len(initial), limits.max_span_attributes)
+        and all(_as_is(k, v) for k, v in initial.items())
     ):
-        plain = dict(initial)
-    else:
-        plain = BoundedAttributes(
-            limits.max_span_attributes, initial, max_value_len=limits.max_span_attribute_length, immutable=False
-        )
-    return LeanSpan(tracer, name, span_context, parent, kind, plain, time_ns())
+        span._bounded()
+    return span
