@@ -4,9 +4,9 @@
    worker runs it (``run_cad_job``: spans re-emitted through the bounded batch
    processor and exported over OTLP/gRPC to a collector in another process,
    within the run's CPU time; metrics in multiprocess mode; trace propagation,
-   the probe writing to its pipe, the contained runner and the manifest check) vs. bare (the same engine script through
-   ``subprocess.run`` with no telemetry pipe, so the probe is a no-op, and no
-   spans or metrics). Both sides write the job file inside their timing.
+   the probe writing to its pipe, the contained runner and the manifest
+   check) vs. bare (the same engine script through ``subprocess.run`` with no
+   telemetry pipe, so the probe is a no-op, and no spans or metrics). Both sides write the job file inside their timing.
    Runs are interleaved A/B, alternating which goes first, so drift hits both
    sides alike. On a 2-core VM one run scatters by +-10 %, so the figure is
    the median of the *paired* ratios (run i instrumented / run i bare) with a
