@@ -55,6 +55,57 @@ def test_every_span_is_exported_and_flush_waits_for_it():
     assert processor.dropped == {"queue_full": 0, "export_failed": 0, "shutdown": 0}
 
 
+class RecordingExporter(InMemorySpanExporter):
+    """Records batch sizes; each export takes ``delay`` seconds."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        super().__init__()
+        self.delay = delay
+        self.batches: list[int] = []
+        self.entered = threading.Event()
+
+    def export(self, spans):  # type: ignore[no-untyped-def]
+        self.entered.set()
+        time.sleep(self.delay)
+        self.batches.append(len(spans))
+        return super().export(spans)
+
+
+def test_spans_that_arrive_during_an_export_wait_to_fill_the_next_batch():
+    # Woken by a full batch, the export thread sends full batches only. It used
+    # to drain the queue instead, so spans that came in during an export went
+    # out straight after it as a small batch: a stream of small batches (each a
+    # round trip to the collector) under a steady load.
+    exporter = RecordingExporter(delay=0.1)
+    processor = BoundedBatchSpanProcessor(exporter, max_queue_size=100, max_export_batch_size=4,
+                                          schedule_delay_millis=60_000)  # fmt: skip
+    provider = _provider(processor)
+    _end_spans(provider, 4)
+    assert exporter.entered.wait(5)
+    _end_spans(provider, 2)  # while the first batch is being exported
+    time.sleep(0.4)
+    assert exporter.batches == [4]
+    _end_spans(provider, 2)  # fills the next batch
+    deadline = time.monotonic() + 5
+    while len(exporter.batches) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    _end_spans(provider, 1)
+    assert processor.force_flush(5000)  # a flush sends what is left
+    assert exporter.batches == [4, 4, 1]
+    assert [s.name for s in exporter.get_finished_spans()] == ["s0", "s1", "s2", "s3", "s0", "s1", "s0", "s1", "s0"]
+
+
+def test_the_schedule_delay_sends_a_partial_batch():
+    exporter = RecordingExporter()
+    processor = BoundedBatchSpanProcessor(exporter, max_queue_size=100, max_export_batch_size=50,
+                                          schedule_delay_millis=50)  # fmt: skip
+    _end_spans(_provider(processor), 3)
+    deadline = time.monotonic() + 5
+    while not exporter.batches and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert exporter.batches == [3]
+
+
 def test_hung_exporter_costs_counted_spans_not_the_callers_time():
     exporter = HangingExporter()
     drops: list[tuple[str, int]] = []
