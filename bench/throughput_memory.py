@@ -5,14 +5,16 @@ housing, profile) on one engine, run (a) by a bare loop of the same CAD
 subprocesses, two at a time, no Celery, no telemetry (the physical limit of
 this machine) and (b) through the API's path minus HTTP: published to Redis,
 run by a prefork ``celery worker`` with two pool processes and everything
-instrumented. Jobs per minute, same jobs, same order, in one run.
+instrumented. Jobs per minute, same jobs, same order, in one run; the two runners alternate
+over several rounds (one worker, started once) and the ratio is the median of
+the rounds' own ratios.
 
 Memory: the same kind of worker runs N tiny jobs; the RSS of the worker's main
 process and of each pool process is read after 10 jobs and at checkpoints up
 to N (default 1,000). Pool processes live as long as Celery lets them (no
 ``--max-tasks-per-child``): growth shows up instead of being recycled away.
 
-    python bench/throughput_memory.py [--jobs 20] [--memory-jobs 1000] [--write bench/RESULTS.md]
+    python bench/throughput_memory.py [--jobs 20] [--rounds 3] [--memory-jobs 1000] [--write bench/RESULTS.md]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import os
 import platform
 import queue as queue_mod
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -141,6 +144,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--engine", default="freecad")
     parser.add_argument("--jobs", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--memory-jobs", type=int, default=1000)
     parser.add_argument("--broker", default="redis://127.0.0.1:6379/12")
     parser.add_argument("--write")
@@ -151,24 +155,38 @@ def main() -> int:
              f"{os.cpu_count()} cores, Python {platform.python_version()}, engine {args.engine})\n"]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         specs = mixed(args.engine, args.jobs)
-        bare_s = bare_loop(args.engine, specs, Path(tmp))
         worker = Worker(args.broker, Path(tmp) / "w1")
+        bare_s: list[float] = []
+        celery_s: list[float] = []
         try:
             worker.run(copy.deepcopy(specs[:2]))  # warm-up: first imports in each pool process
-            started = time.perf_counter()
-            worker.run(copy.deepcopy(specs))
-            celery_s = time.perf_counter() - started
+            # Alternate the two runners, round after round: a VM's speed drifts
+            # from minute to minute, and a ratio of runs minutes apart measures it.
+            for r in range(args.rounds):
+                for runner in ("bare", "worker") if r % 2 == 0 else ("worker", "bare"):
+                    if runner == "bare":
+                        bare_s.append(bare_loop(args.engine, specs, Path(tmp) / f"bare-{r}"))
+                    else:
+                        started = time.perf_counter()
+                        worker.run(copy.deepcopy(specs))
+                        celery_s.append(time.perf_counter() - started)
+                print(f"round {r + 1}: bare {bare_s[-1]:.1f} s, cadscope worker {celery_s[-1]:.1f} s, "
+                      f"ratio {bare_s[-1] / celery_s[-1]:.3f}", flush=True)  # fmt: skip
         finally:
             worker.stop()
-        bare_rate, celery_rate = len(specs) / bare_s * 60, len(specs) / celery_s * 60
-        print(f"bare {bare_rate:.1f} jobs/min, cadscope {celery_rate:.1f} jobs/min", flush=True)
+        ratios = [b / c for b, c in zip(bare_s, celery_s, strict=True)]
+        bare_med, celery_med = statistics.median(bare_s), statistics.median(celery_s)
         lines += [
-            f"Mixed workload, {len(specs)} jobs (plate, assembly, grid, housing, profile), two at a time:\n",
-            "| runner | wall time | jobs per minute | ratio to bare |",
-            "| --- | --- | --- | --- |",
-            f"| bare loop of CAD subprocesses (no Celery, no telemetry) | {bare_s:.1f} s | {bare_rate:.1f} | 1.000 |",
-            f"| cadscope worker (Redis, prefork -c 2, all telemetry) | {celery_s:.1f} s | {celery_rate:.1f} "
-            f"| **{celery_rate / bare_rate:.3f}** |",
+            f"Mixed workload, {len(specs)} jobs (plate, assembly, grid, housing, profile), two at a time; "
+            f"{args.rounds} rounds, the two runners alternating:\n",
+            "| runner | wall time (median) | range | jobs per minute (median) | ratio to bare (median of rounds) "
+            "| rounds' ratios |",
+            "| --- | --- | --- | --- | --- | --- |",
+            f"| bare loop of CAD subprocesses (no Celery, no telemetry) | {bare_med:.1f} s "
+            f"| {min(bare_s):.1f}–{max(bare_s):.1f} s | {len(specs) / bare_med * 60:.1f} | 1.000 | |",
+            f"| cadscope worker (Redis, prefork -c 2, all telemetry) | {celery_med:.1f} s "
+            f"| {min(celery_s):.1f}–{max(celery_s):.1f} s | {len(specs) / celery_med * 60:.1f} "
+            f"| **{statistics.median(ratios):.3f}** | {min(ratios):.3f}–{max(ratios):.3f} |",
             "",
         ]
 
