@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import random
+import statistics
 from concurrent import futures
 from typing import Any
 
-__all__ = ["NullCollector", "NullCollectorProcess", "publish"]
+__all__ = ["NullCollector", "NullCollectorProcess", "bootstrap", "paired", "publish"]
 
 
 class NullCollector:
@@ -91,3 +93,15 @@ def publish(text: str, results_file: str | None) -> None:
 
 if __name__ == "__main__":
     _serve()
+
+
+def bootstrap(values: list[float], resamples: int = 4000) -> tuple[float, float, float]:
+    """Median and its 95 % percentile-bootstrap interval."""
+    rng = random.Random(7)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return statistics.median(values), medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
+
+
+def paired(instrumented: list[float], bare: list[float]) -> tuple[float, float, float]:
+    """Median of the paired ratios and its 95 % interval."""
+    return bootstrap([i / b for i, b in zip(instrumented, bare, strict=True)])

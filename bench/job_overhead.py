@@ -38,7 +38,6 @@ import contextlib
 import json
 import os
 import platform
-import random
 import resource
 import shutil
 import statistics
@@ -50,7 +49,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from _common import NullCollectorProcess, publish
+from _common import NullCollectorProcess, bootstrap, paired, publish
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
@@ -189,18 +188,6 @@ def wrapper_cost(runs: int = 300) -> float:
     return statistics.median(extra)
 
 
-def _bootstrap(values: list[float], resamples: int = 4000) -> tuple[float, float, float]:
-    """Median and its 95 % percentile-bootstrap interval."""
-    rng = random.Random(7)
-    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
-    return statistics.median(values), medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
-
-
-def paired(instrumented: list[float], bare: list[float]) -> tuple[float, float, float]:
-    """Median of the paired ratios and its 95 % interval."""
-    return _bootstrap([i / b for i, b in zip(instrumented, bare, strict=True)])
-
-
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=100)
@@ -275,7 +262,7 @@ def main() -> int:
         # added CPU, paired, does not; the CAD process's added CPU is its
         # events times the probe's cost per event plus the setpriv exec.
         job_cpu = statistics.median(r.cpu for r in bare)
-        worker = _bootstrap([i.own - b.own for i, b in zip(instrumented, bare, strict=True)])
+        worker = bootstrap([i.own - b.own for i, b in zip(instrumented, bare, strict=True)])
         events = statistics.median(r.events for r in instrumented)
         probe_s = events * probe_us[name] / 1e6
         check = statistics.median(r.check for r in instrumented)
