@@ -55,6 +55,9 @@ from _common import NullCollector, bootstrap, publish
 HERE = Path(__file__).resolve().parent
 
 MODES = ("bare", "upstream", "cadscope")
+# Every message carries a W3C trace context, as the fleet's do (the API's
+# publisher span injects it): the consumer span continues that trace.
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
 def _cpu(proc: psutil.Process) -> tuple[float, float]:
@@ -84,7 +87,7 @@ def run_round(mode: str, tasks: int, broker: str, endpoint: str, concurrency: in
         import _noop_app  # the bare app is enough to publish
 
         for _ in range(tasks):
-            _noop_app.noop.apply_async(queue=queue)
+            _noop_app.noop.apply_async(queue=queue, headers={"traceparent": TRACEPARENT})
         assert client.llen(queue) == tasks
         env.update(
             PROMETHEUS_MULTIPROC_DIR=str(Path(tmp) / "metrics"),
