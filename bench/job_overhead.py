@@ -3,7 +3,7 @@
 1. Job overhead: the standard job on each engine, fully instrumented as a
    worker runs it (``run_cad_job``: spans re-emitted through the bounded batch
    processor and exported over OTLP/gRPC to a collector in another process,
-   within the run's CPU time; metrics in multiprocess mode; trace propagation,
+   on the processor's own schedule; metrics in multiprocess mode; trace propagation,
    the probe writing to its pipe, the contained runner and the manifest
    check) vs. bare (the same engine script through ``subprocess.run`` with no
    telemetry pipe, so the probe is a no-op, and no spans or metrics). Both sides write the job file inside their timing.
@@ -25,6 +25,18 @@
    after each run), which belong to the job, not to its telemetry. Either
    bounds the wall-time cost too: the worker's share runs beside the CAD
    process, on the critical path only before the spawn and after the exit.
+   The worker's side of a run is the CPU of the thread that runs it, as in a
+   pool process, plus its share of what telemetry runs in other threads,
+   measured per thread over the whole benchmark (``/proc/self/task``), which
+   ends with a flush: all of the processor's export thread (OTLP encoding and
+   the gRPC calls) shared out over the instrumented runs, and gRPC's own
+   threads, which burn CPU by the second whether spans flow or not (~0.8 ms
+   a second here), at their rate times each instrumented run's wall time, as
+   a worker running jobs back to back pays them. The processor exports as a
+   worker's does, every 5 s or 512 spans, so a job shares an export with the
+   jobs around it (flushing after every run, as this script did up to
+   2026-11-23, charged each FreeCAD job a whole gRPC call: ~1.3 ms here,
+   most of it a cold CPU's, against ~0.3 ms back to back).
 3. Probe cost: microseconds per event (a span is two events) in each
    engine's own Python, writing to a pipe a reader drains.
 
@@ -45,6 +57,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -109,10 +122,20 @@ def probe_cost(python_argv: list[str], n: int = 20_000) -> float:
 
 
 def _cpu() -> tuple[float, float]:
-    """(this process with its threads, its reaped children): the worker's share and the whole."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    mine = own.ru_utime + own.ru_stime
+    """(this thread: the worker's share of a run; with the reaped children: the whole run)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    mine = time.thread_time()
     return mine, mine + children.ru_utime + children.ru_stime
+
+
+def _other_threads() -> dict[int, float]:
+    """CPU seconds so far of each thread of this process but the calling one (Linux)."""
+    me, used = threading.get_native_id(), {}
+    for tid in map(int, os.listdir("/proc/self/task")):
+        if tid != me:
+            with contextlib.suppress(FileNotFoundError), open(f"/proc/self/task/{tid}/schedstat") as stat:
+                used[tid] = int(stat.read().split()[0]) / 1e9  # first field: ns on a CPU
+    return used
 
 
 class Run(NamedTuple):
@@ -161,9 +184,7 @@ def instrumented_run(engine, job: JobSpec, out: Path, obs: ModelObservability, p
             limits=RunLimits(timeout_s=300),
             tracer_provider=provider,
         )
-    wall = time.perf_counter() - start
-    provider.force_flush()  # the job's spans encoded and sent: their CPU is the job's, the wait is not
-    measured = _since(start, cpu)._replace(wall=wall)
+    measured = _since(start, cpu)
     if not result.ok or result.manifest is None:
         raise RuntimeError(f"instrumented run failed: {result.outcome} {result.error_message}")
     check = time.thread_time()
@@ -222,9 +243,9 @@ def main() -> int:
     accounted = [
         "",
         "| engine | job CPU, bare (median) | worker's CPU per job, bare → instrumented | added by the worker "
-        "[95 %] | of which the artifact check | probe, in the CAD process | `setpriv`, in the CAD process "
-        "| **all cadscope adds** | **telemetry alone** |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "[95 %] | of which the artifact check | of which other threads: export + gRPC's | probe, in the CAD process "
+        "| `setpriv`, in the CAD process | **all cadscope adds** | **telemetry alone** |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, engine in sorted(engines.items()):
         spec = dict(PLATE, engine=name)
@@ -235,6 +256,8 @@ def main() -> int:
         try:
             bare_run(engine, job, root / "warm-bare")
             instrumented_run(engine, job, root / "warm-inst", obs, provider)
+            provider.force_flush()
+            threads, started = _other_threads(), time.perf_counter()
             for i in range(args.runs):
                 # Alternate which side goes first, so neither always runs on a warmer cache.
                 order = (0, 1) if i % 2 == 0 else (1, 0)
@@ -245,6 +268,15 @@ def main() -> int:
                     else:
                         instrumented.append(instrumented_run(engine, job, out, obs, provider))
                     shutil.rmtree(out)
+            provider.force_flush()  # the last spans encoded and sent, by the export thread
+            elapsed = time.perf_counter() - started
+            used = {tid: cpu - threads.get(tid, 0.0) for tid, cpu in _other_threads().items()}
+            export = used.pop(processor._thread.native_id or -1, 0.0) / args.runs
+            grpc_rate = sum(used.values()) / elapsed  # gRPC's threads (and any other), CPU s per s
+            instrumented = [
+                r._replace(cpu=r.cpu + export + grpc_rate * r.wall, own=r.own + export + grpc_rate * r.wall)
+                for r in instrumented
+            ]
         finally:
             shutil.rmtree(root, ignore_errors=True)
         bare_wall, inst_wall = [r.wall for r in bare], [r.wall for r in instrumented]
@@ -274,7 +306,8 @@ def main() -> int:
             f"| {statistics.median(r.own for r in bare) * 1000:.1f} → "
             f"{statistics.median(r.own for r in instrumented) * 1000:.1f} ms "
             f"| {worker[0] * 1000:+.1f} ms [{worker[1] * 1000:+.1f}, {worker[2] * 1000:+.1f}] "
-            f"| {check * 1000:.1f} ms | {events:.0f} events × {probe_us[name]:.1f} µs = {probe_s * 1000:.2f} ms "
+            f"| {check * 1000:.1f} ms | {export * 1000:.1f} + {grpc_rate * statistics.median(inst_wall) * 1000:.1f} ms "
+            f"| {events:.0f} events × {probe_us[name]:.1f} µs = {probe_s * 1000:.2f} ms "
             f"| {wrapper_s * 1000:.2f} ms | **{everything[0]:.4f}** [{everything[1]:.4f}–{everything[2]:.4f}] "
             f"| **{telemetry[0]:.4f}** [{telemetry[1]:.4f}–{telemetry[2]:.4f}] |"
         )
