@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: a collector that only counts, and how results are published."""
+"""What the benchmark scripts share: a collector that only counts, how results are published, a median's interval."""
 
 from __future__ import annotations
 
@@ -91,10 +91,6 @@ def publish(text: str, results_file: str | None) -> None:
             handle.write(text)
 
 
-if __name__ == "__main__":
-    _serve()
-
-
 def bootstrap(values: list[float], resamples: int = 4000) -> tuple[float, float, float]:
     """Median and its 95 % percentile-bootstrap interval."""
     rng = random.Random(7)
@@ -105,3 +101,7 @@ def bootstrap(values: list[float], resamples: int = 4000) -> tuple[float, float,
 def paired(instrumented: list[float], bare: list[float]) -> tuple[float, float, float]:
     """Median of the paired ratios and its 95 % interval."""
     return bootstrap([i / b for i, b in zip(instrumented, bare, strict=True)])
+
+
+if __name__ == "__main__":
+    _serve()

@@ -5,9 +5,9 @@ housing, profile) on one engine, run (a) by a bare loop of the same CAD
 subprocesses, two at a time, no Celery, no telemetry (the physical limit of
 this machine) and (b) through the API's path minus HTTP: published to Redis,
 run by a prefork ``celery worker`` with two pool processes and everything
-instrumented. Jobs per minute, same jobs, same order, in one run; the two runners alternate
-over several rounds (one worker, started once) and the ratio is the median of
-the rounds' own ratios.
+instrumented. Jobs per minute, same jobs, same order, in one run; the two
+runners alternate over several rounds (one worker, started once) and the
+ratio is the median of the rounds' own ratios.
 
 Memory: the same kind of worker runs N tiny jobs; the RSS of the worker's main
 process and of each pool process is read after 10 jobs and at checkpoints up
