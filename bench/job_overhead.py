@@ -3,10 +3,11 @@
 1. Job overhead: the standard job on each engine, fully instrumented as a
    worker runs it (``run_cad_job``: spans re-emitted through the bounded batch
    processor and exported over OTLP/gRPC to a collector in another process,
-   on the processor's own schedule; metrics in multiprocess mode; trace propagation,
-   the probe writing to its pipe, the contained runner and the manifest
-   check) vs. bare (the same engine script through ``subprocess.run`` with no
-   telemetry pipe, so the probe is a no-op, and no spans or metrics). Both sides write the job file inside their timing.
+   on the processor's own schedule; metrics in multiprocess mode; trace
+   propagation, the probe writing to its pipe, the contained runner and the
+   manifest check) vs. bare (the same engine script through
+   ``subprocess.run`` with no telemetry pipe, so the probe is a no-op, and no
+   spans or metrics). Both sides write the job file inside their timing.
    Runs are interleaved A/B, alternating which goes first, so drift hits both
    sides alike. On a 2-core VM one run scatters by +-10 %, so the figure is
    the median of the *paired* ratios (run i instrumented / run i bare) with a
@@ -140,8 +141,8 @@ def _other_threads() -> dict[int, float]:
 
 class Run(NamedTuple):
     wall: float  # s
-    cpu: float  # s, this process and the CAD process
-    own: float  # s, this process (the worker's side) alone
+    cpu: float  # s, the worker's side and the CAD process
+    own: float  # s, the worker's side alone: the thread that ran the job (instrumented: plus other threads' share)
     events: int = 0  # telemetry lines the child wrote
     check: float = 0.0  # s, the worker's sha256 check of the artifacts, timed again after the run
 
