@@ -3,6 +3,7 @@ queue, a disabled fault, and a metrics directory that stays bounded under churn.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import pickle
@@ -374,7 +375,13 @@ def test_broker_stopped_and_restarted_mid_job_loses_no_accepted_job(redis_server
     assert worker.proc.poll() is None, "the worker must survive a broker outage"
     redis_server.start()
     # The producer's own result connection died with the server: read the results through a new one.
+    # Its two handles stay subscribed on the dead connection; they go now, while the server is up,
+    # not in whichever later test the garbage collector frees them (their __del__ unsubscribes,
+    # and against a stopped server that raises "Retry limit exceeded" into that test).
+    ids = [running.id, waiting.id]
+    del running, waiting
+    gc.collect()
     reader = configure_app(Celery("reader", set_as_current=False), redis_server.url)
-    results = [reader.AsyncResult(h.id).get(timeout=150) for h in (running, waiting)]
+    results = [reader.AsyncResult(task_id).get(timeout=150) for task_id in ids]
     assert [r["status"] for r in results] == ["succeeded", "succeeded"]
     assert worker.proc.poll() is None
