@@ -34,6 +34,16 @@ the task returns (span start and end, metrics) lowers throughput nearly in
 proportion to its share of a task's round trip; the export thread's work,
 off that path, matters much less.
 
+Read one run's median with care. On 2-core VMs, medians of 8-15 rounds
+moved by up to 0.09 between runs of the same code (cadscope 0.888 and then
+0.984 on one VM, 2026-11-23). That is more than the 0.05 the target is
+about. Control tasks that only burn CPU in the pool showed the same scatter:
+100 and 150 µs gave 1.02 and 0.99 of bare in one run, and 150 µs gave 0.93
+in the next. The pool's added CPU per task is the steadier figure. A
+variant that kept one worker per stack and stopped it (``SIGSTOP``) between
+short turns fit 25 rounds in 4 minutes. Its intervals were no narrower, and
+one of its runs hung, so it was not kept.
+
     python bench/task_overhead.py [--tasks 2000] [--rounds 3] [--write bench/RESULTS.md]
 """
 
@@ -112,7 +122,11 @@ def run_round(mode: str, tasks: int, broker: str, endpoint: str, concurrency: in
                 time.sleep(0.001)
             started, cpu0 = time.perf_counter(), _cpu(proc)
             left_at_start = client.llen(queue) + client.hlen("unacked")
+            deadline = time.monotonic() + 300
             while client.llen(queue) or client.hlen("unacked"):
+                if time.monotonic() > deadline or worker.poll() is not None:
+                    raise RuntimeError(f"{mode}: queue not drained ({client.llen(queue)} queued, "
+                                       f"{client.hlen('unacked')} unacknowledged)")  # fmt: skip
                 time.sleep(0.002)
             elapsed, cpu1 = time.perf_counter() - started, _cpu(proc)
         finally:

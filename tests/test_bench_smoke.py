@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import psutil
+
 from .conftest import REPO
 
 
@@ -40,3 +42,13 @@ def test_span_cost_runs_and_the_encoders_agree(tmp_path):
     results = _bench(tmp_path, "span_cost.py", "--n", "1000")
     rows = [line for line in results.splitlines() if line.startswith("| task span") or "OTLP encoding" in line]
     assert len(rows) == 2
+
+
+def test_task_overhead_runs_every_stack_and_leaves_no_worker_behind(tmp_path, redis_server):
+    # Every stack's worker drains its queue (the script raises if one stops short) and is gone at the end.
+    results = _bench(tmp_path, "task_overhead.py", "--tasks", "100", "--rounds", "1", "--broker", redis_server.url)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in results.splitlines() if " tasks/s | " in line}
+    assert list(rows) == ["bare", "upstream", "cadscope"]
+    assert "| **1.000** [1.000–1.000] |" in rows["bare"]
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if "_noop_app" in " ".join(p.info["cmdline"] or [])]
+    assert left == []
