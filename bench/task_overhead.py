@@ -30,9 +30,9 @@ message to a pool process over a pipe and acks it, about 600 of the 710 µs a
 task that bare Celery spends here. The 2 cores are not saturated, and each
 task's run in the pool lies on the path from one message to the next
 (prefetch 1, late ack). So what the instrumentation adds in the pool before
-the task returns (span start and end, metrics) lowers throughput nearly in
-proportion to its share of a task's round trip; the export thread's work,
-off that path, matters much less.
+the task returns (span start and end, metrics) can lower throughput; the
+export thread's work, off that path, should matter less. By how much is
+another matter.
 
 Read one run's median with care. On 2-core VMs, medians of 8-15 rounds
 moved by up to 0.09 between runs of the same code (cadscope 0.888 and then
