@@ -1,13 +1,15 @@
-"""What the benchmark scripts share: a collector that only counts, how results are published, a median's interval."""
+"""What the benchmark scripts share: a collector that only counts, the no-op task cadscope's worker runs,
+how results are published, a median's interval."""
 
 from __future__ import annotations
 
 import random
 import statistics
+import time
 from concurrent import futures
 from typing import Any
 
-__all__ = ["NullCollector", "NullCollectorProcess", "bootstrap", "paired", "publish"]
+__all__ = ["NullCollector", "NullCollectorProcess", "bootstrap", "catalogue_noop", "paired", "publish"]
 
 
 class NullCollector:
@@ -81,6 +83,21 @@ def _serve() -> None:
         print(f"PORT {collector.port}", flush=True)
         sys.stdin.read()
     print(f"SPANS {collector.spans}", flush=True)
+
+
+def catalogue_noop(app: Any) -> Any:
+    """Register ``bench.noop`` on ``app`` as cadscope's worker runs a task:
+    recording the catalogue's task outcome and runtime metrics."""
+    from cadscope.metrics import default_observability
+
+    @app.task(name="bench.noop")
+    def noop() -> None:
+        started = time.perf_counter()
+        m = default_observability().metrics
+        m.task_outcomes.labels("bench.noop", "success").inc()
+        m.task_runtime.labels("bench.noop", "success").observe(time.perf_counter() - started)
+
+    return noop
 
 
 def publish(text: str, results_file: str | None) -> None:

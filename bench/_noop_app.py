@@ -33,17 +33,12 @@ COMMON = {
 }
 
 if MODE == "cadscope":
-    from cadscope.metrics import default_observability
+    from _common import catalogue_noop
+
     from cadscope.workers import app
 
     app.conf.update(broker_url=BROKER, result_backend=None, **COMMON)
-
-    @app.task(name="bench.noop")
-    def noop() -> None:
-        started = default_timer()
-        m = default_observability().metrics
-        m.task_outcomes.labels("bench.noop", "success").inc()
-        m.task_runtime.labels("bench.noop", "success").observe(default_timer() - started)
+    noop = catalogue_noop(app)
 
 else:
     app = Celery("bench", broker=BROKER)

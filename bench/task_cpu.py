@@ -54,9 +54,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
 
-from _common import NullCollector, publish
+from _common import NullCollector, catalogue_noop, publish
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 STACKS = ("bare", "signals", "metrics", "upstream", "cadscope-sdk-span", "cadscope-upstream-encoder",
@@ -71,21 +70,6 @@ class _Discard(SpanExporter):
 
     def export(self, spans: object) -> SpanExportResult:
         return SpanExportResult.SUCCESS
-
-
-def _catalogue_noop(app: Any) -> Any:
-    """The no-op task as cadscope's worker runs a task: recording the
-    catalogue's task outcome and runtime metrics."""
-    from cadscope.metrics import default_observability
-
-    @app.task(name="bench.noop")
-    def noop() -> None:
-        started = time.perf_counter()
-        m = default_observability().metrics
-        m.task_outcomes.labels("bench.noop", "success").inc()
-        m.task_runtime.labels("bench.noop", "success").observe(time.perf_counter() - started)
-
-    return noop
 
 
 def child(stack: str, tasks: int) -> dict[str, float]:
@@ -112,7 +96,7 @@ def child(stack: str, tasks: int) -> dict[str, float]:
             return None
 
     elif stack == "metrics":
-        noop = _catalogue_noop(app)
+        noop = catalogue_noop(app)
 
     elif stack == "upstream":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -153,7 +137,7 @@ def child(stack: str, tasks: int) -> dict[str, float]:
         provider = setup_tracing("bench-cpu", exporters=exporters, on_drop=default_observability().record_spans_dropped)
         instrument_celery_worker(provider)
         flush = flush_tracing  # type: ignore[assignment]
-        noop = _catalogue_noop(app)
+        noop = catalogue_noop(app)
 
     # The registered task, as a worker's tracer gets it; ``noop`` itself is a proxy.
     trace_task = build_tracer(noop.name, app.tasks[noop.name], app=app, eager=False, propagate=False)
