@@ -25,14 +25,13 @@ loop wakes more often per task while it waits (upstream's stack, which does
 nothing in the main process, shows the same rise).
 bench/task_cpu.py isolates the pool process's share with less noise.
 
-For a no-op task the main process is the busiest: it reads Redis, hands each
-message to a pool process over a pipe and acks it, about 600 of the 710 µs a
-task that bare Celery spends here. The 2 cores are not saturated, and each
-task's run in the pool lies on the path from one message to the next
-(prefetch 1, late ack). So what the instrumentation adds in the pool before
-the task returns (span start and end, metrics) can lower throughput; the
-export thread's work, off that path, should matter less. By how much is
-another matter.
+A second table reads the same rounds as CPU. It splits the pool's added CPU
+into the task thread (the pool process's main thread, which runs the task
+and its signal handlers, between one message and the next) and every other
+thread (span export, gRPC), and gives the broker's CPU per task when its
+redis-server runs on this machine (read from its process; this script's
+polling of the queue is included). Together with the worker's, that is
+what the host spends on a task.
 
 Read one run's median with care. On 2-core VMs, medians of 8-15 rounds
 moved by up to 0.09 between runs of the same code (cadscope 0.888 and then
@@ -50,6 +49,7 @@ one of its runs hung, so it was not kept.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -58,6 +58,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import psutil
 import redis
@@ -71,27 +72,68 @@ MODES = ("bare", "upstream", "cadscope")
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
-def _cpu(proc: psutil.Process) -> tuple[float, float]:
-    """CPU seconds of (the worker's main process, its pool processes)."""
-    main = pool = 0.0
+class _Cpu(NamedTuple):
+    """CPU seconds, cumulative: the worker's main process, its pool processes'
+    task threads (the thread that runs each task), their other threads (span
+    export, gRPC), and the broker's server when it runs on this machine."""
+
+    main: float
+    pool_task: float
+    pool_other: float
+    broker: float
+
+
+def _cpu(proc: psutil.Process, broker: psutil.Process | None) -> _Cpu:
+    main = task = other = 0.0
     for p in [proc, *proc.children(recursive=True)]:
         try:
             t = p.cpu_times()
+            threads = p.threads() if p.pid != proc.pid else []
         except psutil.NoSuchProcess:
             continue
         used = t.user + t.system + t.children_user + t.children_system
         if p.pid == proc.pid:
             main += used
-        else:
-            pool += used
-    return main, pool
+            continue
+        # A pool process's task runs on its main thread, whose id is the process id. The process's
+        # total less that thread is every other thread's, including threads that have already exited.
+        own = sum(th.user_time + th.system_time for th in threads if th.id == p.pid)
+        task += own
+        other += used - own
+    used_by_broker = 0.0
+    if broker is not None:
+        with contextlib.suppress(psutil.Error):
+            b = broker.cpu_times()
+            used_by_broker = b.user + b.system
+    return _Cpu(main, task, other, used_by_broker)
 
 
-def run_round(mode: str, tasks: int, broker: str, endpoint: str, concurrency: int) -> tuple[float, float, float]:
+def _local_broker(client: redis.Redis) -> psutil.Process | None:
+    """The redis-server process behind ``client`` if it runs here (its CPU is read, nothing else)."""
+    try:
+        pid = int(client.info("server")["process_id"])
+        server = psutil.Process(pid)
+        return server if "redis" in server.name() else None
+    except (redis.RedisError, KeyError, ValueError, psutil.Error):
+        return None
+
+
+class Round(NamedTuple):
+    rate: float  # tasks a second
+    worker_us: float  # worker CPU a task, main process and pool
+    pool_us: float  # of which the pool processes
+    pool_task_us: float  # of which the pool processes' task threads
+    broker_us: float | None  # the broker's CPU a task, when it runs on this machine
+
+
+def run_round(mode: str, tasks: int, broker: str, endpoint: str, concurrency: int, app: str = "_noop_app",
+              extra_env: dict[str, str] | None = None) -> Round:  # fmt: skip
+    """One round: fill a queue, run a worker of ``app`` (a module in bench/) until it is drained."""
     client = redis.Redis.from_url(broker)
+    server = _local_broker(client)
     client.flushdb()
     queue = f"bench-{mode}-{os.getpid()}"
-    env = {**os.environ, "BENCH_MODE": mode, "BENCH_BROKER": broker, "PYTHONPATH": str(HERE)}
+    env = {**os.environ, "BENCH_MODE": mode, "BENCH_BROKER": broker, "PYTHONPATH": str(HERE), **(extra_env or {})}
     with tempfile.TemporaryDirectory() as tmp:
         sys.path.insert(0, str(HERE))
         os.environ["BENCH_MODE"], os.environ["BENCH_BROKER"] = "bare", broker
@@ -108,7 +150,7 @@ def run_round(mode: str, tasks: int, broker: str, endpoint: str, concurrency: in
             OTEL_EXPORTER_OTLP_INSECURE="true",
         )
         Path(env["PROMETHEUS_MULTIPROC_DIR"]).mkdir()
-        command = [sys.executable, "-m", "celery", "-A", "_noop_app", "worker", "--pool", "prefork",
+        command = [sys.executable, "-m", "celery", "-A", app, "worker", "--pool", "prefork",
                    "--concurrency", str(concurrency), "-Q", queue, "--loglevel", "WARNING",
                    "--without-gossip", "--without-mingle", "--without-heartbeat"]  # fmt: skip
         worker = subprocess.Popen(command, env=env, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -120,7 +162,7 @@ def run_round(mode: str, tasks: int, broker: str, endpoint: str, concurrency: in
                 if time.monotonic() > deadline or worker.poll() is not None:
                     raise RuntimeError(f"{mode}: worker did not start: {worker.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
                 time.sleep(0.001)
-            started, cpu0 = time.perf_counter(), _cpu(proc)
+            started, cpu0 = time.perf_counter(), _cpu(proc, server)
             left_at_start = client.llen(queue) + client.hlen("unacked")
             deadline = time.monotonic() + 300
             while client.llen(queue) or client.hlen("unacked"):
@@ -128,13 +170,20 @@ def run_round(mode: str, tasks: int, broker: str, endpoint: str, concurrency: in
                     raise RuntimeError(f"{mode}: queue not drained ({client.llen(queue)} queued, "
                                        f"{client.hlen('unacked')} unacknowledged)")  # fmt: skip
                 time.sleep(0.002)
-            elapsed, cpu1 = time.perf_counter() - started, _cpu(proc)
+            elapsed, cpu1 = time.perf_counter() - started, _cpu(proc, server)
         finally:
             worker.terminate()
             worker.wait(60)
     done = left_at_start
-    main, pool = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
-    return done / elapsed, (main + pool) / done * 1e6, pool / done * 1e6
+    used = _Cpu(*(b - a for a, b in zip(cpu0, cpu1, strict=True)))
+    pool = used.pool_task + used.pool_other
+    return Round(
+        rate=done / elapsed,
+        worker_us=(used.main + pool) / done * 1e6,
+        pool_us=pool / done * 1e6,
+        pool_task_us=used.pool_task / done * 1e6,
+        broker_us=used.broker / done * 1e6 if server is not None else None,
+    )
 
 
 def main() -> int:
@@ -145,16 +194,19 @@ def main() -> int:
     parser.add_argument("--broker", default="redis://127.0.0.1:6379/12")
     parser.add_argument("--write")
     args = parser.parse_args()
-    results: dict[str, list[tuple[float, float, float]]] = {m: [] for m in MODES}
+    results: dict[str, list[Round]] = {m: [] for m in MODES}
     with NullCollector() as receiver:
         for r in range(args.rounds):
             for mode in MODES if r % 2 == 0 else reversed(MODES):
                 results[mode].append(run_round(mode, args.tasks, args.broker, receiver.endpoint, args.concurrency))
-                rate, us, pool = results[mode][-1]
-                print(f"round {r + 1} {mode:9s} {rate:8.0f} tasks/s {us:8.0f} µs CPU/task ({pool:.0f} in the pool)",
-                      flush=True)  # fmt: skip
-    bare_us = statistics.median(u for _, u, _ in results["bare"])
-    bare_pool = statistics.median(p for _, _, p in results["bare"])
+                got = results[mode][-1]
+                print(f"round {r + 1} {mode:9s} {got.rate:8.0f} tasks/s {got.worker_us:8.0f} µs CPU/task "
+                      f"({got.pool_us:.0f} in the pool)", flush=True)  # fmt: skip
+
+    def median(mode: str, field: str) -> float:
+        return statistics.median(getattr(got, field) for got in results[mode])
+
+    bare = results["bare"]
     lines = [
         f"\n### Task overhead: no-op task, prefork -c {args.concurrency}, Redis, {args.tasks} tasks x "
         f"{args.rounds} rounds ({time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, "
@@ -164,17 +216,31 @@ def main() -> int:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for mode in MODES:
-        rates = [r for r, _, _ in results[mode]]
-        us = statistics.median(u for _, u, _ in results[mode])
-        pool = statistics.median(p for _, _, p in results[mode])
-        rate = statistics.median(rates)
-        ratios = [r / b for (r, _, _), (b, _, _) in zip(results[mode], results["bare"], strict=True)]
+        rates = [got.rate for got in results[mode]]
+        ratios = [got.rate / b.rate for got, b in zip(results[mode], bare, strict=True)]
         ratio, low, high = bootstrap(ratios)
         lines.append(
-            f"| {mode} | {rate:.0f} tasks/s | {min(rates):.0f}–{max(rates):.0f} "
+            f"| {mode} | {statistics.median(rates):.0f} tasks/s | {min(rates):.0f}–{max(rates):.0f} "
             f"| **{ratio:.3f}** [{low:.3f}–{high:.3f}] | {min(ratios):.3f}–{max(ratios):.3f} "
-            f"| {us:.0f} µs | {us - bare_us:+.0f} µs | {pool - bare_pool:+.0f} µs |"
+            f"| {median(mode, 'worker_us'):.0f} µs | {median(mode, 'worker_us') - median('bare', 'worker_us'):+.0f} µs "
+            f"| {median(mode, 'pool_us') - median('bare', 'pool_us'):+.0f} µs |"
         )
+    # The same rounds read as CPU: which threads and processes run each stack's added microseconds.
+    lines += [
+        "",
+        "| stack | pool task threads, extra | pool other threads, extra | worker main process, extra "
+        "| broker CPU per task |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for mode in MODES:
+        task_thread = median(mode, "pool_task_us") - median("bare", "pool_task_us")
+        other = median(mode, "pool_us") - median(mode, "pool_task_us")
+        other -= median("bare", "pool_us") - median("bare", "pool_task_us")
+        main_process = median(mode, "worker_us") - median(mode, "pool_us")
+        main_process -= median("bare", "worker_us") - median("bare", "pool_us")
+        brokers = [got.broker_us for got in results[mode] if got.broker_us is not None]
+        broker_cpu = f"{statistics.median(brokers):.0f} µs" if brokers else "n/a (not on this machine)"
+        lines.append(f"| {mode} | {task_thread:+.0f} µs | {other:+.0f} µs | {main_process:+.0f} µs | {broker_cpu} |")
     publish("\n".join(lines) + "\n", args.write)
     return 0
 
