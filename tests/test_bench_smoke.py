@@ -52,3 +52,17 @@ def test_task_overhead_runs_every_stack_and_leaves_no_worker_behind(tmp_path, re
     assert "| **1.000** [1.000–1.000] |" in rows["bare"]
     left = [p.pid for p in psutil.process_iter(["cmdline"]) if "_noop_app" in " ".join(p.info["cmdline"] or [])]
     assert left == []
+
+
+def test_task_steps_times_cadscope_handlers_inside_the_worker(tmp_path, redis_server):
+    # The timers must reach the pool processes: cadscope's handlers and the task body each get a figure.
+    results = _bench(tmp_path, "task_steps.py", "--tasks", "600", "--rounds", "1", "--loop", "500", "--warm-up", "20",
+                     "--broker", redis_server.url)  # fmt: skip
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in results.splitlines()
+            if line.startswith("| ") and " µs" in line}  # fmt: skip
+    prerun = rows["cadscope's `task_prerun` (extract, span start, context)"]
+    in_worker, in_loop = (float(cell.removesuffix(" µs")) for cell in prerun[1:3])
+    assert in_worker > 0 and in_loop > 0
+    assert float(rows["whole cycle (one `task_prerun` to the next)"][0].removesuffix(" µs")) > 0
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if "_steps_app" in " ".join(p.info["cmdline"] or [])]
+    assert left == []
