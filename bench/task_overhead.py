@@ -23,7 +23,8 @@ The pool processes' CPU is the instrumentation's own. The main process's CPU
 per task rises with any slowdown of the pool, instrumented or not: its event
 loop wakes more often per task while it waits (upstream's stack, which does
 nothing in the main process, shows the same rise).
-bench/task_cpu.py isolates the pool process's share with less noise.
+bench/task_cpu.py isolates the pool process's share with less noise, and
+bench/task_steps.py times cadscope's steps on the task thread in the worker.
 
 A second table reads the same rounds as CPU. It splits the pool's added CPU
 into the task thread (the pool process's main thread, which runs the task
