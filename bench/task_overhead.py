@@ -26,6 +26,15 @@ nothing in the main process, shows the same rise).
 bench/task_cpu.py isolates the pool process's share with less noise, and
 bench/task_steps.py times cadscope's steps on the task thread in the worker.
 
+For a no-op task the main process is the busiest: it reads Redis, hands each
+message to a pool process over a pipe and acks it, about 600 of the 710 µs a
+task that bare Celery spends here. The 2 cores are not saturated, and each
+task's run in the pool lies on the path from one message to the next
+(prefetch 1, late ack). So what the instrumentation adds in the pool before
+the task returns (span start and end, metrics) can lower throughput; the
+export thread's work, off that path, should matter less. By how much is
+another matter.
+
 A second table reads the same rounds as CPU. It splits the pool's added CPU
 into the task thread (the pool process's main thread, which runs the task
 and its signal handlers, between one message and the next) and every other

@@ -3,10 +3,10 @@
 bench/task_overhead.py finds cadscope's pool processes spending 130-200 µs
 more CPU per no-op task than bare Celery's, almost all of it on the task
 thread; bench/task_cpu.py, which drives Celery's task tracer in a loop,
-finds about a third of that. This script measures the steps themselves
-where they run. A prefork worker (bench/_steps_app.py: the same apps as
-task_overhead, with timers) drains a pre-filled queue, and each pool process
-adds up its task thread's CPU time for:
+finds a third to two thirds of that, by VM. This script measures the
+steps themselves where they run. A prefork worker (bench/_steps_app.py: the
+same apps as task_overhead, with timers) drains a pre-filled queue, and each
+pool process adds up its task thread's CPU time for:
 
 - the whole cycle, from one task's ``task_prerun`` to the next's: receiving
   the message from the main process, Celery's tracer, the signals, the
