@@ -58,7 +58,7 @@ def _clock_read_ns() -> float:
 def _cycle(**_: Any) -> None:
     now = time.thread_time_ns()
     _state["seen"] += 1
-    if _state["seen"] <= WARM_UP:
+    if _state["seen"] <= max(WARM_UP, 1):  # the first cycle has no start: it is always warm-up
         for step in ("prerun", "postrun", "body"):
             _totals[step] = 0  # the steps count from the first cycle that does
     else:

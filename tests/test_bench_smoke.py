@@ -21,6 +21,11 @@ def _bench(tmp_path, script: str, *args: str) -> str:
     return out.read_text()
 
 
+def _processes_running(module: str) -> list[int]:
+    """Pids of processes whose command line names ``module`` (a bench worker app left behind)."""
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if module in " ".join(p.info["cmdline"] or [])]
+
+
 def test_scrape_churn_runs_and_compaction_keeps_the_exposition(tmp_path):
     # The script exits non-zero unless the exposition is byte-identical before and after compaction.
     results = _bench(tmp_path, "scrape_churn.py", "--dead", "0,20")
@@ -50,8 +55,7 @@ def test_task_overhead_runs_every_stack_and_leaves_no_worker_behind(tmp_path, re
     rows = {line.split(" | ")[0].lstrip("| "): line for line in results.splitlines() if " tasks/s | " in line}
     assert list(rows) == ["bare", "upstream", "cadscope"]
     assert "| **1.000** [1.000–1.000] |" in rows["bare"]
-    left = [p.pid for p in psutil.process_iter(["cmdline"]) if "_noop_app" in " ".join(p.info["cmdline"] or [])]
-    assert left == []
+    assert _processes_running("_noop_app") == []
 
 
 def test_task_steps_times_cadscope_handlers_inside_the_worker(tmp_path, redis_server):
@@ -64,5 +68,4 @@ def test_task_steps_times_cadscope_handlers_inside_the_worker(tmp_path, redis_se
     in_worker, in_loop = (float(cell.removesuffix(" µs")) for cell in prerun[1:3])
     assert in_worker > 0 and in_loop > 0
     assert float(rows["whole cycle (one `task_prerun` to the next)"][0].removesuffix(" µs")) > 0
-    left = [p.pid for p in psutil.process_iter(["cmdline"]) if "_steps_app" in " ".join(p.info["cmdline"] or [])]
-    assert left == []
+    assert _processes_running("_steps_app") == []
