@@ -136,6 +136,39 @@ class Round(NamedTuple):
     broker_us: float | None  # the broker's CPU a task, when it runs on this machine
 
 
+def start_worker(mode: str, queue: str, broker: str, endpoint: str, concurrency: int, tmp: str,
+                 app: str = "_noop_app", extra_env: dict[str, str] | None = None,
+                 ) -> subprocess.Popen[bytes]:  # fmt: skip
+    """A prefork worker of ``app`` (a module in bench/, ``$BENCH_MODE=mode``) consuming ``queue``;
+    its metrics and data go under ``tmp``, its spans to the OTLP ``endpoint``."""
+    env = {**os.environ, "BENCH_MODE": mode, "BENCH_BROKER": broker, "PYTHONPATH": str(HERE), **(extra_env or {})}
+    env.update(
+        PROMETHEUS_MULTIPROC_DIR=str(Path(tmp) / "metrics"),
+        CADSCOPE_DATA_DIR=tmp,
+        CADSCOPE_METRICS_PORT="0",
+        OTEL_EXPORTER_OTLP_ENDPOINT=endpoint,
+        OTEL_EXPORTER_OTLP_INSECURE="true",
+    )
+    Path(env["PROMETHEUS_MULTIPROC_DIR"]).mkdir(exist_ok=True)
+    command = [sys.executable, "-m", "celery", "-A", app, "worker", "--pool", "prefork",
+               "--concurrency", str(concurrency), "-Q", queue, "--loglevel", "WARNING",
+               "--without-gossip", "--without-mingle", "--without-heartbeat"]  # fmt: skip
+    return subprocess.Popen(command, env=env, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def fill_queue(broker: str, queue: str, tasks: int) -> None:
+    """Publish ``tasks`` no-op messages to ``queue``, each with a W3C trace context."""
+    from celery import Celery
+
+    producer = Celery("bench-fill", broker=broker)
+    producer.conf.update(task_serializer="json")
+    for _ in range(tasks):
+        producer.send_task("bench.noop", queue=queue, headers={"traceparent": TRACEPARENT})
+    producer.close()
+    if redis.Redis.from_url(broker).llen(queue) < tasks:
+        raise RuntimeError(f"{queue}: fewer than {tasks} messages queued")
+
+
 def run_round(mode: str, tasks: int, broker: str, endpoint: str, concurrency: int, app: str = "_noop_app",
               extra_env: dict[str, str] | None = None) -> Round:  # fmt: skip
     """One round: fill a queue, run a worker of ``app`` (a module in bench/) until it is drained."""
@@ -143,27 +176,10 @@ def run_round(mode: str, tasks: int, broker: str, endpoint: str, concurrency: in
     server = _local_broker(client)
     client.flushdb()
     queue = f"bench-{mode}-{os.getpid()}"
-    env = {**os.environ, "BENCH_MODE": mode, "BENCH_BROKER": broker, "PYTHONPATH": str(HERE), **(extra_env or {})}
     with tempfile.TemporaryDirectory() as tmp:
-        sys.path.insert(0, str(HERE))
-        os.environ["BENCH_MODE"], os.environ["BENCH_BROKER"] = "bare", broker
-        import _noop_app  # the bare app is enough to publish
-
-        for _ in range(tasks):
-            _noop_app.noop.apply_async(queue=queue, headers={"traceparent": TRACEPARENT})
+        fill_queue(broker, queue, tasks)
         assert client.llen(queue) == tasks
-        env.update(
-            PROMETHEUS_MULTIPROC_DIR=str(Path(tmp) / "metrics"),
-            CADSCOPE_DATA_DIR=tmp,
-            CADSCOPE_METRICS_PORT="0",
-            OTEL_EXPORTER_OTLP_ENDPOINT=endpoint,
-            OTEL_EXPORTER_OTLP_INSECURE="true",
-        )
-        Path(env["PROMETHEUS_MULTIPROC_DIR"]).mkdir()
-        command = [sys.executable, "-m", "celery", "-A", app, "worker", "--pool", "prefork",
-                   "--concurrency", str(concurrency), "-Q", queue, "--loglevel", "WARNING",
-                   "--without-gossip", "--without-mingle", "--without-heartbeat"]  # fmt: skip
-        worker = subprocess.Popen(command, env=env, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        worker = start_worker(mode, queue, broker, endpoint, concurrency, tmp, app, extra_env)
         proc = psutil.Process(worker.pid)
         try:
             # The clock starts when the first message leaves the queue, the same way for every mode.
