@@ -8,14 +8,17 @@
   up after fork with the bounded processor, the multiprocess registry served
   with compaction, the heartbeat), the task recording the catalogue's task
   outcome and runtime metrics as ``run_job`` does.
+- ``burn``: plain Celery whose task burns ``$BENCH_BURN_US`` microseconds of
+  its thread's CPU: a control, an overhead of known size.
 
-All three share the broker settings that matter for throughput: JSON, late
+Every mode shares the broker settings that matter for throughput: JSON, late
 ack, prefetch 1, no result stored.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from timeit import default_timer
 from typing import Any
 
@@ -72,6 +75,15 @@ else:
             started = default_timer()
             TASKS.labels("bench.noop", "success").inc()
             RUNTIME.labels("bench.noop").observe(default_timer() - started)
+
+    elif MODE == "burn":
+        BURN_NS = int(float(os.environ.get("BENCH_BURN_US", "100")) * 1000)
+
+        @app.task(name="bench.noop")
+        def noop() -> None:
+            until = time.thread_time_ns() + BURN_NS
+            while time.thread_time_ns() < until:
+                pass
 
     else:
 
