@@ -51,7 +51,8 @@ about. Control tasks that only burn CPU in the pool showed the same scatter:
 in the next. The pool's added CPU per task is the steadier figure. A
 variant that kept one worker per stack and stopped it (``SIGSTOP``) between
 short turns fit 25 rounds in 4 minutes. Its intervals were no narrower, and
-one of its runs hung, so it was not kept.
+one of its runs hung, so it was not kept. bench/task_side_by_side.py runs
+every stack at once on a busy host instead, and its intervals are ±0.01.
 
     python bench/task_overhead.py [--tasks 2000] [--rounds 3] [--write bench/RESULTS.md]
 """
@@ -156,14 +157,17 @@ def start_worker(mode: str, queue: str, broker: str, endpoint: str, concurrency:
     return subprocess.Popen(command, env=env, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def fill_queue(broker: str, queue: str, tasks: int) -> None:
-    """Publish ``tasks`` no-op messages to ``queue``, each with a W3C trace context."""
+def fill_queue(broker: str, queue: str, tasks: int, sampled: float = 1.0) -> None:
+    """Publish ``tasks`` no-op messages to ``queue``, each with a W3C trace context. A ``sampled`` fraction
+    of them, evenly spread, carry the sampled flag, as after head sampling at the API; the rest do not."""
     from celery import Celery
 
     producer = Celery("bench-fill", broker=broker)
     producer.conf.update(task_serializer="json")
-    for _ in range(tasks):
-        producer.send_task("bench.noop", queue=queue, headers={"traceparent": TRACEPARENT})
+    unsampled = TRACEPARENT[:-2] + "00"
+    for i in range(tasks):
+        traceparent = TRACEPARENT if int((i + 1) * sampled) > int(i * sampled) else unsampled
+        producer.send_task("bench.noop", queue=queue, headers={"traceparent": traceparent})
     producer.close()
     if redis.Redis.from_url(broker).llen(queue) < tasks:
         raise RuntimeError(f"{queue}: fewer than {tasks} messages queued")

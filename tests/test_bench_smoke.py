@@ -88,7 +88,7 @@ def test_task_side_by_side_recovers_the_control_cost_and_stops_what_it_started(t
         return {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in table.splitlines()
                 if line.startswith("| ") and " µs" in line}  # fmt: skip
 
-    assert list(rows(costs)) == ["bare", "upstream", "cadscope", "burn"]
+    assert list(rows(costs)) == ["bare", "upstream", "cadscope", "cadscope, 10% of traces sampled", "burn"]
     assert float(rows(parts)["burn"][0].removesuffix(" µs")) >= 500  # the pool task threads' added CPU a task
     assert "Spans received by the null collector: 0." not in results
     assert _processes_running("_noop_app") == []
