@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import platform
 import socket
@@ -103,8 +104,9 @@ class _Stack:
     tasks: int = 0
     worker: subprocess.Popen[bytes] | None = None
 
-    @property
+    @functools.cached_property
     def client(self) -> redis.Redis:
+        """One connection for the run: a new one per reading would add connects to the broker's CPU."""
         return redis.Redis.from_url(self.url)
 
 
