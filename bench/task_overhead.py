@@ -52,7 +52,8 @@ in the next. The pool's added CPU per task is the steadier figure. A
 variant that kept one worker per stack and stopped it (``SIGSTOP``) between
 short turns fit 25 rounds in 4 minutes. Its intervals were no narrower, and
 one of its runs hung, so it was not kept. bench/task_side_by_side.py runs
-every stack at once on a busy host instead, and its intervals are ±0.01.
+every stack at once on a busy host instead; with the main process charged at
+bare's cost per task, its intervals are ±0.01.
 
     python bench/task_overhead.py [--tasks 2000] [--rounds 3] [--write bench/RESULTS.md]
 """

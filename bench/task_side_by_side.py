@@ -51,8 +51,8 @@ recorded or exported. Its metrics are recorded as for every task.
 
 What it gave on the first VM it ran on (bench/RESULTS.md, "A fifth VM"):
 with the main process at bare's cost, cadscope's ratio came out 0.884,
-0.891 and 0.887 in three runs, each interval ±0.01, and the 100 µs control
-came within 0.01 of its expected ratio. The plain CPU cost ratio's
+0.891, 0.887 and 0.884 in four runs, each interval ±0.01, and the 100 µs
+control came within 0.015 of its expected ratio. The plain CPU cost ratio's
 intervals were ±0.02-0.04 (task_overhead.py's: ±0.08). A busy host is not
 an idle one, though: every stack's CPU per task roughly doubles (bare
 Celery ~3,000 µs against ~1,300), the instrumentation's with it.
