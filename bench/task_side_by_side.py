@@ -27,9 +27,8 @@ window:
   for bare Celery, which acknowledged 30-60 % more tasks (a two-stack run,
   ad hoc). A stack that finishes fewer tasks is then charged more
   main-process CPU for each, and the first ratio overstates its cost by
-  that much. The second table gives
-  the main process's CPU against bare's, window by window, so a run shows
-  whether this held;
+  that much. The second table gives the main process's CPU against bare's,
+  window by window, so a run shows whether this held;
 - the stack's **added CPU per task**, split into the pool's task threads,
   the pool's other threads (span export, gRPC), the worker's main process
   and the broker;
