@@ -81,7 +81,7 @@ def test_task_side_by_side_recovers_the_control_cost_and_stops_what_it_started(t
     # redis-servers and workers are gone at the end; the shared Redis is never touched.
     servers_before = _redis_servers()
     results = _bench(tmp_path, "task_side_by_side.py", "--rounds", "1", "--windows", "2", "--window", "1",
-                     "--warm-up", "0.5", "--tasks", "1500", "--burn-us", "1000")  # fmt: skip
+                     "--warm-up", "0.5", "--tasks", "2500", "--burn-us", "1000")  # fmt: skip
     costs, parts = results.split("| stack, added vs bare per task")
 
     def rows(table: str) -> dict[str, list[str]]:
