@@ -100,7 +100,6 @@ class _Stack:
     server: subprocess.Popen[bytes]
     url: str
     queue: str
-    tasks: int = 0
     worker: subprocess.Popen[bytes] | None = None
 
     @functools.cached_property
@@ -110,7 +109,7 @@ class _Stack:
 
 
 class _Sample(NamedTuple):
-    done: int  # tasks acknowledged since the queue was filled
+    pending: int  # messages queued or delivered and not yet acknowledged
     threads: dict[tuple[str, int], int]  # (part, thread id) -> ns on a CPU so far
     queued: int  # messages still waiting in the queue
 
@@ -202,7 +201,7 @@ def _sample(stack: _Stack, proc: psutil.Process, server: psutil.Process) -> _Sam
     client = stack.client
     queued = client.llen(stack.queue)
     pending = queued + client.hlen("unacked")
-    return _Sample(stack.tasks - pending, _cpu_ns(proc, server), queued)
+    return _Sample(pending, _cpu_ns(proc, server), queued)
 
 
 def _consuming(client: redis.Redis) -> bool:
@@ -220,7 +219,6 @@ def run_round(stacks: list[_Stack], tasks: int, windows: int, window_s: float, w
     for stack in stacks:
         stack.client.flushdb()
         fill_queue(stack.url, f"{stack.queue}-staged", tasks, stack.sampled)
-        stack.tasks = tasks
     got: dict[str, list[Window]] = {stack.name: [] for stack in stacks}
     with tempfile.TemporaryDirectory() as tmp:
         procs: dict[str, psutil.Process] = {}
@@ -253,9 +251,9 @@ def run_round(stacks: list[_Stack], tasks: int, windows: int, window_s: float, w
                     if a.queued == 0 or stack.worker.poll() is not None:  # type: ignore[union-attr]
                         raise RuntimeError(f"{stack.name}: its queue ran dry or its worker stopped in window "
                                            f"{w + 1}; raise --tasks")  # fmt: skip
-                    if a.done <= b.done:
+                    if a.pending >= b.pending:
                         raise RuntimeError(f"{stack.name}: no task acknowledged in window {w + 1}")
-                    got[stack.name].append(Window(a.done - b.done, _used(b.threads, a.threads)))
+                    got[stack.name].append(Window(b.pending - a.pending, _used(b.threads, a.threads)))
                 before = after
         finally:
             for stack in stacks:

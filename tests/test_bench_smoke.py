@@ -71,15 +71,11 @@ def test_task_steps_times_cadscope_handlers_inside_the_worker(tmp_path, redis_se
     assert _processes_running("_steps_app") == []
 
 
-def _redis_servers() -> set[int]:
-    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "redis-server"}
-
-
 def test_task_side_by_side_recovers_the_control_cost_and_stops_what_it_started(tmp_path):
     # The control task burns 1,000 µs of its thread's CPU: the pool's task threads must show at least half
     # of that over bare Celery's, or the windows are not reading the pool's CPU. The script's own
     # redis-servers and workers are gone at the end; the shared Redis is never touched.
-    servers_before = _redis_servers()
+    servers_before = set(_processes_running("redis-server"))
     results = _bench(tmp_path, "task_side_by_side.py", "--rounds", "1", "--windows", "2", "--window", "1",
                      "--warm-up", "0.5", "--tasks", "2500", "--burn-us", "1000")  # fmt: skip
     costs, parts = results.split("| stack, added vs bare per task")
@@ -92,4 +88,4 @@ def test_task_side_by_side_recovers_the_control_cost_and_stops_what_it_started(t
     assert float(rows(parts)["burn"][0].removesuffix(" µs")) >= 500  # the pool task threads' added CPU a task
     assert "Spans received by the null collector: 0." not in results
     assert _processes_running("_noop_app") == []
-    assert _redis_servers() == servers_before
+    assert set(_processes_running("redis-server")) == servers_before
