@@ -1,8 +1,15 @@
-"""The task span (cadscope.tracing._lean) against the SDK's span: the same calls give the same exported span."""
+"""The task span (cadscope.tracing._lean) against the SDK's span: the same calls give the same exported span.
+
+Each comparison runs three ways: the SDK's span, the lean span, and the
+deferred lean span (its parent given as W3C headers, its ids and sampling
+decision made when first asked for).
+"""
 
 from __future__ import annotations
 
+import io
 import logging
+import threading
 import time
 
 import pytest
@@ -13,7 +20,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-from cadscope.tracing._lean import LeanSpan, start_lean_span
+from cadscope.tracing import JsonFormatter, pinned_span_id
+from cadscope.tracing._ids import PinnableIdGenerator
+from cadscope.tracing._lean import LeanSpan, deferring_tracer, start_deferred_span, start_lean_span
+from cadscope.tracing._processor import BoundedBatchSpanProcessor
 
 REMOTE = SpanContext(0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, is_remote=True,
                      trace_flags=TraceFlags(TraceFlags.SAMPLED))  # fmt: skip
@@ -27,9 +37,20 @@ def _tracer(**provider_args):
     return provider.get_tracer("cadscope.celery", "1.0"), exporter
 
 
-def _start(lean: bool, tracer, parent=REMOTE, attributes=None):
+def _headers(parent):
+    if parent is None:
+        return {}
+    return {"traceparent": f"00-{parent.trace_id:032x}-{parent.span_id:016x}-{parent.trace_flags:02x}"}
+
+
+def _start(lean, tracer, parent=REMOTE, attributes=None):
+    """``lean``: False for the SDK's span, True for the lean one, "deferred" for the deferred one."""
     ctx = trace.set_span_in_context(NonRecordingSpan(parent)) if parent is not None else context.Context()
     attributes = {"celery.task_name": "cad.job", "celery.retries": 2} if attributes is None else attributes
+    if lean == "deferred":
+        span = start_deferred_span(tracer, "run/cad.job", _headers(parent), SpanKind.CONSUMER, attributes)
+        assert span.deferred
+        return span
     if lean:
         return start_lean_span(tracer, "run/cad.job", ctx, SpanKind.CONSUMER, attributes)
     return tracer.start_span("run/cad.job", context=ctx, kind=SpanKind.CONSUMER, attributes=attributes)
@@ -83,18 +104,19 @@ def _facts(span):
     [None, SpanLimits(max_span_attributes=3), SpanLimits(max_attribute_length=4, max_event_attributes=1)],
     ids=["default-limits", "three-attributes", "short-values"],
 )
-def test_same_calls_same_exported_span_as_the_sdk(limits, caplog):
+@pytest.mark.parametrize("lean", [True, "deferred"], ids=["lean", "deferred"])
+def test_same_calls_same_exported_span_as_the_sdk(limits, lean, caplog):
     args = {"span_limits": limits} if limits else {}
     with caplog.at_level(logging.WARNING):
-        sdk, lean = _exported(False, **args), _exported(True, **args)
-    assert _facts(lean) == _facts(sdk)
-    assert lean.context.span_id != sdk.context.span_id and lean.context.is_valid
-    assert lean.start_time is not None and lean.start_time <= lean.end_time
+        sdk, ours = _exported(False, **args), _exported(lean, **args)
+    assert _facts(ours) == _facts(sdk)
+    assert ours.context.span_id != sdk.context.span_id and ours.context.is_valid
+    assert ours.start_time is not None and ours.start_time <= ours.end_time
     assert "on ended span" in caplog.text
 
 
 def test_ok_is_final_as_in_the_sdk():
-    for lean in (False, True):
+    for lean in (False, True, "deferred"):
         tracer, exporter = _tracer()
         span = _start(lean, tracer)
         span.set_status(Status(StatusCode.OK))
@@ -117,20 +139,47 @@ def test_ok_is_final_as_in_the_sdk():
 def test_sampling_and_trace_flags_follow_the_sdk(parent, sampler, recording):
     args = {"sampler": sampler} if sampler else {}
     tracer, exporter = _tracer(**args)
-    sdk, lean = _start(False, tracer, parent), _start(True, tracer, parent)
+    sdk, lean, deferred = (_start(mode, tracer, parent) for mode in (False, True, "deferred"))
+    assert deferred.is_recording()  # until resolved
     assert lean.is_recording() is sdk.is_recording() is recording
     assert isinstance(lean, LeanSpan) is recording
-    assert lean.get_span_context().trace_flags == sdk.get_span_context().trace_flags
-    if parent is not None:
-        assert lean.get_span_context().trace_id == parent.trace_id
-    sdk.end()
-    lean.end()
-    assert len(exporter.get_finished_spans()) == (2 if recording else 0)
+    for ours in (lean, deferred):
+        assert ours.get_span_context().trace_flags == sdk.get_span_context().trace_flags
+        if parent is not None:
+            assert ours.get_span_context().trace_id == parent.trace_id
+            if isinstance(ours, LeanSpan):
+                assert ours.parent == parent
+    assert deferred.is_recording() is recording  # resolved by get_span_context()
+    for span in (sdk, lean, deferred):
+        span.end()
+    assert len(exporter.get_finished_spans()) == (3 if recording else 0)
 
 
-def test_children_and_logs_see_the_task_span_as_current():
+@pytest.mark.parametrize("sampler", [None, ParentBased(TraceIdRatioBased(0.0))], ids=["sampled", "dropped"])
+def test_a_deferred_span_resolved_at_its_end_follows_the_sampler(sampler):
+    args = {"sampler": sampler} if sampler else {}
+    tracer, exporter = _tracer(**args)
+    span = _start("deferred", tracer, parent=None)
+    span.set_attribute("celery.state", "SUCCESS")
+    span.end()  # the SimpleSpanProcessor asks for the context: resolved here
+    assert not span.deferred
+    assert len(exporter.get_finished_spans()) == (0 if sampler else 1)
+
+
+def test_only_the_sdks_tracer_and_samplers_defer():
+    class Custom(ParentBased):
+        pass
+
+    assert deferring_tracer(_tracer()[0]) is not None
+    assert deferring_tracer(_tracer(sampler=ParentBased(TraceIdRatioBased(0.5)))[0]) is not None
+    assert deferring_tracer(_tracer(sampler=Custom(ALWAYS_ON))[0]) is None
+    assert deferring_tracer(trace.NoOpTracer()) is None
+
+
+@pytest.mark.parametrize("lean", [True, "deferred"], ids=["lean", "deferred"])
+def test_children_and_logs_see_the_task_span_as_current(lean):
     tracer, exporter = _tracer()
-    span = _start(True, tracer)
+    span = _start(lean, tracer)
     token = context.attach(trace.set_span_in_context(span))
     try:
         with tracer.start_as_current_span("cad.stage export"):
@@ -147,7 +196,7 @@ def test_children_and_logs_see_the_task_span_as_current():
 def test_plain_attributes_respect_the_count_limit_as_the_sdk_does():
     """Full: the SDK drops the oldest attribute for the newest, and counts it."""
     exported = []
-    for lean in (False, True):
+    for lean in (False, True, "deferred"):
         tracer, exporter = _tracer(span_limits=SpanLimits(max_span_attributes=2))
         span = _start(lean, tracer)  # two attributes already
         span.set_attribute("celery.retries", 3)  # replaces one: fits
@@ -155,10 +204,83 @@ def test_plain_attributes_respect_the_count_limit_as_the_sdk_does():
         span.end()
         [finished] = exporter.get_finished_spans()
         exported.append((dict(finished.attributes), finished.dropped_attributes))
-    assert exported[1] == exported[0] == ({"celery.retries": 3, "celery.state": "SUCCESS"}, 1)
+    assert exported[2] == exported[1] == exported[0] == ({"celery.retries": 3, "celery.state": "SUCCESS"}, 1)
 
 
 def test_a_tracer_that_is_not_the_sdks_starts_its_own_span():
     tracer = trace.NoOpTracer()
     span = _start(True, tracer)
     assert not isinstance(span, LeanSpan) and not span.is_recording()
+
+
+def test_a_deferred_span_resolved_inside_a_pinned_id_leaves_the_pin_to_the_child():
+    """The replay pins the id of the span it is about to start; if that start is
+    what resolves the task span, the task span must take a fresh id."""
+    tracer, exporter = _tracer(id_generator=PinnableIdGenerator())
+    task = _start("deferred", tracer)
+    with pinned_span_id(0x1234):
+        child = tracer.start_span("cad.stage", context=trace.set_span_in_context(task))
+    child.end()
+    task.end()
+    assert child.get_span_context().span_id == 0x1234
+    assert task.get_span_context().span_id != 0x1234 and child.parent.span_id == task.get_span_context().span_id
+
+
+@pytest.mark.timeout(10)
+def test_a_log_line_written_while_resolving_does_not_deadlock():
+    """A malformed tracestate makes the propagator log a warning while the span
+    resolves; the JSON formatter then asks the current span, this one, for its
+    ids. It gets none for that line, and resolving completes."""
+    tracer, exporter = _tracer()
+    headers = {**_headers(REMOTE), "tracestate": "a=1,b="}
+    span = start_deferred_span(tracer, "run/cad.job", headers, SpanKind.CONSUMER, {})
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter("test"))
+    logger = logging.getLogger("opentelemetry.trace.span")
+    logger.addHandler(handler)
+    token = context.attach(trace.set_span_in_context(span))
+    try:
+        resolved = span.get_span_context()
+    finally:
+        context.detach(token)
+        logger.removeHandler(handler)
+    assert resolved.trace_id == REMOTE.trace_id and resolved.is_valid
+    assert "w3c identifiers" in stream.getvalue() and "trace_id" not in stream.getvalue()
+
+
+def test_the_batch_processor_resolves_deferred_spans_on_its_export_thread():
+    """Deferred spans are queued unresolved, resolved by the export thread, and
+    the ones the sampler drops are neither exported nor counted as dropped."""
+    exporter = InMemorySpanExporter()
+    processor = BoundedBatchSpanProcessor(exporter, max_queue_size=3, schedule_delay_millis=60_000)
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.5)))
+    provider.add_span_processor(processor)
+    tracer = provider.get_tracer("cadscope.celery")
+    spans = [_start("deferred", tracer, parent=None) for _ in range(40)]
+    for span in spans[:3]:
+        span.end()
+    assert all(span.deferred for span in spans[:3])  # queued as they are
+    assert processor.force_flush(5000)
+    resolved_by = set()
+    original = LeanSpan._resolve
+
+    def spy(self):
+        resolved_by.add(threading.current_thread().name)
+        return original(self)
+
+    LeanSpan._resolve = spy  # type: ignore[method-assign]
+    try:
+        for span in spans[3:]:
+            span.end()  # the queue holds 3: most of these are over its bound
+        processor.force_flush(5000)
+    finally:
+        LeanSpan._resolve = original  # type: ignore[method-assign]
+    assert not any(span.deferred for span in spans[:3])
+    exported = {s.context.span_id for s in exporter.get_finished_spans()}
+    sampled = {s.context.span_id for s in spans if s.context.trace_flags.sampled}
+    assert exported <= sampled and 0 < len(sampled) < len(spans)
+    # over the bound: only the sampled ones count as dropped (resolved on the caller's thread to know)
+    assert processor.dropped["queue_full"] == len(sampled - exported)
+    assert "cadscope-span-export" in resolved_by
+    provider.shutdown()

@@ -30,6 +30,10 @@ class PinnableIdGenerator(RandomIdGenerator):
             return pinned
         return super().generate_span_id()
 
+    def generate_unpinned_span_id(self) -> int:
+        """A random span id, leaving a pinned one for the span it was pinned for."""
+        return super().generate_span_id()
+
 
 @contextlib.contextmanager
 def pinned_span_id(span_id: int) -> Iterator[None]:

@@ -10,9 +10,10 @@ paid on every task by the pool process.
 
 :func:`start_lean_span` takes the same decisions the SDK tracer takes, with
 the tracer's own sampler, id generator, resource, scope and span limits,
-and gives a span that keeps its data in plain fields and turns into one
-``ReadableSpan`` at ``end()``, handed to the tracer's span processor. What it
-leaves out, on purpose:
+and gives a span that keeps its data in plain fields and is itself the
+``ReadableSpan`` handed to the tracer's span processor at ``end()`` (it
+refuses every change after that, so no copy is needed). What it leaves out,
+on purpose:
 
 - processors see the span at its end only (``on_end``): ``on_start`` and
   ``_on_ending`` are not called. The SDK's own processors and cadscope's do
@@ -27,25 +28,45 @@ non-empty string key, within the count limit, no length limit set); the first
 one that is not turns them into ``BoundedAttributes`` (type checks, limits,
 the dropped count), as events' attributes always are.
 A tracer that is not the SDK's gets its own ``start_span()``.
+
+:func:`start_deferred_span` goes one step further, for a span whose parent
+arrives as W3C headers (a Celery message's): it keeps the headers and makes
+the span's ids and sampling decision only when something first asks for
+them. A task that starts spans of its own, or logs with a trace id, asks at
+once, on its own thread, and its span is then the one
+:func:`start_lean_span` would have given. A task that does neither (most of
+a fleet's short tasks) leaves it to the first reader after ``end()``:
+:class:`~cadscope.tracing._processor.BoundedBatchSpanProcessor` does it on
+its export thread, a batch at a time, where the code is warm, rather than
+once per task between other processes' work (bench/RESULTS.md, "Deferred
+task span"). The decision is the same either way: it depends on the
+headers, the trace id and the sampler, and is only offered to the SDK's own
+samplers, which decide on those alone and give back the attributes they are
+given. A span whose decision turns out "drop" stops recording and is never
+handed to a processor, as the SDK's non-recording span.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import traceback
 from collections.abc import Mapping
 from time import time_ns
 from typing import Any
 
 from opentelemetry import context as context_api
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.sdk import trace as sdk_trace
+from opentelemetry.sdk.trace import sampling as sdk_sampling
 from opentelemetry.sdk.util import BoundedList
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util import types
 
-__all__ = ["LeanSpan", "start_lean_span"]
+from ._ids import PinnableIdGenerator
+
+__all__ = ["LeanSpan", "deferring_tracer", "start_deferred_span", "start_lean_span"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +75,10 @@ _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _DEFAULT = TraceFlags(TraceFlags.DEFAULT)
 _RANDOM = getattr(TraceFlags, "RANDOM_TRACE_ID", 0)  # W3C Trace Context level 2; absent in older APIs
 _PRIMITIVE = (str, bool, int, float)
+# A deferred span is resolved once, by whichever thread asks first. Reentrant:
+# resolving may log (a malformed tracestate), and a JSON log line asks the
+# current span, this one, for its ids.
+_RESOLVING = threading.RLock()
 
 
 def _within(count: int, limit: int | None) -> bool:
@@ -65,40 +90,89 @@ def _as_is(key: object, value: object) -> bool:
     return type(key) is str and bool(key) and type(value) in _PRIMITIVE
 
 
-class LeanSpan(trace.Span):
-    """A recording span that is handed to the span processor once, at its end.
+class LeanSpan(trace.Span, sdk_trace.ReadableSpan):
+    """A recording span that is handed to the span processor once, at its end, as itself.
 
-    Not shared between threads: Celery runs one task at a time in a pool
-    process, and this span lives exactly as long as that task run.
+    Not shared between threads while it runs: Celery runs one task at a time
+    in a pool process, and this span lives exactly as long as that task run.
+    A deferred span (``_context`` None until resolved) may be resolved by
+    another thread after ``end()``; resolving takes a lock.
     """
 
-    __slots__ = ("_tracer", "_name", "_context", "_parent", "_kind", "_attributes", "_events", "_status",
-                 "_start", "_end")  # fmt: skip
-
-    def __init__(self, tracer: sdk_trace.Tracer, name: str, span_context: SpanContext, parent: SpanContext | None,
-                 kind: SpanKind, attributes: dict[str, Any], start_time: int) -> None:  # fmt: skip
+    def __init__(self, tracer: sdk_trace.Tracer, name: str, span_context: SpanContext | None,
+                 parent: SpanContext | None, kind: SpanKind, attributes: dict[str, Any], start_time: int,
+                 carrier: dict[str, str] | None = None) -> None:  # fmt: skip
         self._tracer = tracer
         self._name = name
-        self._context = span_context
+        self._context: SpanContext | None = span_context
         self._parent = parent
+        self._carrier = carrier  # a deferred span's propagation headers, until resolved
+        self._resolving = False
+        self._recording = True
         self._kind = kind
         self._attributes: dict[str, Any] | BoundedAttributes = attributes
-        self._events: BoundedList | None = None
+        self._events: tuple[()] | BoundedList = ()
+        self._links = ()
         self._status = _UNSET
-        self._start = start_time
-        self._end: int | None = None
+        self._start_time = start_time
+        self._end_time: int | None = None
+        self._resource = tracer.resource
+        self._instrumentation_scope = tracer._instrumentation_scope
+        self._instrumentation_info = None
+
+    # The ids, made when first asked for if deferred ----------------------
+
+    @property
+    def deferred(self) -> bool:
+        """Whether the ids and sampling decision are still to be made."""
+        return self._context is None
+
+    def _resolve(self) -> SpanContext:
+        with _RESOLVING:
+            if self._context is not None:
+                return self._context
+            if self._resolving:  # asked again, on this thread, while resolving
+                return trace.INVALID_SPAN_CONTEXT
+            self._resolving = True
+            try:
+                parent_context = propagate.extract(self._carrier or {}, context=context_api.Context())
+                span_context, parent, sampling = _decide(
+                    self._tracer, parent_context, self._name, self._kind, self._attributes, pin=False
+                )
+                self._parent, self._recording = parent, sampling.decision.is_recording()
+            except Exception:  # a sampler or propagator that raises: this span is lost, the task is not
+                span_context, self._recording = trace.INVALID_SPAN_CONTEXT, False
+                self._context = span_context
+                log.exception("could not resolve the deferred span %r", self._name)
+            finally:
+                self._resolving = False
+            self._context, self._carrier = span_context, None
+            return span_context
 
     def get_span_context(self) -> SpanContext:
-        return self._context
+        return self._context if self._context is not None else self._resolve()
+
+    @property
+    def context(self) -> SpanContext:
+        return self._context if self._context is not None else self._resolve()
+
+    @property
+    def parent(self) -> SpanContext | None:
+        if self._context is None:
+            self._resolve()
+        return self._parent
 
     def is_recording(self) -> bool:
-        return self._end is None
+        return self._end_time is None and self._recording
+
+    # Recording -----------------------------------------------------------
 
     def _ended(self, what: str) -> bool:
-        if self._end is not None:
+        """True if a change must be ignored: with a warning after ``end()``, silently when not recording."""
+        if self._end_time is not None:
             log.warning("%s on ended span.", what)
             return True
-        return False
+        return not self._recording
 
     def _bounded(self) -> BoundedAttributes:
         if not isinstance(self._attributes, BoundedAttributes):
@@ -134,7 +208,7 @@ class LeanSpan(trace.Span):
         if self._ended("Adding event"):
             return
         limits = self._tracer._span_limits
-        if self._events is None:
+        if not isinstance(self._events, BoundedList):
             self._events = BoundedList(limits.max_events)
         bounded = BoundedAttributes(
             limits.max_event_attributes, attributes, max_value_len=limits.max_attribute_length, immutable=True
@@ -175,28 +249,53 @@ class LeanSpan(trace.Span):
         self.add_event("exception", event, timestamp)
 
     def end(self, end_time: int | None = None) -> None:
-        if self._ended("Calling end()"):
+        if self._end_time is not None:
+            log.warning("Calling end() on ended span.")
             return
-        self._end = end_time if end_time is not None else time_ns()
-        tracer = self._tracer
-        tracer.span_processor.on_end(
-            sdk_trace.ReadableSpan(
-                self._name,
-                context=self._context,
-                parent=self._parent,
-                resource=tracer.resource,
-                attributes=self._attributes,
-                events=self._events if self._events is not None else (),
-                kind=self._kind,
-                status=self._status,
-                start_time=self._start,
-                end_time=self._end,
-                instrumentation_scope=tracer._instrumentation_scope,
-            )
-        )
+        self._end_time = end_time if end_time is not None else time_ns()
+        if self._recording:  # False only for a deferred span resolved to "drop": no processor sees it
+            self._tracer.span_processor.on_end(self)
 
     def __repr__(self) -> str:
         return f'LeanSpan(name="{self._name}", context={self._context})'
+
+
+def _decide(tracer: sdk_trace.Tracer, context: context_api.Context | None, name: str, kind: SpanKind,
+            attributes: types.Attributes, pin: bool = True,
+            ) -> tuple[SpanContext, SpanContext | None, sdk_sampling.SamplingResult]:  # fmt: skip
+    """The SDK tracer's decisions for a new span: its context, its parent, the sampler's result.
+
+    ``pin=False`` takes a fresh span id even inside :func:`~cadscope.tracing.pinned_span_id`:
+    a deferred span resolved there must not take the id pinned for the span about to start.
+    """
+    current = trace.get_current_span(context).get_span_context()
+    parent: SpanContext | None = current
+    if current.is_valid:
+        trace_id, random = current.trace_id, current.trace_flags & _RANDOM
+    else:
+        parent, trace_id = None, tracer.id_generator.generate_trace_id()
+        random = _RANDOM if _RANDOM and tracer.id_generator.is_trace_id_random() else 0
+    sampling = tracer.sampler.should_sample(context, trace_id, name, kind, attributes, None)
+    flags = TraceFlags((_SAMPLED if sampling.decision.is_sampled() else _DEFAULT) | random)
+    generator = tracer.id_generator
+    if not pin and isinstance(generator, PinnableIdGenerator):
+        span_id = generator.generate_unpinned_span_id()
+    else:
+        span_id = generator.generate_span_id()
+    span_context = SpanContext(trace_id, span_id, is_remote=False, trace_flags=flags, trace_state=sampling.trace_state)
+    return span_context, parent, sampling
+
+
+def _bound_if_needed(span: LeanSpan) -> LeanSpan:
+    limits = span._tracer._span_limits
+    attributes = span._attributes
+    if not (
+        limits.max_span_attribute_length is None
+        and _within(len(attributes), limits.max_span_attributes)
+        and all(_as_is(k, v) for k, v in attributes.items())
+    ):
+        span._bounded()
+    return span
 
 
 def start_lean_span(tracer: trace.Tracer, name: str, context: context_api.Context | None = None,
@@ -206,30 +305,32 @@ def start_lean_span(tracer: trace.Tracer, name: str, context: context_api.Contex
     if type(tracer) is not sdk_trace.Tracer:
         return tracer.start_span(name, context=context, kind=kind, attributes=attributes)
     is_enabled = getattr(tracer, "_is_enabled", None)
-    current = trace.get_current_span(context).get_span_context()
     if is_enabled is not None and not is_enabled():
-        return trace.NonRecordingSpan(current)
-    parent: SpanContext | None = current
-    if current.is_valid:
-        trace_id, random = current.trace_id, current.trace_flags & _RANDOM
-    else:
-        parent, trace_id = None, tracer.id_generator.generate_trace_id()
-        random = _RANDOM if _RANDOM and tracer.id_generator.is_trace_id_random() else 0
-    sampling = tracer.sampler.should_sample(context, trace_id, name, kind, attributes, None)
-    flags = TraceFlags((_SAMPLED if sampling.decision.is_sampled() else _DEFAULT) | random)
-    span_context = SpanContext(
-        trace_id, tracer.id_generator.generate_span_id(), is_remote=False, trace_flags=flags,
-        trace_state=sampling.trace_state,
-    )  # fmt: skip
+        return trace.NonRecordingSpan(trace.get_current_span(context).get_span_context())
+    span_context, parent, sampling = _decide(tracer, context, name, kind, attributes)
     if not sampling.decision.is_recording():
         return trace.NonRecordingSpan(span_context)
-    limits = tracer._span_limits
     initial: Mapping[str, Any] = sampling.attributes or {}
-    span = LeanSpan(tracer, name, span_context, parent, kind, dict(initial), time_ns())
-    if not (
-        limits.max_span_attribute_length is None
-        and _within(len(initial), limits.max_span_attributes)
-        and all(_as_is(k, v) for k, v in initial.items())
-    ):
-        span._bounded()
-    return span
+    return _bound_if_needed(LeanSpan(tracer, name, span_context, parent, kind, dict(initial), time_ns()))
+
+
+def deferring_tracer(tracer: trace.Tracer) -> sdk_trace.Tracer | None:
+    """``tracer`` if :func:`start_deferred_span` can defer with it (the SDK's,
+    enabled, with one of the SDK's own samplers), else None."""
+    if type(tracer) is not sdk_trace.Tracer:
+        return None
+    is_enabled = getattr(tracer, "_is_enabled", None)
+    if (is_enabled is None or is_enabled()) and type(tracer.sampler).__module__ == sdk_sampling.__name__:
+        return tracer
+    return None
+
+
+def start_deferred_span(tracer: sdk_trace.Tracer, name: str, carrier: dict[str, str],
+                        kind: SpanKind = SpanKind.INTERNAL, attributes: Mapping[str, Any] | None = None,
+                        ) -> LeanSpan:  # fmt: skip
+    """A :class:`LeanSpan` whose parent is what the global propagator extracts
+    from ``carrier`` and whose ids and sampling decision are made when first
+    asked for. Only for a tracer :func:`deferring_tracer` gives, and a carrier that
+    holds nothing but the span's own context (no baggage)."""
+    span = LeanSpan(tracer, name, None, None, kind, dict(attributes or {}), time_ns(), carrier)
+    return _bound_if_needed(span)
