@@ -8,7 +8,8 @@ import logging
 import os
 
 import pytest
-from opentelemetry import trace
+from opentelemetry import baggage, trace
+from opentelemetry.context import Context
 
 from cadscope.tracing import (
     EnvGetter,
@@ -132,6 +133,13 @@ def consumer_tracing():
         seen["current"] = trace.get_current_span().get_span_context()
         return 1
 
+    @app.task(name="t.peek")
+    def peek():
+        current = trace.get_current_span()
+        seen["deferred"] = getattr(current, "deferred", None)  # before anything asks for its ids
+        seen["baggage"] = baggage.get_all()
+        seen["context"] = current.get_span_context()
+
     @app.task(name="t.boom")
     def boom():
         raise ValueError("no such part")
@@ -154,7 +162,7 @@ def consumer_tracing():
         upstream.instrument(tracer_provider=provider)
     instrument_celery_worker(provider)
     try:
-        yield run, {"ok": ok, "boom": boom, "expected": expected}, exporter, seen
+        yield run, {"ok": ok, "boom": boom, "expected": expected, "peek": peek}, exporter, seen
     finally:
         uninstrument_celery_worker()
         if ours_to_undo:
@@ -211,3 +219,66 @@ def test_hostile_headers_start_a_new_trace_and_never_raise(consumer_tracing, hea
     [span] = exporter.get_finished_spans()
     assert span.parent is None and span.context.is_valid
     assert span.attributes["celery.state"] == "SUCCESS"
+
+
+SAMPLED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+@pytest.mark.parametrize(
+    "headers, deferred, exported",
+    [
+        ({"traceparent": SAMPLED}, True, True),
+        ({"traceparent": SAMPLED, "tracestate": "vendor=x"}, True, True),
+        ({}, True, True),
+        ({"traceparent": SAMPLED[:-2] + "00"}, None, False),
+        ({"traceparent": SAMPLED, "baggage": "tenant=acme"}, False, True),
+        ({"traceparent": "01" + SAMPLED[2:] + "-future"}, False, True),
+    ],
+    ids=["sampled", "tracestate", "no-parent", "unsampled", "baggage", "future-version"],
+)
+def test_consumer_span_is_deferred_only_where_nothing_is_lost(consumer_tracing, headers, deferred, exported):
+    """A deferred span (ids made when first asked for) for a sampled or absent
+    parent; an unsampled parent's task gets its non-recording span at once;
+    baggage, which must be in the task's context, and traceparents not of
+    version 00's form, go the eager way. The exported span is the same."""
+    run, tasks, exporter, seen = consumer_tracing
+    run(tasks["peek"], headers)
+    assert seen["deferred"] is deferred
+    assert seen["baggage"] == ({"tenant": "acme"} if "baggage" in headers else {})
+    spans = exporter.get_finished_spans()
+    assert len(spans) == int(exported)
+    if exported:
+        [span] = spans
+        assert span.context.span_id == seen["context"].span_id
+        if "traceparent" in headers:
+            assert f"{span.parent.span_id:016x}" == "b7ad6b7169203331"
+            assert span.context.trace_state.get("vendor") == ("x" if "tracestate" in headers else None)
+        else:
+            assert span.parent is None
+
+
+def test_consumer_span_is_eager_with_a_propagator_that_is_not_w3c(consumer_tracing):
+    from opentelemetry import propagate
+    from opentelemetry.propagators.textmap import TextMapPropagator
+
+    class B3Like(TextMapPropagator):
+        def extract(self, carrier, context=None, getter=None):
+            return context or Context()
+
+        def inject(self, carrier, context=None, setter=None):
+            return None
+
+        @property
+        def fields(self):
+            return {"b3"}
+
+    run, tasks, exporter, seen = consumer_tracing
+    previous = propagate.get_global_textmap()
+    propagate.set_global_textmap(B3Like())
+    try:
+        run(tasks["peek"], {"traceparent": SAMPLED})
+    finally:
+        propagate.set_global_textmap(previous)
+    assert seen["deferred"] is False
+    [span] = exporter.get_finished_spans()
+    assert span.parent is None  # what this propagator extracts: nothing

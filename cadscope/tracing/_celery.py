@@ -25,7 +25,16 @@ hostile message cannot feed lists or numbers into the W3C propagator; invalid
 ``traceparent`` values start a new trace, as the W3C spec says.
 
 The span is a :class:`~cadscope.tracing._lean.LeanSpan`: the same exported
-span as the SDK's for the same calls, at about half the cost.
+span as the SDK's for the same calls, at about half the cost. Where nothing
+would be lost, it is deferred (:func:`~cadscope.tracing._lean.start_deferred_span`):
+the task thread keeps the message's ``traceparent``/``tracestate`` and the
+span gets its ids and sampling decision when first asked for: by the task
+(a child span, a log line) or else on the span processor's export thread.
+That is when the propagator is W3C's, the message carries no baggage, its
+``traceparent`` (if any) has version 00's form with the sampled flag set, and
+the tracer is the SDK's with one of its own samplers. Every other message
+takes the eager path (an unsampled task thus gets its non-recording span at
+once and never reaches the span queue).
 
 If opentelemetry-instrumentation-celery is also instrumented in the process
 (``opentelemetry-instrument celery worker``, say), its consumer handlers are
@@ -43,7 +52,7 @@ from opentelemetry import context, propagate, trace
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from ._lean import start_lean_span
+from ._lean import deferring_tracer, start_deferred_span, start_lean_span
 
 __all__ = ["instrument_celery_worker", "uninstrument_celery_worker"]
 
@@ -62,6 +71,28 @@ class _RequestGetter(Getter[Any]):
 
 
 _GETTER = _RequestGetter()
+_W3C_FIELDS = frozenset({"traceparent", "tracestate", "baggage"})
+_ODD_HEX = frozenset("13579bdf")  # the last flags digit of a traceparent whose sampled bit is set
+
+
+def _deferrable(request: Any, w3c: bool) -> dict[str, str] | None:
+    """The message's span context headers, if its span may be deferred: the
+    propagator is W3C's (trace context and baggage, or either), the message
+    carries no baggage (which must be in the task's context from the start),
+    and its ``traceparent``, if any, is a version-00 one with the sampled flag
+    (an unsampled task gets its non-recording span at once, and never
+    reaches the span queue)."""
+    if not w3c or isinstance(getattr(request, "baggage", None), str):
+        return None
+    traceparent = getattr(request, "traceparent", None)
+    if not isinstance(traceparent, str):
+        return {}
+    if len(traceparent) != 55 or traceparent[-1] not in _ODD_HEX:
+        return None
+    tracestate = getattr(request, "tracestate", None)
+    if isinstance(tracestate, str):
+        return {"traceparent": traceparent, "tracestate": tracestate}
+    return {"traceparent": traceparent}
 
 
 def _upstream_consumer_handlers() -> list[tuple[Any, Any]]:
@@ -86,6 +117,8 @@ class _WorkerTracing:
         # task id -> (span, context token); one entry per task running in this process.
         self._live: dict[str, tuple[trace.Span, object]] = {}
         self._displaced: list[tuple[Any, Any]] = []
+        self._textmap: object = None
+        self._w3c = False
 
     def connect(self) -> None:
         for signal, handler in _upstream_consumer_handlers():
@@ -110,7 +143,6 @@ class _WorkerTracing:
         if task is None or not task_id:
             return
         request = task.request
-        parent = propagate.extract(request, getter=_GETTER)
         attributes: dict[str, Any] = {
             "celery.action": "run",
             "celery.task_name": task.name,
@@ -122,8 +154,19 @@ class _WorkerTracing:
         retries = getattr(request, "retries", 0)
         if isinstance(retries, int) and retries > 0:
             attributes["celery.retries"] = retries
-        span = start_lean_span(self._tracer, f"run/{task.name}", parent, SpanKind.CONSUMER, attributes)
-        token = context.attach(trace.set_span_in_context(span, parent))
+        textmap = propagate.get_global_textmap()
+        if textmap is not self._textmap:  # set at startup, and by tests
+            self._textmap, self._w3c = textmap, textmap.fields <= _W3C_FIELDS
+        sdk_tracer = deferring_tracer(self._tracer)
+        carrier = _deferrable(request, self._w3c) if sdk_tracer is not None else None
+        span: trace.Span
+        if carrier is not None and sdk_tracer is not None:
+            span = start_deferred_span(sdk_tracer, f"run/{task.name}", carrier, SpanKind.CONSUMER, attributes)
+            token = context.attach(trace.set_span_in_context(span))
+        else:
+            parent = propagate.extract(request, getter=_GETTER)
+            span = start_lean_span(self._tracer, f"run/{task.name}", parent, SpanKind.CONSUMER, attributes)
+            token = context.attach(trace.set_span_in_context(span, parent))
         self._live[task_id] = (span, token)
 
     def on_postrun(self, task_id: str | None = None, state: str | None = None, **_: Any) -> None:

@@ -9,7 +9,10 @@ connections and never answers, a Celery pool child would then sit in
 ``worker_process_shutdown`` for the exporter's whole retry budget per batch.
 
 Here the caller never runs an export: ``on_end`` is an append to a bounded
-deque, ``force_flush`` and ``shutdown`` wait on an event with a deadline, and
+deque (a deferred task span, :func:`~cadscope.tracing._lean.start_deferred_span`,
+is queued as it is and gets its ids and sampling decision on the export
+thread; one that turns out unsampled is left out there, as it would have
+been here), ``force_flush`` and ``shutdown`` wait on an event with a deadline, and
 every span that is not exported is counted by reason through ``on_drop``:
 
 - ``queue_full``: the exporter fell behind and the queue was at its bound;
@@ -48,6 +51,11 @@ def _env_int(name: str, default: int) -> int:
     return value if value > 0 else default
 
 
+def _sampled(span: ReadableSpan) -> bool:
+    context = span.context
+    return context is not None and context.trace_flags.sampled
+
+
 class BoundedBatchSpanProcessor(SpanProcessor):
     def __init__(
         self,
@@ -84,7 +92,8 @@ class BoundedBatchSpanProcessor(SpanProcessor):
         return None
 
     def on_end(self, span: ReadableSpan) -> None:
-        if not span.context or not span.context.trace_flags.sampled:
+        deferred = getattr(span, "deferred", False)
+        if not deferred and not _sampled(span):
             return
         self._ensure_thread()
         with self._lock:
@@ -97,7 +106,8 @@ class BoundedBatchSpanProcessor(SpanProcessor):
                 if len(self._queue) >= self.max_export_batch_size and not self._wake.is_set():
                     self._wake.set()
                 return
-        self._drop(reason, 1)
+        if not deferred or _sampled(span):  # an unsampled span was never going to be exported: not a drop
+            self._drop(reason, 1)
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         """Export what is queued now; False if that took longer than the timeout
@@ -123,7 +133,7 @@ class BoundedBatchSpanProcessor(SpanProcessor):
         self.force_flush(timeout_millis)
         with self._lock:
             self._closing = True
-            left = len(self._queue)
+            left = sum(1 for span in self._queue if _sampled(span))  # deferred spans resolve here
             self._queue.clear()
         self._wake.set()
         if left:
@@ -182,6 +192,9 @@ class BoundedBatchSpanProcessor(SpanProcessor):
     def _export(self, batch: list[ReadableSpan]) -> None:
         token = attach(set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
         try:
+            batch = [span for span in batch if _sampled(span)]  # resolves deferred spans, here
+            if not batch:
+                return
             result = self.exporter.export(batch)
         except Exception:
             log.exception("span export raised")
