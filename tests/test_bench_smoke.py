@@ -38,8 +38,9 @@ def test_task_cpu_runs_and_every_span_reaches_the_collector(tmp_path):
     results = _bench(tmp_path, "task_cpu.py", "--tasks", "300", "--rounds", "1")
     stacks = [line.split(" | ")[0].lstrip("| ") for line in results.splitlines() if " µs | " in line]
     assert stacks == ["bare", "signals", "metrics", "upstream", "cadscope-sdk-span", "cadscope-upstream-encoder",
-                      "cadscope-no-export", "cadscope"]  # fmt: skip
+                      "cadscope-eager", "cadscope-no-export", "cadscope"]  # fmt: skip
     assert "| **all** (cadscope − bare) |" in results
+    assert "| deferring the task span (cadscope − cadscope-eager) |" in results
 
 
 def test_span_cost_runs_and_the_encoders_agree(tmp_path):
