@@ -249,7 +249,7 @@ def test_a_log_line_written_while_resolving_does_not_deadlock():
     assert "w3c identifiers" in stream.getvalue() and "trace_id" not in stream.getvalue()
 
 
-def test_the_batch_processor_resolves_deferred_spans_on_its_export_thread():
+def test_the_batch_processor_resolves_deferred_spans_on_its_export_thread(monkeypatch):
     """Deferred spans are queued unresolved, resolved by the export thread, and
     the ones the sampler drops are neither exported nor counted as dropped."""
     exporter = InMemorySpanExporter()
@@ -269,13 +269,10 @@ def test_the_batch_processor_resolves_deferred_spans_on_its_export_thread():
         resolved_by.add(threading.current_thread().name)
         return original(self)
 
-    LeanSpan._resolve = spy  # type: ignore[method-assign]
-    try:
-        for span in spans[3:]:
-            span.end()  # the queue holds 3: most of these are over its bound
-        processor.force_flush(5000)
-    finally:
-        LeanSpan._resolve = original  # type: ignore[method-assign]
+    monkeypatch.setattr(LeanSpan, "_resolve", spy)
+    for span in spans[3:]:
+        span.end()  # the queue holds 3: most of these are over its bound
+    processor.force_flush(5000)
     assert not any(span.deferred for span in spans[:3])
     exported = {s.context.span_id for s in exporter.get_finished_spans()}
     sampled = {s.context.span_id for s in spans if s.context.trace_flags.sampled}
