@@ -142,7 +142,7 @@ class LeanSpan(trace.Span, sdk_trace.ReadableSpan):
                 self._parent, self._recording = parent, sampling.decision.is_recording()
             except Exception:  # a sampler or propagator that raises: this span is lost, the task is not
                 span_context, self._recording = trace.INVALID_SPAN_CONTEXT, False
-                self._context = span_context
+                self._context = span_context  # before logging: a JSON log line asks this span for its ids
                 log.exception("could not resolve the deferred span %r", self._name)
             finally:
                 self._resolving = False

@@ -133,9 +133,9 @@ class BoundedBatchSpanProcessor(SpanProcessor):
         self.force_flush(timeout_millis)
         with self._lock:
             self._closing = True
-            left = sum(1 for span in self._queue if _sampled(span))  # deferred spans resolve here
-            self._queue.clear()
+            queued, self._queue = self._queue, deque()
         self._wake.set()
+        left = sum(1 for span in queued if _sampled(span))  # resolves deferred spans: outside the lock
         if left:
             self._drop("shutdown", left)
         self._thread.join(max(0.0, deadline - time.monotonic()))
