@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -114,44 +115,78 @@ def test_setup_tracing_is_idempotent(monkeypatch):
     first.shutdown()
 
 
-@pytest.fixture
-def consumer_tracing():
+class _Stop(BaseException):
+    """Leaves a task run the way SystemExit would: past every hook."""
+
+
+@pytest.fixture(params=["signals", "hooks"])
+def consumer_tracing(request):
     """Celery's own task tracer (``build_tracer``, what a pool child runs for each
-    message, headers flattened into the request) with our consumer handlers."""
+    message, headers flattened into the request) with our consumer tracing:
+    through Celery's task signals (an app of plain tasks), or through
+    TracedTask's hooks (an app whose every task is one, as cadscope's is)."""
     from celery import Celery
     from celery.app.trace import build_tracer
+    from celery.exceptions import Ignore, Reject, Retry
     from opentelemetry.instrumentation.celery import CeleryInstrumentor
 
-    from cadscope.tracing import instrument_celery_worker, uninstrument_celery_worker
+    from cadscope.tracing import TracedTask, instrument_celery_worker, uninstrument_celery_worker
 
     provider, exporter = in_memory_provider()
-    app = Celery("consumer-tracing", set_as_current=False)
+    hooks = request.param == "hooks"
+    app = Celery("consumer-tracing", set_as_current=False, **({"task_cls": TracedTask} if hooks else {}))
     seen = {}
+    task = functools.partial(app.task, shared=False)  # this app's, not every later one's too
 
-    @app.task(name="t.ok", bind=True)
+    @task(name="t.ok", bind=True)
     def ok(self):
         seen["current"] = trace.get_current_span().get_span_context()
         return 1
 
-    @app.task(name="t.peek")
+    @task(name="t.peek")
     def peek():
         current = trace.get_current_span()
         seen["deferred"] = getattr(current, "deferred", None)  # before anything asks for its ids
         seen["baggage"] = baggage.get_all()
         seen["context"] = current.get_span_context()
 
-    @app.task(name="t.boom")
+    @task(name="t.boom")
     def boom():
         raise ValueError("no such part")
 
-    @app.task(name="t.expected", throws=(KeyError,))
+    @task(name="t.expected", throws=(KeyError,))
     def expected():
         raise KeyError("known")
+
+    @task(name="t.retry")
+    def retry():
+        raise Retry("backing off", exc=ValueError("busy"))
+
+    @task(name="t.ignore")
+    def ignore():
+        raise Ignore()
+
+    @task(name="t.reject")
+    def reject():
+        raise Reject("malformed", requeue=False)
+
+    @task(name="t.stop")
+    def stop():
+        raise _Stop()
+
+    @task(name="t.nested")
+    def nested():
+        seen["outer"] = trace.get_current_span().get_span_context()
+        ok.apply(task_id="job-inner")  # eager, in this run's thread
+        seen["after_inner"] = trace.get_current_span().get_span_context()
 
     def run(task, headers=None, task_id="job-1"):
         request = {"id": task_id, "task": task.name, "retries": 0, "hostname": "w@h",
                    "delivery_info": {"routing_key": "cadscope", "exchange": ""}, **(headers or {})}  # fmt: skip
         build_tracer(task.name, task, app=app, eager=False, propagate=False)(task_id, (), {}, request)
+
+    tasks = {"ok": ok, "boom": boom, "expected": expected, "peek": peek, "retry": retry, "ignore": ignore,
+             "reject": reject, "stop": stop, "nested": nested}  # fmt: skip
 
     # The hard case: opentelemetry-instrumentation-celery instrumented in the same
     # process too (auto-instrumentation; the test session's producer). Its consumer
@@ -160,9 +195,9 @@ def consumer_tracing():
     ours_to_undo = not upstream.is_instrumented_by_opentelemetry
     if ours_to_undo:
         upstream.instrument(tracer_provider=provider)
-    instrument_celery_worker(provider)
+    instrument_celery_worker(provider, app=app)
     try:
-        yield run, {"ok": ok, "boom": boom, "expected": expected, "peek": peek}, exporter, seen
+        yield run, tasks, exporter, seen
     finally:
         uninstrument_celery_worker()
         if ours_to_undo:
@@ -282,3 +317,226 @@ def test_consumer_span_is_eager_with_a_propagator_that_is_not_w3c(consumer_traci
     assert seen["deferred"] is False
     [span] = exporter.get_finished_spans()
     assert span.parent is None  # what this propagator extracts: nothing
+
+
+def _path(request) -> str:
+    return request.node.callspec.params["consumer_tracing"]
+
+
+@pytest.mark.parametrize(
+    "name, state",
+    [("retry", "RETRY"), ("ignore", "IGNORED"), ("reject", "REJECTED")],
+)
+def test_runs_that_skip_after_return_still_end_their_span(consumer_tracing, name, state):
+    """Celery calls no ``after_return`` for a retry, an ``Ignore`` (what
+    ``Task.replace`` raises) or a ``Reject``; the span still ends, with the
+    state, and the task's context is detached."""
+    run, tasks, exporter, _ = consumer_tracing
+    before = trace.get_current_span()
+    run(tasks[name], {"traceparent": SAMPLED})
+    [span] = exporter.get_finished_spans()
+    assert span.attributes["celery.state"] == state
+    assert f"{span.parent.span_id:016x}" == "b7ad6b7169203331"
+    if state == "RETRY":
+        assert span.attributes["celery.retry.reason"] == "backing off"
+    assert span.status.status_code is trace.StatusCode.UNSET
+    assert trace.get_current_span() is before
+
+
+def test_a_run_that_leaves_past_every_hook_ends_its_span(consumer_tracing, request):
+    """A BaseException (SystemExit, say) leaves the run past every hook;
+    Celery re-raises it. The span ends, the context is detached, and on the
+    hook path the exception is recorded."""
+    run, tasks, exporter, _ = consumer_tracing
+    before = trace.get_current_span()
+    with pytest.raises(_Stop):
+        run(tasks["stop"])
+    [span] = exporter.get_finished_spans()
+    assert trace.get_current_span() is before
+    if _path(request) == "hooks":
+        assert span.status.status_code is trace.StatusCode.ERROR
+        assert span.attributes["error.type"] == "_Stop"
+        assert "celery.state" not in span.attributes
+
+
+def test_a_task_run_eagerly_inside_a_task_leaves_the_outer_span_open(consumer_tracing):
+    run, tasks, exporter, seen = consumer_tracing
+    run(tasks["nested"], task_id="job-outer")
+    inner, outer = exporter.get_finished_spans()
+    assert (inner.name, outer.name) == ("run/t.ok", "run/t.nested")
+    # Its request carries no traceparent, so, as with the upstream instrumentation, a trace of its own.
+    assert outer.context.span_id == seen["outer"].span_id != inner.context.span_id
+    assert seen["after_inner"].span_id == outer.context.span_id  # the outer context is back
+    assert "cadscope.span.ended_late" not in outer.attributes  # a nested run is not a leak
+    assert outer.end_time >= inner.end_time
+
+
+@pytest.mark.filterwarnings("ignore:Exception raised outside body:RuntimeWarning")  # Celery's report of it
+def test_a_failure_outside_the_task_body_fails_its_span(consumer_tracing, request, monkeypatch):
+    """The broker goes away as the result is stored, after the callbacks were
+    sent: Celery signals an internal error and marks the task FAILURE, with no
+    hook. On the hook path the span says so; the signal path's ends at
+    ``task_postrun``, before Celery knows."""
+    from kombu.exceptions import OperationalError
+
+    run, tasks, exporter, _ = consumer_tracing
+
+    def mark_as_done(*args, **kwargs):
+        raise OperationalError("connection reset")
+
+    monkeypatch.setattr(tasks["ok"].backend, "mark_as_done", mark_as_done)
+    before = trace.get_current_span()
+    run(tasks["ok"], task_id="job-4")
+    [span] = exporter.get_finished_spans()
+    assert trace.get_current_span() is before
+    if _path(request) == "hooks":
+        assert span.attributes["celery.state"] == "FAILURE"
+        assert span.attributes["error.type"] == "OperationalError"
+        assert span.status.status_code is trace.StatusCode.ERROR
+
+
+def test_the_hook_path_leaves_celerys_per_task_signals_without_receivers(consumer_tracing, request):
+    """Celery sends ``task_prerun``/``task_postrun``/``task_success`` only if
+    they have receivers; on the hook path none are ours, and the upstream
+    instrumentation's, instrumented in this process, are disconnected."""
+    from celery import signals
+
+    if _path(request) == "hooks":
+        assert not signals.task_prerun.receivers
+        assert not signals.task_postrun.receivers
+        assert not signals.task_success.receivers
+    else:
+        assert signals.task_prerun.receivers and signals.task_postrun.receivers
+
+
+def _plain_and_traced_app(subclass_hooks: bool = False):
+    from celery import Celery, Task
+
+    from cadscope.tracing import TracedTask
+
+    class Forgetful(TracedTask):
+        def after_return(self, *args, **kwargs):  # no super(): cadscope's hook never runs
+            return None
+
+    def nothing() -> None:
+        return None
+
+    app = Celery("mixed", set_as_current=False, task_cls=TracedTask)
+    traced = app.task(name="m.traced", shared=False)(nothing)
+    other = app.task(name="m.other", shared=False, base=Forgetful if subclass_hooks else Task)(nothing)
+    return app, traced, other
+
+
+def _run(app, task, task_id):
+    from celery.app.trace import build_tracer
+
+    request = {"id": task_id, "task": task.name, "retries": 0, "delivery_info": {}}
+    build_tracer(task.name, task, app=app, eager=False, propagate=False)(task_id, (), {}, request)
+
+
+def test_an_app_with_a_task_of_another_class_is_traced_through_signals():
+    """One task not a TracedTask: the signal path, which sees every task; the
+    TracedTask ones still get one span each, not two."""
+    from celery import signals
+
+    from cadscope.tracing import instrument_celery_worker, uninstrument_celery_worker
+
+    provider, exporter = in_memory_provider()
+    app, traced, other = _plain_and_traced_app()
+    instrument_celery_worker(provider, app=app)
+    try:
+        assert signals.task_prerun.receivers
+        _run(app, traced, "a")
+        _run(app, other, "b")
+    finally:
+        uninstrument_celery_worker()
+    assert [s.name for s in exporter.get_finished_spans()] == ["run/m.traced", "run/m.other"]
+
+
+def test_a_span_no_hook_ended_is_ended_late_when_its_thread_starts_the_next_task(caplog):
+    """A subclass whose ``after_return`` does not call ``super()``: its span
+    stays open, and its context attached, until the thread's next task
+    starts; then it is ended, marked, and logged, not leaked."""
+    from cadscope.tracing import instrument_celery_worker, uninstrument_celery_worker
+
+    provider, exporter = in_memory_provider()
+    app, traced, forgetful = _plain_and_traced_app(subclass_hooks=True)
+    before = trace.get_current_span()
+    instrument_celery_worker(provider, app=app)
+    try:
+        _run(app, forgetful, "f-1")
+        assert exporter.get_finished_spans() == ()
+        with caplog.at_level(logging.WARNING, logger="cadscope.tracing._celery"):
+            _run(app, traced, "t-1")
+    finally:
+        uninstrument_celery_worker()
+    late, ok = exporter.get_finished_spans()
+    assert (late.name, late.attributes["cadscope.span.ended_late"]) == ("run/m.other", True)
+    assert "cadscope.span.ended_late" not in ok.attributes and ok.parent is None  # not the leaked one's child
+    assert "f-1" in caplog.text
+    assert trace.get_current_span() is before
+
+
+def test_a_task_running_on_another_thread_is_not_taken_for_a_leak():
+    """Thread pools: one thread's task start must not end the span of a task
+    still running on another thread."""
+    import threading
+
+    from celery import Celery
+
+    from cadscope.tracing import TracedTask, instrument_celery_worker, uninstrument_celery_worker
+
+    provider, exporter = in_memory_provider()
+    app = Celery("threads", set_as_current=False, task_cls=TracedTask)
+    running, release = threading.Event(), threading.Event()
+
+    @app.task(name="th.slow", shared=False)
+    def slow():
+        running.set()
+        assert release.wait(10)
+
+    @app.task(name="th.quick", shared=False)
+    def quick():
+        return None
+
+    instrument_celery_worker(provider, app=app)
+    try:
+        worker = threading.Thread(target=_run, args=(app, slow, "slow-1"))
+        worker.start()
+        assert running.wait(10)
+        _run(app, quick, "quick-1")
+        release.set()
+        worker.join(10)
+    finally:
+        uninstrument_celery_worker()
+    quick_span, slow_span = exporter.get_finished_spans()
+    assert (quick_span.name, slow_span.name) == ("run/th.quick", "run/th.slow")
+    assert "cadscope.span.ended_late" not in slow_span.attributes
+    assert slow_span.attributes["celery.state"] == "SUCCESS"
+
+
+def test_a_tracing_failure_in_a_hook_never_fails_the_task(monkeypatch, caplog):
+    """Signal receivers' exceptions are caught by Celery; a hook's would fail
+    the task, so the hook path catches its own, and logs them."""
+    from celery.app.trace import build_tracer
+
+    from cadscope.tracing import _celery, instrument_celery_worker, uninstrument_celery_worker
+
+    provider, exporter = in_memory_provider()
+    app, traced, _ = _plain_and_traced_app(subclass_hooks=True)  # every task a TracedTask: the hook path
+    instrument_celery_worker(provider, app=app)
+    try:
+        assert _celery._installed is not None and _celery._installed.hooks
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("tracer bug")
+
+        monkeypatch.setattr(_celery._installed, "hook_start", broken)
+        request = {"id": "x-1", "task": traced.name, "retries": 0, "delivery_info": {}}
+        with caplog.at_level(logging.WARNING, logger="cadscope.tracing._celery"):
+            info = build_tracer(traced.name, traced, app=app, eager=False, propagate=False)("x-1", (), {}, request)[1]
+    finally:
+        uninstrument_celery_worker()
+    assert info is None  # no failure: the task succeeded
+    assert "task tracing failed in hook_start" in caplog.text and "tracer bug" in caplog.text
+    assert exporter.get_finished_spans() == ()

@@ -16,7 +16,7 @@ turn on OTLP export; ``CADSCOPE_TRACES_FILE`` writes OTLP/JSON lines.
 from __future__ import annotations
 
 from ._carrier import EnvGetter, EnvSetter, extract_from_env, inject_into_env, normalise_key
-from ._celery import instrument_celery_worker, uninstrument_celery_worker
+from ._celery import TracedTask, instrument_celery_worker, uninstrument_celery_worker
 from ._ids import PinnableIdGenerator, pinned_span_id
 from ._logging import JsonFormatter, configure_json_logging, job_id_var
 from ._otlpjson import OTLPJsonFileSpanExporter, spans_to_otlp_json
@@ -28,6 +28,7 @@ __all__ = [
     "JsonFormatter",
     "OTLPJsonFileSpanExporter",
     "PinnableIdGenerator",
+    "TracedTask",
     "configure_json_logging",
     "extract_from_env",
     "flush_tracing",

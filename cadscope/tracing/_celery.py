@@ -36,6 +36,15 @@ the tracer is the SDK's with one of its own samplers. Every other message
 takes the eager path (an unsampled task thus gets its non-recording span at
 once and never reaches the span queue).
 
+Two ways in, one span. Celery's per-task signals (``task_prerun``,
+``task_postrun``, ``task_failure``, ``task_retry``) see every task whatever
+its class. Or the task's own hooks, when every task of the app is a
+:class:`TracedTask` (cadscope's worker app): then no receiver is connected to
+the per-task signals, and Celery skips sending them: on a busy host that
+saved 17-34 µs a task on the pool's task thread (bench/RESULTS.md, "Task
+hooks instead of signals"). :class:`TracedTask` says where its span
+starts and ends against the signal path's.
+
 If opentelemetry-instrumentation-celery is also instrumented in the process
 (``opentelemetry-instrument celery worker``, say), its consumer handlers are
 disconnected while ours are connected, so a task run gets one span, not two
@@ -45,16 +54,19 @@ nested ones; its publisher handlers stay.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
-from celery import signals
+from celery import Task, signals
+from celery.exceptions import Ignore, Reject, Retry
+from celery.utils.threads import get_ident  # a greenlet where Celery's request stacks key on one
 from opentelemetry import context, propagate, trace
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ._lean import deferring_tracer, start_deferred_span, start_lean_span
 
-__all__ = ["instrument_celery_worker", "uninstrument_celery_worker"]
+__all__ = ["TracedTask", "instrument_celery_worker", "uninstrument_celery_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +124,12 @@ def _upstream_consumer_handlers() -> list[tuple[Any, Any]]:
 
 
 class _WorkerTracing:
-    def __init__(self, tracer_provider: trace.TracerProvider | None) -> None:
+    def __init__(self, tracer_provider: trace.TracerProvider | None, hooks: bool = False) -> None:
         self._tracer = trace.get_tracer("cadscope.celery", tracer_provider=tracer_provider)
-        # task id -> (span, context token); one entry per task running in this process.
-        self._live: dict[str, tuple[trace.Span, object]] = {}
+        # task id -> (span, context token, thread or greenlet, task, request); one
+        # entry per task running in this process.
+        self._live: dict[str, tuple[trace.Span, object, object, Any, Any]] = {}
+        self.hooks = hooks
         self._displaced: list[tuple[Any, Any]] = []
         self._textmap: object = None
         self._w3c = False
@@ -124,24 +138,33 @@ class _WorkerTracing:
         for signal, handler in _upstream_consumer_handlers():
             if signal.disconnect(handler):
                 self._displaced.append((signal, handler))
+        if self.hooks:
+            # Sent only when a run fails outside its body: no cost per task.
+            signals.task_internal_error.connect(self.on_internal_error, weak=False)
+            return
         signals.task_prerun.connect(self.on_prerun, weak=False)
         signals.task_postrun.connect(self.on_postrun, weak=False)
         signals.task_failure.connect(self.on_failure, weak=False)
         signals.task_retry.connect(self.on_retry, weak=False)
 
     def disconnect(self) -> None:
-        signals.task_prerun.disconnect(self.on_prerun)
-        signals.task_postrun.disconnect(self.on_postrun)
-        signals.task_failure.disconnect(self.on_failure)
-        signals.task_retry.disconnect(self.on_retry)
+        if self.hooks:
+            signals.task_internal_error.disconnect(self.on_internal_error)
+        else:
+            signals.task_prerun.disconnect(self.on_prerun)
+            signals.task_postrun.disconnect(self.on_postrun)
+            signals.task_failure.disconnect(self.on_failure)
+            signals.task_retry.disconnect(self.on_retry)
         for signal, handler in self._displaced:
             signal.connect(handler, weak=False)
         self._displaced.clear()
         self._live.clear()
 
     def on_prerun(self, task_id: str | None = None, task: Any = None, **_: Any) -> None:
-        if task is None or not task_id:
-            return
+        if task is not None and task_id:
+            self.start(task_id, task)
+
+    def start(self, task_id: str, task: Any) -> None:
         request = task.request
         attributes: dict[str, Any] = {
             "celery.action": "run",
@@ -167,13 +190,17 @@ class _WorkerTracing:
             parent = propagate.extract(request, getter=_GETTER)
             span = start_lean_span(self._tracer, f"run/{task.name}", parent, SpanKind.CONSUMER, attributes)
             token = context.attach(trace.set_span_in_context(span, parent))
-        self._live[task_id] = (span, token)
+        self._live[task_id] = (span, token, get_ident(), task, request)
 
     def on_postrun(self, task_id: str | None = None, state: str | None = None, **_: Any) -> None:
-        entry = self._live.pop(task_id, None) if task_id else None
+        if task_id:
+            self.end(task_id, state)
+
+    def end(self, task_id: str, state: str | None) -> None:
+        entry = self._live.pop(task_id, None)
         if entry is None:
             return
-        span, token = entry
+        span, token = entry[0], entry[1]
         if state is not None:
             span.set_attribute("celery.state", str(state))
         span.end()
@@ -184,6 +211,7 @@ class _WorkerTracing:
 
     def on_failure(self, task_id: str | None = None, exception: BaseException | None = None,
                    sender: Any = None, **_: Any) -> None:  # fmt: skip
+        """``task_failure``'s receiver; on the hook path, called as ``(task_id, exception, task)``."""
         entry = self._live.get(task_id) if task_id else None
         if entry is None or not entry[0].is_recording():
             return
@@ -192,27 +220,180 @@ class _WorkerTracing:
         if exception is not None and throws and isinstance(exception, tuple(throws)):
             return  # an expected exception: Celery logs it at INFO, we do not call it an error
         if exception is not None:
-            span.record_exception(exception)
-            span.set_attribute("error.type", type(exception).__qualname__)
-        span.set_status(Status(StatusCode.ERROR, str(exception) if exception is not None else None))
+            _record_error(span, exception)
+        else:
+            span.set_status(Status(StatusCode.ERROR))
 
     def on_retry(self, request: Any = None, reason: Any = None, **_: Any) -> None:
         task_id = getattr(request, "id", None)
-        entry = self._live.get(task_id) if isinstance(task_id, str) else None
+        if isinstance(task_id, str):
+            self.retried(task_id, reason)
+
+    def retried(self, task_id: str, reason: Any) -> None:
+        entry = self._live.get(task_id)
         if entry is not None and entry[0].is_recording():
             entry[0].set_attribute("celery.retry.reason", str(reason))
+
+    # -- the hook path (TracedTask) ---------------------------------------------
+
+    def hook_retry(self, task_id: str, exc: BaseException) -> None:
+        # Celery calls on_retry while handling the Retry the task raised; its
+        # text ("Retry in 5s: ...") is what the signal path records.
+        reason = sys.exc_info()[1]
+        self.retried(task_id, reason if isinstance(reason, Retry) else exc)
+        self.end(task_id, "RETRY")
+
+    def hook_start(self, task_id: str, task: Any) -> None:
+        if self._live:  # empty at every start but in thread pools, nested eager runs and after a leak
+            self._sweep()
+        self.start(task_id, task)
+
+    def _sweep(self) -> None:
+        """End this thread's (greenlet's) spans whose run is over (its request is off its
+        task's stack) though no hook ended them: a subclass hook that did not
+        call ``super()``, a ``Reject`` or ``MemoryError`` raised out of
+        ``on_success``. They end late, and say so, rather than leave their
+        context attached."""
+        me = get_ident()
+        for task_id, (span, _token, thread, task, request) in list(self._live.items()):
+            if thread == me and request not in task.request_stack.stack:
+                if span.is_recording():
+                    span.set_attribute("cadscope.span.ended_late", True)
+                log.warning("task %s's span was left open by its run; ended late", task_id)
+                self.end(task_id, None)
+
+    def ended_outside_hooks(self, task: Any, exc: BaseException) -> None:
+        """A run that left through ``Ignore``, ``Reject`` or a BaseException:
+        Celery calls no hook after it, so its span ends here. (A task that
+        calls itself directly, catches such an exception from that call and
+        goes on would end its span here too early: the request it then sees
+        is its own run's.)"""
+        task_id = getattr(task.request, "id", None)
+        if not isinstance(task_id, str) or (entry := self._live.get(task_id)) is None:
+            return
+        if isinstance(exc, Ignore):
+            state = "IGNORED"
+        elif isinstance(exc, Reject):
+            state = "REJECTED"
+        else:
+            state = None
+            if entry[0].is_recording():
+                _record_error(entry[0], exc)
+        self.end(task_id, state)
+
+    def on_internal_error(self, task_id: str | None = None, exception: BaseException | None = None, **_: Any) -> None:
+        """A run that failed outside its body (storing its result, say): Celery
+        sends this, then marks the task FAILURE, with no hook in between."""
+        if not task_id or (entry := self._live.get(task_id)) is None:
+            return
+        if exception is not None and entry[0].is_recording():
+            _record_error(entry[0], exception)
+        self.end(task_id, "FAILURE")
+
+
+def _record_error(span: trace.Span, exc: BaseException) -> None:
+    span.record_exception(exc)
+    span.set_attribute("error.type", type(exc).__qualname__)
+    span.set_status(Status(StatusCode.ERROR, str(exc)))
 
 
 _installed: _WorkerTracing | None = None
 
 
-def instrument_celery_worker(tracer_provider: trace.TracerProvider | None = None) -> None:
+class TracedTask(Task):  # type: ignore[misc]  # celery ships no type hints
+    """A task class whose runs cadscope traces through the task's own hooks.
+
+    Make it the app's default (``Celery(..., task_cls=TracedTask)``, as
+    cadscope's worker app does) and pass the app to
+    :func:`instrument_celery_worker`: if every task registered on the app is
+    one, Celery's ``task_prerun``/``task_postrun`` signals get no receiver,
+    and Celery then skips sending them (bench/RESULTS.md, "Task hooks
+    instead of signals").
+
+    Where the span starts and ends, against the signal path:
+
+    - it starts in ``before_start``, after Celery has stored the ``STARTED``
+      state (``task_track_started``), so that write is not inside it;
+    - it ends in ``after_return`` (success, failure), ``on_retry`` (after the
+      ``RETRY`` state is stored; Celery's "retry" log line that follows has
+      no trace ids), in ``__call__`` for a run that leaves through
+      ``Ignore`` (``Task.replace``), ``Reject`` or a BaseException, none of
+      which has a hook after it, and on ``task_internal_error``, a signal
+      sent only when a run fails outside its body;
+    - a subclass that overrides these hooks must call ``super()``. A span
+      that no hook ended (a hook that did not, a ``Reject`` raised out of
+      ``on_success``) is ended, late, with ``cadscope.span.ended_late``,
+      when the same thread starts its next task.
+
+    Outside a traced worker (``instrument_celery_worker`` not called, or the
+    signal path chosen) the hooks do nothing.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except (Ignore, Reject) as exc:
+            _on_hook_path("ended_outside_hooks", self, exc)
+            raise
+        except Exception:
+            raise  # after_return or on_retry ends it
+        except BaseException as exc:
+            _on_hook_path("ended_outside_hooks", self, exc)
+            raise
+
+    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
+        _on_hook_path("hook_start", task_id, self)
+        super().before_start(task_id, args, kwargs)
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        _on_hook_path("on_failure", task_id, exc, self)
+        super().on_failure(exc, task_id, args, kwargs, einfo)
+
+    def on_retry(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        try:
+            super().on_retry(exc, task_id, args, kwargs, einfo)
+        finally:
+            _on_hook_path("hook_retry", task_id, exc)
+
+    def after_return(self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        try:
+            super().after_return(status, retval, task_id, args, kwargs, einfo)
+        finally:
+            _on_hook_path("end", task_id, status)
+
+
+def _on_hook_path(method: str, *args: Any) -> None:
+    """Call the installed task tracing's ``method`` if it traces through the
+    hooks; log, never raise: tracing must not fail a task."""
+    tracing = _installed
+    if tracing is not None and tracing.hooks:
+        try:
+            getattr(tracing, method)(*args)
+        except Exception:  # noqa: BLE001
+            log.warning("task tracing failed in %s", method, exc_info=True)
+
+
+def instrument_celery_worker(tracer_provider: trace.TracerProvider | None = None, app: Any = None) -> None:
     """Trace every task this process runs (idempotent; call after fork, in
-    ``worker_process_init``, once the tracer provider exists)."""
+    ``worker_process_init``, once the tracer provider exists).
+
+    Given ``app``, and every task registered on it a :class:`TracedTask`,
+    task runs are traced through the tasks' hooks, with no receiver on
+    Celery's per-task signals. Otherwise through those signals, which see
+    every task whatever its class. A task registered on the app after this
+    call, of another class, would not be traced on the hook path.
+    """
     global _installed
-    if _installed is None:
-        _installed = _WorkerTracing(tracer_provider)
-        _installed.connect()
+    if _installed is not None:
+        return
+    hooks = False
+    if app is not None:
+        others = sorted(name for name, task in app.tasks.items() if not isinstance(task, TracedTask))
+        hooks = not others
+        if others:
+            log.info("tracing task runs through Celery's signals: not TracedTask: %s", ", ".join(others[:5]))
+    _installed = _WorkerTracing(tracer_provider, hooks)
+    _installed.connect()
 
 
 def uninstrument_celery_worker() -> None:

@@ -30,7 +30,7 @@ from ..metrics import (
     multiprocess_registry,
     serve_metrics,
 )
-from ..tracing import configure_json_logging, instrument_celery_worker, setup_tracing, shutdown_tracing
+from ..tracing import TracedTask, configure_json_logging, instrument_celery_worker, setup_tracing, shutdown_tracing
 from ._config import WorkerSettings, broker_settings
 from ._progress import Heartbeat, ProgressService, progress_store
 
@@ -42,7 +42,9 @@ QUEUE = "cadscope"
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 PUBLISHED_AT_HEADER = "cadscope_published_at"
 
-app = Celery("cadscope", include=["cadscope.workers._tasks"])
+# Every task (Celery's built-in ones too) a TracedTask: task runs are traced
+# through the tasks' hooks, and Celery sends no per-task signal.
+app = Celery("cadscope", include=["cadscope.workers._tasks"], task_cls=TracedTask)
 
 
 def configure_app(celery_app: Celery, broker_url: str | None = None, settings: WorkerSettings | None = None) -> Celery:
@@ -150,8 +152,9 @@ def _on_worker_process_init(**_: Any) -> None:
     configure_json_logging("cadscope-worker")
     provider = setup_tracing("cadscope-worker", on_drop=default_observability().record_spans_dropped)
     # Our lean consumer spans, not opentelemetry-instrumentation-celery's: same
-    # span and attribute names, ~30 % less CPU per task (bench/RESULTS.md, "Task CPU").
-    instrument_celery_worker(provider)
+    # span and attribute names, ~30 % less CPU per task (bench/RESULTS.md, "Task CPU"),
+    # through TracedTask's hooks rather than Celery's signals ("Task hooks instead of signals").
+    instrument_celery_worker(provider, app=app)
 
 
 @signals.worker_process_shutdown.connect
