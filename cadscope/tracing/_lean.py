@@ -286,6 +286,12 @@ def _decide(tracer: sdk_trace.Tracer, context: context_api.Context | None, name:
     return span_context, parent, sampling
 
 
+def _enabled(tracer: sdk_trace.Tracer) -> bool:
+    """The SDK tracer's own on/off switch (``_is_enabled``; absent in older SDKs: on)."""
+    is_enabled = getattr(tracer, "_is_enabled", None)
+    return is_enabled is None or bool(is_enabled())
+
+
 def _bound_if_needed(span: LeanSpan) -> LeanSpan:
     limits = span._tracer._span_limits
     attributes = span._attributes
@@ -304,8 +310,7 @@ def start_lean_span(tracer: trace.Tracer, name: str, context: context_api.Contex
     the SDK's tracer, that tracer's ``start_span()`` with any other."""
     if type(tracer) is not sdk_trace.Tracer:
         return tracer.start_span(name, context=context, kind=kind, attributes=attributes)
-    is_enabled = getattr(tracer, "_is_enabled", None)
-    if is_enabled is not None and not is_enabled():
+    if not _enabled(tracer):
         return trace.NonRecordingSpan(trace.get_current_span(context).get_span_context())
     span_context, parent, sampling = _decide(tracer, context, name, kind, attributes)
     if not sampling.decision.is_recording():
@@ -319,8 +324,7 @@ def deferring_tracer(tracer: trace.Tracer) -> sdk_trace.Tracer | None:
     enabled, with one of the SDK's own samplers), else None."""
     if type(tracer) is not sdk_trace.Tracer:
         return None
-    is_enabled = getattr(tracer, "_is_enabled", None)
-    if (is_enabled is None or is_enabled()) and type(tracer.sampler).__module__ == sdk_sampling.__name__:
+    if _enabled(tracer) and type(tracer.sampler).__module__ == sdk_sampling.__name__:
         return tracer
     return None
 
