@@ -8,6 +8,9 @@
   up after fork with the bounded processor, the multiprocess registry served
   with compaction, the heartbeat), the task recording the catalogue's task
   outcome and runtime metrics as ``run_job`` does.
+- ``cadscope-signals``: the same, with the task runs traced through Celery's
+  task signals rather than cadscope's task hooks (``TracedTask``), as
+  cadscope was up to f1489a2.
 - ``burn``: plain Celery whose task burns ``$BENCH_BURN_US`` microseconds of
   its thread's CPU: a control, an overhead of known size.
 
@@ -35,13 +38,18 @@ COMMON = {
     "worker_hijack_root_logger": False,
 }
 
-if MODE == "cadscope":
+if MODE in ("cadscope", "cadscope-signals"):
     from _common import catalogue_noop
 
-    from cadscope.workers import app
+    from cadscope.workers import _app, app
 
     app.conf.update(broker_url=BROKER, result_backend=None, **COMMON)
     noop = catalogue_noop(app)
+    if MODE == "cadscope-signals":
+        from cadscope.tracing import instrument_celery_worker
+
+        # The worker app's own worker_process_init receiver, without the app: the signal path.
+        _app.instrument_celery_worker = lambda provider, app=None: instrument_celery_worker(provider)  # type: ignore[assignment]
 
 else:
     app = Celery("bench", broker=BROKER)

@@ -2,8 +2,8 @@
 
 In each pool process, after a warm-up, it adds up the task thread's CPU time
 (``time.thread_time_ns``) for: the whole cycle from one ``task_prerun`` to the
-next (everything the thread does per task), cadscope's ``task_prerun`` and
-``task_postrun`` handlers, and the task's body. Every ``FLUSH_EVERY`` tasks it
+next (everything the thread does per task), cadscope's task hooks
+(``before_start``, ``after_return``), and the task's body. Every ``FLUSH_EVERY`` tasks it
 writes the totals to ``$BENCH_STEPS_DIR/<pid>.json``, so a worker that is
 terminated mid-count still leaves what it measured.
 
@@ -70,19 +70,28 @@ def _cycle(**_: Any) -> None:
     _state["last"] = now
 
 
+def _time_the_task_class() -> None:
+    """Time the task's body and cadscope's hooks where Celery's tracer finds them: on the
+    task's class. A prefork child builds its tracers before ``worker_process_init``, taking
+    the hooks and ``run`` that the class has then, so this runs at import, before the fork."""
+    task = app.tasks["bench.noop"]
+    cls = type(task)
+    cls.run = staticmethod(timed("body", task.run, _totals))  # type: ignore[method-assign]
+    if os.environ.get("BENCH_MODE") == "cadscope":
+        cls.before_start = timed("prerun", cls.before_start, _totals)  # type: ignore[method-assign]
+        cls.after_return = timed("postrun", cls.after_return, _totals)  # type: ignore[method-assign]
+
+
+_time_the_task_class()
+
+
 @signals.worker_process_init.connect(weak=False)
-def _wrap(**_: Any) -> None:
+def _check(**_: Any) -> None:
     # Connected after cadscope's own worker_process_init receiver (the worker app is imported
-    # first), so its task-tracing handlers exist here.
+    # first), so its task tracing is installed here.
     _state["clock"] = _clock_read_ns()
     if os.environ.get("BENCH_MODE") == "cadscope":
         from cadscope.tracing import _celery
 
         tracing = _celery._installed
-        assert tracing is not None, "cadscope's task tracing is not installed in this pool process"
-        tracing.disconnect()
-        tracing.on_prerun = timed("prerun", tracing.on_prerun, _totals)  # type: ignore[method-assign]
-        tracing.on_postrun = timed("postrun", tracing.on_postrun, _totals)  # type: ignore[method-assign]
-        tracing.connect()
-    task = app.tasks["bench.noop"]
-    task.run = timed("body", task.run, _totals)
+        assert tracing is not None and tracing.hooks, "cadscope's task hooks are not tracing this pool process"

@@ -32,19 +32,24 @@ Stacks (one fresh process each, interleaved, repeated):
   (``cadscope.tracing._lean``), still upstream's encoder;
 - ``cadscope-eager``: the lean task span made at once on the task thread, and
   cadscope's OTLP encoder, as cadscope was up to 09b6a77;
+- ``cadscope-signals``: the lean task span, deferred (its ids and sampling
+  decision made on the export thread), cadscope's OTLP encoder
+  (``cadscope.tracing._otlpwire``), through Celery's task signals: as
+  cadscope was up to f1489a2;
 - ``cadscope-no-export``: as shipped, but the exporter discards the spans:
-  the handlers, the span and the processor's queue without the encoding and
+  the hooks, the span and the processor's queue without the encoding and
   the gRPC call (the export thread still resolves the deferred spans);
-- ``cadscope``: as shipped: the lean task span, deferred (its ids and
-  sampling decision made on the export thread), and cadscope's OTLP encoder
-  (``cadscope.tracing._otlpwire``).
+- ``cadscope``: as shipped: as ``cadscope-signals``, through the task's
+  hooks (every task a ``TracedTask``), with no receiver on Celery's per-task
+  signals.
 
 The figure is the process's CPU, every thread's: a deferred span moves work
 from the task thread to the export thread, and this loop charges both.
 
-The results also split cadscope's added microseconds into signal dispatch,
-metrics, the task span (extract, span, context, processor) and export, from
-the differences between these stacks.
+The results also split cadscope's added microseconds into metrics, the task
+span (hooks, extract, span, context, processor) and export, from the
+differences between these stacks, and give what deferring the span and the
+hooks each save.
 
     python bench/task_cpu.py [--tasks 20000] [--rounds 5] [--write bench/RESULTS.md]
 """
@@ -65,7 +70,8 @@ from _common import NullCollector, catalogue_noop, publish
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 STACKS = ("bare", "signals", "metrics", "upstream", "cadscope-sdk-span", "cadscope-upstream-encoder",
-          "cadscope-eager", "cadscope-no-export", "cadscope")  # fmt: skip
+          "cadscope-eager", "cadscope-signals", "cadscope-no-export", "cadscope")  # fmt: skip
+HOOKED = ("cadscope-no-export", "cadscope")  # the tracer through TracedTask's hooks
 UNEXPORTED = ("bare", "signals", "metrics", "cadscope-no-export")
 WARM_UP = 1000
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -81,9 +87,14 @@ class _Discard(SpanExporter):
 def child(stack: str, tasks: int) -> dict[str, float]:
     """Runs in a fresh process: set the stack up as a pool child would, then time N tasks."""
     from celery import Celery
-    from celery.app.trace import build_tracer
+    from celery.app.trace import build_tracer, setup_worker_optimizations
 
-    app = Celery("bench-cpu", set_as_current=True)
+    if stack in HOOKED:
+        from cadscope.tracing import TracedTask
+
+        app = Celery("bench-cpu", set_as_current=True, task_cls=TracedTask)
+    else:
+        app = Celery("bench-cpu", set_as_current=True)
     app.conf.update(task_ignore_result=True, result_backend=None)
     flush = None
 
@@ -132,7 +143,8 @@ def child(stack: str, tasks: int) -> dict[str, float]:
         if stack == "cadscope-no-export":
             os.environ.pop("OTEL_EXPORTER_OTLP_ENDPOINT")
             exporters.append(_Discard())
-        elif stack not in ("cadscope", "cadscope-eager"):  # upstream's encoder, in upstream's OTLP/gRPC exporter
+        elif stack not in ("cadscope", "cadscope-signals", "cadscope-eager"):
+            # upstream's encoder, in upstream's OTLP/gRPC exporter
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
             exporters.append(OTLPSpanExporter(endpoint=os.environ.pop("OTEL_EXPORTER_OTLP_ENDPOINT"), insecure=True))
@@ -143,10 +155,14 @@ def child(stack: str, tasks: int) -> dict[str, float]:
                 name, context=context, kind=kind, attributes=attributes
             )
         provider = setup_tracing("bench-cpu", exporters=exporters, on_drop=default_observability().record_spans_dropped)
-        instrument_celery_worker(provider)
-        flush = flush_tracing  # type: ignore[assignment]
         noop = catalogue_noop(app)
+        instrument_celery_worker(provider, app=app if stack in HOOKED else None)
+        flush = flush_tracing  # type: ignore[assignment]
 
+    # What a worker does before its pool runs a task: among other things, Celery's stack
+    # protection, which lets a task class's own ``__call__`` (TracedTask's) call ``run``
+    # directly rather than push a second request.
+    setup_worker_optimizations(app, "bench@host")
     # The registered task, as a worker's tracer gets it; ``noop`` itself is a proxy.
     trace_task = build_tracer(noop.name, app.tasks[noop.name], app=app, eager=False, propagate=False)
 
@@ -222,17 +238,20 @@ def main() -> int:
     lines.append("\nEvery span of every exporting run reached the collector (checked per run).\n")
     m = {stack: statistics.median(values) for stack, values in results.items()}
     parts = (
-        ("signal dispatch (four receivers connected, two sent per task)", m["signals"] - bare),
         ("metrics (task outcome counter and runtime histogram, multiprocess)", m["metrics"] - bare),
-        ("task span (handlers, lean span, context, processor queue; a deferred span's resolving)",
-         m["cadscope-no-export"] - m["signals"] - (m["metrics"] - bare)),
+        ("task span (hooks, lean span, context, processor queue; a deferred span's resolving)",
+         m["cadscope-no-export"] - m["metrics"]),
         ("export (OTLP encoding, gRPC, the export thread)", m["cadscope"] - m["cadscope-no-export"]),
     )  # fmt: skip
     lines += ["| where cadscope's added microseconds go (differences of medians) | per task |", "| --- | --- |"]
     lines += [f"| {what} | {us:+.1f} µs |" for what, us in parts]
     lines.append(f"| **all** (cadscope − bare) | **{m['cadscope'] - bare:+.1f} µs** |")
-    deferring = m["cadscope"] - m["cadscope-eager"]
-    lines.append(f"| deferring the task span (cadscope − cadscope-eager) | {deferring:+.1f} µs |")
+    deferring = m["cadscope-signals"] - m["cadscope-eager"]
+    lines.append(f"| deferring the task span (cadscope-signals − cadscope-eager) | {deferring:+.1f} µs |")
+    hooks = m["cadscope"] - m["cadscope-signals"]
+    lines.append(f"| the task's hooks, not Celery's signals (cadscope − cadscope-signals) | {hooks:+.1f} µs |")
+    dispatch = m["signals"] - bare
+    lines.append(f"| for scale: four no-op receivers on the task signals (signals − bare) | {dispatch:+.1f} µs |")
     publish("\n".join(lines) + "\n", args.write)
     return 0
 

@@ -41,6 +41,10 @@ A control stack, ``burn``, is bare Celery whose task burns a known amount of
 its thread's CPU (``--burn-us``). Each run thus shows how closely the method
 recovers a known cost.
 
+``cadscope, task signals`` is cadscope with its task runs traced through
+Celery's task signals, as it was up to f1489a2, rather than through its
+task class's hooks (``TracedTask``): what the hooks save, in the same run.
+
 One more stack is cadscope with head sampling at the API, as a fleet this
 busy would run it: only ``--head-sampled`` (default 1 in 10) of its messages
 carry a sampled trace context, the rest carry one with the flag cleared. The
@@ -88,7 +92,8 @@ from task_overhead import _Cpu, fill_queue, start_worker
 
 # name, bench/_noop_app.py mode, the fraction of messages whose trace context is sampled (None: --head-sampled)
 STACKS = (("bare", "bare", 1.0), ("upstream", "upstream", 1.0), ("cadscope", "cadscope", 1.0),
-          ("cadscope, head-sampled", "cadscope", None), ("burn", "burn", 1.0))  # fmt: skip
+          ("cadscope, task signals", "cadscope-signals", 1.0), ("cadscope, head-sampled", "cadscope", None),
+          ("burn", "burn", 1.0))  # fmt: skip
 PARTS = ("main", "pool_task", "pool_other", "broker")  # _Cpu's fields
 
 

@@ -11,9 +11,9 @@ pool process adds up its task thread's CPU time for:
 - the whole cycle, from one task's ``task_prerun`` to the next's: receiving
   the message from the main process, Celery's tracer, the signals, the
   task, sending the result back;
-- cadscope's ``task_prerun`` handler (W3C extract, the task span's start,
-  context attach) and ``task_postrun`` handler (span end, the processor's
-  queue, context detach);
+- cadscope's task hooks: ``before_start`` (the task span's start, context
+  attach; the W3C extract is deferred) and ``after_return`` (span end, the
+  processor's queue, context detach);
 - the task's body (cadscope's: the catalogue's task outcome counter and
   runtime histogram, multiprocess mode; bare Celery's: nothing).
 
@@ -59,7 +59,7 @@ def loop(n: int) -> dict[str, float]:
     from cadscope.tracing import _celery, flush_tracing
 
     tracing = _celery._installed
-    assert tracing is not None
+    assert tracing is not None and tracing.hooks
     task = _steps_app.app.tasks["bench.noop"]
     delivery = {"exchange": "", "routing_key": "cadscope", "priority": 0, "redelivered": False}
     task.push_request(traceparent=TRACEPARENT, delivery_info=delivery, retries=0)
@@ -67,9 +67,9 @@ def loop(n: int) -> dict[str, float]:
     def run(count: int, offset: int) -> None:
         for i in range(offset, offset + count):
             task_id = f"job-{i:08d}"
-            tracing.on_prerun(task_id=task_id, task=task)
+            task.before_start(task_id, (), {})
             task.run()
-            tracing.on_postrun(task_id=task_id, state="SUCCESS")
+            task.after_return("SUCCESS", None, task_id, (), {}, None)
 
     run(LOOP_WARM_UP, 0)
     totals = _steps_app._totals
@@ -134,8 +134,8 @@ def main() -> int:
 
     bare, cad = worker["bare"], worker["cadscope"]
     rest = {m: statistics.median(row["cycle"] - sum(row[s] for s in STEPS) for row in worker[m]) for m in MODES}
-    names = {"prerun": "cadscope's `task_prerun` (extract, span start, context)",
-             "postrun": "cadscope's `task_postrun` (span end, processor queue)",
+    names = {"prerun": "cadscope's `before_start` (span start, context)",
+             "postrun": "cadscope's `after_return` (span end, processor queue)",
              "body": "the task's body (bare: nothing; cadscope: catalogue metrics)"}  # fmt: skip
     lines = [
         f"\n### The pool's task thread, step by step: no-op task, prefork -c {args.concurrency}, Redis, "

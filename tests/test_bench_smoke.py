@@ -38,9 +38,10 @@ def test_task_cpu_runs_and_every_span_reaches_the_collector(tmp_path):
     results = _bench(tmp_path, "task_cpu.py", "--tasks", "300", "--rounds", "1")
     stacks = [line.split(" | ")[0].lstrip("| ") for line in results.splitlines() if " µs | " in line]
     assert stacks == ["bare", "signals", "metrics", "upstream", "cadscope-sdk-span", "cadscope-upstream-encoder",
-                      "cadscope-eager", "cadscope-no-export", "cadscope"]  # fmt: skip
+                      "cadscope-eager", "cadscope-signals", "cadscope-no-export", "cadscope"]  # fmt: skip
     assert "| **all** (cadscope − bare) |" in results
-    assert "| deferring the task span (cadscope − cadscope-eager) |" in results
+    assert "| deferring the task span (cadscope-signals − cadscope-eager) |" in results
+    assert "| the task's hooks, not Celery's signals (cadscope − cadscope-signals) |" in results
 
 
 def test_span_cost_runs_and_the_encoders_agree(tmp_path):
@@ -65,7 +66,7 @@ def test_task_steps_times_cadscope_handlers_inside_the_worker(tmp_path, redis_se
                      "--broker", redis_server.url)  # fmt: skip
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in results.splitlines()
             if line.startswith("| ") and " µs" in line}  # fmt: skip
-    prerun = rows["cadscope's `task_prerun` (extract, span start, context)"]
+    prerun = rows["cadscope's `before_start` (span start, context)"]
     in_worker, in_loop = (float(cell.removesuffix(" µs")) for cell in prerun[1:3])
     assert in_worker > 0 and in_loop > 0
     assert float(rows["whole cycle (one `task_prerun` to the next)"][0].removesuffix(" µs")) > 0
@@ -85,7 +86,8 @@ def test_task_side_by_side_recovers_the_control_cost_and_stops_what_it_started(t
         return {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in table.splitlines()
                 if line.startswith("| ") and " µs" in line}  # fmt: skip
 
-    assert list(rows(costs)) == ["bare", "upstream", "cadscope", "cadscope, 10% of traces sampled", "burn"]
+    assert list(rows(costs)) == ["bare", "upstream", "cadscope", "cadscope, task signals",
+                                 "cadscope, 10% of traces sampled", "burn"]  # fmt: skip
     assert float(rows(parts)["burn"][0].removesuffix(" µs")) >= 500  # the pool task threads' added CPU a task
     assert "Spans received by the null collector: 0." not in results
     assert _processes_running("_noop_app") == []
