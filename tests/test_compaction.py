@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
 import textwrap
@@ -119,3 +120,65 @@ def test_a_counter_is_never_exposed_lower_than_before(tmp_path):
     assert registry.get_sample_value("jobs_total", {"k": "v"}) == 0.8400000000000003
     write(1.5)
     assert registry.get_sample_value("jobs_total", {"k": "v"}) == 1.5
+
+
+def _write(path, values: dict[str, float]) -> None:
+    import json
+
+    from prometheus_client.mmap_dict import MmapedDict
+
+    store = MmapedDict(str(path))
+    for labels, value in values.items():
+        store.write_value(json.dumps(["jobs", "jobs_total", {"k": labels}, "help"]), value, 0.0)
+    store.close()
+
+
+def test_a_file_not_yet_sized_costs_nothing_and_is_deleted_once_reaped(tmp_path, caplog):
+    """MmapedDict creates its file, then sizes it: a scrape can meet it at 0 bytes
+    (client_python #1199), and a process killed in that window leaves it so."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    _write(tmp_path / "counter_101.db", {"a": 2.0})
+    (tmp_path / "counter_102.db").touch()  # a child between open() and truncate()
+    (tmp_path / "counter_103.db").touch()  # the same, killed there
+    upstream = CollectorRegistry()
+    MultiProcessCollector(upstream, path=str(tmp_path))
+    with pytest.raises(Exception, match="unpack"):
+        generate_latest(upstream)  # the whole page fails upstream
+
+    registry = CollectorRegistry()
+    collector = CompactingMultiProcessCollector(registry, path=str(tmp_path), reaped=lambda pid: pid in (101, 103))
+    with caplog.at_level("WARNING", logger="cadscope.metrics"):
+        assert registry.get_sample_value("jobs_total", {"k": "a"}) == 2.0
+    assert caplog.records == []  # a file being created is normal, not an error
+
+    assert collector.compact() == 2  # 101 folded, 103 deleted; 102 is alive and keeps its file
+    assert sorted(os.listdir(tmp_path)) == ["counter_102.db", "counter_compacted.db"]
+    assert registry.get_sample_value("jobs_total", {"k": "a"}) == 2.0
+
+
+def test_an_unreadable_file_costs_its_own_samples_only_and_is_moved_aside(tmp_path, caplog):
+    _write(tmp_path / "counter_201.db", {"a": 2.0})
+    _write(tmp_path / "counter_202.db", {"a": 5.0, "b": 1.0})
+    _write(tmp_path / "counter_203.db", {"a": 7.0})
+    with open(tmp_path / "counter_203.db", "r+b") as corrupt:  # its first entry's key length, far past the end
+        corrupt.seek(8)
+        corrupt.write(struct.pack("i", 10**6))
+    registry = CollectorRegistry()
+    collector = CompactingMultiProcessCollector(registry, path=str(tmp_path), reaped=lambda pid: pid != 202)
+
+    with caplog.at_level("ERROR", logger="cadscope.metrics"):
+        for _ in range(3):
+            assert registry.get_sample_value("jobs_total", {"k": "a"}) == 7.0
+            assert registry.get_sample_value("jobs_total", {"k": "b"}) == 1.0
+    reports = [r for r in caplog.records if "unreadable" in r.getMessage()]
+    assert len(reports) == 1 and "counter_203.db" in reports[0].getMessage()  # once, not every scrape
+
+    caplog.clear()
+    with caplog.at_level("ERROR", logger="cadscope.metrics"):
+        assert collector.compact() == 1  # 201 folded; 203 moved aside, kept for a post-mortem
+        assert collector.compact() == 0  # and compaction does not fail on it again
+    assert sorted(os.listdir(tmp_path)) == ["counter_202.db", "counter_203.db.unreadable", "counter_compacted.db"]
+    assert [r.getMessage() for r in caplog.records if "moved aside" in r.getMessage()] != []
+    assert registry.get_sample_value("jobs_total", {"k": "a"}) == 7.0
+    assert registry.get_sample_value("jobs_total", {"k": "b"}) == 1.0

@@ -13,6 +13,14 @@ processes that have been reaped are merged into one accumulator per type,
 atomically with respect to scrapes (one lock, held by the scrape and the
 compaction, in the one process that serves ``/metrics``), so no counter ever
 decreases and the directory holds the live processes plus two accumulators.
+
+A file that cannot be read costs the scrape that file, never the whole
+``/metrics`` page (upstream raises for all of it, client_python #1199):
+``MmapedDict`` creates its file and only then sizes it, so a scrape can meet a
+new pool child's file at 0 bytes, and a child killed in that window leaves it so
+for good. Compaction deletes such a file once its process is reaped, and moves
+an unreadable one aside (``*.unreadable``, kept for a post-mortem) rather than
+failing every period while the directory grows.
 """
 
 from __future__ import annotations
@@ -46,6 +54,17 @@ log = logging.getLogger("cadscope.metrics")
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 ACCUMULATED = "compacted"
 _PID_FILE = re.compile(r"^(counter|histogram|gauge_[a-z]+|summary)_(\d+)\.db$")
+UNREADABLE = ".unreadable"
+# MmapedDict's header: the bytes used (4) and padding (4). A shorter file has
+# not been sized yet by the process creating it, and holds no samples.
+_HEADER = 8
+
+
+def _sized(path: str) -> bool:
+    try:
+        return os.stat(path).st_size >= _HEADER
+    except FileNotFoundError:  # a live gauge's file, removed by mark_process_dead since the listing
+        return False
 
 
 def enable_multiprocess(path: str, *, wipe: bool = False) -> str:
@@ -88,14 +107,34 @@ class CompactingMultiProcessCollector(MultiProcessCollector):
         self._lock = threading.Lock()
         self.compacted_files = 0
         self._exposed: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self._reported: set[str] = set()
 
     def collect(self) -> Iterable[Metric]:
         with self._lock:
-            metrics = list(super().collect())
+            files = [f for f in glob.glob(os.path.join(self._path, "*.db")) if _sized(f)]
+            try:
+                metrics = list(self.merge(files, accumulate=True))
+            except Exception:  # noqa: BLE001 - find the file at fault; the rest is served
+                unreadable = [f for f in files if not self._readable(f)]
+                if not unreadable:
+                    raise
+                metrics = list(self.merge([f for f in files if f not in unreadable], accumulate=True))
             for metric in metrics:
                 if metric.type in ("counter", "histogram", "summary"):
                     metric.samples = [self._monotonic(sample) for sample in metric.samples]
             return metrics
+
+    def _readable(self, file: str) -> bool:
+        try:
+            self.merge([file], accumulate=True)
+        except FileNotFoundError:
+            return False  # gone since the listing: nothing to report
+        except Exception as exc:  # noqa: BLE001 - reported once per file, left out of the scrape
+            if file not in self._reported:
+                self._reported.add(file)
+                log.error("metrics file unreadable, left out of every scrape until compacted: %s (%r)", file, exc)
+            return False
+        return True
 
     def _monotonic(self, sample: Sample) -> Sample:
         # Compaction changes the order in which floats are summed, which can move
@@ -107,7 +146,8 @@ class CompactingMultiProcessCollector(MultiProcessCollector):
         return sample._replace(value=value)
 
     def compact(self) -> int:
-        """Merge reaped processes' counters and histograms; drop their gauges. Returns files removed."""
+        """Merge reaped processes' counters and histograms; drop their gauges. Returns files deleted
+        (an unreadable file moved aside is not counted)."""
         with self._lock:
             dead: dict[str, list[str]] = defaultdict(list)
             for name in os.listdir(self._path):
@@ -117,21 +157,33 @@ class CompactingMultiProcessCollector(MultiProcessCollector):
             removed = 0
             for kind, files in dead.items():
                 if kind in ("counter", "histogram", "summary"):
-                    self._fold(kind, files)
+                    files = self._fold(kind, files)
                 for file in files:
                     os.unlink(file)
                     removed += 1
             self.compacted_files += removed
             return removed
 
-    def _fold(self, kind: str, files: list[str]) -> None:
+    def _fold(self, kind: str, files: list[str]) -> list[str]:
+        """Fold ``files`` into the accumulator; returns those folded (or empty), to delete."""
         accumulator = os.path.join(self._path, f"{kind}_{ACCUMULATED}.db")
         totals: dict[str, float] = defaultdict(float)
+        folded = []
         # Counter and histogram samples (buckets, sums) are sums over processes,
         # so adding the raw values key by key is exactly what a scrape would do.
         for file in ([accumulator] if os.path.exists(accumulator) else []) + files:
-            for key, value, _timestamp, _pos in MmapedDict.read_all_values_from_file(file):
-                totals[key] += value
+            if _sized(file):  # else never sized by its dead process: no samples
+                try:
+                    entries = list(MmapedDict.read_all_values_from_file(file))
+                except Exception as exc:  # noqa: BLE001 - one bad file must not stop compaction for good
+                    os.replace(file, file + UNREADABLE)
+                    self._reported.discard(file)
+                    log.error("metrics file unreadable, moved aside: %s%s (%r)", file, UNREADABLE, exc)
+                    continue
+                for key, value, _timestamp, _pos in entries:
+                    totals[key] += value
+            if file != accumulator:
+                folded.append(file)
         temporary = accumulator + ".tmp"
         if os.path.exists(temporary):
             os.unlink(temporary)
@@ -142,6 +194,7 @@ class CompactingMultiProcessCollector(MultiProcessCollector):
         finally:
             merged.close()
         os.replace(temporary, accumulator)
+        return folded
 
 
 def multiprocess_registry(
