@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -106,7 +107,13 @@ class WorkerHandle:
         return self.proc.returncode
 
     def scrape(self) -> str:
-        return urllib.request.urlopen(self.metrics_url, timeout=30).read().decode()  # noqa: S310
+        try:
+            return urllib.request.urlopen(self.metrics_url, timeout=30).read().decode()  # noqa: S310
+        except urllib.error.HTTPError as exc:  # the server's traceback is in the worker's log, not the response
+            text = self.log.read_text(errors="replace") if self.log.exists() else ""
+            start = max(text.rfind("Traceback"), 0)
+            raise AssertionError(f"/metrics answered {exc.code}; the worker log from its last traceback:\n"
+                                 f"{text[start:start + 4000]}") from exc  # fmt: skip
 
     def log_tail(self) -> str:
         return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
