@@ -156,6 +156,24 @@ def test_metrics_directory_stays_bounded_and_counters_never_drop(client, start_w
     os.kill(worker.proc.pid, signal.SIGTERM)
 
 
+def test_a_metric_file_met_before_it_is_sized_fails_no_scrape(client, start_worker, engines):
+    """A process between creating its metric file and sizing it (or killed there) leaves 0 bytes;
+    upstream's collector then fails every scrape (client_python #1199)."""
+    worker = start_worker()
+    directory = Path(worker.env["PROMETHEUS_MULTIPROC_DIR"])
+    (directory / f"counter_{os.getpid()}.db").touch()  # a live process: stays until it is reaped
+    dead = psutil.Popen(["true"])
+    dead.wait()
+    (directory / f"histogram_{dead.pid}.db").touch()  # killed before sizing it: reaped
+    assert run_job.apply_async(args=[TINY], queue=worker.queue).get(timeout=60)["status"] == "succeeded"
+    text = worker.scrape()
+    assert _scrape_values(text, r'model_generation_completed_total(?=\{[^}]*status="success")') == 1
+    wait_until(lambda: not (directory / f"histogram_{dead.pid}.db").exists(), 30, what="compaction")
+    assert (directory / f"counter_{os.getpid()}.db").exists()
+    assert "unreadable" not in worker.log_tail()
+    worker.scrape()
+
+
 def test_worker_sigkilled_leaves_no_cad_process_and_another_worker_takes_the_job(client, start_worker, engines):
     # The runner's own timeout is the soft limit minus 5 s: leave the job room under a loaded machine.
     limits = {"CADSCOPE_TASK_TIME_LIMIT": "20", "CADSCOPE_TASK_SOFT_TIME_LIMIT": "15",
