@@ -79,11 +79,12 @@ class RunLimits:
     max_spans: int = 10_000
     stderr_tail_bytes: int = 4096
     # After a read that empties the pipe, leave it this long before reading
-    # again (the child's exit still wakes us at once). Each wake-up costs the
-    # worker ~0.3 ms of CPU on cold caches, far more than the events it
-    # reads; batching them is most of what keeps a job's overhead under 1 %.
+    # again (the child's exit still wakes us at once). A read costs the
+    # worker far more on cold caches than the events it brings: on the
+    # standard FreeCAD job, 0.5 s instead of 0.1 s cut the worker's CPU by
+    # ~1.5 ms of ~7 (two reads instead of four or five; bench/RESULTS.md).
     # Progress events arrive up to this much later. 0 reads every write.
-    read_batch_s: float = 0.1
+    read_batch_s: float = 0.5
 
 
 @dataclass
