@@ -173,7 +173,9 @@ def bare_run(engine, job: JobSpec, out: Path) -> Run:
     return measured
 
 
-def instrumented_run(engine, job: JobSpec, out: Path, obs: ModelObservability, provider: TracerProvider) -> Run:
+def instrumented_run(
+    engine, job: JobSpec, out: Path, obs: ModelObservability, provider: TracerProvider, limits: RunLimits | None = None
+) -> Run:
     start, cpu = time.perf_counter(), _cpu()
     with provider.get_tracer("bench").start_as_current_span("task"):
         result = run_cad_job(
@@ -182,7 +184,7 @@ def instrumented_run(engine, job: JobSpec, out: Path, obs: ModelObservability, p
             engine=engine,
             job_id="bench",
             observability=obs,
-            limits=RunLimits(timeout_s=300),
+            limits=limits or RunLimits(timeout_s=300),
             tracer_provider=provider,
         )
     measured = _since(start, cpu)

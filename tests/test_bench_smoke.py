@@ -92,3 +92,12 @@ def test_task_side_by_side_recovers_the_control_cost_and_stops_what_it_started(t
     assert "Spans received by the null collector: 0." not in results
     assert _processes_running("_noop_app") == []
     assert set(_processes_running("redis-server")) == servers_before
+
+
+def test_read_window_batches_the_childs_events_into_fewer_reads(tmp_path):
+    # Window 0 reads at every write; a 30 s window reads the first write, then everything at the exit.
+    results = _bench(tmp_path, "read_window.py", "--runs", "1", "--windows", "0,30")
+    reads = {line.split(" | ")[0].lstrip("| "): float(line.split(" | ")[1].split()[0])
+             for line in results.splitlines() if line.startswith("| ") and " ms | " in line}  # fmt: skip
+    assert list(reads) == ["0 s", "30 s"]
+    assert reads["30 s"] <= 3 < reads["0 s"]
