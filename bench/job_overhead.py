@@ -122,6 +122,36 @@ def probe_cost(python_argv: list[str], n: int = 20_000) -> float:
     raise RuntimeError(f"probe benchmark printed nothing useful:\n{out[-2000:]}")
 
 
+class WorkerTelemetry(NamedTuple):
+    """The telemetry as a worker runs it: spans through the bounded batch processor and OTLP/gRPC
+    (cadscope's encoder) to a collector in another process, metrics in multiprocess (mmap) mode."""
+
+    sink: NullCollectorProcess
+    processor: BoundedBatchSpanProcessor
+    provider: TracerProvider
+    obs: ModelObservability
+
+    @classmethod
+    def start(cls, stack: contextlib.ExitStack) -> WorkerTelemetry:
+        sink = stack.enter_context(NullCollectorProcess())
+        enable_multiprocess(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-metrics-")))
+        processor = BoundedBatchSpanProcessor(OTLPWireSpanExporter(endpoint=sink.endpoint, insecure=True))
+        provider = TracerProvider(id_generator=PinnableIdGenerator())
+        provider.add_span_processor(processor)
+        return cls(
+            sink, processor, provider, ModelObservability(Catalogue(CollectorRegistry()), tracer_provider=provider)
+        )
+
+    def stop(self, stack: contextlib.ExitStack) -> None:
+        """Flush and close; exits non-zero if a span was lost on the way to the collector."""
+        self.provider.shutdown()
+        stack.close()
+        if any(self.processor.dropped.values()) or self.sink.spans <= 0:
+            raise SystemExit(
+                f"spans were lost on the way to the collector: {self.processor.dropped}, {self.sink.spans} received"
+            )
+
+
 def _cpu() -> tuple[float, float]:
     """(this thread: the worker's share of a run; with the reaped children: the whole run)."""
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -219,16 +249,9 @@ def main() -> int:
     args = parser.parse_args()
 
     engines = discover_engines()
-    # As a worker runs: spans through the bounded batch processor and OTLP/gRPC
-    # (cadscope's encoder) to a collector in another process, metrics in
-    # multiprocess (mmap) mode.
     stack = contextlib.ExitStack()
-    sink = stack.enter_context(NullCollectorProcess())
-    enable_multiprocess(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-metrics-")))
-    processor = BoundedBatchSpanProcessor(OTLPWireSpanExporter(endpoint=sink.endpoint, insecure=True))
-    provider = TracerProvider(id_generator=PinnableIdGenerator())
-    provider.add_span_processor(processor)
-    obs = ModelObservability(Catalogue(CollectorRegistry()), tracer_provider=provider)
+    instrumentation = WorkerTelemetry.start(stack)
+    processor, provider, obs = instrumentation.processor, instrumentation.provider, instrumentation.obs
     # Each engine's own Python runs the probe (the OCP engine runs in this one).
     probe_us = {name: probe_cost([engine.argv[0]]) for name, engine in sorted(engines.items())}
     wrapper_s = wrapper_cost()
@@ -315,10 +338,7 @@ def main() -> int:
             f"| **{telemetry[0]:.4f}** [{telemetry[1]:.4f}–{telemetry[2]:.4f}] |"
         )
         print(accounted[-1], flush=True)
-    provider.shutdown()
-    stack.close()
-    if any(processor.dropped.values()) or sink.spans <= 0:
-        raise SystemExit(f"spans were lost on the way to the collector: {processor.dropped}, {sink.spans} received")
+    instrumentation.stop(stack)
 
     lines += accounted
     lines += ["", "| probe, in the child's Python | µs per event (best of 5 × 20,000 spans) |", "| --- | --- |"]

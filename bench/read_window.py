@@ -27,16 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import NullCollectorProcess, bootstrap, publish
-from job_overhead import instrumented_run
-from opentelemetry.sdk.trace import TracerProvider
-from prometheus_client import CollectorRegistry
+from _common import bootstrap, publish
+from job_overhead import WorkerTelemetry, instrumented_run
 
 from cadscope.freecad_bridge import JobSpec, RunLimits, _runner, discover_engines
-from cadscope.metrics import Catalogue, ModelObservability, enable_multiprocess
-from cadscope.tracing import PinnableIdGenerator
-from cadscope.tracing._otlpwire import OTLPWireSpanExporter
-from cadscope.tracing._processor import BoundedBatchSpanProcessor
 from cadscope.workers._workload import PLATE
 
 
@@ -64,12 +58,8 @@ def main() -> int:
     job = JobSpec.model_validate(dict(PLATE, engine=args.engine))
 
     stack = contextlib.ExitStack()
-    sink = stack.enter_context(NullCollectorProcess())
-    enable_multiprocess(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-metrics-")))
-    processor = BoundedBatchSpanProcessor(OTLPWireSpanExporter(endpoint=sink.endpoint, insecure=True))
-    provider = TracerProvider(id_generator=PinnableIdGenerator())
-    provider.add_span_processor(processor)
-    obs = ModelObservability(Catalogue(CollectorRegistry()), tracer_provider=provider)
+    telemetry = WorkerTelemetry.start(stack)
+    provider, obs = telemetry.provider, telemetry.obs
     _runner._LineReader = _CountingReader  # type: ignore[misc] - the runner builds its reader by this name
     root = Path(tempfile.mkdtemp(prefix="bench-window-"))
     reads: dict[float, list[int]] = {w: [] for w in windows}
@@ -88,10 +78,7 @@ def main() -> int:
                 shutil.rmtree(out)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-        provider.shutdown()
-        stack.close()
-    if any(processor.dropped.values()) or sink.spans <= 0:
-        raise SystemExit(f"spans were lost on the way to the collector: {processor.dropped}, {sink.spans} received")
+    telemetry.stop(stack)
 
     base = windows[0]
     lines = [
