@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import bootstrap, publish
+from _common import bootstrap, paired, publish
 from job_overhead import WorkerTelemetry, instrumented_run
 
 from cadscope.freecad_bridge import JobSpec, RunLimits, _runner, discover_engines
@@ -97,7 +97,7 @@ def main() -> int:
     ]
     for w in windows:
         saved = bootstrap([a - b for a, b in zip(own[w], own[base], strict=True)])
-        ratio = bootstrap([a / b for a, b in zip(wall[w], wall[base], strict=True)])
+        ratio = paired(wall[w], wall[base])
         lines.append(
             f"| {w:g} s | {statistics.median(reads[w]):g} ({min(reads[w])}–{max(reads[w])}) "
             f"| {statistics.median(wall[w]) * 1000:.0f} ms | {statistics.median(own[w]) * 1000:.2f} ms "
