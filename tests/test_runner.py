@@ -267,6 +267,39 @@ def test_secrets_in_the_workers_environment_never_reach_the_child(tmp_path, monk
     assert set(result.manifest["keys"]) <= allowed
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'{"t":"start","id":"00f067aa0ba902b7","n":"occt.boolean","ts":1,"a":{"k":"v","n":1.5e3}}',
+        b'{"t":"metric","v":NaN}', b'[1,2,{"a":null}]', b'"text"', b"123456789012345678901234567890", b"true",
+        b'{"s":"\\u00e9\\ud83d\\ude00"}', b'{"a":1,"a":2}', b' \t{"a":1}\r',
+    ],
+)  # fmt: skip
+def test_an_event_line_decodes_as_json_loads_decodes_it(line):
+    from cadscope.freecad_bridge._runner import _decode_event
+
+    assert repr(_decode_event(line)) == repr(json.loads(line))
+
+
+@pytest.mark.parametrize(
+    "line", [b"not json", b'{"a":1} {"b":2}', b'{"a":1}x', b'{"a":', b"", b" ", b'"\xff\xfe"', b"{'a':1}"]
+)
+def test_an_event_line_that_json_loads_refuses_is_refused(line):
+    from cadscope.freecad_bridge._runner import _decode_event
+
+    with pytest.raises(ValueError):
+        json.loads(line)
+    with pytest.raises(ValueError):
+        _decode_event(line)
+
+
+def test_an_event_nested_too_deep_is_refused_not_a_crash():
+    from cadscope.freecad_bridge._runner import _decode_event
+
+    with pytest.raises(RecursionError):
+        _decode_event(b"[" * 100_000 + b"]" * 100_000)
+
+
 def test_garbage_on_the_pipe_is_dropped_counted_and_bounded(tmp_path):
     code = textwrap.dedent("""
         import os

@@ -64,6 +64,28 @@ _CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL, 
 _PR_SET_PDEATHSIG = 1
 _READ_CHUNK = 1 << 16
 _PIPE_BYTES = 1 << 20
+# The C scanner under json.loads, without its wrapping (set in JSONDecoder.__init__; typeshed omits it).
+_SCAN = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
+def _decode_event(line: bytes) -> Any:
+    """One event line as ``json.loads`` reads it, in half the time.
+
+    The probe writes one compact ASCII JSON value a line. ``json.loads`` on
+    bytes first guesses the encoding and matches whitespace before and after
+    the value with regular expressions, which on a short line costs as much as
+    the parse: 2.3 us a line against 1.1 here, over the standard job's
+    126-byte lines (bench/RESULTS.md, "Replay"). Raises ValueError for
+    anything that is not exactly one JSON value in UTF-8, as ``json.loads``
+    would (RecursionError for a value nested too deep)."""
+    text = line.decode().strip(" \t\r")
+    try:
+        value, end = _SCAN(text, 0)
+    except StopIteration:
+        raise ValueError("not a JSON value") from None
+    if end != len(text):
+        raise ValueError("extra data after a JSON value")
+    return value
 
 
 @dataclass(frozen=True)
@@ -424,7 +446,7 @@ class _LineReader:
             self.replayer.drop("too_many_events")
             return
         try:
-            event = json.loads(line)
+            event = _decode_event(line)
         except (ValueError, RecursionError):
             self.replayer.drop("invalid_json")
             return
