@@ -104,10 +104,14 @@ def test_helpers_record_with_engine_versions_and_bounded_labels():
     assert failed.attributes["error.type"] == "KeyError"
 
 
-def test_recording_never_raises_into_the_job():
+def test_recording_never_raises_into_the_job(caplog):
     obs = ModelObservability(Catalogue(CollectorRegistry()))
-    obs.record_occt_boolean("union", "not a number", 1.0)  # type: ignore[arg-type]
-    obs.record_export("STEP", None, 1.0)  # type: ignore[arg-type]
+    with caplog.at_level("ERROR", logger="cadscope.metrics"):
+        obs.record_occt_boolean("union", "not a number", 1.0)  # type: ignore[arg-type]
+        obs.record_export("STEP", None, 1.0)  # type: ignore[arg-type]
+    # Swallowed, but said: which recording, and the error with its traceback.
+    assert [r.getMessage() for r in caplog.records] == ["recording boolean failed", "recording export failed"]
+    assert all(r.exc_info and r.exc_info[0] in (ValueError, TypeError) for r in caplog.records)
 
 
 def test_exposition_has_help_and_bucket_boundaries_at_alert_thresholds():
