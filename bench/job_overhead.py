@@ -24,9 +24,10 @@
    the same job with instrumentation off: it keeps the containment
    (``setpriv``) and the worker's sha256 check of the artifacts, which
    belong to the job, not to its telemetry. The check is timed where it runs,
-   inside ``run_cad_job`` just after the child's exit; up to 2026-11-23 it
-   was timed again after each run, on warm caches, where it cost ~25 % less
-   (both are in the table), which charged the difference to telemetry. Either
+   inside ``run_cad_job`` just after the child's exit. Up to 1cefb31
+   (2026-12-02) it was timed again after each run, on warm caches, where it
+   cost ~25 % less (both are in the table), and the difference was charged
+   to telemetry. Either
    bounds the wall-time cost too: the worker's share runs beside the CAD
    process, on the critical path only before the spawn and after the exit.
    The worker's side of a run is the CPU of the thread that runs it, as in a
