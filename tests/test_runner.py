@@ -19,6 +19,7 @@ from opentelemetry.trace import StatusCode
 from prometheus_client import CollectorRegistry
 
 from cadscope.freecad_bridge import DEFAULT_ENV_ALLOWLIST, JobSpec, RunLimits, run, run_cad_job
+from cadscope.freecad_bridge._runner import _decode_event
 from cadscope.metrics import Catalogue, ModelObservability
 from cadscope.tracing.testing import in_memory_provider
 
@@ -276,8 +277,6 @@ def test_secrets_in_the_workers_environment_never_reach_the_child(tmp_path, monk
     ],
 )  # fmt: skip
 def test_an_event_line_decodes_as_json_loads_decodes_it(line):
-    from cadscope.freecad_bridge._runner import _decode_event
-
     assert repr(_decode_event(line)) == repr(json.loads(line))
 
 
@@ -285,8 +284,6 @@ def test_an_event_line_decodes_as_json_loads_decodes_it(line):
     "line", [b"not json", b'{"a":1} {"b":2}', b'{"a":1}x', b'{"a":', b"", b" ", b'"\xff\xfe"', b"{'a':1}"]
 )
 def test_an_event_line_that_json_loads_refuses_is_refused(line):
-    from cadscope.freecad_bridge._runner import _decode_event
-
     with pytest.raises(ValueError):
         json.loads(line)
     with pytest.raises(ValueError):
@@ -294,8 +291,6 @@ def test_an_event_line_that_json_loads_refuses_is_refused(line):
 
 
 def test_an_event_nested_too_deep_is_refused_not_a_crash():
-    from cadscope.freecad_bridge._runner import _decode_event
-
     with pytest.raises(RecursionError):
         _decode_event(b"[" * 100_000 + b"]" * 100_000)
 
