@@ -17,12 +17,26 @@ from opentelemetry import context, trace
 from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
-from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    Decision,
+    ParentBased,
+    ParentBasedTraceIdRatio,
+    StaticSampler,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
 from cadscope.tracing import JsonFormatter, pinned_span_id
 from cadscope.tracing._ids import PinnableIdGenerator
-from cadscope.tracing._lean import LeanSpan, deferring_tracer, start_deferred_span, start_lean_span
+from cadscope.tracing._lean import (
+    LeanSpan,
+    deferring_tracer,
+    drops_unsampled_remote,
+    start_deferred_span,
+    start_lean_span,
+)
 from cadscope.tracing._processor import BoundedBatchSpanProcessor
 
 REMOTE = SpanContext(0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, is_remote=True,
@@ -164,6 +178,64 @@ def test_a_deferred_span_resolved_at_its_end_follows_the_sampler(sampler):
     span.end()  # the SimpleSpanProcessor asks for the context: resolved here
     assert not span.deferred
     assert len(exporter.get_finished_spans()) == (0 if sampler else 1)
+
+
+@pytest.mark.parametrize(
+    "sampler, drops",
+    [
+        (None, True),  # the SDK's default: ParentBased(ALWAYS_ON)
+        (ParentBasedTraceIdRatio(0.5), True),
+        (ALWAYS_OFF, True),
+        (StaticSampler(Decision.DROP), True),
+        (ALWAYS_ON, False),
+        (TraceIdRatioBased(1.0), False),
+        (ParentBased(ALWAYS_ON, remote_parent_not_sampled=ALWAYS_ON), False),
+        (ParentBased(ALWAYS_ON, remote_parent_not_sampled=StaticSampler(Decision.RECORD_ONLY)), False),
+        (ParentBased(ALWAYS_ON, remote_parent_not_sampled=TraceIdRatioBased(0.0)), False),  # drops, not said
+    ],
+    ids=[
+        "default",
+        "parentbased-ratio",
+        "always-off",
+        "static-drop",
+        "always-on",
+        "ratio-1",
+        "records-unsampled",
+        "record-only",
+        "ratio-0-delegate",
+    ],  # fmt: skip
+)
+def test_only_samplers_that_drop_every_unsampled_remote_child_are_said_to(sampler, drops):
+    """Where it says "drops", the SDK's own span for an unsampled remote parent does not record."""
+    args = {"sampler": sampler} if sampler else {}
+    tracer, _ = _tracer(**args)
+    assert drops_unsampled_remote(tracer.sampler) is drops
+    unsampled = SpanContext(REMOTE.trace_id, REMOTE.span_id, is_remote=True, trace_flags=TraceFlags(0))
+    if drops:
+        assert not _start(False, tracer, unsampled).is_recording()
+
+
+@pytest.mark.parametrize("flags", [0, 2], ids=["unsampled", "unsampled-random-flag"])
+def test_a_span_known_to_drop_records_nothing_and_resolves_as_the_sdks(flags):
+    """``recording=False``: nothing is recorded or handed to the processor,
+    no ids are made until asked for, and then they are what the SDK's span
+    for the same parent gets (trace id, flags, trace state; a new span id)."""
+    tracer, exporter = _tracer()
+    parent = SpanContext(REMOTE.trace_id, REMOTE.span_id, is_remote=True, trace_flags=TraceFlags(flags),
+                         trace_state=TraceState([("vendor", "x")]))  # fmt: skip
+    sdk = _start(False, tracer, parent)
+    headers = {**_headers(parent), "tracestate": "vendor=x"}
+    span = start_deferred_span(tracer, "run/cad.job", headers, SpanKind.CONSUMER, {"a": 1}, recording=False)
+    assert not span.is_recording()
+    _script(span, ValueError("ignored"))
+    assert span.deferred  # nothing asked: no ids made
+    ours, theirs = span.get_span_context(), sdk.get_span_context()
+    assert ours.is_valid and not ours.is_remote and ours.span_id != REMOTE.span_id
+    for field in ("trace_id", "trace_flags", "trace_state"):
+        assert getattr(ours, field) == getattr(theirs, field), field
+    assert span.parent == parent
+    sdk.end()
+    assert exporter.get_finished_spans() == ()
 
 
 def test_only_the_sdks_tracer_and_samplers_defer():

@@ -149,6 +149,7 @@ def consumer_tracing(request):
         seen["deferred"] = getattr(current, "deferred", None)  # before anything asks for its ids
         seen["baggage"] = baggage.get_all()
         seen["context"] = current.get_span_context()
+        seen["env"] = inject_into_env({})  # what a CAD child would be started with
 
     @task(name="t.boom")
     def boom():
@@ -257,6 +258,8 @@ def test_hostile_headers_start_a_new_trace_and_never_raise(consumer_tracing, hea
 
 
 SAMPLED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+UNSAMPLED = SAMPLED[:-2] + "00"
+ZERO_TRACE_ID = "00-" + "0" * 32 + UNSAMPLED[35:]  # invalid: the W3C propagator starts a new trace
 
 
 @pytest.mark.parametrize(
@@ -265,31 +268,82 @@ SAMPLED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
         ({"traceparent": SAMPLED}, True, True),
         ({"traceparent": SAMPLED, "tracestate": "vendor=x"}, True, True),
         ({}, True, True),
-        ({"traceparent": SAMPLED[:-2] + "00"}, None, False),
+        ({"traceparent": UNSAMPLED}, True, False),
+        ({"traceparent": UNSAMPLED, "tracestate": "vendor=x"}, True, False),
+        ({"traceparent": ZERO_TRACE_ID}, False, True),
         ({"traceparent": SAMPLED, "baggage": "tenant=acme"}, False, True),
         ({"traceparent": "01" + SAMPLED[2:] + "-future"}, False, True),
     ],
-    ids=["sampled", "tracestate", "no-parent", "unsampled", "baggage", "future-version"],
+    ids=[
+        "sampled",
+        "tracestate",
+        "no-parent",
+        "unsampled",
+        "unsampled-tracestate",
+        "unsampled-invalid",
+        "baggage",
+        "future-version",
+    ],
 )
 def test_consumer_span_is_deferred_only_where_nothing_is_lost(consumer_tracing, headers, deferred, exported):
     """A deferred span (ids made when first asked for) for a sampled or absent
-    parent; an unsampled parent's task gets its non-recording span at once;
-    baggage, which must be in the task's context, and traceparents not of
-    version 00's form, go the eager way. The exported span is the same."""
+    parent, and for a valid unsampled one, which the default sampler drops
+    (nothing is exported, and the task still sees the parent's trace id).
+    An invalid unsampled header starts a new trace, which the sampler
+    records, so it goes the eager way, as do baggage, which must be in the
+    task's context, and traceparents not of version 00's form."""
     run, tasks, exporter, seen = consumer_tracing
     run(tasks["peek"], headers)
     assert seen["deferred"] is deferred
     assert seen["baggage"] == ({"tenant": "acme"} if "baggage" in headers else {})
+    if headers.get("traceparent") == UNSAMPLED:  # not recorded, but the trace goes on, unsampled, into a child
+        ctx = seen["context"]
+        assert ctx.is_valid and not ctx.trace_flags.sampled and f"{ctx.trace_id:032x}" == UNSAMPLED[3:35]
+        assert seen["env"]["TRACEPARENT"] == f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-00"
+        assert seen["env"].get("TRACESTATE") == headers.get("tracestate")
     spans = exporter.get_finished_spans()
     assert len(spans) == int(exported)
     if exported:
         [span] = spans
         assert span.context.span_id == seen["context"].span_id
-        if "traceparent" in headers:
+        if headers.get("traceparent", ZERO_TRACE_ID) == ZERO_TRACE_ID:  # none, or refused: a new trace
+            assert span.parent is None
+        else:
             assert f"{span.parent.span_id:016x}" == "b7ad6b7169203331"
             assert span.context.trace_state.get("vendor") == ("x" if "tracestate" in headers else None)
-        else:
-            assert span.parent is None
+
+
+def test_an_unsampled_header_is_deferred_only_if_the_w3c_propagator_accepts_it():
+    """Deferring an unsampled message's span bets that the parent is valid
+    (a refused header starts a new trace, which the sampler may record), so
+    the check must agree with the W3C propagator on every 55-character
+    header: here, every one-character change of a valid one."""
+    import random
+
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    from cadscope.tracing._celery import _deferrable
+
+    def w3c_accepts(traceparent):
+        extracted = TraceContextTextMapPropagator().extract({"traceparent": traceparent})
+        return trace.get_current_span(extracted).get_span_context().is_valid
+
+    rng = random.Random(7)
+    headers = {UNSAMPLED, ZERO_TRACE_ID, UNSAMPLED[:36] + "0" * 16 + "-00", "ff" + UNSAMPLED[2:], "01" + UNSAMPLED[2:]}
+    for _ in range(400):
+        at = rng.randrange(55)
+        headers.add(UNSAMPLED[:at] + rng.choice("0af9AFgx- \t\n") + UNSAMPLED[at + 1 :])
+    verdicts = set()
+    for traceparent in headers:
+        request = type("Request", (), {"traceparent": traceparent})()
+        deferrable = _deferrable(request, True, drops_unsampled=True)
+        assert (deferrable is not None) is w3c_accepts(traceparent), traceparent
+        if deferrable is not None:
+            assert deferrable == ({"traceparent": traceparent}, traceparent[-1] in "13579bdf")
+        if traceparent[-1] not in "13579bdf":  # unsampled: eager where the sampler might record it
+            assert _deferrable(request, True, drops_unsampled=False) is None
+        verdicts.add(deferrable is not None)
+    assert verdicts == {True, False}
 
 
 def test_consumer_span_is_eager_with_a_propagator_that_is_not_w3c(consumer_tracing):

@@ -32,9 +32,12 @@ span gets its ids and sampling decision when first asked for: by the task
 (a child span, a log line) or else on the span processor's export thread.
 That is when the propagator is W3C's, the message carries no baggage, its
 ``traceparent`` (if any) has version 00's form with the sampled flag set, and
-the tracer is the SDK's with one of its own samplers. Every other message
-takes the eager path (an unsampled task thus gets its non-recording span at
-once and never reaches the span queue).
+the tracer is the SDK's with one of its own samplers. A message whose
+``traceparent`` is valid but unsampled (head sampling at the API) is deferred
+too where the sampler drops every child of such a parent (``ParentBased``'s
+default): its span records nothing, never reaches the span queue, and makes
+its ids only if the task asks (a child process to propagate to). Every other
+message takes the eager path.
 
 Two ways in, one span. Celery's per-task signals (``task_prerun``,
 ``task_postrun``, ``task_failure``, ``task_retry``) see every task whatever
@@ -54,6 +57,7 @@ nested ones; its publisher handlers stay.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Any
 
@@ -64,7 +68,7 @@ from opentelemetry import context, propagate, trace
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from ._lean import deferring_tracer, start_deferred_span, start_lean_span
+from ._lean import deferring_tracer, drops_unsampled_remote, start_deferred_span, start_lean_span
 
 __all__ = ["TracedTask", "instrument_celery_worker", "uninstrument_celery_worker"]
 
@@ -85,26 +89,48 @@ class _RequestGetter(Getter[Any]):
 _GETTER = _RequestGetter()
 _W3C_FIELDS = frozenset({"traceparent", "tracestate", "baggage"})
 _ODD_HEX = frozenset("13579bdf")  # the last flags digit of a traceparent whose sampled bit is set
+_TRACEPARENT = re.compile("[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_ZERO_TRACE_ID, _ZERO_SPAN_ID = "0" * 32, "0" * 16
 
 
-def _deferrable(request: Any, w3c: bool) -> dict[str, str] | None:
-    """The message's span context headers, if its span may be deferred: the
-    propagator is W3C's (trace context and baggage, or either), the message
-    carries no baggage (which must be in the task's context from the start),
-    and its ``traceparent``, if any, is a version-00 one with the sampled flag
-    (an unsampled task gets its non-recording span at once, and never
-    reaches the span queue)."""
+def _deferrable(request: Any, w3c: bool, drops_unsampled: bool) -> tuple[dict[str, str], bool] | None:
+    """The message's span context headers, and whether its span may record,
+    if the span may be deferred: the propagator is W3C's (trace context and
+    baggage, or either), the message carries no baggage (which must be in the
+    task's context from the start), and its ``traceparent``, if any, has
+    version 00's form (55 characters) and
+
+    - the sampled flag: the span may record, decided when first asked for;
+    - or the flag cleared, where the sampler drops every child of an
+      unsampled remote parent (``drops_unsampled``) and the header is one
+      the W3C propagator accepts: the span records nothing, is never queued,
+      and makes its ids only if asked for them. A header it would refuse
+      starts a new trace, which the sampler may record: the eager path.
+    """
     if not w3c or isinstance(getattr(request, "baggage", None), str):
         return None
     traceparent = getattr(request, "traceparent", None)
     if not isinstance(traceparent, str):
-        return {}
-    if len(traceparent) != 55 or traceparent[-1] not in _ODD_HEX:
+        return {}, True
+    if len(traceparent) != 55:
+        return None
+    sampled = traceparent[-1] in _ODD_HEX
+    if not sampled and not (drops_unsampled and _accepted(traceparent)):
         return None
     tracestate = getattr(request, "tracestate", None)
     if isinstance(tracestate, str):
-        return {"traceparent": traceparent, "tracestate": tracestate}
-    return {"traceparent": traceparent}
+        return {"traceparent": traceparent, "tracestate": tracestate}, sampled
+    return {"traceparent": traceparent}, sampled
+
+
+def _accepted(traceparent: str) -> bool:
+    """Whether the W3C propagator extracts a valid parent from this 55-character ``traceparent``."""
+    return (
+        _TRACEPARENT.fullmatch(traceparent) is not None
+        and not traceparent.startswith("ff")
+        and traceparent[3:35] != _ZERO_TRACE_ID
+        and traceparent[36:52] != _ZERO_SPAN_ID
+    )
 
 
 def _upstream_consumer_handlers() -> list[tuple[Any, Any]]:
@@ -133,6 +159,8 @@ class _WorkerTracing:
         self._displaced: list[tuple[Any, Any]] = []
         self._textmap: object = None
         self._w3c = False
+        self._sampler: object = None
+        self._drops_unsampled = False
 
     def connect(self) -> None:
         for signal, handler in _upstream_consumer_handlers():
@@ -181,10 +209,17 @@ class _WorkerTracing:
         if textmap is not self._textmap:  # set at startup, and by tests
             self._textmap, self._w3c = textmap, textmap.fields <= _W3C_FIELDS
         sdk_tracer = deferring_tracer(self._tracer)
-        carrier = _deferrable(request, self._w3c) if sdk_tracer is not None else None
+        deferrable = None
+        if sdk_tracer is not None:
+            if sdk_tracer.sampler is not self._sampler:  # set at startup, and by tests
+                self._sampler, self._drops_unsampled = sdk_tracer.sampler, drops_unsampled_remote(sdk_tracer.sampler)
+            deferrable = _deferrable(request, self._w3c, self._drops_unsampled)
         span: trace.Span
-        if carrier is not None and sdk_tracer is not None:
-            span = start_deferred_span(sdk_tracer, f"run/{task.name}", carrier, SpanKind.CONSUMER, attributes)
+        if deferrable is not None and sdk_tracer is not None:
+            carrier, recording = deferrable
+            span = start_deferred_span(
+                sdk_tracer, f"run/{task.name}", carrier, SpanKind.CONSUMER, attributes, recording=recording
+            )
             token = context.attach(trace.set_span_in_context(span))
         else:
             parent = propagate.extract(request, getter=_GETTER)

@@ -66,7 +66,7 @@ from opentelemetry.util import types
 
 from ._ids import PinnableIdGenerator
 
-__all__ = ["LeanSpan", "deferring_tracer", "start_deferred_span", "start_lean_span"]
+__all__ = ["LeanSpan", "deferring_tracer", "drops_unsampled_remote", "start_deferred_span", "start_lean_span"]
 
 log = logging.getLogger(__name__)
 
@@ -329,12 +329,34 @@ def deferring_tracer(tracer: trace.Tracer) -> sdk_trace.Tracer | None:
     return None
 
 
+def drops_unsampled_remote(sampler: sdk_sampling.Sampler) -> bool:
+    """Whether ``sampler`` drops every span whose parent is remote and not
+    sampled, whatever its trace id: the SDK's ``ALWAYS_OFF``, or its
+    ``ParentBased`` (every ``parentbased_*`` of ``OTEL_TRACES_SAMPLER``) with
+    the default ``remote_parent_not_sampled``. Read off the SDK's private
+    fields; where they are missing, False (the eager path)."""
+    decides: object = sampler
+    if isinstance(sampler, sdk_sampling.ParentBased):
+        decides = getattr(sampler, "_remote_parent_not_sampled", None)
+    return (
+        isinstance(decides, sdk_sampling.StaticSampler)
+        and getattr(decides, "_decision", None) is sdk_sampling.Decision.DROP
+    )
+
+
 def start_deferred_span(tracer: sdk_trace.Tracer, name: str, carrier: dict[str, str],
                         kind: SpanKind = SpanKind.INTERNAL, attributes: Mapping[str, Any] | None = None,
-                        ) -> LeanSpan:  # fmt: skip
+                        recording: bool = True) -> LeanSpan:  # fmt: skip
     """A :class:`LeanSpan` whose parent is what the global propagator extracts
     from ``carrier`` and whose ids and sampling decision are made when first
     asked for. Only for a tracer :func:`deferring_tracer` gives, and a carrier that
-    holds nothing but the span's own context (no baggage)."""
+    holds nothing but the span's own context (no baggage).
+
+    ``recording=False`` is for a decision known to be "drop" before it is
+    made (a valid unsampled parent and a sampler that
+    :func:`drops_unsampled_remote`): the span records nothing and no
+    processor sees it, as the SDK's non-recording span; its ids are still
+    made, the same way, if something asks for them."""
     span = LeanSpan(tracer, name, None, None, kind, dict(attributes or {}), time_ns(), carrier)
+    span._recording = recording
     return _bound_if_needed(span)
