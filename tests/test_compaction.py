@@ -182,3 +182,47 @@ def test_an_unreadable_file_costs_its_own_samples_only_and_is_moved_aside(tmp_pa
     assert [r.getMessage() for r in caplog.records if "moved aside" in r.getMessage()] != []
     assert registry.get_sample_value("jobs_total", {"k": "a"}) == 7.0
     assert registry.get_sample_value("jobs_total", {"k": "b"}) == 1.0
+
+
+FORKS = textwrap.dedent(
+    """
+    import json, os, sys
+    from prometheus_client import CollectorRegistry, Counter
+    from cadscope.metrics import enable_multiprocess
+    from cadscope.metrics._multiprocess import process_identifier
+    enable_multiprocess(sys.argv[1])
+    jobs = Counter("jobs", "Jobs.", ("k",), registry=CollectorRegistry()).labels("a")
+    jobs.inc()
+    pid = os.fork()
+    if pid == 0:  # a pool child: billiard forks this way
+        jobs.inc(5)
+        os._exit(0 if process_identifier() == os.getpid() else 3)
+    _, status = os.waitpid(pid, 0)
+    jobs.inc(10)
+    print(json.dumps({"child": pid, "status": status}))
+    """
+)
+
+
+def test_a_forked_child_writes_its_own_file(tmp_path):
+    """cadscope's process identifier for prometheus_client answers without a
+    system call (the pid is read again only after a fork), so a child forked
+    after the first write must still get a file of its own and start from
+    zero there, as with upstream's ``os.getpid``."""
+    import json
+
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    out = subprocess.run([sys.executable, "-c", FORKS, str(tmp_path)], capture_output=True, text=True, check=True)
+    got = json.loads(out.stdout)
+    assert got["status"] == 0
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert f"counter_{got['child']}.db" in files and len(files) == 2
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, str(tmp_path))
+    assert registry.get_sample_value("jobs_total", {"k": "a"}) == 16.0
+    from prometheus_client.mmap_dict import MmapedDict
+
+    child = MmapedDict(str(tmp_path / f"counter_{got['child']}.db"), read_mode=True)
+    assert [value for _, value, _ in child.read_all_values()] == [5.0]
+    child.close()

@@ -67,6 +67,28 @@ def _sized(path: str) -> bool:
         return False
 
 
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def process_identifier() -> int:
+    """This process's pid, as ``os.getpid()``, without a system call.
+
+    prometheus_client's multiprocess values ask for the pid on every ``inc``,
+    ``observe`` and ``set`` (three times for a task's metrics), to notice
+    that they run in a forked child and must open files of their own. Here
+    the fork is noticed once, by ``os.register_at_fork``, which every fork
+    from Python runs (``os.fork``, multiprocessing's and billiard's)."""
+    return _pid
+
+
 def enable_multiprocess(path: str, *, wipe: bool = False) -> str:
     """Use ``path`` for this process and its children; ``wipe`` at fleet start."""
     path = os.path.abspath(path)
@@ -79,7 +101,7 @@ def enable_multiprocess(path: str, *, wipe: bool = False) -> str:
                 os.unlink(entry)
     os.makedirs(path, exist_ok=True)
     os.environ[ENV] = path
-    values.ValueClass = values.MultiProcessValue()
+    values.ValueClass = values.MultiProcessValue(process_identifier)
     return path
 
 
