@@ -49,8 +49,12 @@ One more stack is cadscope with head sampling at the API, as a fleet this
 busy would run it: only ``--head-sampled`` (default 1 in 10) of its messages
 carry a sampled trace context, the rest carry one with the flag cleared. The
 worker's parent-based sampler follows the flag, so an unsampled task gets a
-non-recording span: the context is extracted and propagated, nothing is
-recorded or exported. Its metrics are recorded as for every task.
+non-recording span: the context is kept and propagated, nothing is recorded
+or exported. Up to c299b58 that span was made at once (the W3C extract, the
+sampler), which cost more on the task thread than the deferred sampled span,
+so this stack read below the fully sampled one; since c772dba it is deferred
+too, and makes its ids only if asked. Its metrics are recorded as for every
+task.
 
 What it gave on the first VM it ran on (bench/RESULTS.md, "A fifth VM"):
 with the main process at bare's cost, cadscope's ratio came out 0.884,
