@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import subprocess
@@ -12,6 +13,8 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
+from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from cadscope.metrics import CompactingMultiProcessCollector, process_reaped
@@ -209,10 +212,6 @@ def test_a_forked_child_writes_its_own_file(tmp_path):
     system call (the pid is read again only after a fork), so a child forked
     after the first write must still get a file of its own and start from
     zero there, as with upstream's ``os.getpid``."""
-    import json
-
-    from prometheus_client.multiprocess import MultiProcessCollector
-
     out = subprocess.run([sys.executable, "-c", FORKS, str(tmp_path)], capture_output=True, text=True, check=True)
     got = json.loads(out.stdout)
     assert got["status"] == 0
@@ -221,8 +220,6 @@ def test_a_forked_child_writes_its_own_file(tmp_path):
     registry = CollectorRegistry()
     MultiProcessCollector(registry, str(tmp_path))
     assert registry.get_sample_value("jobs_total", {"k": "a"}) == 16.0
-    from prometheus_client.mmap_dict import MmapedDict
-
     child = MmapedDict(str(tmp_path / f"counter_{got['child']}.db"), read_mode=True)
     assert [value for _, value, _ in child.read_all_values()] == [5.0]
     child.close()

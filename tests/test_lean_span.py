@@ -191,7 +191,7 @@ def test_a_deferred_span_resolved_at_its_end_follows_the_sampler(sampler):
         (TraceIdRatioBased(1.0), False),
         (ParentBased(ALWAYS_ON, remote_parent_not_sampled=ALWAYS_ON), False),
         (ParentBased(ALWAYS_ON, remote_parent_not_sampled=StaticSampler(Decision.RECORD_ONLY)), False),
-        (ParentBased(ALWAYS_ON, remote_parent_not_sampled=TraceIdRatioBased(0.0)), False),  # drops, not said
+        (ParentBased(ALWAYS_ON, remote_parent_not_sampled=TraceIdRatioBased(0.0)), False),  # drops too; not said: eager
     ],
     ids=[
         "default",
@@ -203,7 +203,7 @@ def test_a_deferred_span_resolved_at_its_end_follows_the_sampler(sampler):
         "records-unsampled",
         "record-only",
         "ratio-0-delegate",
-    ],  # fmt: skip
+    ],
 )
 def test_only_samplers_that_drop_every_unsampled_remote_child_are_said_to(sampler, drops):
     """Where it says "drops", the SDK's own span for an unsampled remote parent does not record."""
