@@ -93,9 +93,7 @@ def catalogue_noop(app: Any) -> Any:
     @app.task(name="bench.noop")
     def noop() -> None:
         started = time.perf_counter()
-        m = default_observability().metrics
-        m.task_outcomes.labels("bench.noop", "success").inc()
-        m.task_runtime.labels("bench.noop", "success").observe(time.perf_counter() - started)
+        default_observability().metrics.task_finished("bench.noop", "success", time.perf_counter() - started)
 
     return noop
 

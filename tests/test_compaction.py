@@ -223,3 +223,50 @@ def test_a_forked_child_writes_its_own_file(tmp_path):
     child = MmapedDict(str(tmp_path / f"counter_{got['child']}.db"), read_mode=True)
     assert [value for _, value, _ in child.read_all_values()] == [5.0]
     child.close()
+
+
+TASK_RUNS = textwrap.dedent(
+    """
+    import json, os, sys
+    from prometheus_client import CollectorRegistry
+    from cadscope.metrics import Catalogue, enable_multiprocess
+    enable_multiprocess(sys.argv[1])
+    metrics = Catalogue(CollectorRegistry())
+    metrics.task_finished("run_job", "success", 0.2)  # its children are cached before the fork
+    pid = os.fork()
+    if pid == 0:  # a pool child
+        metrics.task_finished("run_job", "success", 0.2)
+        metrics.task_finished("run_job", "success", 4.0)
+        metrics.task_finished("run_job", "failure", 70.0)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    metrics.task_finished("run_job", "success", 0.2)
+    print(json.dumps({"child": pid, "status": status}))
+    """
+)
+
+
+def test_task_metrics_children_cached_before_a_fork_write_to_the_childs_files(tmp_path):
+    """``Catalogue.task_finished`` keeps the labelled children it writes. A
+    pool child inherits them across the fork: its runs must land in files of
+    its own, and the whole must equal what ``labels()`` on each run gives."""
+    out = subprocess.run([sys.executable, "-c", TASK_RUNS, str(tmp_path)], capture_output=True, text=True, check=True)
+    got = json.loads(out.stdout)
+    assert got["status"] == 0
+    assert {f"counter_{got['child']}.db", f"histogram_{got['child']}.db"} <= {p.name for p in tmp_path.iterdir()}
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, str(tmp_path))
+    get = registry.get_sample_value
+    ok, failed = {"task": "run_job", "outcome": "success"}, {"task": "run_job", "outcome": "failure"}
+    assert get("cadscope_task_outcomes_total", ok) == 4.0
+    assert get("cadscope_task_outcomes_total", failed) == 1.0
+    assert get("cadscope_task_runtime_seconds_count", ok) == 4.0
+    assert get("cadscope_task_runtime_seconds_sum", ok) == pytest.approx(4.6)
+    assert get("cadscope_task_runtime_seconds_bucket", {**ok, "le": "0.25"}) == 3.0
+    assert get("cadscope_task_runtime_seconds_bucket", {**ok, "le": "5.0"}) == 4.0
+    assert get("cadscope_task_runtime_seconds_bucket", {**failed, "le": "60.0"}) == 0.0
+    assert get("cadscope_task_runtime_seconds_bucket", {**failed, "le": "120.0"}) == 1.0
+    child = MmapedDict(str(tmp_path / f"counter_{got['child']}.db"), read_mode=True)
+    runs = {json.loads(key)[2]["outcome"]: value for key, value, _ in child.read_all_values() if "task_outcomes" in key}
+    assert runs == {"success": 2.0, "failure": 1.0}
+    child.close()

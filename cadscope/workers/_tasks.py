@@ -87,16 +87,14 @@ def run_job(self: Task, spec: Any, job_id: str | None = None) -> dict[str, Any]:
     try:
         result = _run(obs, spec, job_id, started)
     except Exception as exc:
-        m.task_outcomes.labels(TASK_NAME, "failure").inc()
-        m.task_runtime.labels(TASK_NAME, "failure").observe(max(default_timer() - started, 0))
+        m.task_finished(TASK_NAME, "failure", max(default_timer() - started, 0))
         progress().finish(job_id, status="failed", outcome="task_error", error_type=type(exc).__name__)
         raise
     finally:
         job_id_var.reset(token)
     progress().finish(job_id, **{k: result.get(k) for k in ("status", "outcome", "error_type", "duration_s")})
     outcome = "success" if result["status"] == "succeeded" else "failure"
-    m.task_outcomes.labels(TASK_NAME, outcome).inc()
-    m.task_runtime.labels(TASK_NAME, outcome).observe(max(default_timer() - started, 0))
+    m.task_finished(TASK_NAME, outcome, max(default_timer() - started, 0))
     return result
 
 
