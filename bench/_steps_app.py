@@ -3,7 +3,9 @@
 In each pool process, after a warm-up, it adds up the task thread's CPU time
 (``time.thread_time_ns``) for: the whole cycle from one ``task_prerun`` to the
 next (everything the thread does per task), cadscope's task hooks
-(``before_start``, ``after_return``), and the task's body. Every ``FLUSH_EVERY`` tasks it
+(``before_start``, ``after_return``), the task's body, and the cyclic garbage
+collector's runs on that thread (``gc.callbacks``: they happen inside the
+other steps, whichever allocation tips a generation over). Every ``FLUSH_EVERY`` tasks it
 writes the totals to ``$BENCH_STEPS_DIR/<pid>.json``, so a worker that is
 terminated mid-count still leaves what it measured.
 
@@ -14,8 +16,10 @@ One read's cost is measured here once and written beside the totals.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,8 +33,9 @@ __all__ = ["app", "timed"]
 WARM_UP = int(os.environ.get("BENCH_STEPS_WARM_UP", "200"))
 FLUSH_EVERY = 250
 
-_totals = {"tasks": 0, "cycle": 0, "prerun": 0, "postrun": 0, "body": 0}
-_state: dict[str, float] = {"seen": 0, "last": 0, "clock": 0.0}
+COUNTED = ("prerun", "postrun", "body", "gc", "gc0", "gc1", "gc2", "gc_elsewhere")  # reset after the warm-up
+_totals = {"tasks": 0, "cycle": 0, **dict.fromkeys(COUNTED, 0)}
+_state: dict[str, float] = {"seen": 0, "last": 0, "clock": 0.0, "gc_started": 0}
 
 
 def timed(step: str, fn: Callable[..., Any], totals: dict[str, int]) -> Callable[..., Any]:
@@ -46,6 +51,23 @@ def timed(step: str, fn: Callable[..., Any], totals: dict[str, int]) -> Callable
     return wrapper
 
 
+def _collected(phase: str, info: dict[str, int]) -> None:
+    """A ``gc.callbacks`` entry: the cyclic collector's runs on the task thread, by generation, and their
+    CPU time; runs on other threads (cadscope's export thread) are only counted."""
+    if threading.get_ident() != threading.main_thread().ident:
+        _totals["gc_elsewhere"] += phase == "stop"
+        return
+    now = time.thread_time_ns()
+    if phase == "start":
+        _state["gc_started"] = now
+    else:
+        _totals["gc"] += now - int(_state["gc_started"])
+        _totals[f"gc{info['generation']}"] += 1
+
+
+gc.callbacks.append(_collected)
+
+
 def _clock_read_ns() -> float:
     n = 2000
     started = time.perf_counter_ns()
@@ -59,7 +81,7 @@ def _cycle(**_: Any) -> None:
     now = time.thread_time_ns()
     _state["seen"] += 1
     if _state["seen"] <= max(WARM_UP, 1):  # the first cycle has no start: it is always warm-up
-        for step in ("prerun", "postrun", "body"):
+        for step in COUNTED:
             _totals[step] = 0  # the steps count from the first cycle that does
     else:
         _totals["cycle"] += now - _state["last"]

@@ -15,7 +15,11 @@ pool process adds up its task thread's CPU time for:
   attach; the W3C extract is deferred) and ``after_return`` (span end, the
   processor's queue, context detach);
 - the task's body (cadscope's: the catalogue's task outcome counter and
-  runtime histogram, multiprocess mode; bare Celery's: nothing).
+  runtime histogram, multiprocess mode; bare Celery's: nothing);
+- the cyclic garbage collector's runs on the task thread, by generation,
+  and their CPU time (they run inside the steps above, when an allocation
+  tips generation 0 over its threshold), and how often it runs on other
+  threads (cadscope's export thread).
 
 Then the same three steps run in a tight loop in a fresh process set up as a
 pool process is (its ``worker_process_init``), with the same timers. The
@@ -47,6 +51,7 @@ from task_overhead import TRACEPARENT, run_round
 
 MODES = ("bare", "cadscope")
 STEPS = ("prerun", "postrun", "body")
+GC = ("gc0", "gc1", "gc2", "gc_elsewhere")  # collections per 1,000 tasks; "gc" is µs per task
 LOOP_WARM_UP = 1000
 
 
@@ -73,10 +78,10 @@ def loop(n: int) -> dict[str, float]:
 
     run(LOOP_WARM_UP, 0)
     totals = _steps_app._totals
-    totals.update(dict.fromkeys(STEPS, 0))
+    totals.update(dict.fromkeys(_steps_app.COUNTED, 0))
     run(n, LOOP_WARM_UP)
     flush_tracing()
-    return {step: totals[step] / n / 1000 for step in STEPS}
+    return {**{step: totals[step] / n / 1000 for step in (*STEPS, "gc")}, **{g: totals[g] / n * 1000 for g in GC}}
 
 
 def in_worker(mode: str, args: argparse.Namespace, endpoint: str) -> dict[str, float]:
@@ -91,7 +96,8 @@ def in_worker(mode: str, args: argparse.Namespace, endpoint: str) -> dict[str, f
     clock_us = statistics.median(r["clock_read_ns"] for r in reports) / 1000
     timed_steps = 3 if mode == "cadscope" else 1  # bare Celery has no cadscope handlers to time
     reads = 1 + 2 * timed_steps
-    got = {step: sum(r[step] for r in reports) / tasks / 1000 for step in STEPS}
+    got = {step: sum(r[step] for r in reports) / tasks / 1000 for step in (*STEPS, "gc")}
+    got.update({g: sum(r[g] for r in reports) / tasks * 1000 for g in GC})
     got["cycle"] = sum(r["cycle"] for r in reports) / tasks / 1000 - reads * clock_us
     got["clock"] = clock_us
     return got
@@ -158,6 +164,14 @@ def main() -> int:
         f"| {rest['cadscope']:.1f} µs | | |",
         f"| one read of the thread CPU clock (in each step's figure) | {median(bare, 'clock'):.2f} µs "
         f"| {median(cad, 'clock'):.2f} µs | | |",
+        f"| the cyclic GC on the task thread (inside the steps above) | {median(bare, 'gc'):.2f} µs "
+        f"| {median(cad, 'gc'):.2f} µs | {median(loops, 'gc'):.2f} µs | |",
+    ]
+    gcs = {"bare": bare, "cadscope": cad, "cadscope, tight loop": loops}
+    lines += [
+        "\n| cyclic GC runs per 1,000 tasks | generation 0 | generation 1 | generation 2 | on other threads |",
+        "| --- | --- | --- | --- | --- |",
+        *(f"| {name} | " + " | ".join(f"{median(rows, g):.1f}" for g in GC) + " |" for name, rows in gcs.items()),
     ]
     publish("\n".join(lines) + "\n", args.write)
     return 0

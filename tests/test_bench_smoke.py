@@ -70,6 +70,10 @@ def test_task_steps_times_cadscope_handlers_inside_the_worker(tmp_path, redis_se
     in_worker, in_loop = (float(cell.removesuffix(" µs")) for cell in prerun[1:3])
     assert in_worker > 0 and in_loop > 0
     assert float(rows["whole cycle (one `task_prerun` to the next)"][0].removesuffix(" µs")) > 0
+    # The collector's runs are counted for each side: three rows of four counts per 1,000 tasks.
+    gc_rows = results.split("| cyclic GC runs per 1,000 tasks |")[1].splitlines()[2:5]
+    assert [row.split(" | ")[0].lstrip("| ") for row in gc_rows] == ["bare", "cadscope", "cadscope, tight loop"]
+    assert all(float(cell) >= 0 for row in gc_rows for cell in row.rstrip(" |").split(" | ")[1:5])
     assert _processes_running("_steps_app") == []
 
 
