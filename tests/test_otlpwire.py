@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import enum
+import gzip
+import http.server
 import logging
 import random
+import threading
 
 import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
@@ -15,7 +18,7 @@ from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
-from cadscope.tracing._otlpwire import OTLPWireSpanExporter, encode_request
+from cadscope.tracing._otlpwire import OTLPWireHTTPSpanExporter, OTLPWireSpanExporter, encode_request
 from cadscope.tracing.testing import OTLPReceiver
 
 
@@ -156,4 +159,106 @@ def test_the_exporter_reports_failure_when_nobody_listens():
     try:
         assert exporter.export(_spans(1, count=3)) is SpanExportResult.FAILURE
     finally:
+        exporter.shutdown()
+
+
+class _HTTPReceiver:
+    """A real OTLP/HTTP endpoint on loopback: keeps each POST's path, headers and (decompressed) body and
+    answers with ``status`` (200 and an empty ExportTraceServiceResponse by default)."""
+
+    def __init__(self, status: int = 200) -> None:
+        self.requests: list[tuple[str, dict[str, str], bytes]] = []
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers["content-length"]))
+                if self.headers.get("content-encoding") == "gzip":
+                    body = gzip.decompress(body)
+                receiver.requests.append((self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+                self.send_response(status)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}/v1/traces"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def __enter__(self) -> _HTTPReceiver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.mark.parametrize("compression", [None, "gzip"])
+def test_the_http_exporter_posts_upstreams_bytes(compression):
+    """Over a real HTTP connection: the body upstream's OTLP/HTTP exporter posts for the same spans,
+    to the same path with the same content type, compressed as configured."""
+    from opentelemetry.exporter.otlp.proto.http import Compression
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as UpstreamHTTP
+
+    spans = _spans(7, count=150)
+    kwargs = {"compression": Compression.Gzip} if compression else {}
+    with _HTTPReceiver() as receiver:
+        for exporter_class in (OTLPWireHTTPSpanExporter, UpstreamHTTP):
+            exporter = exporter_class(endpoint=receiver.endpoint, **kwargs)
+            try:
+                assert exporter.export(spans) is SpanExportResult.SUCCESS
+            finally:
+                exporter.shutdown()
+        ours, theirs = receiver.requests
+    assert ours[2] == theirs[2] == encode_spans(spans).SerializeToString()
+    assert ours[0] == theirs[0] == "/v1/traces"
+    for header in ("content-type", "content-encoding"):
+        assert ours[1].get(header) == theirs[1].get(header)
+    assert ours[1]["content-type"] == "application/x-protobuf"
+    assert ours[1].get("content-encoding") == compression
+    assert OTLPWireHTTPSpanExporter(endpoint=receiver.endpoint)._wire  # our encoder sent it, not upstream's
+
+
+def test_the_http_exporter_reports_a_refused_batch_and_an_oversized_one_without_raising():
+    spans = _spans(3, count=5)
+    with _HTTPReceiver(status=400) as receiver:
+        exporter = OTLPWireHTTPSpanExporter(endpoint=receiver.endpoint, timeout=2)
+        assert exporter.export(spans) is SpanExportResult.FAILURE
+        assert len(receiver.requests) == 1  # a 400 is not retried
+    with _HTTPReceiver() as receiver:
+        exporter = OTLPWireHTTPSpanExporter(endpoint=receiver.endpoint, max_request_size=100)
+        assert exporter.export(spans) is SpanExportResult.FAILURE
+        assert receiver.requests == []  # dropped before it was sent, as upstream does
+        exporter = OTLPWireHTTPSpanExporter(endpoint=receiver.endpoint, max_request_size=0)  # no limit
+        assert exporter.export(spans) is SpanExportResult.SUCCESS
+
+
+def test_the_http_exporter_falls_back_to_upstreams_export_where_its_parts_are_missing():
+    """An upstream release without the client and metrics this exporter calls: every export is upstream's."""
+    spans = _spans(5, count=20)
+    with _HTTPReceiver() as receiver:
+        exporter = OTLPWireHTTPSpanExporter(endpoint=receiver.endpoint)
+        exporter._wire = False
+        assert exporter.export(spans) is SpanExportResult.SUCCESS
+        [(_, _, body)] = receiver.requests
+    assert body == encode_spans(spans).SerializeToString()
+
+
+def test_setup_picks_the_exporter_by_protocol(monkeypatch):
+    from cadscope.tracing import _setup
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    for protocol, expected in (("http/protobuf", OTLPWireHTTPSpanExporter), ("grpc", OTLPWireSpanExporter),
+                               (None, OTLPWireSpanExporter)):  # fmt: skip
+        if protocol is None:
+            monkeypatch.delenv("OTEL_EXPORTER_OTLP_PROTOCOL", raising=False)
+        else:
+            monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+        exporter = _setup._otlp_exporter()
+        assert type(exporter) is expected
         exporter.shutdown()

@@ -27,9 +27,13 @@ message, that is not valid UTF-8 is sent with the bad characters replaced,
 where upstream's encoder raises and loses the whole batch.
 
 :class:`OTLPWireSpanExporter` is the OTLP/gRPC exporter (its configuration,
-retries, compression and TLS all unchanged) sending these bytes. OTLP/HTTP
-(``OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf``) keeps upstream's exporter and
-encoder: its ``export()`` encodes inline, with no seam to take over.
+retries, compression and TLS all unchanged) sending these bytes, and
+:class:`OTLPWireHTTPSpanExporter` the OTLP/HTTP one
+(``OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf``). Over HTTP an export is the
+calling thread's work alone; gRPC's client keeps threads of its own busy for
+seconds after every call, which at the span processor's 5 s schedule cost
+more than the call itself (bench/RESULTS.md, "OTLP over HTTP";
+``bench/export_cost.py``).
 """
 
 from __future__ import annotations
@@ -40,10 +44,12 @@ from struct import Struct
 from typing import Any
 
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HTTPSpanExporter
 from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.trace import SpanKind
 
-__all__ = ["OTLPWireSpanExporter", "encode_request"]
+__all__ = ["OTLPWireHTTPSpanExporter", "OTLPWireSpanExporter", "encode_request"]
 
 log = logging.getLogger(__name__)
 
@@ -266,3 +272,45 @@ class OTLPWireSpanExporter(OTLPSpanExporter):
 
     def _translate_data(self, data: Sequence[ReadableSpan]) -> bytes:  # type: ignore[override]
         return encode_request(data)
+
+
+class OTLPWireHTTPSpanExporter(HTTPSpanExporter):
+    """Upstream's OTLP/HTTP (protobuf) span exporter, sending :func:`encode_request`'s bytes.
+
+    Upstream's ``export()`` encodes inline, so this one is upstream's
+    ``export()`` (opentelemetry-exporter-otlp-proto-http 1.45) with the
+    encoder swapped: the same size limit, the same client (the
+    ``OTEL_EXPORTER_OTLP_*`` settings, retries with backoff, compression,
+    TLS) and the same exporter metrics. Where the upstream release installed
+    lacks the parts it calls, every export is upstream's own, encoder
+    included: slower, never wrong.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        client, metrics = getattr(self, "_client", None), getattr(self, "_metrics", None)
+        self._wire = callable(getattr(client, "export", None)) and callable(getattr(metrics, "export_operation", None))
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if not self._wire or self._shutdown:
+            return super().export(spans)  # type: ignore[no-any-return]
+        with self._metrics.export_operation(len(spans)) as result:
+            try:
+                data = encode_request(spans)
+            except Exception as error:  # noqa: BLE001 - as upstream: a batch that cannot be encoded is lost, logged
+                log.error("Failed to encode span batch: %s", error)
+                result.error = error
+                return SpanExportResult.FAILURE
+            limit = getattr(self, "_max_request_size", 0) or 0
+            if 0 < limit < len(data):
+                log.warning("Dropping span batch: serialized size %d bytes exceeds max_request_size %d bytes.",
+                            len(data), limit)  # fmt: skip
+                result.error = ValueError(f"span request of {len(data)} bytes exceeds max_request_size {limit}")
+                return SpanExportResult.FAILURE
+            sent = self._client.export(data)
+            if not sent.success:
+                result.error = sent.error
+                status = getattr(sent, "status_code", None)
+                result.error_attrs = {"http.response.status_code": status} if status is not None else None
+                return SpanExportResult.FAILURE
+        return SpanExportResult.SUCCESS

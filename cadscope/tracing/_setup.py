@@ -38,13 +38,9 @@ def _otlp_exporter() -> SpanExporter | None:
     protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get(
         "OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"
     )
-    if protocol.startswith("http"):
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HTTPExporter
+    from ._otlpwire import OTLPWireHTTPSpanExporter, OTLPWireSpanExporter
 
-        return HTTPExporter()
-    from ._otlpwire import OTLPWireSpanExporter
-
-    return OTLPWireSpanExporter()
+    return OTLPWireHTTPSpanExporter() if protocol.startswith("http") else OTLPWireSpanExporter()
 
 
 def setup_tracing(
