@@ -10,6 +10,7 @@ lint:
 # Every figure is a ratio measured in one run; results are appended to bench/RESULTS.md.
 bench:
 	.venv/bin/python bench/job_overhead.py --write bench/RESULTS.md
+	.venv/bin/python bench/export_cost.py --write bench/RESULTS.md
 	.venv/bin/python bench/read_window.py --write bench/RESULTS.md
 	.venv/bin/python bench/scrape_churn.py --write bench/RESULTS.md
 	.venv/bin/python bench/span_cost.py --write bench/RESULTS.md

@@ -9,7 +9,8 @@ import time
 from concurrent import futures
 from typing import Any
 
-__all__ = ["NullCollector", "NullCollectorProcess", "bootstrap", "catalogue_noop", "paired", "publish"]
+__all__ = ["NullCollector", "NullCollectorProcess", "NullHTTPCollectorProcess", "bootstrap", "catalogue_noop", "paired",
+           "publish"]  # fmt: skip
 
 
 class NullCollector:
@@ -52,12 +53,14 @@ class NullCollectorProcess:
     measured process is this one: decoding the requests must not be charged
     to the worker under test. ``spans`` is read on exit."""
 
+    SERVE = "--serve"
+
     def __enter__(self) -> NullCollectorProcess:
         import subprocess
         import sys
 
         self._proc = subprocess.Popen(
-            [sys.executable, __file__, "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            [sys.executable, __file__, self.SERVE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
         line = self._proc.stdout.readline()  # type: ignore[union-attr]
         if not line.startswith("PORT "):
@@ -76,6 +79,16 @@ class NullCollectorProcess:
         self.spans = int(out.split()[-1])
 
 
+class NullHTTPCollectorProcess(NullCollectorProcess):
+    """The same over OTLP/HTTP (protobuf): ``endpoint`` is the traces URL, ``/v1/traces``."""
+
+    SERVE = "--serve-http"
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1/traces"
+
+
 def _serve() -> None:
     import sys
 
@@ -83,6 +96,37 @@ def _serve() -> None:
         print(f"PORT {collector.port}", flush=True)
         sys.stdin.read()
     print(f"SPANS {collector.spans}", flush=True)
+
+
+def _serve_http() -> None:
+    import http.server
+    import sys
+    import threading
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    spans = [0]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            parsed = ExportTraceServiceRequest.FromString(self.rfile.read(int(self.headers["content-length"])))
+            spans[0] += sum(len(ss.spans) for rs in parsed.resource_spans for ss in rs.scope_spans)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    print(f"PORT {server.server_address[1]}", flush=True)
+    sys.stdin.read()
+    server.shutdown()
+    print(f"SPANS {spans[0]}", flush=True)
 
 
 def catalogue_noop(app: Any) -> Any:
@@ -119,4 +163,6 @@ def paired(instrumented: list[float], bare: list[float]) -> tuple[float, float, 
 
 
 if __name__ == "__main__":
-    _serve()
+    import sys
+
+    _serve_http() if sys.argv[1:] == ["--serve-http"] else _serve()

@@ -2,8 +2,9 @@
 
 1. Job overhead: the standard job on each engine, fully instrumented as a
    worker runs it (``run_cad_job``: spans re-emitted through the bounded batch
-   processor and exported over OTLP/gRPC to a collector in another process,
-   on the processor's own schedule; metrics in multiprocess mode; trace
+   processor and exported over OTLP/gRPC, or OTLP/HTTP with ``--protocol
+   http``, to a collector in another process, on the processor's own
+   schedule; metrics in multiprocess mode; trace
    propagation, the probe writing to its pipe, the contained runner and the
    manifest check) vs. bare (the same engine script through
    ``subprocess.run`` with no telemetry pipe, so the probe is a no-op, and no
@@ -67,8 +68,9 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from _common import NullCollectorProcess, bootstrap, paired, publish
+from _common import NullCollectorProcess, NullHTTPCollectorProcess, bootstrap, paired, publish
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SpanExporter
 from prometheus_client import CollectorRegistry
 
 from cadscope.freecad_bridge import JobSpec, RunLimits, _engines, build_env, discover_engines, run_cad_job
@@ -77,7 +79,7 @@ from cadscope.freecad_bridge._runner import _with_pdeathsig
 from cadscope.freecad_bridge._schema import material_library_path
 from cadscope.metrics import Catalogue, ModelObservability, enable_multiprocess
 from cadscope.tracing import PinnableIdGenerator
-from cadscope.tracing._otlpwire import OTLPWireSpanExporter
+from cadscope.tracing._otlpwire import OTLPWireHTTPSpanExporter, OTLPWireSpanExporter
 from cadscope.tracing._processor import BoundedBatchSpanProcessor
 from cadscope.workers._workload import PLATE
 
@@ -127,8 +129,8 @@ def probe_cost(python_argv: list[str], n: int = 20_000) -> float:
 
 
 class WorkerTelemetry(NamedTuple):
-    """The telemetry as a worker runs it: spans through the bounded batch processor and OTLP/gRPC
-    (cadscope's encoder) to a collector in another process, metrics in multiprocess (mmap) mode."""
+    """The telemetry as a worker runs it: spans through the bounded batch processor and OTLP/gRPC or
+    OTLP/HTTP (cadscope's encoder) to a collector in another process, metrics in multiprocess (mmap) mode."""
 
     sink: NullCollectorProcess
     processor: BoundedBatchSpanProcessor
@@ -136,10 +138,16 @@ class WorkerTelemetry(NamedTuple):
     obs: ModelObservability
 
     @classmethod
-    def start(cls, stack: contextlib.ExitStack) -> WorkerTelemetry:
-        sink = stack.enter_context(NullCollectorProcess())
+    def start(cls, stack: contextlib.ExitStack, protocol: str = "grpc") -> WorkerTelemetry:
         enable_multiprocess(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-metrics-")))
-        processor = BoundedBatchSpanProcessor(OTLPWireSpanExporter(endpoint=sink.endpoint, insecure=True))
+        exporter: SpanExporter
+        if protocol == "http":
+            sink: NullCollectorProcess = stack.enter_context(NullHTTPCollectorProcess())
+            exporter = OTLPWireHTTPSpanExporter(endpoint=sink.endpoint)
+        else:
+            sink = stack.enter_context(NullCollectorProcess())
+            exporter = OTLPWireSpanExporter(endpoint=sink.endpoint, insecure=True)
+        processor = BoundedBatchSpanProcessor(exporter)
         provider = TracerProvider(id_generator=PinnableIdGenerator())
         provider.add_span_processor(processor)
         return cls(
@@ -270,17 +278,19 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--write", help="append a results section to this Markdown file")
+    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc",
+                        help="the span export's transport: OTLP/gRPC or OTLP/HTTP (protobuf)")  # fmt: skip
     args = parser.parse_args()
 
     engines = discover_engines()
     stack = contextlib.ExitStack()
-    instrumentation = WorkerTelemetry.start(stack)
+    instrumentation = WorkerTelemetry.start(stack, args.protocol)
     processor, provider, obs = instrumentation.processor, instrumentation.provider, instrumentation.obs
     # Each engine's own Python runs the probe (the OCP engine runs in this one).
     probe_us = {name: probe_cost([engine.argv[0]]) for name, engine in sorted(engines.items())}
     wrapper_s = wrapper_cost()
     lines = [
-        f"### Job overhead and probe cost ({time.strftime('%Y-%m-%d')})",
+        f"### Job overhead and probe cost ({time.strftime('%Y-%m-%d')}, spans over OTLP/{args.protocol.upper()})",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"{platform.platform()}. Runs per side: {args.runs}, interleaved A/B, after one warm-up each. "
@@ -293,7 +303,7 @@ def main() -> int:
     accounted = [
         "",
         "| engine | job CPU, bare (median) | worker's CPU per job, bare → instrumented | added by the worker "
-        "[95 %] | of which the artifact check (timed again after) | of which other threads: export + gRPC's "
+        "[95 %] | of which the artifact check (timed again after) | of which other threads: export + the transport's "
         "| probe, in the CAD process "
         "| `setpriv`, in the CAD process | **all cadscope adds** | **telemetry alone** |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
