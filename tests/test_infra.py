@@ -151,6 +151,15 @@ def test_prometheus_alertmanager_and_compose_configs_are_valid():
         "jaeger",
     } <= set(services)
     assert all("healthcheck" in services[name] for name in ("redis", "api", "worker-freecad", "worker-ocp"))
+    # Every service that exports spans sends them to the collector's receiver for the protocol it speaks.
+    collector = yaml.safe_load((INFRA / "otel-collector" / "config.yml").read_text())
+    receivers = collector["receivers"]["otlp"]["protocols"]
+    ports = {name: int(receiver["endpoint"].rsplit(":", 1)[1]) for name, receiver in receivers.items()}
+    for name in ("api", "worker-freecad", "worker-ocp"):
+        env = services[name]["environment"]
+        protocol = "http" if env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc").startswith("http") else "grpc"
+        endpoint = urllib.parse.urlsplit(env["OTEL_EXPORTER_OTLP_ENDPOINT"])
+        assert (endpoint.hostname, endpoint.port) == ("otel-collector", ports[protocol]), name
 
 
 def _metric_names(expr: str) -> set[str]:
