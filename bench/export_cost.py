@@ -8,10 +8,10 @@ another follows. So each exporter runs in a fresh process of its own that
 exports the same batch on the processor's schedule, and the process's CPU
 is read per thread (``/proc/self/task/*/schedstat``) over the exports:
 
-- ``cadscope gRPC``: :class:`~cadscope.tracing._otlpwire.OTLPWireSpanExporter`,
+- ``cadscope gRPC``: :class:`~cadscope.tracing._otlpgrpc.OTLPWireSpanExporter`,
   what a worker uses by default;
 - ``upstream gRPC`` and ``upstream HTTP``: opentelemetry-exporter-otlp's;
-- ``cadscope HTTP``: :class:`~cadscope.tracing._otlpwire.OTLPWireHTTPSpanExporter`
+- ``cadscope HTTP``: :class:`~cadscope.tracing._otlphttp.OTLPWireHTTPSpanExporter`
   (``OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf``).
 
 The receivers (an OTLP/gRPC one and an OTLP/HTTP one, counting the spans they

@@ -29,7 +29,10 @@ where upstream's encoder raises and loses the whole batch.
 :class:`OTLPWireSpanExporter` is the OTLP/gRPC exporter (its configuration,
 retries, compression and TLS all unchanged) sending these bytes, and
 :class:`OTLPWireHTTPSpanExporter` the OTLP/HTTP one
-(``OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf``). Over HTTP an export is the
+(``OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf``). Each lives in a module of
+its own (``_otlpgrpc``, ``_otlphttp``), importable from here too, so that a
+process imports only its protocol's client: each of upstream's costs a
+process 0.15-0.25 s to import. Over HTTP an export is the
 calling thread's work alone; gRPC's client keeps threads of its own busy for
 seconds after every call, which at the span processor's 5 s schedule cost
 more than the call itself (bench/RESULTS.md, "OTLP over HTTP";
@@ -41,13 +44,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from struct import Struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HTTPSpanExporter
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.trace import SpanKind
+
+if TYPE_CHECKING:
+    from ._otlpgrpc import OTLPWireSpanExporter
+    from ._otlphttp import OTLPWireHTTPSpanExporter
 
 __all__ = ["OTLPWireHTTPSpanExporter", "OTLPWireSpanExporter", "encode_request"]
 
@@ -61,7 +65,6 @@ _INT64 = (-(1 << 63), (1 << 63) - 1)
 _U64 = (1 << 64) - 1
 _KIND = {SpanKind.INTERNAL: 1, SpanKind.SERVER: 2, SpanKind.CLIENT: 3, SpanKind.PRODUCER: 4, SpanKind.CONSUMER: 5}
 _HAS_IS_REMOTE, _IS_REMOTE = 0x100, 0x200
-_EXPORT_PATH = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 
 
 def _varint(n: int) -> bytes:
@@ -247,70 +250,14 @@ def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
     return b"".join(out)
 
 
-class _BytesTraceStub:
-    """The TraceService client, taking the request already serialised."""
+def __getattr__(name: str) -> Any:
+    """The exporters, imported on first use (PEP 562): each pulls in its protocol's client."""
+    if name == "OTLPWireSpanExporter":
+        from ._otlpgrpc import OTLPWireSpanExporter
 
-    def __init__(self, channel: Any) -> None:
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+        return OTLPWireSpanExporter
+    if name == "OTLPWireHTTPSpanExporter":
+        from ._otlphttp import OTLPWireHTTPSpanExporter
 
-        self.Export = channel.unary_unary(
-            _EXPORT_PATH, request_serializer=None, response_deserializer=ExportTraceServiceResponse.FromString
-        )
-
-
-class OTLPWireSpanExporter(OTLPSpanExporter):
-    """Upstream's OTLP/gRPC span exporter, sending :func:`encode_request`'s bytes.
-
-    Everything else is upstream's: the ``OTEL_EXPORTER_OTLP_*`` settings,
-    retries with backoff, reconnection on UNAVAILABLE, compression, TLS, its
-    own metrics.
-    """
-
-    def _initialize_channel_and_stub(self) -> None:
-        super()._initialize_channel_and_stub()
-        self._client = _BytesTraceStub(self._channel)  # type: ignore[assignment]
-
-    def _translate_data(self, data: Sequence[ReadableSpan]) -> bytes:  # type: ignore[override]
-        return encode_request(data)
-
-
-class OTLPWireHTTPSpanExporter(HTTPSpanExporter):
-    """Upstream's OTLP/HTTP (protobuf) span exporter, sending :func:`encode_request`'s bytes.
-
-    Upstream's ``export()`` encodes inline, so this one is upstream's
-    ``export()`` (opentelemetry-exporter-otlp-proto-http 1.45) with the
-    encoder swapped: the same size limit, the same client (the
-    ``OTEL_EXPORTER_OTLP_*`` settings, retries with backoff, compression,
-    TLS) and the same exporter metrics. Where the upstream release installed
-    lacks the parts it calls, every export is upstream's own, encoder
-    included: slower, never wrong.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        client, metrics = getattr(self, "_client", None), getattr(self, "_metrics", None)
-        self._wire = callable(getattr(client, "export", None)) and callable(getattr(metrics, "export_operation", None))
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        if not self._wire or self._shutdown:
-            return super().export(spans)  # type: ignore[no-any-return]
-        with self._metrics.export_operation(len(spans)) as result:
-            try:
-                data = encode_request(spans)
-            except Exception as error:  # noqa: BLE001 - as upstream: a batch that cannot be encoded is lost, logged
-                log.error("Failed to encode span batch: %s", error)
-                result.error = error
-                return SpanExportResult.FAILURE
-            limit = getattr(self, "_max_request_size", 0) or 0
-            if 0 < limit < len(data):
-                log.warning("Dropping span batch: serialized size %d bytes exceeds max_request_size %d bytes.",
-                            len(data), limit)  # fmt: skip
-                result.error = ValueError(f"span request of {len(data)} bytes exceeds max_request_size {limit}")
-                return SpanExportResult.FAILURE
-            sent = self._client.export(data)
-            if not sent.success:
-                result.error = sent.error
-                status = getattr(sent, "status_code", None)
-                result.error_attrs = {"http.response.status_code": status} if status is not None else None
-                return SpanExportResult.FAILURE
-        return SpanExportResult.SUCCESS
+        return OTLPWireHTTPSpanExporter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

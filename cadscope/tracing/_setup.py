@@ -38,9 +38,13 @@ def _otlp_exporter() -> SpanExporter | None:
     protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get(
         "OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"
     )
-    from ._otlpwire import OTLPWireHTTPSpanExporter, OTLPWireSpanExporter
+    if protocol.startswith("http"):
+        from ._otlphttp import OTLPWireHTTPSpanExporter
 
-    return OTLPWireHTTPSpanExporter() if protocol.startswith("http") else OTLPWireSpanExporter()
+        return OTLPWireHTTPSpanExporter()
+    from ._otlpgrpc import OTLPWireSpanExporter
+
+    return OTLPWireSpanExporter()
 
 
 def setup_tracing(
