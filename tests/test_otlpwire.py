@@ -277,3 +277,16 @@ def test_a_process_imports_only_its_protocols_client(protocol, exporter, other_c
     env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_EXPORTER_OTLP_PROTOCOL": protocol}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.split() == [exporter, "False"], out.stdout + out.stderr
+
+
+def test_the_test_receiver_takes_otlp_http_and_refuses_what_is_not_a_request():
+    import httpx
+
+    spans = _spans(11, count=10)
+    with OTLPReceiver() as receiver:
+        exporter = OTLPWireHTTPSpanExporter(endpoint=f"{receiver.http_endpoint}/v1/traces")
+        assert exporter.export(spans) is SpanExportResult.SUCCESS
+        assert len(receiver.wait_for(lambda got: len(got) >= len(spans), timeout=10)) == len(spans)
+        assert httpx.post(f"{receiver.http_endpoint}/v1/traces", content=b"\xff\xff garbage").status_code == 400
+        assert httpx.post(f"{receiver.http_endpoint}/v1/logs", content=encode_request(spans)).status_code == 404
+        assert receiver.transports == ["http"] and len(receiver.spans) == len(spans)

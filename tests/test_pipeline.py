@@ -113,6 +113,26 @@ def test_one_trace_from_the_publisher_to_the_deepest_occt_span(producer, start_w
     assert check.returncode == 0, check.stdout + check.stderr
 
 
+def test_a_worker_exporting_over_otlp_http_joins_the_publishers_trace(producer, start_worker, otlp_receiver, engines):
+    """As docker-compose.yml deploys it: the worker's spans over OTLP/HTTP (cadscope's encoding), the
+    publisher's over gRPC, one trace down to the child's OCCT boolean."""
+    worker = start_worker(env={"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.http_endpoint,
+                               "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"})  # fmt: skip
+    _, trace_id, handle = _submit(producer, {**SMALL, "engine": "ocp"}, worker.queue)
+    assert handle.get(timeout=120)["status"] == "succeeded"
+
+    def complete(spans):
+        return {"run/cadscope.run_job", "occt.boolean"} <= {s["name"] for s in spans if s["trace_id"] == trace_id}
+
+    spans = [s for s in otlp_receiver.wait_for(complete, timeout=60) if s["trace_id"] == trace_id]
+    by_name = {s["name"]: s for s in spans}
+    consumer = by_name["run/cadscope.run_job"]
+    assert consumer["parent_span_id"] == by_name["apply_async/cadscope.run_job"]["span_id"]
+    assert consumer["resource"]["service.name"] == "cadscope-worker"
+    assert by_name["occt.boolean"]["resource"]["service.name"] == "cadscope-worker"
+    assert "http" in otlp_receiver.transports  # the worker was given no other endpoint
+
+
 def test_failed_job_is_a_classified_result_and_counted(producer, start_worker, otlp_receiver, engines):
     worker = start_worker(env=_worker_env(otlp_receiver))
     _, trace_id, handle = _submit(producer, {**SMALL, "engine": "freecad", "fault": "raise"}, worker.queue)
