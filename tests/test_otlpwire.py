@@ -241,6 +241,13 @@ def test_the_http_exporter_reports_a_refused_batch_and_an_oversized_one_without_
         assert exporter.export(spans) is SpanExportResult.SUCCESS
 
 
+def test_the_http_exporter_reports_failure_when_nobody_listens():
+    with OTLPReceiver() as receiver:
+        endpoint = f"{receiver.http_endpoint}/v1/traces"
+    exporter = OTLPWireHTTPSpanExporter(endpoint=endpoint, timeout=1)
+    assert exporter.export(_spans(1, count=3)) is SpanExportResult.FAILURE
+
+
 def test_the_http_exporter_falls_back_to_upstreams_export_where_its_parts_are_missing():
     """An upstream release without the client and metrics this exporter calls: every export is upstream's."""
     spans = _spans(5, count=20)
