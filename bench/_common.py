@@ -3,14 +3,17 @@ how results are published, a median's interval."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import statistics
+import threading
 import time
 from concurrent import futures
 from typing import Any
 
-__all__ = ["NullCollector", "NullCollectorProcess", "NullHTTPCollectorProcess", "bootstrap", "catalogue_noop", "paired",
-           "publish"]  # fmt: skip
+__all__ = ["NullCollector", "NullCollectorProcess", "NullHTTPCollectorProcess", "bootstrap", "catalogue_noop",
+           "other_threads_cpu", "paired", "publish"]  # fmt: skip
 
 
 class NullCollector:
@@ -80,7 +83,8 @@ class NullCollectorProcess:
 
 
 class NullHTTPCollectorProcess(NullCollectorProcess):
-    """The same over OTLP/HTTP (protobuf): ``endpoint`` is the traces URL, ``/v1/traces``."""
+    """The same over OTLP/HTTP (protobuf), served by cadscope's test receiver: ``endpoint`` is the traces
+    URL, ``/v1/traces``."""
 
     SERVE = "--serve-http"
 
@@ -99,34 +103,24 @@ def _serve() -> None:
 
 
 def _serve_http() -> None:
-    import http.server
     import sys
-    import threading
 
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from cadscope.tracing.testing import OTLPReceiver
 
-    spans = [0]
+    with OTLPReceiver() as receiver:
+        print(f"PORT {receiver.http_port}", flush=True)
+        sys.stdin.read()
+    print(f"SPANS {len(receiver.spans)}", flush=True)
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
 
-        def do_POST(self) -> None:  # noqa: N802 - http.server's name
-            parsed = ExportTraceServiceRequest.FromString(self.rfile.read(int(self.headers["content-length"])))
-            spans[0] += sum(len(ss.spans) for rs in parsed.resource_spans for ss in rs.scope_spans)
-            self.send_response(200)
-            self.send_header("Content-Type", "application/x-protobuf")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    print(f"PORT {server.server_address[1]}", flush=True)
-    sys.stdin.read()
-    server.shutdown()
-    print(f"SPANS {spans[0]}", flush=True)
+def other_threads_cpu() -> dict[int, float]:
+    """CPU seconds so far of each thread of this process but the calling one, by native id (Linux)."""
+    me, used = threading.get_native_id(), {}
+    for tid in map(int, os.listdir("/proc/self/task")):
+        if tid != me:
+            with contextlib.suppress(FileNotFoundError), open(f"/proc/self/task/{tid}/schedstat") as stat:
+                used[tid] = int(stat.read().split()[0]) / 1e9  # first field: ns on a CPU
+    return used
 
 
 def catalogue_noop(app: Any) -> Any:

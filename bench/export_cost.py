@@ -31,26 +31,11 @@ import platform
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
-from _common import NullCollectorProcess, NullHTTPCollectorProcess, publish
+from _common import NullCollectorProcess, NullHTTPCollectorProcess, other_threads_cpu, publish
 
 EXPORTERS = ("cadscope gRPC", "upstream gRPC", "upstream HTTP", "cadscope HTTP")
-
-
-def _threads() -> dict[tuple[int, str], float]:
-    """CPU ms so far of each thread of this process but the calling one, by (tid, name)."""
-    me, used = threading.get_native_id(), {}
-    for tid in map(int, os.listdir("/proc/self/task")):
-        if tid == me:
-            continue
-        try:
-            with open(f"/proc/self/task/{tid}/comm") as comm, open(f"/proc/self/task/{tid}/schedstat") as stat:
-                used[(tid, comm.read().strip())] = int(stat.read().split()[0]) / 1e6
-        except FileNotFoundError:
-            continue  # a thread that ended between the listing and the read
-    return used
 
 
 def _batch(count: int) -> list:
@@ -97,12 +82,12 @@ def child(kind: str, endpoint: str, exports: int, every: float, spans: int) -> d
     # A first export connects and warms up; then the transport settles as it would between a worker's exports.
     assert exporter.export(batch) is SpanExportResult.SUCCESS
     time.sleep(every)
-    before, caller, started = _threads(), time.thread_time_ns(), time.perf_counter()
+    before, caller, started = other_threads_cpu(), time.thread_time_ns(), time.perf_counter()
     for _ in range(exports):
         assert exporter.export(batch) is SpanExportResult.SUCCESS, f"{kind}: export failed"
         time.sleep(every)
-    caller, elapsed, after = (time.thread_time_ns() - caller) / 1e6, time.perf_counter() - started, _threads()
-    others = sum(cpu - before.get(key, 0.0) for key, cpu in after.items())
+    caller, elapsed, after = (time.thread_time_ns() - caller) / 1e6, time.perf_counter() - started, other_threads_cpu()
+    others = sum(cpu - before.get(tid, 0.0) for tid, cpu in after.items()) * 1000  # ms
     exporter.shutdown()
     return {"caller": caller / exports, "others": others / exports, "others_rate": others / elapsed,
             "threads": len(after)}  # fmt: skip

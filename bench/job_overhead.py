@@ -63,12 +63,11 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from _common import NullCollectorProcess, NullHTTPCollectorProcess, bootstrap, paired, publish
+from _common import NullCollectorProcess, NullHTTPCollectorProcess, bootstrap, other_threads_cpu, paired, publish
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
 from prometheus_client import CollectorRegistry
@@ -169,16 +168,6 @@ def _cpu() -> tuple[float, float]:
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     mine = time.thread_time()
     return mine, mine + children.ru_utime + children.ru_stime
-
-
-def _other_threads() -> dict[int, float]:
-    """CPU seconds so far of each thread of this process but the calling one (Linux)."""
-    me, used = threading.get_native_id(), {}
-    for tid in map(int, os.listdir("/proc/self/task")):
-        if tid != me:
-            with contextlib.suppress(FileNotFoundError), open(f"/proc/self/task/{tid}/schedstat") as stat:
-                used[tid] = int(stat.read().split()[0]) / 1e9  # first field: ns on a CPU
-    return used
 
 
 _checks: list[float] = []  # thread CPU of each artifact check run_cad_job made, in order
@@ -318,7 +307,7 @@ def main() -> int:
             bare_run(engine, job, root / "warm-bare")
             instrumented_run(engine, job, root / "warm-inst", obs, provider)
             provider.force_flush()
-            threads, started = _other_threads(), time.perf_counter()
+            threads, started = other_threads_cpu(), time.perf_counter()
             for i in range(args.runs):
                 # Alternate which side goes first, so neither always runs on a warmer cache.
                 order = (0, 1) if i % 2 == 0 else (1, 0)
@@ -331,7 +320,7 @@ def main() -> int:
                     shutil.rmtree(out)
             provider.force_flush()  # the last spans encoded and sent, by the export thread
             elapsed = time.perf_counter() - started
-            used = {tid: cpu - threads.get(tid, 0.0) for tid, cpu in _other_threads().items()}
+            used = {tid: cpu - threads.get(tid, 0.0) for tid, cpu in other_threads_cpu().items()}
             export = used.pop(processor._thread.native_id or -1, 0.0) / args.runs
             grpc_rate = sum(used.values()) / elapsed  # gRPC's threads (and any other), CPU s per s
             instrumented = [
