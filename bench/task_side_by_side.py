@@ -247,8 +247,10 @@ def run_round(stacks: list[_Stack], tasks: int, windows: int, window_s: float, w
     (``RENAME``, one atomic step per stack) and all stacks start within milliseconds of each other."""
     for stack in stacks:
         stack.client.flushdb()
-    # Publishing is CPU-bound (~1 ms a message): one process per core fills the queues.
-    with concurrent.futures.ProcessPoolExecutor(os.cpu_count(), mp_context=multiprocessing.get_context("fork")) as pool:
+    # Publishing is CPU-bound (~1 ms a message): one process per core fills the queues. Spawned, not
+    # forked: this process runs the null collector's gRPC server, and gRPC does not survive a fork.
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(os.cpu_count(), mp_context=spawn) as pool:
         filled = [pool.submit(fill_queue, s.url, f"{s.queue}-staged", tasks, s.sampled) for s in stacks]
         for future in filled:
             future.result()
