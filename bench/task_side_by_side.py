@@ -248,7 +248,8 @@ def run_round(stacks: list[_Stack], tasks: int, windows: int, window_s: float, w
     for stack in stacks:
         stack.client.flushdb()
     # Publishing is CPU-bound (~1 ms a message): one process per core fills the queues. Spawned, not
-    # forked: this process runs the null collector's gRPC server, and gRPC does not survive a fork.
+    # forked: this process runs the null collector's gRPC server, and a fork under gRPC's live threads
+    # skips gRPC's fork handlers (it logs so), which is not a state to rely on.
     spawn = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(os.cpu_count(), mp_context=spawn) as pool:
         filled = [pool.submit(fill_queue, s.url, f"{s.queue}-staged", tasks, s.sampled) for s in stacks]
