@@ -159,4 +159,4 @@ def paired(instrumented: list[float], bare: list[float]) -> tuple[float, float, 
 if __name__ == "__main__":
     import sys
 
-    _serve_http() if sys.argv[1:] == ["--serve-http"] else _serve()
+    _serve_http() if sys.argv[1:] == [NullHTTPCollectorProcess.SERVE] else _serve()
