@@ -93,13 +93,16 @@ from typing import NamedTuple
 
 import psutil
 import redis
-from _common import NullCollector, bootstrap, publish
+from _common import NullCollector, NullHTTPCollectorProcess, bootstrap, publish
 from task_overhead import _Cpu, fill_queue, start_worker
 
-# name, bench/_noop_app.py mode, the fraction of messages whose trace context is sampled (None: --head-sampled)
-STACKS = (("bare", "bare", 1.0), ("upstream", "upstream", 1.0), ("cadscope", "cadscope", 1.0),
-          ("cadscope, task signals", "cadscope-signals", 1.0), ("cadscope, head-sampled", "cadscope", None),
-          ("burn", "burn", 1.0))  # fmt: skip
+# name, bench/_noop_app.py mode, the fraction of messages whose trace context is sampled (None: --head-sampled),
+# the OTLP transport its spans take
+STACKS = (("bare", "bare", 1.0, "grpc"), ("upstream", "upstream", 1.0, "grpc"), ("cadscope", "cadscope", 1.0, "grpc"),
+          ("cadscope, task signals", "cadscope-signals", 1.0, "grpc"),
+          ("cadscope, head-sampled", "cadscope", None, "grpc"), ("cadscope, OTLP/HTTP", "cadscope", 1.0, "http"),
+          ("burn", "burn", 1.0, "grpc"))  # fmt: skip
+PROTOCOLS = {"grpc": "grpc", "http": "http/protobuf"}  # OTEL_EXPORTER_OTLP_PROTOCOL
 PARTS = ("main", "pool_task", "pool_other", "broker")  # _Cpu's fields
 
 
@@ -108,6 +111,7 @@ class _Stack:
     name: str
     mode: str
     sampled: float
+    protocol: str  # a key of PROTOCOLS
     server: subprocess.Popen[bytes]
     url: str
     queue: str
@@ -177,6 +181,12 @@ def _ratio_main_at_bare(w: Window, b: Window) -> float:
     return b.host_us / (w.host_us - w.part_us("main") + b.part_us("main"))
 
 
+def _per_task(windows: list[Window]) -> dict[str, float]:
+    """Each part's CPU per task over all ``windows`` together, µs."""
+    done = sum(w.done for w in windows)
+    return {part: sum(getattr(w.cpu, part) for w in windows) / done * 1e6 for part in PARTS}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -238,8 +248,8 @@ def _idle(stacks: list[_Stack], timeout: float = 10.0) -> None:
                 time.sleep(0.02)
 
 
-def run_round(stacks: list[_Stack], tasks: int, windows: int, window_s: float, warm_up_s: float, endpoint: str,
-              concurrency: int, burn_us: float) -> dict[str, list[Window]]:  # fmt: skip
+def run_round(stacks: list[_Stack], tasks: int, windows: int, window_s: float, warm_up_s: float,
+              endpoints: dict[str, str], concurrency: int, burn_us: float) -> dict[str, list[Window]]:  # fmt: skip
     """Fill every queue, start every worker, read ``windows`` windows with all of them busy.
 
     Workers take seconds to start, some more than others (cadscope's app imports more). So the messages
@@ -262,8 +272,9 @@ def run_round(stacks: list[_Stack], tasks: int, windows: int, window_s: float, w
             for stack in stacks:
                 home = Path(tmp) / stack.queue
                 home.mkdir()
-                stack.worker = start_worker(stack.mode, stack.queue, stack.url, endpoint, concurrency, str(home),
-                                            extra_env={"BENCH_BURN_US": str(burn_us)})  # fmt: skip
+                env = {"BENCH_BURN_US": str(burn_us), "OTEL_EXPORTER_OTLP_PROTOCOL": PROTOCOLS[stack.protocol]}
+                stack.worker = start_worker(stack.mode, stack.queue, stack.url, endpoints[stack.protocol],
+                                            concurrency, str(home), extra_env=env)  # fmt: skip
                 procs[stack.name] = psutil.Process(stack.worker.pid)
             servers = {stack.name: psutil.Process(stack.server.pid) for stack in stacks}
             deadline = time.monotonic() + 60
@@ -321,21 +332,25 @@ def main() -> int:
     parser.add_argument("--write")
     args = parser.parse_args()
 
-    specs = [(f"cadscope, {args.head_sampled:.0%} of traces sampled", mode, args.head_sampled) if sampled is None
-             else (name, mode, sampled) for name, mode, sampled in STACKS]  # fmt: skip
-    names = [name for name, _, _ in specs]
+    head_sampled = f"cadscope, {args.head_sampled:.0%} of traces sampled"
+    specs = [(head_sampled, mode, args.head_sampled, protocol) if sampled is None else (name, mode, sampled, protocol)
+             for name, mode, sampled, protocol in STACKS]  # fmt: skip
+    names = [name for name, _, _, _ in specs]
     windows: dict[str, list[Window]] = {name: [] for name in names}
     round_ratios: dict[str, list[float]] = {name: [] for name in names}
-    with tempfile.TemporaryDirectory() as data, NullCollector() as receiver, contextlib.ExitStack() as servers:
+    # The gRPC collector runs here, the HTTP one in a process of its own; neither is part of a stack's CPU.
+    with tempfile.TemporaryDirectory() as data, NullCollector() as receiver, NullHTTPCollectorProcess() as http, \
+            contextlib.ExitStack() as servers:  # fmt: skip
+        endpoints = {"grpc": receiver.endpoint, "http": http.endpoint.removesuffix("/v1/traces")}
         stacks = []
-        for i, (name, mode, sampled) in enumerate(specs):
+        for i, (name, mode, sampled, protocol) in enumerate(specs):
             proc, url = servers.enter_context(_redis_server(tempfile.mkdtemp(dir=data)))
-            stacks.append(_Stack(name, mode, sampled, proc, url, f"bench-{i}-{mode}-{os.getpid()}"))
+            stacks.append(_Stack(name, mode, sampled, protocol, proc, url, f"bench-{i}-{mode}-{os.getpid()}"))
         for r in range(args.rounds):
             # Workers start in a rotated order each round: none is always the first to warm up.
             turn = r % len(stacks)
             rotated = stacks[turn:] + stacks[:turn]
-            got = run_round(rotated, args.tasks, args.windows, args.window, args.warm_up, receiver.endpoint,
+            got = run_round(rotated, args.tasks, args.windows, args.window, args.warm_up, endpoints,
                             args.concurrency, args.burn_us)  # fmt: skip
             for name in names:
                 ratios = [b.host_us / w.host_us for w, b in zip(got[name], got["bare"], strict=True)]
@@ -346,8 +361,8 @@ def main() -> int:
                 print(f"round {r + 1} {name:32s} {host_us:7.0f} µs host CPU/task, cost ratio "
                       f"{round_ratios[name][-1]:.3f}, {rate:5.0f} tasks/s", flush=True)  # fmt: skip
         spans = receiver.spans
-    if spans == 0:
-        raise RuntimeError("no span reached the collector: the instrumented stacks did not export")
+    if spans == 0 or http.spans == 0:
+        raise RuntimeError(f"spans received over gRPC {spans}, over HTTP {http.spans}: a transport did not export")
 
     bare = windows["bare"]
     lines = [
@@ -375,20 +390,24 @@ def main() -> int:
             f"| {min(round_ratios[name]):.3f}–{max(round_ratios[name]):.3f} "
             f"| {at_bare[0]:.3f} [{at_bare[1]:.3f}–{at_bare[2]:.3f}] | {share:.3f} |"
         )
+    # Per task over all windows (CPU ÷ tasks), not a median of windows: the span processor exports every
+    # 5 s, so the pool's export thread works in some windows and not in others, and a median of windows
+    # left most of it out (+15 µs against +70 µs all told, the fifteenth VM).
     lines += [
         "",
-        "| stack, added vs bare per task (median of windows) | pool task threads | pool other threads "
-        "| worker main process | broker | main process's CPU ÷ bare's, same window |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| stack, added vs bare per task (all windows: CPU ÷ tasks) | pool task threads | pool other threads "
+        "| broker | **pool and broker** (what the ratio charges) | worker main process (charged at bare's) "
+        "| main process's CPU ÷ bare's, same window |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
+    base = _per_task(bare)
     for name in names[1:]:
-        cells = [
-            statistics.median(w.part_us(part) - b.part_us(part) for w, b in zip(windows[name], bare, strict=True))
-            for part in ("pool_task", "pool_other", "main", "broker")  # the header's order
-        ]
+        mine = _per_task(windows[name])
+        cells = [mine[part] - base[part] for part in ("pool_task", "pool_other", "broker")]  # the header's order
         main_cpu = statistics.median(w.cpu.main / b.cpu.main for w, b in zip(windows[name], bare, strict=True))
-        lines.append(f"| {name} | " + " | ".join(f"{c:+.0f} µs" for c in cells) + f" | {main_cpu:.3f} |")
-    lines.append(f"\nSpans received by the null collector: {spans}.")
+        lines.append(f"| {name} | " + " | ".join(f"{c:+.0f} µs" for c in cells) + f" | **{sum(cells):+.0f} µs** "
+                     f"| {mine['main'] - base['main']:+.0f} µs | {main_cpu:.3f} |")  # fmt: skip
+    lines.append(f"\nSpans received by the null collectors: {spans} over gRPC, {http.spans} over HTTP.")
     publish("\n".join(lines) + "\n", args.write)
     return 0
 

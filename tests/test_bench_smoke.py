@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -91,9 +92,10 @@ def test_task_side_by_side_recovers_the_control_cost_and_stops_what_it_started(t
                 if line.startswith("| ") and " µs" in line}  # fmt: skip
 
     assert list(rows(costs)) == ["bare", "upstream", "cadscope", "cadscope, task signals",
-                                 "cadscope, 10% of traces sampled", "burn"]  # fmt: skip
+                                 "cadscope, 10% of traces sampled", "cadscope, OTLP/HTTP", "burn"]  # fmt: skip
     assert float(rows(parts)["burn"][0].removesuffix(" µs")) >= 500  # the pool task threads' added CPU a task
-    assert "Spans received by the null collector: 0." not in results
+    received = re.search(r"null collectors: (\d+) over gRPC, (\d+) over HTTP", results)
+    assert received and int(received[1]) > 0 and int(received[2]) > 0  # each transport's stacks exported
     assert _processes_running("_noop_app") == []
     assert set(_processes_running("redis-server")) == servers_before
 
