@@ -13,8 +13,11 @@ import threading
 import time
 
 import pytest
-from opentelemetry import context, trace
-from opentelemetry.sdk.trace import SpanLimits, TracerProvider
+from opentelemetry import context, propagate, trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.propagators.textmap import default_getter
+from opentelemetry.sdk.trace import RandomIdGenerator, SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import (
@@ -27,11 +30,13 @@ from opentelemetry.sdk.trace.sampling import (
     TraceIdRatioBased,
 )
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from cadscope.tracing import JsonFormatter, pinned_span_id
 from cadscope.tracing._ids import PinnableIdGenerator
 from cadscope.tracing._lean import (
     LeanSpan,
+    _sampled_w3c_child,
     deferring_tracer,
     drops_unsampled_remote,
     start_deferred_span,
@@ -353,3 +358,116 @@ def test_the_batch_processor_resolves_deferred_spans_on_its_export_thread(monkey
     assert processor.dropped["queue_full"] == len(sampled - exported)
     assert "cadscope-span-export" in resolved_by
     provider.shutdown()
+
+
+class _OwnTraceContext(TraceContextTextMapPropagator):
+    """Reads the same headers as the W3C propagator, and keeps no trace state."""
+
+    def extract(self, carrier, context=None, getter=default_getter):
+        extracted = super().extract(carrier, context, getter)
+        parent = trace.get_current_span(extracted).get_span_context()
+        if not parent.is_valid:
+            return extracted
+        plain = SpanContext(parent.trace_id, parent.span_id, True, parent.trace_flags)
+        return trace.set_span_in_context(NonRecordingSpan(plain), context)
+
+
+_TP = "0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331"
+
+
+class _SameIds(RandomIdGenerator):
+    """Every new trace gets the same id: a sampler that decides on the trace id decides the same for
+    the SDK's span and ours."""
+
+    def generate_trace_id(self):
+        return 0x5B8EFFF798038103D269B633813FC60C
+
+
+@pytest.fixture
+def textmap():
+    """Set the global propagator for one test; the one before it is put back."""
+    before = propagate.get_global_textmap()
+    yield propagate.set_global_textmap
+    propagate.set_global_textmap(before)
+
+
+@pytest.mark.parametrize(
+    "headers, read_directly",
+    [
+        ({"traceparent": f"00-{_TP}-01"}, True),
+        ({"traceparent": f"00-{_TP}-03"}, True),  # the random-trace-id flag too
+        ({"traceparent": f"cc-{_TP}-01"}, True),  # a later version, at version 00's length
+        ({"traceparent": f"00-{_TP}-01", "tracestate": "vendor=x,other=y"}, True),
+        ({"traceparent": f"00-{_TP}-01", "tracestate": "a=1,b="}, True),  # malformed: the propagator drops it
+        ({"traceparent": f"00-{_TP.upper()}-01"}, False),  # refused by the propagator: a new trace
+        ({"traceparent": f"00-{'0' * 32}-b7ad6b7169203331-01"}, False),
+        ({"traceparent": f"00-0af7651916cd43dd8448eb211c80319c-{'0' * 16}-01"}, False),
+        ({"traceparent": f"ff-{_TP}-01"}, False),
+        ({"traceparent": f"00-{_TP}-00"}, False),  # unsampled
+        ({"traceparent": f" 00-{_TP}-1"}, False),  # not version 00's form
+        ({}, False),
+    ],
+    ids=[
+        "sampled",
+        "random-flag",
+        "version-cc",
+        "tracestate",
+        "bad-tracestate",
+        "upper-case",
+        "zero-trace-id",
+        "zero-span-id",
+        "version-ff",
+        "unsampled",
+        "odd-form",
+        "none",
+    ],  # fmt: skip
+)
+@pytest.mark.parametrize(
+    "propagator, sampler, direct",
+    [
+        (None, None, True),  # the defaults: tracecontext,baggage and parentbased_always_on
+        (TraceContextTextMapPropagator(), ALWAYS_ON, True),
+        (None, ParentBasedTraceIdRatio(0.5), True),  # a sampled remote parent: always sampled
+        (None, ParentBased(TraceIdRatioBased(0.5), remote_parent_sampled=ALWAYS_OFF), False),
+        (None, TraceIdRatioBased(1.0), False),
+        (_OwnTraceContext(), None, False),  # the same headers, read another way
+        (CompositePropagator([W3CBaggagePropagator(), _OwnTraceContext()]), None, False),
+        (CompositePropagator([TraceContextTextMapPropagator(), _OwnTraceContext()]), None, False),  # the last wins
+    ],
+    ids=[
+        "defaults",
+        "tracecontext-always-on",
+        "parentbased-ratio",
+        "remote-sampled-dropped",
+        "ratio-1",
+        "own-propagator",
+        "own-composite",
+        "w3c-then-own",
+    ],  # fmt: skip
+)
+def test_a_deferred_span_read_off_its_traceparent_resolves_as_the_sdks(
+    headers, read_directly, propagator, sampler, direct, textmap
+):
+    """The deferred task span reads a sampled ``traceparent`` itself, skipping the propagator and the
+    sampler, only where they would decide the same; wherever it does or not, it gets what the SDK's
+    span started from the propagator's context gets: trace id, flags, trace state, parent, recording."""
+    if propagator is not None:
+        textmap(propagator)
+    tracer, exporter = _tracer(id_generator=_SameIds(), **({"sampler": sampler} if sampler else {}))
+    assert (_sampled_w3c_child(tracer, headers) is not None) is (read_directly and direct)
+    extracted = propagate.extract(headers)
+    sdk = tracer.start_span("run/cad.job", context=extracted, kind=SpanKind.CONSUMER)
+    span = start_deferred_span(tracer, "run/cad.job", headers, SpanKind.CONSUMER, {})
+    ours, theirs = span.get_span_context(), sdk.get_span_context()
+    recording = sdk.is_recording()
+    assert span.is_recording() is recording
+    assert ours.is_valid and not ours.is_remote and ours.span_id != theirs.span_id
+    assert (ours.trace_id, ours.trace_flags, ours.trace_state) == (theirs.trace_id, theirs.trace_flags,
+                                                                   theirs.trace_state)  # fmt: skip
+    parent = trace.get_current_span(extracted).get_span_context()
+    assert span.parent == (parent if parent.is_valid else None)
+    if span.parent is not None:
+        assert span.parent.trace_state == parent.trace_state and span.parent.is_remote
+    span.end()
+    sdk.end()
+    assert len(exporter.get_finished_spans()) == (2 if recording else 0)

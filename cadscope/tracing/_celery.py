@@ -57,7 +57,6 @@ nested ones; its publisher handlers stay.
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from typing import Any
 
@@ -68,7 +67,14 @@ from opentelemetry import context, propagate, trace
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from ._lean import deferring_tracer, drops_unsampled_remote, start_deferred_span, start_lean_span
+from ._lean import (
+    _ODD_HEX,
+    accepts_traceparent,
+    deferring_tracer,
+    drops_unsampled_remote,
+    start_deferred_span,
+    start_lean_span,
+)
 
 __all__ = ["TracedTask", "instrument_celery_worker", "uninstrument_celery_worker"]
 
@@ -88,9 +94,6 @@ class _RequestGetter(Getter[Any]):
 
 _GETTER = _RequestGetter()
 _W3C_FIELDS = frozenset({"traceparent", "tracestate", "baggage"})
-_ODD_HEX = frozenset("13579bdf")  # the last flags digit of a traceparent whose sampled bit is set
-_TRACEPARENT = re.compile("[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
-_ZERO_TRACE_ID, _ZERO_SPAN_ID = "0" * 32, "0" * 16
 
 
 def _deferrable(request: Any, w3c: bool, drops_unsampled: bool) -> tuple[dict[str, str], bool] | None:
@@ -115,22 +118,12 @@ def _deferrable(request: Any, w3c: bool, drops_unsampled: bool) -> tuple[dict[st
     if len(traceparent) != 55:
         return None
     sampled = traceparent[-1] in _ODD_HEX
-    if not sampled and not (drops_unsampled and _accepted(traceparent)):
+    if not sampled and not (drops_unsampled and accepts_traceparent(traceparent)):
         return None
     tracestate = getattr(request, "tracestate", None)
     if isinstance(tracestate, str):
         return {"traceparent": traceparent, "tracestate": tracestate}, sampled
     return {"traceparent": traceparent}, sampled
-
-
-def _accepted(traceparent: str) -> bool:
-    """Whether the W3C propagator extracts a valid parent from this 55-character ``traceparent``."""
-    return (
-        _TRACEPARENT.fullmatch(traceparent) is not None
-        and not traceparent.startswith("ff")
-        and traceparent[3:35] != _ZERO_TRACE_ID
-        and traceparent[36:52] != _ZERO_SPAN_ID
-    )
 
 
 def _upstream_consumer_handlers() -> list[tuple[Any, Any]]:

@@ -49,6 +49,7 @@ handed to a processor, as the SDK's non-recording span.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import traceback
 from collections.abc import Mapping
@@ -58,15 +59,25 @@ from typing import Any
 from opentelemetry import context as context_api
 from opentelemetry import propagate, trace
 from opentelemetry.attributes import BoundedAttributes
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.sdk import trace as sdk_trace
 from opentelemetry.sdk.trace import sampling as sdk_sampling
 from opentelemetry.sdk.util import BoundedList
-from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util import types
 
 from ._ids import PinnableIdGenerator
 
-__all__ = ["LeanSpan", "deferring_tracer", "drops_unsampled_remote", "start_deferred_span", "start_lean_span"]
+__all__ = [
+    "LeanSpan",
+    "accepts_traceparent",
+    "deferring_tracer",
+    "drops_unsampled_remote",
+    "start_deferred_span",
+    "start_lean_span",
+]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +90,9 @@ _PRIMITIVE = (str, bool, int, float)
 # resolving may log (a malformed tracestate), and a JSON log line asks the
 # current span, this one, for its ids.
 _RESOLVING = threading.RLock()
+_TRACEPARENT = re.compile("[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_ZERO_TRACE_ID, _ZERO_SPAN_ID = "0" * 32, "0" * 16
+_ODD_HEX = frozenset("13579bdf")  # the last flags digit of a traceparent whose sampled bit is set
 
 
 def _within(count: int, limit: int | None) -> bool:
@@ -135,11 +149,15 @@ class LeanSpan(trace.Span, sdk_trace.ReadableSpan):
                 return trace.INVALID_SPAN_CONTEXT
             self._resolving = True
             try:
-                parent_context = propagate.extract(self._carrier or {}, context=context_api.Context())
-                span_context, parent, sampling = _decide(
-                    self._tracer, parent_context, self._name, self._kind, self._attributes, pin=False
-                )
-                self._parent, self._recording = parent, sampling.decision.is_recording()
+                known = _sampled_w3c_child(self._tracer, self._carrier or {})
+                if known is not None:
+                    span_context, self._parent = known  # recording, as it was started
+                else:
+                    parent_context = propagate.extract(self._carrier or {}, context=context_api.Context())
+                    span_context, parent, sampling = _decide(
+                        self._tracer, parent_context, self._name, self._kind, self._attributes, pin=False
+                    )
+                    self._parent, self._recording = parent, sampling.decision.is_recording()
             except Exception:  # a sampler or propagator that raises: this span is lost, the task is not
                 span_context, self._recording = trace.INVALID_SPAN_CONTEXT, False
                 self._context = span_context  # before logging: a JSON log line asks this span for its ids
@@ -284,6 +302,77 @@ def _decide(tracer: sdk_trace.Tracer, context: context_api.Context | None, name:
         span_id = generator.generate_span_id()
     span_context = SpanContext(trace_id, span_id, is_remote=False, trace_flags=flags, trace_state=sampling.trace_state)
     return span_context, parent, sampling
+
+
+def accepts_traceparent(traceparent: str) -> bool:
+    """Whether the W3C propagator extracts a valid parent from this 55-character ``traceparent``
+    (version 00's length): lower-case hex fields, a version other than ``ff``, ids not all zero."""
+    return (
+        _TRACEPARENT.fullmatch(traceparent) is not None
+        and not traceparent.startswith("ff")
+        and traceparent[3:35] != _ZERO_TRACE_ID
+        and traceparent[36:52] != _ZERO_SPAN_ID
+    )
+
+
+# (global propagator, sampler) -> whether _sampled_w3c_child may decide for them; one entry, the last asked.
+_KNOWN: tuple[object, object, bool] = (None, None, False)
+
+
+def _w3c_only(textmap: object) -> bool:
+    """Whether ``textmap`` is the SDK's W3C trace-context propagator, alone or composed with the W3C
+    baggage one (the default, ``OTEL_PROPAGATORS=tracecontext,baggage``); not a subclass, not another
+    propagator that reads the same headers."""
+    if type(textmap) is TraceContextTextMapPropagator:
+        return True
+    if type(textmap) is not CompositePropagator:
+        return False
+    kinds = {type(p) for p in getattr(textmap, "_propagators", ())}
+    return TraceContextTextMapPropagator in kinds and kinds <= {TraceContextTextMapPropagator, W3CBaggagePropagator}
+
+
+def _samples_sampled_remote(sampler: object) -> bool:
+    """Whether ``sampler`` records and samples every span whose parent is remote and sampled, with the
+    parent's trace state and no attributes of its own: the SDK's ``ALWAYS_ON``, or its ``ParentBased``
+    (every ``parentbased_*`` of ``OTEL_TRACES_SAMPLER``) with the default ``remote_parent_sampled``."""
+    decides = sampler
+    if type(sampler).__module__ == sdk_sampling.__name__ and isinstance(sampler, sdk_sampling.ParentBased):
+        decides = getattr(sampler, "_remote_parent_sampled", None)
+    return (
+        type(decides) is sdk_sampling.StaticSampler
+        and getattr(decides, "_decision", None) is sdk_sampling.Decision.RECORD_AND_SAMPLE
+    )
+
+
+def _sampled_w3c_child(tracer: sdk_trace.Tracer, carrier: Mapping[str, str]) -> tuple[SpanContext, SpanContext] | None:
+    """The span context and parent that ``propagate.extract`` and :func:`_decide` give a new span whose
+    ``carrier`` holds a valid, sampled version-00-length ``traceparent``, read off the header directly;
+    None where that is not known without them (another propagator or sampler, another header).
+
+    A deferred task span is resolved a batch at a time on the export thread: through the propagator
+    and the sampler that cost ~30 µs a span there, this ~10 µs (bench/RESULTS.md, "Resolving the
+    deferred span")."""
+    global _KNOWN
+    traceparent = carrier.get("traceparent")
+    if type(traceparent) is not str or len(traceparent) != 55 or traceparent[-1] not in _ODD_HEX:
+        return None
+    textmap, sampler = propagate.get_global_textmap(), tracer.sampler
+    known = _KNOWN
+    if known[0] is not textmap or known[1] is not sampler:
+        known = _KNOWN = (textmap, sampler, _w3c_only(textmap) and _samples_sampled_remote(sampler))
+    if not known[2] or not accepts_traceparent(traceparent):
+        return None
+    trace_id, flags = int(traceparent[3:35], 16), int(traceparent[53:55], 16)
+    header = carrier.get("tracestate")
+    state = TraceState.from_header([header]) if header is not None else None  # as the propagator reads it
+    parent = SpanContext(trace_id, int(traceparent[36:52], 16), is_remote=True, trace_flags=TraceFlags(flags),
+                         trace_state=state)  # fmt: skip
+    generator = tracer.id_generator
+    span_id = (generator.generate_unpinned_span_id() if isinstance(generator, PinnableIdGenerator)
+               else generator.generate_span_id())  # fmt: skip
+    child = SpanContext(trace_id, span_id, is_remote=False, trace_flags=TraceFlags(_SAMPLED | (flags & _RANDOM)),
+                        trace_state=parent.trace_state)  # fmt: skip
+    return child, parent
 
 
 def _enabled(tracer: sdk_trace.Tracer) -> bool:
