@@ -4,6 +4,11 @@
   (context attach/detach and one attribute set at the end included), through
   the SDK's ``start_span()`` vs. cadscope's lean task span
   (``cadscope.tracing._lean``), into a span processor that only queues.
+- **resolve**: a deferred task span's ids and sampling decision, made on the
+  export thread: through the global propagator and the tracer's sampler (the
+  general path, forced) vs. read off a sampled ``traceparent`` where those
+  would decide the same (the defaults); the two are checked to agree first.
+  Each span has a trace id of its own, as each task has a request of its own.
 - **encode**: the OTLP ``ExportTraceServiceRequest`` for a batch of 512 such
   spans, upstream's encoder (``encode_spans(...).SerializeToString()``) vs.
   cadscope's (``cadscope.tracing._otlpwire.encode_request``); the two are
@@ -20,28 +25,31 @@ loop, where caches are colder and every figure is larger.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import platform
+import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from _common import publish
 from opentelemetry import context, trace
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, Tracer, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 
-from cadscope.tracing import PinnableIdGenerator
-from cadscope.tracing._lean import start_lean_span
+from cadscope.tracing import PinnableIdGenerator, _lean
+from cadscope.tracing._lean import start_deferred_span, start_lean_span
 from cadscope.tracing._otlpwire import encode_request
 from cadscope.tracing._processor import BoundedBatchSpanProcessor
 
 BATCH, BATCHES = 512, 20
 PARENT = SpanContext(0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, is_remote=True,
                      trace_flags=TraceFlags(TraceFlags.SAMPLED))  # fmt: skip
+PARENT_HEADER = f"00-{PARENT.trace_id:032x}-{PARENT.span_id:016x}-01"
 
 
 class _Keep(SpanExporter):
@@ -63,6 +71,40 @@ def best_us(fn: Callable[[], object], n: int) -> float:
             fn()
         best = min(best, (time.thread_time() - started) / n * 1e6)
     return best
+
+
+@contextlib.contextmanager
+def _resolving(direct: bool) -> Iterator[None]:
+    """Deferred spans resolve by reading their ``traceparent`` (``direct``) or, forced, through the
+    propagator and the sampler, as every deferred span did before."""
+    saved = _lean._sampled_w3c_child
+    if not direct:
+        _lean._sampled_w3c_child = lambda tracer, carrier: None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        _lean._sampled_w3c_child = saved
+
+
+def _deferred(tracer: Tracer, traceparent: str) -> _lean.LeanSpan:
+    return start_deferred_span(tracer, "run/cad.job", {"traceparent": traceparent}, SpanKind.CONSUMER, {})
+
+
+def resolve_us(tracer: Tracer, n: int, direct: bool) -> float:
+    """CPU per deferred span to resolve it, best of 5 × ``n`` spans."""
+    best = float("inf")
+    with _resolving(direct):
+        for _ in range(5):
+            spans = [_deferred(tracer, traceparent) for traceparent in _traceparents(n)]
+            started = time.thread_time()
+            for span in spans:
+                span.get_span_context()
+            best = min(best, (time.thread_time() - started) / n * 1e6)
+    return best
+
+
+def _traceparents(n: int) -> list[str]:
+    return [f"00-{random.getrandbits(128) | 1:032x}-{random.getrandbits(64) | 1:016x}-01" for _ in range(n)]
 
 
 def main() -> int:
@@ -97,6 +139,18 @@ def main() -> int:
         context.detach(token)
 
     sdk_us, lean_us = best_us(sdk_span, args.n), best_us(lean_span, args.n)
+    deferring = _lean.deferring_tracer(tracer)
+    if deferring is None or _lean._sampled_w3c_child(deferring, {"traceparent": PARENT_HEADER}) is None:
+        raise SystemExit("a deferred span would not read its traceparent directly here")
+    resolved = {}
+    for direct in (False, True):  # the same header both ways: the same trace id, flags, trace state, parent
+        with _resolving(direct):
+            span = _deferred(deferring, PARENT_HEADER)
+            ctx = span.get_span_context()
+        resolved[direct] = (ctx.trace_id, ctx.trace_flags, ctx.trace_state, span.parent)
+    if resolved[False] != resolved[True]:
+        raise SystemExit(f"the two ways of resolving disagree: {resolved}")
+    general_us, direct_us = resolve_us(deferring, args.n, False), resolve_us(deferring, args.n, True)
     provider.force_flush()
     for i in range(BATCH * BATCHES - len(keep.spans)):  # more spans to encode, if --n made too few
         lean_span()
@@ -124,6 +178,8 @@ def main() -> int:
         "| --- | --- | --- | --- |",
         f"| task span, start → end (SDK span vs. lean span) | {sdk_us:.1f} µs | {lean_us:.1f} µs "
         f"| **{lean_us / sdk_us:.2f}** |",
+        f"| deferred task span, resolved (propagator and sampler vs. the `traceparent` read directly) "
+        f"| {general_us:.1f} µs | {direct_us:.1f} µs | **{direct_us / general_us:.2f}** |",
         f"| OTLP encoding, per span in a batch of 512 (same bytes, checked) | {upstream_us:.1f} µs | {ours_us:.1f} µs "
         f"| **{ours_us / upstream_us:.2f}** |",
     ]

@@ -46,10 +46,12 @@ def test_task_cpu_runs_and_every_span_reaches_the_collector(tmp_path):
 
 
 def test_span_cost_runs_and_the_encoders_agree(tmp_path):
-    # The script exits non-zero when cadscope's encoder and upstream's give different bytes.
+    # The script exits non-zero when cadscope's encoder and upstream's give different bytes, or when the
+    # two ways of resolving a deferred span disagree.
     results = _bench(tmp_path, "span_cost.py", "--n", "1000")
-    rows = [line for line in results.splitlines() if line.startswith("| task span") or "OTLP encoding" in line]
-    assert len(rows) == 2
+    parts = ("| task span", "| deferred task span, resolved", "| OTLP encoding")
+    rows = [line for line in results.splitlines() if line.startswith(parts)]
+    assert len(rows) == 3
 
 
 def test_task_overhead_runs_every_stack_and_leaves_no_worker_behind(tmp_path, redis_server):
