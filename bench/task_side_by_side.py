@@ -29,9 +29,10 @@ window:
   main-process CPU for each, and the first ratio overstates its cost by
   that much. The second table gives the main process's CPU against bare's,
   window by window, so a run shows whether this held;
-- the stack's **added CPU per task**, split into the pool's task threads,
-  the pool's other threads (span export, gRPC), the worker's main process
-  and the broker;
+- the stack's **added CPU per task** over all windows (each part's CPU
+  divided by the tasks), split into the pool's task threads, the pool's
+  other threads (span export, gRPC), the broker, their sum (what the second
+  ratio charges), and the worker's main process;
 - the **share**: the stack's tasks acknowledged divided by bare's. This is
   reported, but it is not a cost. Linux shares the CPU between runnable
   threads, so a dearer stack, runnable more often, takes more than an equal
@@ -55,6 +56,11 @@ sampler), which cost more on the task thread than the deferred sampled span,
 so this stack read below the fully sampled one; since c772dba it is deferred
 too, and makes its ids only if asked. Its metrics are recorded as for every
 task.
+
+``cadscope, OTLP/HTTP`` is cadscope exporting its spans over OTLP/HTTP
+(``OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf``) to a null collector in a
+process of its own; every other stack exports over gRPC to one in this
+process. Neither collector's CPU is any stack's.
 
 What it gave on the first VM it ran on (bench/RESULTS.md, "A fifth VM"):
 with the main process at bare's cost, cadscope's ratio came out 0.884,
