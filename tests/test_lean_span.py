@@ -399,6 +399,7 @@ def textmap():
         ({"traceparent": f"cc-{_TP}-01"}, True),  # a later version, at version 00's length
         ({"traceparent": f"00-{_TP}-01", "tracestate": "vendor=x,other=y"}, True),
         ({"traceparent": f"00-{_TP}-01", "tracestate": "a=1,b="}, True),  # malformed: the propagator drops it
+        ({"traceparent": f"00-{_TP}-01", "tracestate": ""}, True),
         ({"traceparent": f"00-{_TP.upper()}-01"}, False),  # refused by the propagator: a new trace
         ({"traceparent": f"00-{'0' * 32}-b7ad6b7169203331-01"}, False),
         ({"traceparent": f"00-0af7651916cd43dd8448eb211c80319c-{'0' * 16}-01"}, False),
@@ -413,6 +414,7 @@ def textmap():
         "version-cc",
         "tracestate",
         "bad-tracestate",
+        "empty-tracestate",
         "upper-case",
         "zero-trace-id",
         "zero-span-id",

@@ -350,8 +350,8 @@ def _sampled_w3c_child(tracer: sdk_trace.Tracer, carrier: Mapping[str, str]) -> 
     None where that is not known without them (another propagator or sampler, another header).
 
     A deferred task span is resolved a batch at a time on the export thread: through the propagator
-    and the sampler that cost ~30 µs a span there, this ~10 µs (bench/RESULTS.md, "Resolving the
-    deferred span")."""
+    and the sampler that cost 14 µs a span in a loop, this 6-9 µs (bench/RESULTS.md, "Resolving the
+    deferred span"; ``bench/span_cost.py``)."""
     global _KNOWN
     traceparent = carrier.get("traceparent")
     if type(traceparent) is not str or len(traceparent) != 55 or traceparent[-1] not in _ODD_HEX:
