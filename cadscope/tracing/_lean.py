@@ -331,13 +331,21 @@ def _w3c_only(textmap: object) -> bool:
     return TraceContextTextMapPropagator in kinds and kinds <= {TraceContextTextMapPropagator, W3CBaggagePropagator}
 
 
+def _remote_parent_sampler(sampler: object, sampled: bool) -> object:
+    """The sampler that decides for a child of a remote parent with this sampled flag: ``ParentBased``'s
+    delegate (read off the SDK's private fields; None where missing), any other sampler itself."""
+    if isinstance(sampler, sdk_sampling.ParentBased):
+        return getattr(sampler, "_remote_parent_sampled" if sampled else "_remote_parent_not_sampled", None)
+    return sampler
+
+
 def _samples_sampled_remote(sampler: object) -> bool:
     """Whether ``sampler`` records and samples every span whose parent is remote and sampled, with the
     parent's trace state and no attributes of its own: the SDK's ``ALWAYS_ON``, or its ``ParentBased``
     (every ``parentbased_*`` of ``OTEL_TRACES_SAMPLER``) with the default ``remote_parent_sampled``."""
-    decides = sampler
-    if type(sampler).__module__ == sdk_sampling.__name__ and isinstance(sampler, sdk_sampling.ParentBased):
-        decides = getattr(sampler, "_remote_parent_sampled", None)
+    if type(sampler).__module__ != sdk_sampling.__name__:
+        return False
+    decides = _remote_parent_sampler(sampler, sampled=True)
     return (
         type(decides) is sdk_sampling.StaticSampler
         and getattr(decides, "_decision", None) is sdk_sampling.Decision.RECORD_AND_SAMPLE
@@ -424,9 +432,7 @@ def drops_unsampled_remote(sampler: sdk_sampling.Sampler) -> bool:
     ``ParentBased`` (every ``parentbased_*`` of ``OTEL_TRACES_SAMPLER``) with
     the default ``remote_parent_not_sampled``. Read off the SDK's private
     fields; where they are missing, False (the eager path)."""
-    decides: object = sampler
-    if isinstance(sampler, sdk_sampling.ParentBased):
-        decides = getattr(sampler, "_remote_parent_not_sampled", None)
+    decides = _remote_parent_sampler(sampler, sampled=False)
     return (
         isinstance(decides, sdk_sampling.StaticSampler)
         and getattr(decides, "_decision", None) is sdk_sampling.Decision.DROP
