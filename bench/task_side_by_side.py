@@ -103,12 +103,11 @@ from _common import NullCollector, NullHTTPCollectorProcess, bootstrap, publish
 from task_overhead import _Cpu, fill_queue, start_worker
 
 # name, bench/_noop_app.py mode, the fraction of messages whose trace context is sampled (None: --head-sampled),
-# the OTLP transport its spans take
+# the OTLP transport its spans take (OTEL_EXPORTER_OTLP_PROTOCOL)
 STACKS = (("bare", "bare", 1.0, "grpc"), ("upstream", "upstream", 1.0, "grpc"), ("cadscope", "cadscope", 1.0, "grpc"),
           ("cadscope, task signals", "cadscope-signals", 1.0, "grpc"),
-          ("cadscope, head-sampled", "cadscope", None, "grpc"), ("cadscope, OTLP/HTTP", "cadscope", 1.0, "http"),
-          ("burn", "burn", 1.0, "grpc"))  # fmt: skip
-PROTOCOLS = {"grpc": "grpc", "http": "http/protobuf"}  # OTEL_EXPORTER_OTLP_PROTOCOL
+          ("cadscope, head-sampled", "cadscope", None, "grpc"),
+          ("cadscope, OTLP/HTTP", "cadscope", 1.0, "http/protobuf"), ("burn", "burn", 1.0, "grpc"))  # fmt: skip
 PARTS = ("main", "pool_task", "pool_other", "broker")  # _Cpu's fields
 
 
@@ -117,7 +116,7 @@ class _Stack:
     name: str
     mode: str
     sampled: float
-    protocol: str  # a key of PROTOCOLS
+    protocol: str  # OTEL_EXPORTER_OTLP_PROTOCOL
     server: subprocess.Popen[bytes]
     url: str
     queue: str
@@ -278,7 +277,7 @@ def run_round(stacks: list[_Stack], tasks: int, windows: int, window_s: float, w
             for stack in stacks:
                 home = Path(tmp) / stack.queue
                 home.mkdir()
-                env = {"BENCH_BURN_US": str(burn_us), "OTEL_EXPORTER_OTLP_PROTOCOL": PROTOCOLS[stack.protocol]}
+                env = {"BENCH_BURN_US": str(burn_us), "OTEL_EXPORTER_OTLP_PROTOCOL": stack.protocol}
                 stack.worker = start_worker(stack.mode, stack.queue, stack.url, endpoints[stack.protocol],
                                             concurrency, str(home), extra_env=env)  # fmt: skip
                 procs[stack.name] = psutil.Process(stack.worker.pid)
@@ -347,7 +346,7 @@ def main() -> int:
     # The gRPC collector runs here, the HTTP one in a process of its own; neither is part of a stack's CPU.
     with tempfile.TemporaryDirectory() as data, NullCollector() as receiver, NullHTTPCollectorProcess() as http, \
             contextlib.ExitStack() as servers:  # fmt: skip
-        endpoints = {"grpc": receiver.endpoint, "http": http.endpoint.removesuffix("/v1/traces")}
+        endpoints = {"grpc": receiver.endpoint, "http/protobuf": http.endpoint.removesuffix("/v1/traces")}
         stacks = []
         for i, (name, mode, sampled, protocol) in enumerate(specs):
             proc, url = servers.enter_context(_redis_server(tempfile.mkdtemp(dir=data)))
