@@ -165,6 +165,41 @@ def test_the_exporter_reports_failure_when_nobody_listens():
         exporter.shutdown()
 
 
+_BDP_CHILD = """
+import sys
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from cadscope.tracing._otlpgrpc import OTLPWireSpanExporter
+
+memory = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(memory))
+for i in range(20):
+    provider.get_tracer("t").start_span(f"s{i}").end()
+exporter = OTLPWireSpanExporter(endpoint=sys.argv[1], insecure=True, channel_options=eval(sys.argv[2]))
+print([exporter.export(memory.get_finished_spans()).name for _ in range(3)])
+exporter.shutdown()
+"""
+
+
+@pytest.mark.parametrize(("options", "pings"), [("None", False), ("(('grpc.http2.bdp_probe', 1),)", True)])
+def test_the_grpc_exporter_sends_no_bdp_pings_unless_asked(options, pings):
+    """gRPC's own tracer (``GRPC_TRACE=bdp_estimator``) in an exporting process shows the client's
+    BDP estimator at work only where the caller turns probing back on: by default the responses
+    set off no ping. The control case keeps this from passing on a tracer that says nothing."""
+    with OTLPReceiver() as receiver:
+        env = {**os.environ, "GRPC_TRACE": "bdp_estimator", "GRPC_VERBOSITY": "debug"}
+        child = subprocess.run([sys.executable, "-c", _BDP_CHILD, receiver.endpoint, options], env=env,
+                               capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert child.returncode == 0, child.stderr[-2000:]
+        assert child.stdout.strip() == "['SUCCESS', 'SUCCESS', 'SUCCESS']"
+        assert len(receiver.spans) == 60
+    # The client's estimator names its peer, the receiver; the receiver's (not in this process) would not.
+    client_pings = [line for line in child.stderr.splitlines() if f"bdp[ipv4:127.0.0.1:{receiver.port}]" in line]
+    assert bool(client_pings) is pings, child.stderr[-2000:]
+
+
 class _HTTPReceiver:
     """A real OTLP/HTTP endpoint on loopback: keeps each POST's path, headers and (decompressed) body and
     answers with ``status`` (200 and an empty ExportTraceServiceResponse by default)."""
