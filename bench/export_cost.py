@@ -10,6 +10,8 @@ is read per thread (``/proc/self/task/*/schedstat``) over the exports:
 
 - ``cadscope gRPC``: :class:`~cadscope.tracing._otlpgrpc.OTLPWireSpanExporter`,
   what a worker uses by default;
+- ``cadscope gRPC, BDP``: the same with gRPC's BDP probing on, as upstream's
+  channel has it (cadscope turns it off: ``CHANNEL_OPTIONS``);
 - ``upstream gRPC`` and ``upstream HTTP``: opentelemetry-exporter-otlp's;
 - ``cadscope HTTP``: :class:`~cadscope.tracing._otlphttp.OTLPWireHTTPSpanExporter`
   (``OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf``).
@@ -35,7 +37,7 @@ import time
 
 from _common import NullCollectorProcess, NullHTTPCollectorProcess, other_threads_cpu, publish
 
-EXPORTERS = ("cadscope gRPC", "upstream gRPC", "upstream HTTP", "cadscope HTTP")
+EXPORTERS = ("cadscope gRPC", "cadscope gRPC, BDP", "upstream gRPC", "upstream HTTP", "cadscope HTTP")
 
 
 def _batch(count: int) -> list:
@@ -67,6 +69,12 @@ def child(kind: str, endpoint: str, exports: int, every: float, spans: int) -> d
         from cadscope.tracing._otlpwire import OTLPWireSpanExporter
 
         exporter = OTLPWireSpanExporter(endpoint=endpoint, insecure=True)
+    elif kind == "cadscope gRPC, BDP":
+        from cadscope.tracing._otlpwire import OTLPWireSpanExporter
+
+        exporter = OTLPWireSpanExporter(
+            endpoint=endpoint, insecure=True, channel_options=(("grpc.http2.bdp_probe", 1),)
+        )
     elif kind == "upstream gRPC":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
@@ -117,12 +125,14 @@ def main() -> int:
                                      capture_output=True, text=True, timeout=600, check=True)  # fmt: skip
                 got[kind].append(json.loads(out.stdout.strip().splitlines()[-1]))
                 row = got[kind][-1]
-                print(f"round {r + 1} {kind:14s} caller {row['caller']:.2f} ms, other threads {row['others']:.2f} ms "
+                print(f"round {r + 1} {kind:18s} caller {row['caller']:.2f} ms, other threads {row['others']:.2f} ms "
                       f"a export", flush=True)  # fmt: skip
 
-    sent = 2 * args.rounds * (args.exports + 1) * args.spans  # two exporters a transport, a warm-up export each
-    if (grpc_sink.spans, http_sink.spans) != (sent, sent):
-        raise SystemExit(f"spans sent {sent} per transport, received: gRPC {grpc_sink.spans}, HTTP {http_sink.spans}")
+    each = args.rounds * (args.exports + 1) * args.spans  # an exporter's spans, a warm-up export a round included
+    transports = ["HTTP" if kind.endswith("HTTP") else "gRPC" for kind in EXPORTERS]
+    sent = {transport: transports.count(transport) * each for transport in ("gRPC", "HTTP")}
+    if (grpc_sink.spans, http_sink.spans) != (sent["gRPC"], sent["HTTP"]):
+        raise SystemExit(f"spans sent {sent}, received: gRPC {grpc_sink.spans}, HTTP {http_sink.spans}")
 
     def total(row: dict[str, float]) -> float:
         return row["caller"] + row["others"]

@@ -115,5 +115,5 @@ def test_export_cost_runs_every_exporter_against_its_receiver(tmp_path):
     # The script exits non-zero when an export fails: each exporter reached its receiver, over gRPC or HTTP.
     results = _bench(tmp_path, "export_cost.py", "--rounds", "1", "--exports", "2", "--every", "0.2", "--spans", "20")
     rows = [line.split(" | ")[0].lstrip("| ") for line in results.splitlines() if " ms** [" in line]
-    assert rows == ["cadscope gRPC", "upstream gRPC", "upstream HTTP", "cadscope HTTP"]
+    assert rows == ["cadscope gRPC", "cadscope gRPC, BDP", "upstream gRPC", "upstream HTTP", "cadscope HTTP"]
     assert _processes_running("export_cost.py") == []  # the HTTP sink and every child are gone
