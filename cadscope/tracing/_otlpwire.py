@@ -34,9 +34,10 @@ its own (``_otlpgrpc``, ``_otlphttp``), importable from here too, so that a
 process imports only its protocol's client: each of upstream's costs a
 process 0.15-0.25 s to import. Over HTTP an export is the
 calling thread's work alone; gRPC's client keeps threads of its own busy for
-seconds after every call, which at the span processor's 5 s schedule cost
-more than the call itself (bench/RESULTS.md, "OTLP over HTTP";
-``bench/export_cost.py``).
+seconds after every call. With its BDP probing off (``_otlpgrpc.CHANNEL_OPTIONS``)
+they cost about three quarters of what the call itself does, at the span
+processor's 5 s schedule; with it on, more than the call (bench/RESULTS.md,
+"OTLP over HTTP" and "BDP probing off"; ``bench/export_cost.py``).
 """
 
 from __future__ import annotations
