@@ -166,6 +166,7 @@ def test_the_exporter_reports_failure_when_nobody_listens():
 
 
 _BDP_CHILD = """
+import ast
 import sys
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -177,7 +178,7 @@ provider = TracerProvider()
 provider.add_span_processor(SimpleSpanProcessor(memory))
 for i in range(20):
     provider.get_tracer("t").start_span(f"s{i}").end()
-exporter = OTLPWireSpanExporter(endpoint=sys.argv[1], insecure=True, channel_options=eval(sys.argv[2]))
+exporter = OTLPWireSpanExporter(endpoint=sys.argv[1], insecure=True, channel_options=ast.literal_eval(sys.argv[2]))
 print([exporter.export(memory.get_finished_spans()).name for _ in range(3)])
 exporter.shutdown()
 """
