@@ -295,13 +295,17 @@ def _decide(tracer: sdk_trace.Tracer, context: context_api.Context | None, name:
         random = _RANDOM if _RANDOM and tracer.id_generator.is_trace_id_random() else 0
     sampling = tracer.sampler.should_sample(context, trace_id, name, kind, attributes, None)
     flags = TraceFlags((_SAMPLED if sampling.decision.is_sampled() else _DEFAULT) | random)
-    generator = tracer.id_generator
-    if not pin and isinstance(generator, PinnableIdGenerator):
-        span_id = generator.generate_unpinned_span_id()
-    else:
-        span_id = generator.generate_span_id()
+    span_id = _new_span_id(tracer, pin)
     span_context = SpanContext(trace_id, span_id, is_remote=False, trace_flags=flags, trace_state=sampling.trace_state)
     return span_context, parent, sampling
+
+
+def _new_span_id(tracer: sdk_trace.Tracer, pin: bool) -> int:
+    """A span id from the tracer's generator; ``pin=False`` passes over an id pinned for the span about to start."""
+    generator = tracer.id_generator
+    if not pin and isinstance(generator, PinnableIdGenerator):
+        return generator.generate_unpinned_span_id()
+    return generator.generate_span_id()
 
 
 def accepts_traceparent(traceparent: str) -> bool:
@@ -375,10 +379,8 @@ def _sampled_w3c_child(tracer: sdk_trace.Tracer, carrier: Mapping[str, str]) -> 
     state = TraceState.from_header([header]) if header is not None else None  # as the propagator reads it
     parent = SpanContext(trace_id, int(traceparent[36:52], 16), is_remote=True, trace_flags=TraceFlags(flags),
                          trace_state=state)  # fmt: skip
-    generator = tracer.id_generator
-    span_id = (generator.generate_unpinned_span_id() if isinstance(generator, PinnableIdGenerator)
-               else generator.generate_span_id())  # fmt: skip
-    child = SpanContext(trace_id, span_id, is_remote=False, trace_flags=TraceFlags(_SAMPLED | (flags & _RANDOM)),
+    child = SpanContext(trace_id, _new_span_id(tracer, pin=False), is_remote=False,
+                        trace_flags=TraceFlags(_SAMPLED | (flags & _RANDOM)),
                         trace_state=parent.trace_state)  # fmt: skip
     return child, parent
 
