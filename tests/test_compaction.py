@@ -160,13 +160,30 @@ def test_a_file_not_yet_sized_costs_nothing_and_is_deleted_once_reaped(tmp_path,
     assert registry.get_sample_value("jobs_total", {"k": "a"}) == 2.0
 
 
-def test_an_unreadable_file_costs_its_own_samples_only_and_is_moved_aside(tmp_path, caplog):
+def _second_entry(path) -> int:
+    """The offset of a file's second entry (MmapedDict's layout: length, key padded to 8, two doubles)."""
+    data = path.read_bytes()
+    length = struct.unpack_from("i", data, 8)[0]
+    return 8 + 4 + length + (8 - (length + 4) % 8) + 16
+
+
+@pytest.mark.timeout(60)  # upstream's reader never ends on the negative length
+@pytest.mark.parametrize("corruption", ["past the end", "negative"])
+def test_an_unreadable_file_costs_its_own_samples_only_and_is_moved_aside(tmp_path, caplog, corruption):
+    """A key length far past the file's end, or negative: upstream raises for
+    the first, and for the second (-28 after a first entry) walks back to the
+    first entry's value and reads on for ever, holding the scrape (and here
+    the compaction lock with it)."""
     _write(tmp_path / "counter_201.db", {"a": 2.0})
     _write(tmp_path / "counter_202.db", {"a": 5.0, "b": 1.0})
-    _write(tmp_path / "counter_203.db", {"a": 7.0})
-    with open(tmp_path / "counter_203.db", "r+b") as corrupt:  # its first entry's key length, far past the end
-        corrupt.seek(8)
-        corrupt.write(struct.pack("i", 10**6))
+    _write(tmp_path / "counter_203.db", {"a": 7.0, "z": 3.0})
+    with open(tmp_path / "counter_203.db", "r+b") as corrupt:
+        if corruption == "past the end":  # its first entry's key length
+            corrupt.seek(8)
+            corrupt.write(struct.pack("i", 10**6))
+        else:
+            corrupt.seek(_second_entry(tmp_path / "counter_203.db"))
+            corrupt.write(struct.pack("i", -28))
     registry = CollectorRegistry()
     collector = CompactingMultiProcessCollector(registry, path=str(tmp_path), reaped=lambda pid: pid != 202)
 
@@ -185,6 +202,71 @@ def test_an_unreadable_file_costs_its_own_samples_only_and_is_moved_aside(tmp_pa
     assert [r.getMessage() for r in caplog.records if "moved aside" in r.getMessage()] != []
     assert registry.get_sample_value("jobs_total", {"k": "a"}) == 7.0
     assert registry.get_sample_value("jobs_total", {"k": "b"}) == 1.0
+    assert registry.get_sample_value("jobs_total", {"k": "z"}) is None
+
+
+EVERY_KIND = textwrap.dedent(
+    """
+    import os, random, sys, time
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
+    from cadscope.metrics import enable_multiprocess
+    enable_multiprocess(sys.argv[1])
+    rng = random.Random(int(sys.argv[2]))
+    r = CollectorRegistry()
+    ops = Counter("ops", "Operations.", ("op", "who"), registry=r)
+    size = Histogram("size", "Sizes.", ("op",), buckets=(0.1, 1, 10), registry=r)
+    lag = Summary("lag", "Lag.", ("op",), registry=r)
+    gauges = {mode: Gauge(f"g_{mode}", f"A {mode} gauge.", ("op",), multiprocess_mode=mode, registry=r)
+              for mode in Gauge._MULTIPROC_MODES}
+    # Label values that need escaping, and some only some processes have.
+    values = ["boolean", "fillet", 'say "hi"', "back\\\\slash", "line\\nbreak", "Zürich ø", str(os.getpid())]
+    for _ in range(rng.randrange(5, 40)):
+        op = rng.choice(values)
+        ops.labels(op, rng.choice("ab")).inc(rng.choice([1, 0.1, 2.5e-7, 1e15]))
+        size.labels(op).observe(rng.choice([0.05, 0.3, 7.0, 1e6, -2.0]))
+        lag.labels(op).observe(rng.random())
+        for gauge in gauges.values():
+            gauge.labels(op).set(rng.uniform(-5, 5))
+            time.sleep(0.001)  # mostrecent's timestamps: distinct across processes
+    if len(sys.argv) > 3:
+        print("ready", flush=True)
+        time.sleep(60)
+    """
+)
+
+
+def test_ours_reads_every_kind_of_file_as_upstream_does(tmp_path):
+    """Counters, histograms, summaries and every gauge mode, written by real
+    processes (several dead, one live): cadscope's reader (summing by key as
+    it reads) exposes byte for byte what upstream's does, over the files as
+    written and with an accumulator among them after a compaction."""
+    for seed in range(6):
+        subprocess.run([sys.executable, "-c", EVERY_KIND, str(tmp_path), str(seed)], check=True)
+    live = subprocess.Popen([sys.executable, "-c", EVERY_KIND, str(tmp_path), "99", "linger"],
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert live.stdout is not None and live.stdout.readline().strip() == "ready"
+        upstream = CollectorRegistry()
+        MultiProcessCollector(upstream, path=str(tmp_path))
+        ours = CollectorRegistry()
+        collector = CompactingMultiProcessCollector(ours, path=str(tmp_path), reaped=lambda pid: pid != live.pid)
+        expected = generate_latest(upstream)
+        assert b'g_liveall{op="fillet",pid=' in expected and b"lag_count" in expected and b'le="+Inf"' in expected
+        assert generate_latest(ours) == expected
+
+        # Fold the dead processes into accumulators: upstream and a fresh collector of ours (no
+        # exposed values remembered) must still agree over the files as they now are.
+        assert collector.compact() > 0
+        names = sorted(os.listdir(tmp_path))
+        assert {"counter_compacted.db", "histogram_compacted.db", "summary_compacted.db"} <= set(names)
+        assert len(names) < 20, names
+        upstream_after, ours_after = CollectorRegistry(), CollectorRegistry()
+        MultiProcessCollector(upstream_after, path=str(tmp_path))
+        CompactingMultiProcessCollector(ours_after, path=str(tmp_path))
+        assert generate_latest(ours_after) == generate_latest(upstream_after)
+    finally:
+        live.kill()
+        live.wait()
 
 
 FORKS = textwrap.dedent(

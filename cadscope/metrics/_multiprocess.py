@@ -21,15 +21,24 @@ new pool child's file at 0 bytes, and a child killed in that window leaves it so
 for good. Compaction deletes such a file once its process is reaped, and moves
 an unreadable one aside (``*.unreadable``, kept for a post-mortem) rather than
 failing every period while the directory grows.
+
+The files are read by :func:`_read_metrics`, which gives upstream's metrics
+(byte for byte once exposed) in a fraction of its time, summing counters,
+histograms and summaries by key as it reads rather than making a sample per
+process, and which refuses a negative key length, on which upstream's reader
+never ends.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import logging
+import mmap
 import os
 import re
 import shutil
+import struct
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -115,8 +124,118 @@ def process_reaped(pid: int) -> bool:
         return False
 
 
+_int = struct.Struct("i").unpack_from
+_two_doubles = struct.Struct("dd").unpack_from
+_double = struct.Struct("d").unpack_from
+_CORRUPT = "Read beyond file size detected, file is corrupted."  # mmap_dict's words
+
+
+def _file_bytes(path: str) -> bytes:
+    """The used part of an ``MmapedDict`` file, read as ``read_all_values_from_file`` reads it."""
+    with open(path, "rb") as file:
+        data = file.read(mmap.PAGESIZE)
+        used = _int(data, 0)[0]
+        if used > len(data):
+            data += file.read(used - len(data))
+    return data
+
+
+def _entries(data: bytes) -> Iterable[tuple[bytes, float, float]]:
+    """``(key, value, timestamp)`` of every entry, as ``mmap_dict._read_all_values`` walks them,
+    with the key left undecoded, and one more check: a negative key length is
+    corruption. Upstream reads on, and a length of -28 (say) takes it back to
+    an entry it has read, for ever: a scrape, or a compaction, that never
+    ends and holds the directory's lock."""
+    used = _int(data, 0)[0]
+    pos = 8
+    while pos < used:
+        length = _int(data, pos)[0]
+        if length < 0 or length + pos > used:
+            raise RuntimeError(_CORRUPT)
+        pos += 4
+        key = data[pos : pos + length]
+        pos += length + (8 - (length + 4) % 8)
+        value, timestamp = _two_doubles(data, pos)
+        yield key, value, timestamp
+        pos += 16
+
+
+def _sum_entries(data: bytes, totals: dict[bytes, float], new: list[bytes]) -> None:
+    """Add every entry's value to ``totals`` by key, walking and checking as :func:`_entries`
+    does (inline: this is a scrape's inner loop); keys not yet in ``totals`` are appended to ``new``."""
+    used = _int(data, 0)[0]
+    pos = 8
+    while pos < used:
+        length = _int(data, pos)[0]
+        if length < 0 or length + pos > used:
+            raise RuntimeError(_CORRUPT)
+        start = pos + 4
+        key = data[start : start + length]
+        pos = start + length + (8 - (length + 4) % 8)
+        value = _double(data, pos)[0]
+        pos += 16
+        total = totals.get(key)
+        if total is None:
+            new.append(key)
+            totals[key] = 0.0 + value  # upstream's sum starts at 0.0
+        else:
+            totals[key] = total + value
+
+
+def _read_metrics(files: Iterable[str]) -> dict[str, Metric]:
+    """``MultiProcessCollector._read_metrics``, the same metrics in the same order, in a fraction
+    of its time.
+
+    Upstream makes a sample of every entry of every file, then sums them by
+    name and labels. A counter's, histogram's or summary's samples are summed
+    over processes whatever the process, so here they are summed by their
+    undecoded key as the files are read, in the same order (a key's sum is
+    the same float), and a key is decoded and parsed once, when first seen:
+    one sample per key instead of one per key and process. Gauges, whose
+    modes look at each process, are read as upstream reads them."""
+    metrics: dict[str, Metric] = {}
+    parsed: dict[bytes, tuple[Metric, str, tuple[tuple[str, str], ...]]] = {}
+    totals: dict[bytes, float] = {}
+
+    def parse(key: bytes, typ: str) -> tuple[Metric, str, tuple[tuple[str, str], ...]]:
+        metric_name, name, labels, help_text = json.loads(key.decode("utf-8"))
+        metric = metrics.get(metric_name)
+        if metric is None:
+            metric = metrics[metric_name] = Metric(metric_name, help_text, typ)
+        entry = parsed[key] = (metric, name, tuple(sorted(labels.items())))
+        return entry
+
+    for path in files:
+        parts = os.path.basename(path).split("_")
+        typ = parts[0]
+        try:
+            data = _file_bytes(path)
+        except FileNotFoundError:
+            if typ == "gauge" and parts[1].startswith("live"):
+                continue  # removed by mark_process_dead since the listing, as upstream allows
+            raise
+        if typ == "gauge":
+            pid = ("pid", parts[2][:-3])
+            for key, value, timestamp in _entries(data):
+                metric, name, labels = parsed.get(key) or parse(key, typ)
+                metric._multiprocess_mode = parts[1]  # type: ignore[attr-defined]
+                # Labels as a tuple until _accumulate_metrics makes them a dict, as upstream passes them.
+                metric.add_sample(name, labels + (pid,), value, timestamp)  # type: ignore[arg-type]
+            continue
+        new: list[bytes] = []
+        _sum_entries(data, totals, new)
+        for key in new:
+            if key not in parsed:
+                parse(key, typ)
+    for key, total in totals.items():
+        metric, name, labels = parsed[key]
+        metric.add_sample(name, labels, total)  # type: ignore[arg-type]
+    return metrics
+
+
 class CompactingMultiProcessCollector(MultiProcessCollector):
-    """``MultiProcessCollector`` that folds reaped processes' files into accumulators."""
+    """``MultiProcessCollector`` that folds reaped processes' files into accumulators,
+    and reads them with a faster :func:`_read_metrics`."""
 
     def __init__(
         self,
@@ -130,6 +249,10 @@ class CompactingMultiProcessCollector(MultiProcessCollector):
         self.compacted_files = 0
         self._exposed: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
         self._reported: set[str] = set()
+
+    @staticmethod
+    def merge(files: Iterable[str], accumulate: bool = True) -> Iterable[Metric]:
+        return MultiProcessCollector._accumulate_metrics(_read_metrics(files), accumulate)  # type: ignore[no-any-return]
 
     def collect(self) -> Iterable[Metric]:
         with self._lock:
@@ -196,13 +319,13 @@ class CompactingMultiProcessCollector(MultiProcessCollector):
         for file in ([accumulator] if os.path.exists(accumulator) else []) + files:
             if _sized(file):  # else never sized by its dead process: no samples
                 try:
-                    entries = list(MmapedDict.read_all_values_from_file(file))
+                    entries = [(key.decode("utf-8"), value) for key, value, _ in _entries(_file_bytes(file))]
                 except Exception as exc:  # noqa: BLE001 - one bad file must not stop compaction for good
                     os.replace(file, file + UNREADABLE)
                     self._reported.discard(file)
                     log.error("metrics file unreadable, moved aside: %s%s (%r)", file, UNREADABLE, exc)
                     continue
-                for key, value, _timestamp, _pos in entries:
+                for key, value in entries:
                     totals[key] += value
             if file != accumulator:
                 folded.append(file)
