@@ -126,7 +126,6 @@ def process_reaped(pid: int) -> bool:
 
 _int = struct.Struct("i").unpack_from
 _two_doubles = struct.Struct("dd").unpack_from
-_double = struct.Struct("d").unpack_from
 _CORRUPT = "Read beyond file size detected, file is corrupted."  # mmap_dict's words
 
 
@@ -158,28 +157,6 @@ def _entries(data: bytes) -> Iterable[tuple[bytes, float, float]]:
         value, timestamp = _two_doubles(data, pos)
         yield key, value, timestamp
         pos += 16
-
-
-def _sum_entries(data: bytes, totals: dict[bytes, float], new: list[bytes]) -> None:
-    """Add every entry's value to ``totals`` by key, walking and checking as :func:`_entries`
-    does (inline: this is a scrape's inner loop); keys not yet in ``totals`` are appended to ``new``."""
-    used = _int(data, 0)[0]
-    pos = 8
-    while pos < used:
-        length = _int(data, pos)[0]
-        if length < 0 or length + pos > used:
-            raise RuntimeError(_CORRUPT)
-        start = pos + 4
-        key = data[start : start + length]
-        pos = start + length + (8 - (length + 4) % 8)
-        value = _double(data, pos)[0]
-        pos += 16
-        total = totals.get(key)
-        if total is None:
-            new.append(key)
-            totals[key] = 0.0 + value  # upstream's sum starts at 0.0
-        else:
-            totals[key] = total + value
 
 
 def _read_metrics(files: Iterable[str]) -> dict[str, Metric]:
@@ -222,11 +199,14 @@ def _read_metrics(files: Iterable[str]) -> dict[str, Metric]:
                 # Labels as a tuple until _accumulate_metrics makes them a dict, as upstream passes them.
                 metric.add_sample(name, labels + (pid,), value, timestamp)  # type: ignore[arg-type]
             continue
-        new: list[bytes] = []
-        _sum_entries(data, totals, new)
-        for key in new:
-            if key not in parsed:
-                parse(key, typ)
+        for key, value, _timestamp in _entries(data):
+            total = totals.get(key)
+            if total is not None:
+                totals[key] = total + value
+            else:
+                totals[key] = 0.0 + value  # upstream's sum starts at 0.0
+                if key not in parsed:
+                    parse(key, typ)
     for key, total in totals.items():
         metric, name, labels = parsed[key]
         metric.add_sample(name, labels, total)  # type: ignore[arg-type]
