@@ -205,6 +205,43 @@ def test_an_unreadable_file_costs_its_own_samples_only_and_is_moved_aside(tmp_pa
     assert registry.get_sample_value("jobs_total", {"k": "z"}) is None
 
 
+def test_a_file_with_keys_no_scrape_can_read_is_moved_aside_never_folded(tmp_path, caplog):
+    """A file whole in its layout whose keys are not prometheus_client's (JSON
+    of a name, a sample name, a dict of labels and a help text). Folded into
+    the accumulator, such a key made the accumulator unreadable: every reaped
+    process's counts left /metrics for good, and each later compaction folded
+    more into a file no scrape read."""
+
+    def write_keys(pid: int, entries: dict[str, float]) -> None:
+        store = MmapedDict(str(tmp_path / f"counter_{pid}.db"))
+        for key, value in entries.items():
+            store.write_value(key, value, 0.0)
+        store.close()
+
+    good = json.dumps(["jobs", "jobs_total", {"k": "a"}, "help"])
+    write_keys(301, {good: 5.0})
+    write_keys(302, {good: 7.0, "not json": 1.0})
+    write_keys(303, {good: 11.0, json.dumps(["jobs", "jobs_total", ["k", "a"], "help"]): 1.0})  # labels not a dict
+    write_keys(304, {good: 1.0})  # alive
+    registry = CollectorRegistry()
+    collector = CompactingMultiProcessCollector(registry, path=str(tmp_path), reaped=lambda pid: pid != 304)
+    with caplog.at_level("ERROR", logger="cadscope.metrics"):
+        assert registry.get_sample_value("jobs_total", {"k": "a"}) == 6.0  # 302 and 303 left out
+
+        assert collector.compact() == 1  # 301 folded; 302 and 303 moved aside
+    assert sorted(os.listdir(tmp_path)) == [
+        "counter_302.db.unreadable", "counter_303.db.unreadable", "counter_304.db", "counter_compacted.db"
+    ]  # fmt: skip
+    fresh = CollectorRegistry()  # reads the accumulator from scratch, as after a restart of the scraper
+    CompactingMultiProcessCollector(fresh, path=str(tmp_path))
+    assert fresh.get_sample_value("jobs_total", {"k": "a"}) == 6.0
+    write_keys(305, {good: 2.0})
+    assert collector.compact() == 1
+    assert registry.get_sample_value("jobs_total", {"k": "a"}) == 8.0
+    moved = [r.getMessage() for r in caplog.records if "moved aside" in r.getMessage()]
+    assert len(moved) == 2 and any("not a metric key" in m for m in moved)
+
+
 EVERY_KIND = textwrap.dedent(
     """
     import os, random, sys, time

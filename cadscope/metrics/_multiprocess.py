@@ -159,6 +159,24 @@ def _entries(data: bytes) -> Iterable[tuple[bytes, float, float]]:
         pos += 16
 
 
+def _key_fields(key: bytes) -> tuple[str, str, tuple[tuple[str, str], ...], str]:
+    """An entry's key as prometheus_client writes it (``mmap_dict.mmap_key``): the
+    metric's name, the sample's name, its labels (sorted) and its help text.
+    Anything else raises ``ValueError``: the key of a corrupt file."""
+    fields = json.loads(key.decode("utf-8"))
+    if isinstance(fields, list) and len(fields) == 4:
+        metric_name, name, labels, help_text = fields
+        if (
+            isinstance(metric_name, str)
+            and isinstance(name, str)
+            and isinstance(help_text, str)
+            and isinstance(labels, dict)
+            and all(isinstance(value, str) for value in labels.values())
+        ):
+            return metric_name, name, tuple(sorted(labels.items())), help_text
+    raise ValueError(f"not a metric key: {key[:100]!r}")
+
+
 def _read_metrics(files: Iterable[str]) -> dict[str, Metric]:
     """``MultiProcessCollector._read_metrics``, the same metrics in the same order, in a fraction
     of its time.
@@ -175,11 +193,11 @@ def _read_metrics(files: Iterable[str]) -> dict[str, Metric]:
     totals: dict[bytes, float] = {}
 
     def parse(key: bytes, typ: str) -> tuple[Metric, str, tuple[tuple[str, str], ...]]:
-        metric_name, name, labels, help_text = json.loads(key.decode("utf-8"))
+        metric_name, name, labels, help_text = _key_fields(key)
         metric = metrics.get(metric_name)
         if metric is None:
             metric = metrics[metric_name] = Metric(metric_name, help_text, typ)
-        entry = parsed[key] = (metric, name, tuple(sorted(labels.items())))
+        entry = parsed[key] = (metric, name, labels)
         return entry
 
     for path in files:
@@ -292,14 +310,21 @@ class CompactingMultiProcessCollector(MultiProcessCollector):
     def _fold(self, kind: str, files: list[str]) -> list[str]:
         """Fold ``files`` into the accumulator; returns those folded (or empty), to delete."""
         accumulator = os.path.join(self._path, f"{kind}_{ACCUMULATED}.db")
-        totals: dict[str, float] = defaultdict(float)
+        totals: dict[bytes, float] = defaultdict(float)
+        checked: set[bytes] = set()  # keys a scrape can read
         folded = []
         # Counter and histogram samples (buckets, sums) are sums over processes,
         # so adding the raw values key by key is exactly what a scrape would do.
         for file in ([accumulator] if os.path.exists(accumulator) else []) + files:
             if _sized(file):  # else never sized by its dead process: no samples
                 try:
-                    entries = [(key.decode("utf-8"), value) for key, value, _ in _entries(_file_bytes(file))]
+                    entries = [(key, value) for key, value, _ in _entries(_file_bytes(file))]
+                    # A key the scrape cannot read, folded in, would make the accumulator unreadable: every
+                    # reaped process's counts gone from /metrics for good. Its file is moved aside instead.
+                    for key, _value in entries:
+                        if key not in checked:
+                            _key_fields(key)
+                            checked.add(key)
                 except Exception as exc:  # noqa: BLE001 - one bad file must not stop compaction for good
                     os.replace(file, file + UNREADABLE)
                     self._reported.discard(file)
@@ -315,7 +340,7 @@ class CompactingMultiProcessCollector(MultiProcessCollector):
         merged = MmapedDict(temporary)
         try:
             for key, value in totals.items():
-                merged.write_value(key, value, 0.0)
+                merged.write_value(key.decode("utf-8"), value, 0.0)
         finally:
             merged.close()
         os.replace(temporary, accumulator)
