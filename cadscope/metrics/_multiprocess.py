@@ -323,7 +323,9 @@ class CompactingMultiProcessCollector(MultiProcessCollector):
                     # reaped process's counts gone from /metrics for good. Its file is moved aside instead.
                     for key, _value in entries:
                         if key not in checked:
-                            _key_fields(key)
+                            labels = dict(_key_fields(key)[2])
+                            if kind == "histogram" and "le" in labels:
+                                float(labels["le"])  # as _accumulate_metrics reads a histogram's every "le"
                             checked.add(key)
                 except Exception as exc:  # noqa: BLE001 - one bad file must not stop compaction for good
                     os.replace(file, file + UNREADABLE)
