@@ -208,7 +208,8 @@ def test_an_unreadable_file_costs_its_own_samples_only_and_is_moved_aside(tmp_pa
 def test_a_file_with_keys_no_scrape_can_read_is_moved_aside_never_folded(tmp_path, caplog):
     """A file whole in its layout whose keys are not prometheus_client's (JSON
     of a name, a sample name, a dict of labels and a help text), or a
-    histogram's with a bucket bound that is no number. Folded into
+    histogram's with a bucket bound that is no number, or a metric with no
+    name: any key a scrape cannot read. Folded into
     the accumulator, such a key made the accumulator unreadable: every reaped
     process's counts left /metrics for good, and each later compaction folded
     more into a file no scrape read."""
@@ -224,19 +225,20 @@ def test_a_file_with_keys_no_scrape_can_read_is_moved_aside_never_folded(tmp_pat
     write_keys(302, {good: 7.0, "not json": 1.0})
     write_keys(303, {good: 11.0, json.dumps(["jobs", "jobs_total", ["k", "a"], "help"]): 1.0})  # labels not a dict
     write_keys(304, {good: 1.0})  # alive
+    write_keys(308, {good: 13.0, json.dumps(["", "", {}, "help"]): 1.0})  # no metric name: the scrape's Metric fails
     bucket = json.dumps(["lag", "lag_bucket", {"le": "0.5"}, "help"])
     write_keys(306, {bucket: 3.0}, "histogram")
     write_keys(307, {bucket.replace("0.5", "x5"): 1.0}, "histogram")  # a bound no float: _accumulate_metrics fails
     registry = CollectorRegistry()
     collector = CompactingMultiProcessCollector(registry, path=str(tmp_path), reaped=lambda pid: pid != 304)
     with caplog.at_level("ERROR", logger="cadscope.metrics"):
-        assert registry.get_sample_value("jobs_total", {"k": "a"}) == 6.0  # 302 and 303 left out
+        assert registry.get_sample_value("jobs_total", {"k": "a"}) == 6.0  # 302, 303 and 308 left out
         assert registry.get_sample_value("lag_bucket", {"le": "0.5"}) == 3.0  # 307 left out
 
-        assert collector.compact() == 2  # 301 and 306 folded; 302, 303 and 307 moved aside
+        assert collector.compact() == 2  # 301 and 306 folded; 302, 303, 307 and 308 moved aside
     assert sorted(os.listdir(tmp_path)) == [
-        "counter_302.db.unreadable", "counter_303.db.unreadable", "counter_304.db", "counter_compacted.db",
-        "histogram_307.db.unreadable", "histogram_compacted.db",
+        "counter_302.db.unreadable", "counter_303.db.unreadable", "counter_304.db", "counter_308.db.unreadable",
+        "counter_compacted.db", "histogram_307.db.unreadable", "histogram_compacted.db",
     ]  # fmt: skip
     fresh = CollectorRegistry()  # reads the accumulators from scratch, as after a restart of the scraper
     CompactingMultiProcessCollector(fresh, path=str(tmp_path))
@@ -246,7 +248,7 @@ def test_a_file_with_keys_no_scrape_can_read_is_moved_aside_never_folded(tmp_pat
     assert collector.compact() == 1
     assert registry.get_sample_value("jobs_total", {"k": "a"}) == 8.0
     moved = [r.getMessage() for r in caplog.records if "moved aside" in r.getMessage()]
-    assert len(moved) == 3 and any("not a metric key" in m for m in moved)
+    assert len(moved) == 4 and any("not a metric key" in m for m in moved)
 
 
 EVERY_KIND = textwrap.dedent(

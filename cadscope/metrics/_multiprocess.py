@@ -311,7 +311,7 @@ class CompactingMultiProcessCollector(MultiProcessCollector):
         """Fold ``files`` into the accumulator; returns those folded (or empty), to delete."""
         accumulator = os.path.join(self._path, f"{kind}_{ACCUMULATED}.db")
         totals: dict[bytes, float] = defaultdict(float)
-        checked: set[bytes] = set()  # keys a scrape can read
+        checked: set[bytes] = set()  # keys read as a scrape reads them
         folded = []
         # Counter and histogram samples (buckets, sums) are sums over processes,
         # so adding the raw values key by key is exactly what a scrape would do.
@@ -320,13 +320,12 @@ class CompactingMultiProcessCollector(MultiProcessCollector):
                 try:
                     entries = [(key, value) for key, value, _ in _entries(_file_bytes(file))]
                     # A key the scrape cannot read, folded in, would make the accumulator unreadable: every
-                    # reaped process's counts gone from /metrics for good. Its file is moved aside instead.
-                    for key, _value in entries:
-                        if key not in checked:
-                            labels = dict(_key_fields(key)[2])
-                            if kind == "histogram" and "le" in labels:
-                                float(labels["le"])  # as _accumulate_metrics reads a histogram's every "le"
-                            checked.add(key)
+                    # reaped process's counts gone from /metrics for good. A file with a key not seen yet is
+                    # read as a scrape reads it (which raises where a scrape would), or else moved aside.
+                    unchecked = [key for key, _value in entries if key not in checked]
+                    if unchecked:
+                        self.merge([file])
+                        checked.update(unchecked)
                 except Exception as exc:  # noqa: BLE001 - one bad file must not stop compaction for good
                     os.replace(file, file + UNREADABLE)
                     self._reported.discard(file)
