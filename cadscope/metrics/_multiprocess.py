@@ -284,9 +284,11 @@ class CompactingMultiProcessCollector(MultiProcessCollector):
         # a histogram's _sum down by an ulp; Prometheus reads any decrease as a
         # counter reset (a rate() spike). Never expose less than before.
         key = (sample.name, tuple(sorted(sample.labels.items())))
-        value = max(sample.value, self._exposed.get(key, sample.value))
-        self._exposed[key] = value
-        return sample._replace(value=value)
+        exposed = self._exposed.get(key)
+        if exposed is not None and sample.value < exposed:
+            return sample._replace(value=exposed)
+        self._exposed[key] = sample.value
+        return sample  # as it is, the case of almost every sample: no copy
 
     def compact(self) -> int:
         """Merge reaped processes' counters and histograms; drop their gauges. Returns files deleted
