@@ -125,6 +125,28 @@ def test_a_counter_is_never_exposed_lower_than_before(tmp_path):
     assert registry.get_sample_value("jobs_total", {"k": "v"}) == 1.5
 
 
+def test_parsed_keys_are_kept_across_scrapes_within_a_bound(tmp_path, monkeypatch):
+    """The reader keeps the keys it has parsed from one scrape to the next (a
+    worker's page parses ~1,500 every scrape otherwise), never more than its
+    bound: labels that churn without end must not grow the worker's memory."""
+    from cadscope.metrics import _multiprocess
+
+    monkeypatch.setattr(_multiprocess, "_parsed_keys", {})
+    monkeypatch.setattr(_multiprocess, "_PARSED_MAX", 10)
+    registry = CollectorRegistry()
+    CompactingMultiProcessCollector(registry, path=str(tmp_path))
+    _write(tmp_path / f"counter_{os.getpid()}.db", {f"v{i}": float(i) for i in range(8)})
+    assert registry.get_sample_value("jobs_total", {"k": "v7"}) == 7.0
+    kept = dict(_multiprocess._parsed_keys)
+    assert len(kept) == 8
+    registry.get_sample_value("jobs_total", {"k": "v7"})
+    assert all(_multiprocess._parsed_keys[key] is fields for key, fields in kept.items())  # not parsed again
+    _write(tmp_path / f"counter_{os.getpid()}.db", {f"v{i}": float(i) for i in range(8, 20)})  # churn
+    assert registry.get_sample_value("jobs_total", {"k": "v19"}) == 19.0
+    assert registry.get_sample_value("jobs_total", {"k": "v3"}) == 3.0  # the first eight, still exposed
+    assert len(_multiprocess._parsed_keys) <= 10
+
+
 def _write(path, values: dict[str, float]) -> None:
     import json
 

@@ -159,10 +159,27 @@ def _entries(data: bytes) -> Iterable[tuple[bytes, float, float]]:
         pos += 16
 
 
-def _key_fields(key: bytes) -> tuple[str, str, tuple[tuple[str, str], ...], str]:
+_Fields = tuple[str, str, tuple[tuple[str, str], ...], str]
+# Keys already parsed, across scrapes: a pure function's results, so never stale. Bounded by the
+# fleet's series; emptied if it ever holds more than _PARSED_MAX (labels that churn without end).
+_parsed_keys: dict[bytes, _Fields] = {}
+_PARSED_MAX = 50_000
+
+
+def _key_fields(key: bytes) -> _Fields:
     """An entry's key as prometheus_client writes it (``mmap_dict.mmap_key``): the
     metric's name, the sample's name, its labels (sorted) and its help text.
     Anything else raises ``ValueError``: the key of a corrupt file."""
+    fields = _parsed_keys.get(key)
+    if fields is None:
+        fields = _parse_key(key)
+        if len(_parsed_keys) >= _PARSED_MAX:
+            _parsed_keys.clear()
+        _parsed_keys[key] = fields
+    return fields
+
+
+def _parse_key(key: bytes) -> _Fields:
     fields = json.loads(key.decode("utf-8"))
     if isinstance(fields, list) and len(fields) == 4:
         metric_name, name, labels, help_text = fields
