@@ -14,6 +14,7 @@ bench:
 	.venv/bin/python bench/read_window.py --write bench/RESULTS.md
 	.venv/bin/python bench/scrape_churn.py --write bench/RESULTS.md
 	.venv/bin/python bench/scrape_churn.py --live 64 --write bench/RESULTS.md
+	.venv/bin/python bench/scrape_worker_page.py --write bench/RESULTS.md
 	.venv/bin/python bench/span_cost.py --write bench/RESULTS.md
 	.venv/bin/python bench/task_cpu.py --write bench/RESULTS.md
 	.venv/bin/python bench/task_overhead.py --write bench/RESULTS.md

@@ -34,6 +34,29 @@ def test_scrape_churn_runs_and_compaction_keeps_the_exposition(tmp_path):
     assert rows and "| 28 | 9 |" in rows[0]  # 8 live + 20 dead files, then 8 live + 1 accumulator
 
 
+CATALOGUE_CHILD = """
+import sys
+from cadscope.metrics import ModelObservability, enable_multiprocess
+enable_multiprocess(sys.argv[1])
+obs = ModelObservability()
+for versions in (("0.20.2", "7.6.3"), ("none", "8.0.1")):
+    with obs.engine_versions(*versions):
+        obs.record_occt_boolean("union", 4, 0.02)
+        obs.record_export("step", 20_000, 0.01)
+        obs.record_stage("parametric", "export", 0.03)
+"""
+
+
+def test_scrape_worker_page_runs_and_the_pages_agree(tmp_path):
+    # The script exits non-zero unless ours and upstream's pages are byte-identical.
+    metrics = tmp_path / "metrics"
+    for _ in range(2):  # two processes' files, written by cadscope's catalogue
+        subprocess.run([sys.executable, "-c", CATALOGUE_CHILD, str(metrics)], check=True)
+    results = _bench(tmp_path, "scrape_worker_page.py", "--dir", str(metrics), "--rounds", "3")
+    row = [line for line in results.splitlines() if line.startswith("| ") and " ms |" in line]
+    assert len(row) == 1 and row[0].startswith("| 4 |"), results  # a counter and a histogram file each
+
+
 def test_task_cpu_runs_and_every_span_reaches_the_collector(tmp_path):
     # The script exits non-zero when a stack's collector did not receive every span.
     results = _bench(tmp_path, "task_cpu.py", "--tasks", "300", "--rounds", "1")
