@@ -207,7 +207,10 @@ def test_an_unreadable_file_costs_its_own_samples_only_and_is_moved_aside(tmp_pa
             corrupt.seek(_second_entry(tmp_path / "counter_203.db"))
             corrupt.write(struct.pack("i", -28))
     registry = CollectorRegistry()
-    collector = CompactingMultiProcessCollector(registry, path=str(tmp_path), reaped=lambda pid: pid != 202)
+    actions: list[str] = []
+    collector = CompactingMultiProcessCollector(
+        registry, path=str(tmp_path), reaped=lambda pid: pid != 202, on_unreadable=actions.append
+    )
 
     with caplog.at_level("ERROR", logger="cadscope.metrics"):
         for _ in range(3):
@@ -215,16 +218,30 @@ def test_an_unreadable_file_costs_its_own_samples_only_and_is_moved_aside(tmp_pa
             assert registry.get_sample_value("jobs_total", {"k": "b"}) == 1.0
     reports = [r for r in caplog.records if "unreadable" in r.getMessage()]
     assert len(reports) == 1 and "counter_203.db" in reports[0].getMessage()  # once, not every scrape
+    assert actions == ["left_out"]  # counted once too (cadscope_metrics_files_unreadable_total)
 
     caplog.clear()
     with caplog.at_level("ERROR", logger="cadscope.metrics"):
         assert collector.compact() == 1  # 201 folded; 203 moved aside, kept for a post-mortem
         assert collector.compact() == 0  # and compaction does not fail on it again
     assert sorted(os.listdir(tmp_path)) == ["counter_202.db", "counter_203.db.unreadable", "counter_compacted.db"]
+    assert actions == ["left_out", "moved_aside"]
     assert [r.getMessage() for r in caplog.records if "moved aside" in r.getMessage()] != []
     assert registry.get_sample_value("jobs_total", {"k": "a"}) == 7.0
     assert registry.get_sample_value("jobs_total", {"k": "b"}) == 1.0
     assert registry.get_sample_value("jobs_total", {"k": "z"}) is None
+
+
+def test_a_failing_unreadable_callback_fails_no_scrape(tmp_path):
+    _write(tmp_path / "counter_401.db", {"a": 2.0})
+    (tmp_path / "counter_402.db").write_bytes(b"\x20\x00\x00\x00" + b"\x00" * 28)  # used: 32, then garbage
+
+    def broken(action: str) -> None:
+        raise RuntimeError("the counter's own store is gone")
+
+    registry = CollectorRegistry()
+    CompactingMultiProcessCollector(registry, path=str(tmp_path), reaped=lambda pid: False, on_unreadable=broken)
+    assert registry.get_sample_value("jobs_total", {"k": "a"}) == 2.0
 
 
 def test_a_file_with_keys_no_scrape_can_read_is_moved_aside_never_folded(tmp_path, caplog):

@@ -177,6 +177,45 @@ def test_a_metric_file_met_before_it_is_sized_fails_no_scrape(client, start_work
     worker.scrape()
 
 
+def _corrupt_metrics_file(path: Path) -> None:
+    """Two entries, the second's key length then set to -28: upstream's reader loops on it for ever."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    store = MmapedDict(str(path))
+    for op in ("a", "b"):
+        store.write_value(json.dumps(["jobs", "jobs_total", {"op": op}, "Jobs."]), 1.0, 0.0)
+    store.close()
+    data = bytearray(path.read_bytes())
+    length = int.from_bytes(data[8:12], "little", signed=True)
+    second = 8 + 4 + length + (8 - (length + 4) % 8) + 16
+    data[second : second + 4] = (-28).to_bytes(4, "little", signed=True)
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_metric_file_is_counted_and_costs_only_its_own_samples(client, start_worker, engines):
+    """A corrupt file in a real worker's directory: /metrics still answers with every other
+    process's samples, and the file is counted (cadscope_metrics_files_unreadable_total, which
+    the MetricsFileUnreadable alert reads): left out of scrapes while its process lives, moved
+    aside once it is reaped."""
+    worker = start_worker()
+    directory = Path(worker.env["PROMETHEUS_MULTIPROC_DIR"])
+    _corrupt_metrics_file(directory / f"counter_{os.getpid()}.db")  # a live process: left out until reaped
+    dead = psutil.Popen(["true"])
+    dead.wait()
+    _corrupt_metrics_file(directory / f"counter_{dead.pid}.db")  # reaped: moved aside
+    assert run_job.apply_async(args=[TINY], queue=worker.queue).get(timeout=60)["status"] == "succeeded"
+    wait_until(lambda: (directory / f"counter_{dead.pid}.db.unreadable").exists(), 30, what="compaction")
+    text = worker.scrape()
+    assert _scrape_values(text, r'model_generation_completed_total(?=\{[^}]*status="success")') == 1
+    assert "jobs_total" not in text
+    unreadable = r"cadscope_metrics_files_unreadable_total(?=\{{[^}}]*action=\"{}\")"
+    assert _scrape_values(text, unreadable.format("left_out")) >= 1  # the live one, and the dead one if
+    assert _scrape_values(text, unreadable.format("moved_aside")) == 1  # a scrape met it before compaction
+    assert (directory / f"counter_{os.getpid()}.db").exists()
+    worker.scrape()  # the live file is reported once, not at every scrape
+    assert worker.log.read_text(errors="replace").count(f"counter_{os.getpid()}.db") == 1
+
+
 def test_worker_sigkilled_leaves_no_cad_process_and_another_worker_takes_the_job(client, start_worker, engines):
     # The runner's own timeout is the soft limit minus 5 s: leave the job room under a loaded machine.
     limits = {"CADSCOPE_TASK_TIME_LIMIT": "20", "CADSCOPE_TASK_SOFT_TIME_LIMIT": "15",

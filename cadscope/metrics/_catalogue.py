@@ -133,6 +133,7 @@ ALLOWED_LABEL_VALUES: dict[str, frozenset[str]] = {
     "violation_type": frozenset({"checksum_mismatch", "path_traversal"}),
     "severity": frozenset({"critical", "high", "medium", "low"}),
     "span_drop_reason": frozenset({"queue_full", "export_failed", "shutdown"}),
+    "metrics_file_action": frozenset({"left_out", "moved_aside"}),
     "rejected_reason": frozenset(
         {
             "not_an_object",
@@ -413,6 +414,11 @@ class Catalogue:
             "cadscope_telemetry_spans_dropped",
             "Spans never exported, by reason (queue_full, export_failed, shutdown).",
             ("reason",),
+        )
+        self.metrics_files_unreadable = counter(
+            "cadscope_metrics_files_unreadable",
+            "Multiprocess metric files found unreadable: left out of scrapes (once a file), then moved aside.",
+            ("action",),
         )
         self.task_runtime = histogram(
             "cadscope_task_runtime_seconds",

@@ -396,6 +396,11 @@ class ModelObservability:
         with _never_raise("spans dropped"):
             self.metrics.spans_dropped.labels(bound("span_drop_reason", reason)).inc(count)
 
+    def record_metrics_file_unreadable(self, action: str) -> None:
+        """The multiprocess collector's ``on_unreadable`` callback (the worker's main process)."""
+        with _never_raise("metrics file unreadable"):
+            self.metrics.metrics_files_unreadable.labels(bound("metrics_file_action", action)).inc()
+
     def record_ai_failover(self, provider: str) -> None:
         with _never_raise("ai failover"):
             self.metrics.ai_failovers.labels(bound("provider", provider)).inc()

@@ -257,9 +257,11 @@ class CompactingMultiProcessCollector(MultiProcessCollector):
         registry: CollectorRegistry | None,
         path: str | None = None,
         reaped: Callable[[int], bool] = process_reaped,
+        on_unreadable: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__(registry, path)
         self._reaped = reaped
+        self._on_unreadable = on_unreadable
         self._lock = threading.Lock()
         self.compacted_files = 0
         self._exposed: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
@@ -293,8 +295,16 @@ class CompactingMultiProcessCollector(MultiProcessCollector):
             if file not in self._reported:
                 self._reported.add(file)
                 log.error("metrics file unreadable, left out of every scrape until compacted: %s (%r)", file, exc)
+                self._unreadable("left_out")
             return False
         return True
+
+    def _unreadable(self, action: str) -> None:
+        if self._on_unreadable is not None:
+            try:
+                self._on_unreadable(action)
+            except Exception:  # noqa: BLE001 - counting it must not fail the scrape or the compaction
+                log.warning("on_unreadable failed", exc_info=True)
 
     def _monotonic(self, sample: Sample) -> Sample:
         # Compaction changes the order in which floats are summed, which can move
@@ -349,6 +359,7 @@ class CompactingMultiProcessCollector(MultiProcessCollector):
                     os.replace(file, file + UNREADABLE)
                     self._reported.discard(file)
                     log.error("metrics file unreadable, moved aside: %s%s (%r)", file, UNREADABLE, exc)
+                    self._unreadable("moved_aside")
                     continue
                 for key, value in entries:
                     totals[key] += value
@@ -368,15 +379,20 @@ class CompactingMultiProcessCollector(MultiProcessCollector):
 
 
 def multiprocess_registry(
-    path: str | None = None, *, compact_every_s: float | None = None
+    path: str | None = None,
+    *,
+    compact_every_s: float | None = None,
+    on_unreadable: Callable[[str], None] | None = None,
 ) -> tuple[CollectorRegistry, CompactingMultiProcessCollector]:
     """A registry aggregating every process's files, and its collector.
 
     With ``compact_every_s``, a daemon thread compacts reaped processes' files
-    on that period (the worker's main process does this).
+    on that period (the worker's main process does this). ``on_unreadable`` is
+    called with ``"left_out"`` the first time a scrape cannot read a file, and
+    with ``"moved_aside"`` when compaction moves one aside.
     """
     registry = CollectorRegistry()
-    collector = CompactingMultiProcessCollector(registry, path=path or os.environ[ENV])
+    collector = CompactingMultiProcessCollector(registry, path=path or os.environ[ENV], on_unreadable=on_unreadable)
     if compact_every_s:
 
         def loop() -> None:

@@ -122,7 +122,10 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     enable_multiprocess(str(settings.metrics_dir), wipe=True)
     # Pool children come and go (max_tasks_per_child, crashes): fold the files of
     # reaped ones into accumulators so scrapes stay flat and counters never drop.
-    registry, _collector = multiprocess_registry(compact_every_s=5.0)
+    # A file no scrape can read is counted (cadscope_metrics_files_unreadable_total), so it can alert.
+    registry, _collector = multiprocess_registry(
+        compact_every_s=5.0, on_unreadable=lambda action: default_observability().record_metrics_file_unreadable(action)
+    )
     server, _thread = serve_metrics(registry, settings.metrics_port, settings.metrics_addr)
     engines = discover_engines()
     node = getattr(sender, "hostname", None) or f"worker@{socket.gethostname()}"
