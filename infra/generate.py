@@ -366,6 +366,19 @@ ALERTS = [
         labels={"instance": "w:9808", "reason": "queue_full"}, value_text="0.10",
     ),
     Alert(
+        "MetricsFileUnreadable",
+        "sum by (instance, action) (increase(cadscope_metrics_files_unreadable_total[5m])) > 0",
+        "warning", "A metrics file on {{ $labels.instance }} is unreadable ({{ $labels.action }})",
+        "{{ printf \"%.0f\" $value }} multiprocess metric file(s) on {{ $labels.instance }} could not be read in "
+        "the last 5 m ({{ $labels.action }}): their samples are missing from /metrics, so the counts there read "
+        "low. The worker's log names each file.",
+        "metrics-file-unreadable", for_="0m",
+        above=[series('cadscope_metrics_files_unreadable_total{action="moved_aside", instance="w:9808"}',
+                      "0 0 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1")],
+        below=[series('cadscope_metrics_files_unreadable_total{action="moved_aside", instance="w:9808"}', "1x25")],
+        labels={"instance": "w:9808", "action": "moved_aside"}, value_text="1", eval_time="3m",
+    ),
+    Alert(
         "SecurityViolation",
         "sum by (instance, violation_type) (increase(cadscope_security_violations_total[5m])) > 0",
         "critical", "Security violation on {{ $labels.instance }}: {{ $labels.violation_type }}",
