@@ -171,6 +171,13 @@ def test_a_metric_file_met_before_it_is_sized_fails_no_scrape(client, start_work
     assert run_job.apply_async(args=[TINY], queue=worker.queue).get(timeout=60)["status"] == "succeeded"
     text = worker.scrape()
     assert _scrape_values(text, r'model_generation_completed_total(?=\{[^}]*status="success")') == 1
+    # The counters that alert on one event are there at 0 from the start: a series that first
+    # appears at 1 has no increase() to Prometheus, and the first event would not alert.
+    for series in ('cadscope_metrics_files_unreadable_total{action="left_out"} 0.0',
+                   'cadscope_metrics_files_unreadable_total{action="moved_aside"} 0.0',
+                   'cadscope_security_violations_total{severity="critical",violation_type="checksum_mismatch"} 0.0',
+                   'cadscope_telemetry_spans_dropped_total{reason="queue_full"} 0.0'):  # fmt: skip
+        assert series in text.splitlines(), series
     wait_until(lambda: not (directory / f"histogram_{dead.pid}.db").exists(), 30, what="compaction")
     assert (directory / f"counter_{os.getpid()}.db").exists()
     assert "unreadable" not in worker.log_tail()

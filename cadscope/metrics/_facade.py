@@ -25,6 +25,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from ._catalogue import (
+    ALLOWED_LABEL_VALUES,
     Catalogue,
     bound,
     bound_version,
@@ -395,6 +396,22 @@ class ModelObservability:
         """The span processor's ``on_drop`` callback (see ``setup_tracing``)."""
         with _never_raise("spans dropped"):
             self.metrics.spans_dropped.labels(bound("span_drop_reason", reason)).inc(count)
+
+    def zero_event_counters(self) -> None:
+        """Expose, at 0, the labelled counters that alert on a single event
+        (``increase(...) > 0``): security violations, unreadable metric files,
+        dropped spans. A series that first appears at 1 has no increase to
+        Prometheus, so without its 0 the first event on a host would not alert.
+        Called in the worker's main process at start; its file keeps the zeros
+        while pool processes count the events in theirs."""
+        with _never_raise("zero event counters"):
+            m = self.metrics
+            m.security_violations.labels("checksum_mismatch", "critical")
+            m.security_violations.labels("path_traversal", "high")
+            for action in sorted(ALLOWED_LABEL_VALUES["metrics_file_action"]):
+                m.metrics_files_unreadable.labels(action)
+            for reason in sorted(ALLOWED_LABEL_VALUES["span_drop_reason"]):
+                m.spans_dropped.labels(reason)
 
     def record_metrics_file_unreadable(self, action: str) -> None:
         """The multiprocess collector's ``on_unreadable`` callback (the worker's main process)."""

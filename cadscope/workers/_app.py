@@ -126,6 +126,7 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     registry, _collector = multiprocess_registry(
         compact_every_s=5.0, on_unreadable=lambda action: default_observability().record_metrics_file_unreadable(action)
     )
+    default_observability().zero_event_counters()
     server, _thread = serve_metrics(registry, settings.metrics_port, settings.metrics_addr)
     engines = discover_engines()
     node = getattr(sender, "hostname", None) or f"worker@{socket.gethostname()}"
