@@ -449,6 +449,10 @@ class ModelObservability:
 def default_observability() -> ModelObservability:
     """The process-wide facade on the default registry, created on first use.
 
-    In a prefork worker that is after the fork and after the multiprocess switch.
+    In a prefork worker that is in the main process at start, after the
+    multiprocess switch, to expose the event counters at 0
+    (:meth:`ModelObservability.zero_event_counters`). Pool processes inherit it
+    across the fork, and their values go to files of their own: the multiprocess
+    values notice the fork (``_multiprocess.process_identifier``).
     """
     return ModelObservability()
