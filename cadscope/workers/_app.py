@@ -122,11 +122,13 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     enable_multiprocess(str(settings.metrics_dir), wipe=True)
     # Pool children come and go (max_tasks_per_child, crashes): fold the files of
     # reaped ones into accumulators so scrapes stay flat and counters never drop.
-    # A file no scrape can read is counted (cadscope_metrics_files_unreadable_total), so it can alert.
+    # A file no scrape can read is counted (cadscope_metrics_files_unreadable_total), so it can alert;
+    # that counter and the others alerting on one event are exposed at 0 from now on.
+    observability = default_observability()
+    observability.zero_event_counters()
     registry, _collector = multiprocess_registry(
-        compact_every_s=5.0, on_unreadable=lambda action: default_observability().record_metrics_file_unreadable(action)
+        compact_every_s=5.0, on_unreadable=observability.record_metrics_file_unreadable
     )
-    default_observability().zero_event_counters()
     server, _thread = serve_metrics(registry, settings.metrics_port, settings.metrics_addr)
     engines = discover_engines()
     node = getattr(sender, "hostname", None) or f"worker@{socket.gethostname()}"
