@@ -6,6 +6,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from cadscope.metrics import (
+    ALLOWED_LABEL_VALUES,
+    SECURITY_VIOLATION_SEVERITY,
     Catalogue,
     ModelObservability,
     bound,
@@ -125,3 +127,37 @@ def test_exposition_has_help_and_bucket_boundaries_at_alert_thresholds():
     assert "# HELP occt_boolean_duration_seconds" in text
     for boundary in ('le="30.0"', 'le="15.0"', 'le="200.0"', 'le="1.5e+09"'):
         assert boundary in text, boundary
+
+
+def test_every_event_an_alert_counts_lands_on_a_series_exposed_at_zero():
+    """An alert on ``increase(...) > 0`` sees a host's first event only if the
+    series was there at 0 before it: each event must land on a zeroed series."""
+    registry = CollectorRegistry()
+    obs = ModelObservability(Catalogue(registry))
+    # every family whose alert is `increase(...[5m]) > 0` or a rate of it (infra/generate.py)
+    ALERTED_ON_ONE_EVENT = {  # noqa: N806
+        "cadscope_security_violations_total",
+        "cadscope_telemetry_spans_dropped_total",
+        "cadscope_metrics_files_unreadable_total",
+    }
+    obs.zero_event_counters()
+
+    def counts() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in registry.collect()
+            for s in family.samples
+            if s.name in ALERTED_ON_ONE_EVENT
+        }
+
+    zeroed = counts()
+    assert zeroed and set(zeroed.values()) == {0.0}
+    for kind in SECURITY_VIOLATION_SEVERITY:
+        obs.record_security_violation(kind)
+    for reason in ALLOWED_LABEL_VALUES["span_drop_reason"]:
+        obs.record_spans_dropped(reason, 1)
+    for action in ALLOWED_LABEL_VALUES["metrics_file_action"]:
+        obs.record_metrics_file_unreadable(action)
+    after = counts()
+    assert set(after) == set(zeroed), "an event made a series that was not exposed at 0"
+    assert set(after.values()) == {1.0}, "a zeroed series no event can reach"

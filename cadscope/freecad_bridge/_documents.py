@@ -34,7 +34,7 @@ from pathlib import Path
 
 from opentelemetry import trace
 
-from ..metrics import ModelObservability
+from ..metrics import SECURITY_VIOLATION_SEVERITY, ModelObservability
 from ._schema import InputDocument
 
 __all__ = ["DocumentCache", "DocumentError", "fetch_document"]
@@ -226,7 +226,7 @@ def _fetch(
                 root = store_root.resolve()
                 path = (root / key).resolve()
                 if root not in path.parents:
-                    obs.record_security_violation("path_traversal", "high")
+                    obs.record_security_violation("path_traversal")
                     raise DocumentError("bad_uri", "the store key leaves the document store")
                 if not path.is_file():
                     raise DocumentError("not_found", f"no document {key!r} in the store")
@@ -251,10 +251,11 @@ def _verify(doc: InputDocument, path: Path, obs: ModelObservability, progress: C
     digest = _sha256(path)
     obs.record_document_load_stage("checksum", time.perf_counter() - started)
     if digest != doc.sha256:
-        obs.record_security_violation("checksum_mismatch", "critical")
+        obs.record_security_violation("checksum_mismatch")
         log.error(
             "input document failed its checksum; the job is rejected before any engine opens it",
-            extra={"security_event": True, "violation_type": "checksum_mismatch", "severity": "critical",
+            extra={"security_event": True, "violation_type": "checksum_mismatch",
+                   "severity": SECURITY_VIOLATION_SEVERITY["checksum_mismatch"],
                    "expected_sha256": doc.sha256, "actual_sha256": digest, "uri_scheme": doc.uri.split(":", 1)[0]},
         )  # fmt: skip
         path.unlink(missing_ok=True)  # never leave bad bytes where a later lookup could find them

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from ._catalogue import (
     ALLOWED_LABEL_VALUES,
+    SECURITY_VIOLATION_SEVERITY,
     VERSION_LABELS,
     Catalogue,
     bound,
@@ -39,6 +40,7 @@ from ._multiprocess import (
 
 __all__ = [
     "ALLOWED_LABEL_VALUES",
+    "SECURITY_VIOLATION_SEVERITY",
     "VERSION_LABELS",
     "Catalogue",
     "CompactingMultiProcessCollector",

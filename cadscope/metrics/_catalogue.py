@@ -9,7 +9,8 @@ ranges, free text never becomes a label, an unknown value becomes ``other``.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
@@ -52,6 +53,13 @@ QUEUE_WAIT_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3
 AI_LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
 
 # -- bounded label values ---------------------------------------------------------
+
+#: Each kind of security violation and its one severity. The counter's series are
+#: exactly these pairs, and the worker exposes each at 0 from its start
+#: (``ModelObservability.zero_event_counters``); a new kind is added here only.
+SECURITY_VIOLATION_SEVERITY: Mapping[str, str] = MappingProxyType(
+    {"checksum_mismatch": "critical", "path_traversal": "high"}
+)
 
 ALLOWED_LABEL_VALUES: dict[str, frozenset[str]] = {
     "flow_type": frozenset({"parametric", "ai_prompt", "upload"}),
@@ -130,8 +138,7 @@ ALLOWED_LABEL_VALUES: dict[str, frozenset[str]] = {
         {"not_found", "download_failed", "too_large", "size_mismatch", "checksum_mismatch", "bad_uri", "load_failed"}
     ),
     "load_stage": frozenset({"download", "checksum", "load", "validate"}),
-    "violation_type": frozenset({"checksum_mismatch", "path_traversal"}),
-    "severity": frozenset({"critical", "high", "medium", "low"}),
+    "violation_type": frozenset(SECURITY_VIOLATION_SEVERITY),
     "span_drop_reason": frozenset({"queue_full", "export_failed", "shutdown"}),
     "metrics_file_action": frozenset({"left_out", "moved_aside"}),
     "rejected_reason": frozenset(

@@ -26,6 +26,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from ._catalogue import (
     ALLOWED_LABEL_VALUES,
+    SECURITY_VIOLATION_SEVERITY,
     Catalogue,
     bound,
     bound_version,
@@ -359,11 +360,11 @@ class ModelObservability:
 
     # -- input documents (upload flow) --------------------------------------------------------
 
-    def record_security_violation(self, violation_type: str, severity: str) -> None:
+    def record_security_violation(self, violation_type: str) -> None:
+        """Count one violation; its severity is the kind's own (``SECURITY_VIOLATION_SEVERITY``)."""
         with _never_raise("security violation"):
-            self.metrics.security_violations.labels(
-                bound("violation_type", violation_type), bound("severity", severity)
-            ).inc()
+            kind = bound("violation_type", violation_type)
+            self.metrics.security_violations.labels(kind, SECURITY_VIOLATION_SEVERITY.get(kind, "critical")).inc()
 
     def record_document_cache(self, *, hit: bool) -> None:
         with _never_raise("document cache"):
@@ -406,8 +407,8 @@ class ModelObservability:
         while pool processes count the events in theirs."""
         with _never_raise("zero event counters"):
             m = self.metrics
-            m.security_violations.labels("checksum_mismatch", "critical")
-            m.security_violations.labels("path_traversal", "high")
+            for kind, severity in sorted(SECURITY_VIOLATION_SEVERITY.items()):
+                m.security_violations.labels(kind, severity)
             for action in sorted(ALLOWED_LABEL_VALUES["metrics_file_action"]):
                 m.metrics_files_unreadable.labels(action)
             for reason in sorted(ALLOWED_LABEL_VALUES["span_drop_reason"]):
