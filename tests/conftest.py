@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -51,6 +52,21 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def corrupt_metrics_file(path: Path) -> None:
+    """Two entries, the second's key length then set to -28: upstream's reader loops on it for ever."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    store = MmapedDict(str(path))
+    for op in ("a", "b"):
+        store.write_value(json.dumps(["jobs", "jobs_total", {"op": op}, "Jobs."]), 1.0, 0.0)
+    store.close()
+    data = bytearray(path.read_bytes())
+    length = int.from_bytes(data[8:12], "little", signed=True)
+    second = 8 + 4 + length + (8 - (length + 4) % 8) + 16
+    data[second : second + 4] = (-28).to_bytes(4, "little", signed=True)
+    path.write_bytes(bytes(data))
 
 
 def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):  # type: ignore[no-untyped-def]
@@ -246,7 +262,8 @@ def start_api(tmp_path: Path):  # type: ignore[no-untyped-def]
         token = uuid.uuid4().hex
         log = tmp_path / f"api-{port}.log"
         api_env = {**worker.env, "CADSCOPE_API_TOKEN": token, "CADSCOPE_QUEUE": worker.queue, **(env or {})}
-        api_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        if "PROMETHEUS_MULTIPROC_DIR" not in (env or {}):
+            api_env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the worker's: never the API's unless asked
         proc = subprocess.Popen(  # noqa: S603
             [sys.executable, "-m", "cadscope.workers.cli", "api", "--port", str(port)],
             stdout=log.open("wb"),

@@ -7,12 +7,13 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
+import os
 import time
 
 import httpx
 import pytest
 
-from .conftest import wait_until
+from .conftest import corrupt_metrics_file, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -111,6 +112,28 @@ def test_bad_requests_auth_and_limits(start_worker, start_api, engines):
     metrics = httpx.get(f"{api.url}/metrics", timeout=10).text
     assert 'http_requests_total{method="POST",route="/v1/jobs",status="401"} 2.0' in metrics
     assert 'route="/v1/jobs/{job_id}"' in metrics and "job-0000" not in metrics
+    # TelemetrySpansDropped must see the API's first drops: the series are there at 0 from its start.
+    for reason in ("queue_full", "export_failed", "shutdown"):
+        assert f'cadscope_telemetry_spans_dropped_total{{reason="{reason}"}} 0.0' in metrics, reason
+
+
+def test_the_api_serves_its_multiprocess_files_through_one_collector(start_worker, start_api, tmp_path):
+    """``cadscope api --workers N`` with PROMETHEUS_MULTIPROC_DIR: /metrics sums the server
+    processes' files. A file no scrape can read costs only its own samples, and it is counted
+    and logged once however often the page is scraped, as on a worker's page."""
+    directory = tmp_path / "api-metrics"
+    directory.mkdir()
+    corrupt_metrics_file(directory / f"counter_{os.getpid()}.db")
+    api = start_api(start_worker(), env={"PROMETHEUS_MULTIPROC_DIR": str(directory)})
+    assert httpx.post(f"{api.url}/v1/jobs", json=SMALL, timeout=10).status_code == 401
+    pages = [httpx.get(f"{api.url}/metrics", timeout=10).text for _ in range(3)]
+    assert any(p.name.startswith("counter_") and p.name != f"counter_{os.getpid()}.db" for p in directory.iterdir())
+    for page in pages:  # the API's own counts come from its files, beside the one left out
+        assert 'http_requests_total{method="POST",route="/v1/jobs",status="401"} 1.0' in page
+        assert 'cadscope_telemetry_spans_dropped_total{reason="queue_full"} 0.0' in page
+        assert "jobs_total" not in page
+    assert 'cadscope_metrics_files_unreadable_total{action="left_out"} 1.0' in pages[-1]
+    assert api.log.read_text(errors="replace").count(f"counter_{os.getpid()}.db") == 1
 
 
 def test_trace_context_from_outside(start_worker, start_api, otlp_receiver, engines):

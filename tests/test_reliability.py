@@ -19,7 +19,7 @@ import pytest
 from cadscope.workers import app, configure_app, run_job
 from cadscope.workers._workload import ASSEMBLY, PLATE
 
-from .conftest import wait_until
+from .conftest import corrupt_metrics_file, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -184,21 +184,6 @@ def test_a_metric_file_met_before_it_is_sized_fails_no_scrape(client, start_work
     worker.scrape()
 
 
-def _corrupt_metrics_file(path: Path) -> None:
-    """Two entries, the second's key length then set to -28: upstream's reader loops on it for ever."""
-    from prometheus_client.mmap_dict import MmapedDict
-
-    store = MmapedDict(str(path))
-    for op in ("a", "b"):
-        store.write_value(json.dumps(["jobs", "jobs_total", {"op": op}, "Jobs."]), 1.0, 0.0)
-    store.close()
-    data = bytearray(path.read_bytes())
-    length = int.from_bytes(data[8:12], "little", signed=True)
-    second = 8 + 4 + length + (8 - (length + 4) % 8) + 16
-    data[second : second + 4] = (-28).to_bytes(4, "little", signed=True)
-    path.write_bytes(bytes(data))
-
-
 def test_a_corrupt_metric_file_is_counted_and_costs_only_its_own_samples(client, start_worker, engines):
     """A corrupt file in a real worker's directory: /metrics still answers with every other
     process's samples, and the file is counted (cadscope_metrics_files_unreadable_total, which
@@ -206,10 +191,10 @@ def test_a_corrupt_metric_file_is_counted_and_costs_only_its_own_samples(client,
     aside once it is reaped."""
     worker = start_worker()
     directory = Path(worker.env["PROMETHEUS_MULTIPROC_DIR"])
-    _corrupt_metrics_file(directory / f"counter_{os.getpid()}.db")  # a live process: left out until reaped
+    corrupt_metrics_file(directory / f"counter_{os.getpid()}.db")  # a live process: left out until reaped
     dead = psutil.Popen(["true"])
     dead.wait()
-    _corrupt_metrics_file(directory / f"counter_{dead.pid}.db")  # reaped: moved aside
+    corrupt_metrics_file(directory / f"counter_{dead.pid}.db")  # reaped: moved aside
     assert run_job.apply_async(args=[TINY], queue=worker.queue).get(timeout=60)["status"] == "succeeded"
     wait_until(lambda: (directory / f"counter_{dead.pid}.db.unreadable").exists(), 30, what="compaction")
     text = worker.scrape()

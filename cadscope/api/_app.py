@@ -94,13 +94,21 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         celery_app.conf.broker_url, settings.queue, dict(celery_app.conf.broker_transport_options or {})
     )
 
+    scraped: list[CollectorRegistry] = [REGISTRY]  # what /metrics serves; set per server process
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # Per server process (after uvicorn forks its workers).
         from opentelemetry.instrumentation.celery import CeleryInstrumentor
 
         configure_json_logging("cadscope-api")
-        provider = setup_tracing("cadscope-api", on_drop=default_observability().record_spans_dropped)
+        observability = default_observability()
+        observability.zero_event_counters()  # its first dropped span must alert too
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # One collector per server process: it remembers the values it served
+            # and the files it could not read, which a collector per scrape forgets.
+            scraped[0] = multiprocess_registry(on_unreadable=observability.record_metrics_file_unreadable)[0]
+        provider = setup_tracing("cadscope-api", on_drop=observability.record_spans_dropped)
         instrumentor = CeleryInstrumentor()
         if not instrumentor.is_instrumented_by_opentelemetry:
             instrumentor.instrument(tracer_provider=provider)
@@ -346,8 +354,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        registry = multiprocess_registry()[0] if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else REGISTRY
-        text = await run_in_threadpool(generate_latest, registry)
+        text = await run_in_threadpool(generate_latest, scraped[0])
         queue = CollectorRegistry()
         queue.register(queue_collector)
         text += await run_in_threadpool(generate_latest, queue)
