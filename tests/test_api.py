@@ -119,12 +119,15 @@ def test_bad_requests_auth_and_limits(start_worker, start_api, engines):
 
 def test_the_api_serves_its_multiprocess_files_through_one_collector(start_worker, start_api, tmp_path):
     """``cadscope api --workers N`` with PROMETHEUS_MULTIPROC_DIR: /metrics sums the server
-    processes' files. A file no scrape can read costs only its own samples, and it is counted
-    and logged once however often the page is scraped, as on a worker's page."""
+    processes' files, in a directory wiped at its start. A file no scrape can read costs only
+    its own samples, and it is counted and logged once however often the page is scraped,
+    as on a worker's page."""
     directory = tmp_path / "api-metrics"
     directory.mkdir()
-    corrupt_metrics_file(directory / f"counter_{os.getpid()}.db")
+    (directory / "counter_1.db").write_bytes(b"an earlier run's file")
     api = start_api(start_worker(), env={"PROMETHEUS_MULTIPROC_DIR": str(directory)})
+    assert not (directory / "counter_1.db").exists(), "the directory is wiped before the server starts"
+    corrupt_metrics_file(directory / f"counter_{os.getpid()}.db")
     assert httpx.post(f"{api.url}/v1/jobs", json=SMALL, timeout=10).status_code == 401
     pages = [httpx.get(f"{api.url}/metrics", timeout=10).text for _ in range(3)]
     assert any(p.name.startswith("counter_") and p.name != f"counter_{os.getpid()}.db" for p in directory.iterdir())

@@ -365,6 +365,13 @@ def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Server processes (--workers N) share it: wiped before they start, as
+        # prometheus_client asks, so no earlier run's files are summed in. It must
+        # be the API's own directory; a worker wipes its own at its start.
+        from ..metrics import enable_multiprocess
+
+        enable_multiprocess(os.environ["PROMETHEUS_MULTIPROC_DIR"], wipe=True)
     uvicorn.run("cadscope.api:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
                 log_level=args.log_level, access_log=False)  # fmt: skip
     return 0
