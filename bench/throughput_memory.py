@@ -7,7 +7,10 @@ this machine) and (b) through the API's path minus HTTP: published to Redis,
 run by a prefork ``celery worker`` with two pool processes and everything
 instrumented. Jobs per minute, same jobs, same order, in one run; the two
 runners alternate over several rounds (one worker, started once) and the
-ratio is the median of the rounds' own ratios.
+ratio is the median of the rounds' own ratios. Each round also gives the
+jobs' own time, summed, and the share of the two slots' time a job was
+running, so that a slow round shows whether its jobs were slower (the VM,
+or work inside the task) or the gaps between them longer (dispatch).
 
 Memory: the same kind of worker runs N tiny jobs; the RSS of the worker's main
 process and of each pool process is read after 10 jobs and at checkpoints up
@@ -65,12 +68,14 @@ def mixed(engine: str, count: int) -> list[dict]:
     return jobs
 
 
-def bare_loop(engine_name: str, specs: list[dict], workdir: Path, parallel: int = 2) -> float:
+def bare_loop(engine_name: str, specs: list[dict], workdir: Path, parallel: int = 2) -> tuple[float, float]:
+    """Wall time of the loop, and the CAD processes' wall times summed."""
     engine = discover_engines()[engine_name]
     todo: queue_mod.Queue[tuple[int, dict]] = queue_mod.Queue()
     for item in enumerate(specs):
         todo.put(item)
     failures: list[str] = []
+    job_s: list[float] = []
 
     def run() -> None:
         while True:
@@ -87,8 +92,10 @@ def bare_loop(engine_name: str, specs: list[dict], workdir: Path, parallel: int 
             (work / "job.json").write_text(json.dumps(payload))
             env = build_env(extra={"CADSCOPE_JOB": str(work / "job.json"), "CADSCOPE_OUT": str(out),
                                    "HOME": _engine_home()})  # fmt: skip
+            began = time.perf_counter()
             proc = subprocess.run(list(engine.argv), env=env, cwd=work, stdin=subprocess.DEVNULL,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+            job_s.append(time.perf_counter() - began)
             if proc.returncode != 0:
                 failures.append(spec["name"])
 
@@ -100,7 +107,7 @@ def bare_loop(engine_name: str, specs: list[dict], workdir: Path, parallel: int 
         t.join()
     if failures:
         raise RuntimeError(f"bare runs failed: {failures}")
-    return time.perf_counter() - started
+    return time.perf_counter() - started, sum(job_s)
 
 
 class Worker:
@@ -158,6 +165,11 @@ def main() -> int:
         worker = Worker(args.broker, Path(tmp) / "w1")
         bare_s: list[float] = []
         celery_s: list[float] = []
+        # Where a round's time went: the jobs' own wall times summed (the CAD
+        # processes in the bare loop; the task body, CAD process included, in
+        # the worker), and the share of the two slots' time a job was running.
+        bare_jobs: list[float] = []
+        celery_jobs: list[float] = []
         try:
             worker.run(copy.deepcopy(specs[:2]))  # warm-up: first imports in each pool process
             # Alternate the two runners, round after round: a VM's speed drifts
@@ -165,28 +177,41 @@ def main() -> int:
             for r in range(args.rounds):
                 for runner in ("bare", "worker") if r % 2 == 0 else ("worker", "bare"):
                     if runner == "bare":
-                        bare_s.append(bare_loop(args.engine, specs, Path(tmp) / f"bare-{r}"))
+                        wall, jobs = bare_loop(args.engine, specs, Path(tmp) / f"bare-{r}")
+                        bare_s.append(wall)
+                        bare_jobs.append(jobs)
                     else:
                         started = time.perf_counter()
-                        worker.run(copy.deepcopy(specs))
+                        results = worker.run(copy.deepcopy(specs))
                         celery_s.append(time.perf_counter() - started)
-                print(f"round {r + 1}: bare {bare_s[-1]:.1f} s, cadscope worker {celery_s[-1]:.1f} s, "
+                        celery_jobs.append(sum(result["duration_s"] for result in results))
+                print(f"round {r + 1}: bare {bare_s[-1]:.1f} s (jobs {bare_jobs[-1]:.1f} s, slots busy "
+                      f"{bare_jobs[-1] / (2 * bare_s[-1]):.2f}), cadscope worker {celery_s[-1]:.1f} s (jobs "
+                      f"{celery_jobs[-1]:.1f} s, slots busy {celery_jobs[-1] / (2 * celery_s[-1]):.2f}), "
                       f"ratio {bare_s[-1] / celery_s[-1]:.3f}", flush=True)  # fmt: skip
         finally:
             worker.stop()
         ratios = [b / c for b, c in zip(bare_s, celery_s, strict=True)]
+
+        def busy(jobs: list[float], walls: list[float]) -> float:
+            return statistics.median(j / (2 * w) for j, w in zip(jobs, walls, strict=True))
+
         bare_med, celery_med = statistics.median(bare_s), statistics.median(celery_s)
         lines += [
             f"Mixed workload, {len(specs)} jobs (plate, assembly, grid, housing, profile), two at a time; "
-            f"{args.rounds} rounds, the two runners alternating:\n",
+            f"{args.rounds} rounds, the two runners alternating. The jobs' own time is the CAD processes' wall "
+            "times summed in the bare loop, and the task bodies' (`duration_s`, the CAD process included) in "
+            "the worker; slots busy is that time over the two slots' (2 x the wall time):\n",
             "| runner | wall time (median) | range | jobs per minute (median) | ratio to bare (median of rounds) "
-            "| rounds' ratios |",
-            "| --- | --- | --- | --- | --- | --- |",
+            "| rounds' ratios | the jobs' own time, summed (median) | slots busy (median) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
             f"| bare loop of CAD subprocesses (no Celery, no telemetry) | {bare_med:.1f} s "
-            f"| {min(bare_s):.1f}–{max(bare_s):.1f} s | {len(specs) / bare_med * 60:.1f} | 1.000 | |",
+            f"| {min(bare_s):.1f}–{max(bare_s):.1f} s | {len(specs) / bare_med * 60:.1f} | 1.000 | "
+            f"| {statistics.median(bare_jobs):.1f} s | {busy(bare_jobs, bare_s):.2f} |",
             f"| cadscope worker (Redis, prefork -c 2, all telemetry) | {celery_med:.1f} s "
             f"| {min(celery_s):.1f}–{max(celery_s):.1f} s | {len(specs) / celery_med * 60:.1f} "
-            f"| **{statistics.median(ratios):.3f}** | {min(ratios):.3f}–{max(ratios):.3f} |",
+            f"| **{statistics.median(ratios):.3f}** | {min(ratios):.3f}–{max(ratios):.3f} "
+            f"| {statistics.median(celery_jobs):.1f} s | {busy(celery_jobs, celery_s):.2f} |",
             "",
         ]
 
