@@ -55,6 +55,14 @@ TINY = {
 }
 
 
+SLOTS = 2  # jobs at a time, in the bare loop and in the worker's pool
+
+
+def slots_busy(jobs_s: float, wall_s: float) -> float:
+    """The share of the slots' time a job was running: the jobs' own time over ``SLOTS`` x the wall time."""
+    return jobs_s / (SLOTS * wall_s)
+
+
 def mixed(engine: str, count: int) -> list[dict]:
     templates = [PLATE, ASSEMBLY, GRID, HOUSING, PROFILE]
     jobs = []
@@ -68,7 +76,7 @@ def mixed(engine: str, count: int) -> list[dict]:
     return jobs
 
 
-def bare_loop(engine_name: str, specs: list[dict], workdir: Path, parallel: int = 2) -> tuple[float, float]:
+def bare_loop(engine_name: str, specs: list[dict], workdir: Path, parallel: int = SLOTS) -> tuple[float, float]:
     """Wall time of the loop, and the CAD processes' wall times summed."""
     engine = discover_engines()[engine_name]
     todo: queue_mod.Queue[tuple[int, dict]] = queue_mod.Queue()
@@ -111,7 +119,7 @@ def bare_loop(engine_name: str, specs: list[dict], workdir: Path, parallel: int 
 
 
 class Worker:
-    def __init__(self, broker: str, data: Path, concurrency: int = 2) -> None:
+    def __init__(self, broker: str, data: Path, concurrency: int = SLOTS) -> None:
         self.queue = f"bench-{uuid.uuid4().hex[:8]}"
         data.mkdir(parents=True)
         ready = data / "ready"
@@ -186,22 +194,22 @@ def main() -> int:
                         celery_s.append(time.perf_counter() - started)
                         celery_jobs.append(sum(result["duration_s"] for result in results))
                 print(f"round {r + 1}: bare {bare_s[-1]:.1f} s (jobs {bare_jobs[-1]:.1f} s, slots busy "
-                      f"{bare_jobs[-1] / (2 * bare_s[-1]):.2f}), cadscope worker {celery_s[-1]:.1f} s (jobs "
-                      f"{celery_jobs[-1]:.1f} s, slots busy {celery_jobs[-1] / (2 * celery_s[-1]):.2f}), "
+                      f"{slots_busy(bare_jobs[-1], bare_s[-1]):.2f}), cadscope worker {celery_s[-1]:.1f} s (jobs "
+                      f"{celery_jobs[-1]:.1f} s, slots busy {slots_busy(celery_jobs[-1], celery_s[-1]):.2f}), "
                       f"ratio {bare_s[-1] / celery_s[-1]:.3f}", flush=True)  # fmt: skip
         finally:
             worker.stop()
         ratios = [b / c for b, c in zip(bare_s, celery_s, strict=True)]
 
         def busy(jobs: list[float], walls: list[float]) -> float:
-            return statistics.median(j / (2 * w) for j, w in zip(jobs, walls, strict=True))
+            return statistics.median(slots_busy(j, w) for j, w in zip(jobs, walls, strict=True))
 
         bare_med, celery_med = statistics.median(bare_s), statistics.median(celery_s)
         lines += [
             f"Mixed workload, {len(specs)} jobs (plate, assembly, grid, housing, profile), two at a time; "
             f"{args.rounds} rounds, the two runners alternating. The jobs' own time is the CAD processes' wall "
             "times summed in the bare loop, and the task bodies' (`duration_s`, the CAD process included) in "
-            "the worker; slots busy is that time over the two slots' (2 x the wall time):\n",
+            f"the worker; slots busy is that time over the two slots' ({SLOTS} x the wall time):\n",
             "| runner | wall time (median) | range | jobs per minute (median) | ratio to bare (median of rounds) "
             "| rounds' ratios | the jobs' own time, summed (median) | slots busy (median) |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
