@@ -74,12 +74,20 @@ What this does not measure: an idle host's throughput. There the path from
 one message to the next sets a no-op task's rate, and CPU spent off that
 path (the export thread) costs nothing. That is task_overhead.py's figure.
 
-    python bench/task_side_by_side.py [--rounds 3] [--windows 10] [--window 2] [--tasks 8000] [--write bench/RESULTS.md]
+``--before REV`` adds one more stack, ``cadscope at REV``: the same app with
+cadscope's code as it was at that git revision (a worktree, first on the
+worker's ``PYTHONPATH``), so that a change to the task path is measured
+against its parent in the same seconds. ``--only`` runs some of the stacks
+(bare always runs).
+
+    python bench/task_side_by_side.py [--rounds 3] [--windows 10] [--window 2] [--tasks 8000] [--only cadscope,burn]
+        [--before REV] [--write bench/RESULTS.md]
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import concurrent.futures
 import contextlib
 import functools
@@ -100,7 +108,7 @@ from typing import NamedTuple
 import psutil
 import redis
 from _common import NullCollector, NullHTTPCollectorProcess, bootstrap, publish
-from task_overhead import _Cpu, fill_queue, start_worker
+from task_overhead import HERE, _Cpu, fill_queue, start_worker
 
 # name, bench/_noop_app.py mode, the fraction of messages whose trace context is sampled (None: --head-sampled),
 # the OTLP transport its spans take (OTEL_EXPORTER_OTLP_PROTOCOL)
@@ -121,6 +129,7 @@ class _Stack:
     url: str
     queue: str
     worker: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] | None = None  # more for its worker's environment (--before's PYTHONPATH)
 
     @functools.cached_property
     def client(self) -> redis.Redis:
@@ -278,6 +287,7 @@ def run_round(stacks: list[_Stack], tasks: int, windows: int, window_s: float, w
                 home = Path(tmp) / stack.queue
                 home.mkdir()
                 env = {"BENCH_BURN_US": str(burn_us), "OTEL_EXPORTER_OTLP_PROTOCOL": stack.protocol}
+                env.update(stack.env or {})
                 stack.worker = start_worker(stack.mode, stack.queue, stack.url, endpoints[stack.protocol],
                                             concurrency, str(home), extra_env=env)  # fmt: skip
                 procs[stack.name] = psutil.Process(stack.worker.pid)
@@ -334,12 +344,35 @@ def main() -> int:
     parser.add_argument("--burn-us", type=float, default=100.0, help="the control task's CPU, µs")
     parser.add_argument("--head-sampled", type=float, default=0.1,
                         help="the sampled fraction of the head-sampled cadscope stack's messages")  # fmt: skip
+    parser.add_argument("--only", help="comma-separated stack names to run (bare always runs), e.g. cadscope,burn")
+    parser.add_argument("--before", metavar="REV",
+                        help="add a stack 'cadscope at REV': cadscope's code at that git revision (a worktree), "
+                             "this bench's apps; a change measured against its parent in one run")  # fmt: skip
     parser.add_argument("--write")
     args = parser.parse_args()
 
     head_sampled = f"cadscope, {args.head_sampled:.0%} of traces sampled"
+    chosen = STACKS
+    if args.only:
+        wanted = {"bare", *(n.strip() for n in args.only.split(","))}
+        unknown = wanted - {name for name, *_ in STACKS}
+        if unknown:
+            parser.error(f"--only: no stack {', '.join(sorted(unknown))}; stacks: {', '.join(n for n, *_ in STACKS)}")
+        chosen = tuple(stack for stack in STACKS if stack[0] in wanted)
     specs = [(head_sampled, mode, args.head_sampled, protocol) if sampled is None else (name, mode, sampled, protocol)
-             for name, mode, sampled, protocol in STACKS]  # fmt: skip
+             for name, mode, sampled, protocol in chosen]  # fmt: skip
+    extra_env: dict[str, dict[str, str]] = {}
+    if args.before:
+        tree = Path(tempfile.mkdtemp(prefix="cadscope-before-"))
+        subprocess.run(["git", "-C", str(HERE), "worktree", "add", "--detach", "-f", str(tree), args.before],
+                       check=True, capture_output=True)  # fmt: skip
+        atexit.register(subprocess.run, ["git", "-C", str(HERE), "worktree", "remove", "--force", str(tree)],
+                        capture_output=True)  # fmt: skip
+        rev = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], check=True,
+                             capture_output=True, text=True).stdout.strip()  # fmt: skip
+        specs.insert(1, (f"cadscope at {rev}", "cadscope", 1.0, "grpc"))
+        # This bench's apps first (bench/), then that revision's cadscope, before the installed one.
+        extra_env[specs[1][0]] = {"PYTHONPATH": f"{HERE}{os.pathsep}{tree}"}
     names = [name for name, _, _, _ in specs]
     windows: dict[str, list[Window]] = {name: [] for name in names}
     round_ratios: dict[str, list[float]] = {name: [] for name in names}
@@ -350,7 +383,8 @@ def main() -> int:
         stacks = []
         for i, (name, mode, sampled, protocol) in enumerate(specs):
             proc, url = servers.enter_context(_redis_server(tempfile.mkdtemp(dir=data)))
-            stacks.append(_Stack(name, mode, sampled, protocol, proc, url, f"bench-{i}-{mode}-{os.getpid()}"))
+            stacks.append(_Stack(name, mode, sampled, protocol, proc, url, f"bench-{i}-{mode}-{os.getpid()}",
+                                 env=extra_env.get(name)))  # fmt: skip
         for r in range(args.rounds):
             # Workers start in a rotated order each round: none is always the first to warm up.
             turn = r % len(stacks)
@@ -366,7 +400,8 @@ def main() -> int:
                 print(f"round {r + 1} {name:32s} {host_us:7.0f} µs host CPU/task, cost ratio "
                       f"{round_ratios[name][-1]:.3f}, {rate:5.0f} tasks/s", flush=True)  # fmt: skip
         spans = receiver.spans
-    if spans == 0 or http.spans == 0:
+    protocols = {protocol for name, mode, _, protocol in specs if mode.startswith(("cadscope", "upstream"))}
+    if ("grpc" in protocols and spans == 0) or ("http/protobuf" in protocols and http.spans == 0):
         raise RuntimeError(f"spans received over gRPC {spans}, over HTTP {http.spans}: a transport did not export")
 
     bare = windows["bare"]
@@ -413,6 +448,9 @@ def main() -> int:
         lines.append(f"| {name} | " + " | ".join(f"{c:+.0f} µs" for c in cells) + f" | **{sum(cells):+.0f} µs** "
                      f"| {mine['main'] - base['main']:+.0f} µs | {main_cpu:.3f} |")  # fmt: skip
     lines.append(f"\nSpans received by the null collectors: {spans} over gRPC, {http.spans} over HTTP.")
+    if args.before:
+        lines.append(f"`cadscope at {rev}`: cadscope's code at {args.before} ({rev}), in a worktree, with this "
+                     "bench's apps; `cadscope`: the code checked out here.")  # fmt: skip
     publish("\n".join(lines) + "\n", args.write)
     return 0
 
