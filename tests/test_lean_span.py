@@ -63,11 +63,14 @@ def _headers(parent):
 
 
 def _start(lean, tracer, parent=REMOTE, attributes=None):
-    """``lean``: False for the SDK's span, True for the lean one, "deferred" for the deferred one."""
+    """``lean``: False for the SDK's span, True for the lean one, "deferred" for the deferred one,
+    "deferred-plain" for the deferred one whose caller vouches for its attributes (the task span's)."""
     ctx = trace.set_span_in_context(NonRecordingSpan(parent)) if parent is not None else context.Context()
     attributes = {"celery.task_name": "cad.job", "celery.retries": 2} if attributes is None else attributes
-    if lean == "deferred":
-        span = start_deferred_span(tracer, "run/cad.job", _headers(parent), SpanKind.CONSUMER, attributes)
+    if lean in ("deferred", "deferred-plain"):
+        plain = lean == "deferred-plain"
+        span = start_deferred_span(tracer, "run/cad.job", _headers(parent), SpanKind.CONSUMER,
+                                   dict(attributes) if plain else attributes, plain=plain)  # fmt: skip
         assert span.deferred
         return span
     if lean:
@@ -120,10 +123,11 @@ def _facts(span):
 
 @pytest.mark.parametrize(
     "limits",
-    [None, SpanLimits(max_span_attributes=3), SpanLimits(max_attribute_length=4, max_event_attributes=1)],
-    ids=["default-limits", "three-attributes", "short-values"],
-)
-@pytest.mark.parametrize("lean", [True, "deferred"], ids=["lean", "deferred"])
+    [None, SpanLimits(max_span_attributes=3), SpanLimits(max_span_attributes=1),
+     SpanLimits(max_attribute_length=4, max_event_attributes=1)],
+    ids=["default-limits", "three-attributes", "fewer-than-given", "short-values"],
+)  # fmt: skip
+@pytest.mark.parametrize("lean", [True, "deferred", "deferred-plain"], ids=["lean", "deferred", "deferred-plain"])
 def test_same_calls_same_exported_span_as_the_sdk(limits, lean, caplog):
     args = {"span_limits": limits} if limits else {}
     with caplog.at_level(logging.WARNING):
@@ -135,7 +139,7 @@ def test_same_calls_same_exported_span_as_the_sdk(limits, lean, caplog):
 
 
 def test_ok_is_final_as_in_the_sdk():
-    for lean in (False, True, "deferred"):
+    for lean in (False, True, "deferred", "deferred-plain"):
         tracer, exporter = _tracer()
         span = _start(lean, tracer)
         span.set_status(Status(StatusCode.OK))
@@ -273,7 +277,7 @@ def test_children_and_logs_see_the_task_span_as_current(lean):
 def test_plain_attributes_respect_the_count_limit_as_the_sdk_does():
     """Full: the SDK drops the oldest attribute for the newest, and counts it."""
     exported = []
-    for lean in (False, True, "deferred"):
+    for lean in (False, True, "deferred", "deferred-plain"):
         tracer, exporter = _tracer(span_limits=SpanLimits(max_span_attributes=2))
         span = _start(lean, tracer)  # two attributes already
         span.set_attribute("celery.retries", 3)  # replaces one: fits
@@ -281,7 +285,23 @@ def test_plain_attributes_respect_the_count_limit_as_the_sdk_does():
         span.end()
         [finished] = exporter.get_finished_spans()
         exported.append((dict(finished.attributes), finished.dropped_attributes))
-    assert exported[2] == exported[1] == exported[0] == ({"celery.retries": 3, "celery.state": "SUCCESS"}, 1)
+    assert exported[3] == exported[2] == exported[1] == exported[0]
+    assert exported[0] == ({"celery.retries": 3, "celery.state": "SUCCESS"}, 1)
+
+
+@pytest.mark.parametrize(
+    "limits", [SpanLimits(max_span_attributes=1), SpanLimits(max_attribute_length=4)], ids=["count", "length"]
+)
+def test_attributes_given_at_start_are_bounded_there_as_the_sdk_does(limits):
+    """Nothing set after the start: what the span was started with must already be within the limits."""
+    exported = []
+    for lean in (False, True, "deferred", "deferred-plain"):
+        tracer, exporter = _tracer(span_limits=limits)
+        _start(lean, tracer).end()
+        [finished] = exporter.get_finished_spans()
+        exported.append((dict(finished.attributes), finished.dropped_attributes))
+    assert exported[3] == exported[2] == exported[1] == exported[0]
+    assert exported[0][0] in ({"celery.retries": 2}, {"celery.task_name": "cad.", "celery.retries": 2})
 
 
 def test_a_tracer_that_is_not_the_sdks_starts_its_own_span():

@@ -148,3 +148,35 @@ def test_unsampled_spans_are_neither_queued_nor_counted():
     _end_spans(provider, 20)
     assert processor.force_flush(5000)
     assert exporter.get_finished_spans() == () and sum(processor.dropped.values()) == 0
+
+
+FORKED = """
+import os, sys
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from cadscope.tracing._processor import BoundedBatchSpanProcessor
+
+exporter = InMemorySpanExporter()
+processor = BoundedBatchSpanProcessor(exporter, schedule_delay_millis=60_000)
+provider = TracerProvider()
+provider.add_span_processor(processor)
+provider.get_tracer("t").start_span("before the fork").end()
+assert processor.force_flush(5000)
+pid = os.fork()
+if pid == 0:  # its export thread stayed in the parent: the child needs one of its own
+    provider.get_tracer("t").start_span("in the child").end()
+    flushed = processor.force_flush(5000)
+    names = [s.name for s in exporter.get_finished_spans()]
+    os._exit(0 if flushed and names == ["before the fork", "in the child"] else 1)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_forked_child_exports_through_an_export_thread_of_its_own():
+    """The fork is noticed by ``os.register_at_fork``, not by a pid read on every span."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", FORKED], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "0", out.stderr

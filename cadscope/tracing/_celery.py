@@ -186,15 +186,15 @@ class _WorkerTracing:
             self.start(task_id, task)
 
     def start(self, task_id: str, task: Any) -> None:
-        request = task.request
+        request, name = task.request, task.name
         attributes: dict[str, Any] = {
             "celery.action": "run",
-            "celery.task_name": task.name,
+            "celery.task_name": name,
             "messaging.message.id": task_id,
         }
         delivery = getattr(request, "delivery_info", None)
-        if isinstance(delivery, dict) and isinstance(delivery.get("routing_key"), str):
-            attributes["messaging.destination"] = delivery["routing_key"]
+        if isinstance(delivery, dict) and isinstance(routing_key := delivery.get("routing_key"), str):
+            attributes["messaging.destination"] = routing_key
         retries = getattr(request, "retries", 0)
         if isinstance(retries, int) and retries > 0:
             attributes["celery.retries"] = retries
@@ -210,13 +210,15 @@ class _WorkerTracing:
         span: trace.Span
         if deferrable is not None and sdk_tracer is not None:
             carrier, recording = deferrable
-            span = start_deferred_span(
-                sdk_tracer, f"run/{task.name}", carrier, SpanKind.CONSUMER, attributes, recording=recording
-            )
+            # Every value above is a str or an int but the task's name and id, which Celery gives
+            # as str: the span's attributes then need no checking (start_deferred_span's ``plain``).
+            plain = type(name) is str and type(task_id) is str
+            span = start_deferred_span(sdk_tracer, f"run/{name}", carrier, SpanKind.CONSUMER, attributes,
+                                       recording=recording, plain=plain)  # fmt: skip
             token = context.attach(trace.set_span_in_context(span))
         else:
             parent = propagate.extract(request, getter=_GETTER)
-            span = start_lean_span(self._tracer, f"run/{task.name}", parent, SpanKind.CONSUMER, attributes)
+            span = start_lean_span(self._tracer, f"run/{name}", parent, SpanKind.CONSUMER, attributes)
             token = context.attach(trace.set_span_in_context(span, parent))
         self._live[task_id] = (span, token, get_ident(), task, request)
 
@@ -370,7 +372,13 @@ class TracedTask(Task):  # type: ignore[misc]  # celery ships no type hints
             raise
 
     def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
-        _on_hook_path("hook_start", task_id, self)
+        # Run on every task: _on_hook_path's work, inline.
+        tracing = _installed
+        if tracing is not None and tracing.hooks:
+            try:
+                tracing.hook_start(task_id, self)
+            except Exception:  # noqa: BLE001
+                log.warning("task tracing failed in hook_start", exc_info=True)
         super().before_start(task_id, args, kwargs)
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
@@ -387,7 +395,13 @@ class TracedTask(Task):  # type: ignore[misc]  # celery ships no type hints
         try:
             super().after_return(status, retval, task_id, args, kwargs, einfo)
         finally:
-            _on_hook_path("end", task_id, status)
+            # Run on every task: _on_hook_path's work, inline.
+            tracing = _installed
+            if tracing is not None and tracing.hooks:
+                try:
+                    tracing.end(task_id, status)
+                except Exception:  # noqa: BLE001
+                    log.warning("task tracing failed in end", exc_info=True)
 
 
 def _on_hook_path(method: str, *args: Any) -> None:

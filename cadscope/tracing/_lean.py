@@ -203,19 +203,24 @@ class LeanSpan(trace.Span, sdk_trace.ReadableSpan):
 
     def _set(self, key: str, value: types.AnyValue) -> None:
         attributes, limits = self._attributes, self._tracer._span_limits
+        most = limits.max_span_attributes
         if (
             type(attributes) is dict
             and limits.max_span_attribute_length is None
-            and _as_is(key, value)
-            and (key in attributes or _within(len(attributes) + 1, limits.max_span_attributes))
+            and type(key) is str  # _as_is(), inline: once per task
+            and key
+            and type(value) in _PRIMITIVE
+            and (key in attributes or most is None or len(attributes) < most)
         ):
             attributes[key] = value
         else:
             self._bounded()[key] = value
 
     def set_attribute(self, key: str, value: types.AnyValue) -> None:
-        if not self._ended("Setting attribute"):
+        if self._end_time is None and self._recording:  # _ended()'s common case, inline: once per task
             self._set(key, value)
+        else:
+            self._ended("Setting attribute")  # warns after end()
 
     def set_attributes(self, attributes: Mapping[str, types.AnyValue]) -> None:
         if not self._ended("Setting attribute"):
@@ -443,7 +448,7 @@ def drops_unsampled_remote(sampler: sdk_sampling.Sampler) -> bool:
 
 def start_deferred_span(tracer: sdk_trace.Tracer, name: str, carrier: dict[str, str],
                         kind: SpanKind = SpanKind.INTERNAL, attributes: Mapping[str, Any] | None = None,
-                        recording: bool = True) -> LeanSpan:  # fmt: skip
+                        recording: bool = True, plain: bool = False) -> LeanSpan:  # fmt: skip
     """A :class:`LeanSpan` whose parent is what the global propagator extracts
     from ``carrier`` and whose ids and sampling decision are made when first
     asked for. Only for a tracer :func:`deferring_tracer` gives, and a carrier that
@@ -453,7 +458,19 @@ def start_deferred_span(tracer: sdk_trace.Tracer, name: str, carrier: dict[str, 
     made (a valid unsampled parent and a sampler that
     :func:`drops_unsampled_remote`): the span records nothing and no
     processor sees it, as the SDK's non-recording span; its ids are still
-    made, the same way, if something asks for them."""
+    made, the same way, if something asks for them.
+
+    ``plain=True`` says that ``attributes`` is a dict of the caller's own, given
+    away (the span keeps it), every key a non-empty str and every value a str,
+    bool, int or float: then only the tracer's limits are checked, not each
+    pair (the Celery task span, once per task)."""
+    if plain and type(attributes) is dict:
+        span = LeanSpan(tracer, name, None, None, kind, attributes, time_ns(), carrier)
+        span._recording = recording
+        limits = tracer._span_limits
+        if not (limits.max_span_attribute_length is None and _within(len(attributes), limits.max_span_attributes)):
+            span._bounded()
+        return span
     span = LeanSpan(tracer, name, None, None, kind, dict(attributes or {}), time_ns(), carrier)
     span._recording = recording
     return _bound_if_needed(span)

@@ -35,6 +35,8 @@ from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, attach, detach,
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
+from ._lean import LeanSpan
+
 __all__ = ["BoundedBatchSpanProcessor", "DropCallback"]
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,20 @@ def _env_int(name: str, default: int) -> int:
     except ValueError:
         return default
     return value if value > 0 else default
+
+
+# Forks seen by this process: a span processor's thread and queue stay in the parent. Counted by
+# os.register_at_fork, which every fork from Python runs (os.fork, multiprocessing's and billiard's),
+# rather than asked of the kernel on every span (os.getpid).
+_forks = 0
+
+
+def _forked() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def _sampled(span: ReadableSpan) -> bool:
@@ -78,6 +94,7 @@ class BoundedBatchSpanProcessor(SpanProcessor):
 
     def _start(self) -> None:
         self._pid = os.getpid()
+        self._forks = _forks
         self._lock = threading.Lock()
         self._queue: deque[ReadableSpan] = deque()
         self._wake = threading.Event()
@@ -92,10 +109,13 @@ class BoundedBatchSpanProcessor(SpanProcessor):
         return None
 
     def on_end(self, span: ReadableSpan) -> None:
-        deferred = getattr(span, "deferred", False)
+        # Once per task on the pool's task thread: a LeanSpan's fields are read directly, and the
+        # fork check is _ensure_thread's, inline.
+        deferred = span._context is None if type(span) is LeanSpan else getattr(span, "deferred", False)
         if not deferred and not _sampled(span):
             return
-        self._ensure_thread()
+        if self._forks != _forks:
+            self._start()
         with self._lock:
             if self._closing:
                 reason = "shutdown"
@@ -146,7 +166,7 @@ class BoundedBatchSpanProcessor(SpanProcessor):
     # The export thread ---------------------------------------------------
 
     def _ensure_thread(self) -> None:
-        if self._pid != os.getpid():  # forked: the export thread and the queue stayed in the parent
+        if self._forks != _forks:  # forked: the export thread and the queue stayed in the parent
             self._start()
 
     def _drop(self, reason: str, count: int) -> None:
