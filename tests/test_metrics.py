@@ -161,3 +161,32 @@ def test_every_event_an_alert_counts_lands_on_a_series_exposed_at_zero():
     after = counts()
     assert set(after) == set(zeroed), "an event made a series that was not exposed at 0"
     assert set(after.values()) == {1.0}, "a zeroed series no event can reach"
+
+
+def test_task_finished_writes_what_the_childrens_own_calls_write():
+    """``task_finished`` writes the count, sum and bucket itself (the children's wrappers
+    skipped): every sample must be what ``labels().inc()`` and ``labels().observe()`` give,
+    on bucket bounds, between them, below the first and past the last, and for NaN."""
+    from cadscope.metrics._catalogue import FLOW_BUCKETS
+
+    ours, theirs = Catalogue(CollectorRegistry()), Catalogue(CollectorRegistry())
+    runs = [0.0, -1.0, 0.049, 1e9, float("inf"), float("nan")]
+    runs += list(FLOW_BUCKETS) + [b * 1.0001 for b in FLOW_BUCKETS]
+    for i, seconds in enumerate(runs):
+        outcome = ("success", "failure")[i % 2]
+        ours.task_finished("run_job", outcome, seconds)
+        theirs.task_outcomes.labels("run_job", outcome).inc()
+        theirs.task_runtime.labels("run_job", outcome).observe(seconds)
+
+    def samples(catalogue):
+        return sorted(
+            (s.name, tuple(sorted(s.labels.items())), repr(s.value))  # repr: NaN equals NaN
+            for family in (catalogue.task_outcomes, catalogue.task_runtime)
+            for metric in family.collect()
+            for s in metric.samples
+            if not s.name.endswith("_created")
+        )
+
+    assert samples(ours) == samples(theirs)
+    success = (("outcome", "success"), ("task", "run_job"))
+    assert ("cadscope_task_runtime_seconds_count", success, "17.0") in samples(ours)

@@ -9,8 +9,10 @@ ranges, free text never becomes a label, an unknown value becomes ``other``.
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
+from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
@@ -445,22 +447,55 @@ class Catalogue:
         self.attempts_lost = counter(
             "cadscope_task_attempts_lost", "Task attempts lost with their worker process (redelivered).", ("task",)
         )
-        # (task, outcome) -> the two task metrics' children; see task_finished.
-        self._task_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+        # (task, outcome) -> what task_finished writes; see there.
+        self._task_writes: dict[tuple[str, str], _TaskWrites] = {}
 
     def task_finished(self, task: str, outcome: str, seconds: float) -> None:
         """Count one task run by outcome and observe its run time.
 
-        Every task run records these two, so their labelled children are kept
-        per ``(task, outcome)``. ``labels()`` converts the values and looks
-        them up under a lock on every call: 2.5 of the 5.3 µs the two writes
-        cost back to back (bench/RESULTS.md, "Task metrics without labels()").
-        The children are those ``labels()`` returns, held by the metrics anyway,
-        so the cache holds nothing more than they do.
+        Every task run records these two, so what they write is kept per
+        ``(task, outcome)``. ``labels()`` converts the values and looks them
+        up under a lock on every call: 2.5 of the 5.3 µs the two writes cost
+        back to back (bench/RESULTS.md, "Task metrics without labels()").
+        Then the three values the two children's ``inc()`` and ``observe()``
+        would write (the count, the sum, the bucket) are written directly,
+        through the same value objects and so under the same lock and fork
+        check: the children's wrappers around them (the observability check,
+        the exemplar, the walk along the buckets) are work that gives the
+        same three writes here (bench/RESULTS.md, "One path for the common
+        task"). Where a prometheus_client keeps them elsewhere, the children's
+        own calls.
         """
-        children = self._task_children.get((task, outcome))
-        if children is None:
-            children = (self.task_outcomes.labels(task, outcome), self.task_runtime.labels(task, outcome))
-            self._task_children[(task, outcome)] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        writes = self._task_writes.get((task, outcome))
+        if writes is None:
+            writes = _TaskWrites(self.task_outcomes.labels(task, outcome), self.task_runtime.labels(task, outcome))
+            self._task_writes[(task, outcome)] = writes
+        writes.record(seconds)
+
+
+class _TaskWrites:
+    """One ``(task, outcome)``'s counter and histogram children, and the values they write."""
+
+    __slots__ = ("counter", "histogram", "_direct")
+
+    def __init__(self, counter: Counter, histogram: Histogram) -> None:
+        self.counter, self.histogram = counter, histogram
+        self._direct: tuple[Any, Any, tuple[float, ...], tuple[Any, ...]] | None = None
+        try:  # prometheus_client's children since 0.4: a value each, the histogram's buckets by upper bound
+            value, total = counter._value, histogram._sum
+            bounds, buckets = tuple(histogram._upper_bounds), tuple(histogram._buckets)
+        except AttributeError:
+            return
+        if bounds and bounds[-1] == float("inf") and len(bounds) == len(buckets) and list(bounds) == sorted(bounds):
+            self._direct = (value, total, bounds, buckets)
+
+    def record(self, seconds: float) -> None:
+        direct = self._direct
+        if direct is None or seconds != seconds:  # NaN: observe() counts it in no bucket
+            self.counter.inc()
+            self.histogram.observe(seconds)
+            return
+        value, total, bounds, buckets = direct
+        value.inc(1)
+        total.inc(seconds)
+        buckets[bisect_left(bounds, seconds)].inc(1)  # observe()'s bucket: the first bound >= seconds
