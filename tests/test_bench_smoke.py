@@ -140,3 +140,22 @@ def test_export_cost_runs_every_exporter_against_its_receiver(tmp_path):
     rows = [line.split(" | ")[0].lstrip("| ") for line in results.splitlines() if " ms** [" in line]
     assert rows == ["cadscope gRPC", "cadscope gRPC, BDP", "upstream gRPC", "upstream HTTP", "cadscope HTTP"]
     assert _processes_running("export_cost.py") == []  # the HTTP sink and every child are gone
+
+
+def test_task_side_by_side_runs_a_revision_beside_the_checkout_and_removes_its_worktree(tmp_path):
+    # --before adds "cadscope at REV", its worker importing cadscope from a worktree of REV; --only keeps
+    # bare and the stacks named. The worktree is gone afterwards.
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()  # fmt: skip
+    trees_before = subprocess.run(["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True).stdout
+    results = _bench(tmp_path, "task_side_by_side.py", "--rounds", "1", "--windows", "2", "--window", "1",
+                     "--warm-up", "0.5", "--tasks", "2500", "--only", "burn", "--before", "HEAD")  # fmt: skip
+    costs = results.split("| stack, added vs bare per task")[0]
+    names = [line.split(" | ")[0].lstrip("| ") for line in costs.splitlines()
+             if line.startswith("| ") and " µs" in line]  # fmt: skip
+    assert names == ["bare", f"cadscope at {head}", "burn"]
+    received = re.search(r"null collectors: (\d+) over gRPC", results)
+    assert received and int(received[1]) > 0  # the revision's worker traced and exported its tasks
+    trees_after = subprocess.run(["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True).stdout
+    assert trees_after == trees_before
+    assert _processes_running("_noop_app") == []
