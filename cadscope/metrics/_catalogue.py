@@ -460,11 +460,10 @@ class Catalogue:
         Then the three values the two children's ``inc()`` and ``observe()``
         would write (the count, the sum, the bucket) are written directly,
         through the same value objects and so under the same lock and fork
-        check: the children's wrappers around them (the observability check,
-        the exemplar, the walk along the buckets) are work that gives the
-        same three writes here (bench/RESULTS.md, "One path for the common
-        task"). Where a prometheus_client keeps them elsewhere, the children's
-        own calls.
+        check, without the children's wrappers around them (the
+        observability check, the exemplar, the walk along the buckets):
+        bench/RESULTS.md, "Fewer calls a task". Where a prometheus_client
+        keeps them elsewhere, the children's own calls.
         """
         writes = self._task_writes.get((task, outcome))
         if writes is None:
@@ -481,7 +480,7 @@ class _TaskWrites:
     def __init__(self, counter: Counter, histogram: Histogram) -> None:
         self.counter, self.histogram = counter, histogram
         self._direct: tuple[Any, Any, tuple[float, ...], tuple[Any, ...]] | None = None
-        try:  # prometheus_client's children since 0.4: a value each, the histogram's buckets by upper bound
+        try:  # prometheus_client's children: a value each, the histogram's buckets by upper bound
             value, total = counter._value, histogram._sum
             bounds, buckets = tuple(histogram._upper_bounds), tuple(histogram._buckets)
         except AttributeError:
