@@ -396,13 +396,15 @@ def _enabled(tracer: sdk_trace.Tracer) -> bool:
     return is_enabled is None or bool(is_enabled())
 
 
-def _bound_if_needed(span: LeanSpan) -> LeanSpan:
+def _bound_if_needed(span: LeanSpan, plain: bool = False) -> LeanSpan:
+    """``span`` with its attributes bounded if the tracer's limits, or a pair (unless the caller
+    vouches for every pair: ``plain``), need it."""
     limits = span._tracer._span_limits
     attributes = span._attributes
     if not (
         limits.max_span_attribute_length is None
         and _within(len(attributes), limits.max_span_attributes)
-        and all(_as_is(k, v) for k, v in attributes.items())
+        and (plain or all(_as_is(k, v) for k, v in attributes.items()))
     ):
         span._bounded()
     return span
@@ -464,13 +466,7 @@ def start_deferred_span(tracer: sdk_trace.Tracer, name: str, carrier: dict[str, 
     away (the span keeps it), every key a non-empty str and every value a str,
     bool, int or float: then only the tracer's limits are checked, not each
     pair (the Celery task span, once per task)."""
-    if plain and type(attributes) is dict:
-        span = LeanSpan(tracer, name, None, None, kind, attributes, time_ns(), carrier)
-        span._recording = recording
-        limits = tracer._span_limits
-        if not (limits.max_span_attribute_length is None and _within(len(attributes), limits.max_span_attributes)):
-            span._bounded()
-        return span
-    span = LeanSpan(tracer, name, None, None, kind, dict(attributes or {}), time_ns(), carrier)
+    kept = attributes if plain and type(attributes) is dict else dict(attributes or {})
+    span = LeanSpan(tracer, name, None, None, kind, kept, time_ns(), carrier)
     span._recording = recording
-    return _bound_if_needed(span)
+    return _bound_if_needed(span, plain=kept is attributes)  # the caller's own dict: vouched for
