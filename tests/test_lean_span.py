@@ -304,6 +304,18 @@ def test_attributes_given_at_start_are_bounded_there_as_the_sdk_does(limits):
     assert exported[0][0] in ({"celery.retries": 2}, {"celery.task_name": "cad.", "celery.retries": 2})
 
 
+def test_attributes_given_at_start_that_are_not_plain_are_kept_as_the_sdk_keeps_them():
+    """A list becomes a tuple and a value of no attribute type is not kept as it is, at the start, as in the SDK."""
+    exported = []
+    for lean in (False, True, "deferred"):
+        tracer, exporter = _tracer()
+        _start(lean, tracer, attributes={"cad.parts": [1, 2], "cad.bad": object(), "cad.ok": "yes"}).end()
+        [finished] = exporter.get_finished_spans()
+        exported.append(dict(finished.attributes))
+    assert exported[2] == exported[1] == exported[0]
+    assert exported[0]["cad.parts"] == (1, 2) and exported[0]["cad.ok"] == "yes" and exported[0].get("cad.bad") is None
+
+
 def test_a_tracer_that_is_not_the_sdks_starts_its_own_span():
     tracer = trace.NoOpTracer()
     span = _start(True, tracer)
