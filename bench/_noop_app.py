@@ -11,6 +11,9 @@
 - ``cadscope-signals``: the same, with the task runs traced through Celery's
   task signals rather than cadscope's task hooks (``TracedTask``), as
   cadscope was up to f1489a2.
+- ``cadscope-metrics``, ``cadscope-tracing``, ``cadscope-app``: cadscope's worker app with its task
+  runs not traced, with a task that records no metrics, and with neither: where ``cadscope``'s added
+  cost lies on a busy host.
 - ``burn``: plain Celery whose task burns ``$BENCH_BURN_US`` microseconds of
   its thread's CPU: a control, an overhead of known size.
 
@@ -38,13 +41,23 @@ COMMON = {
     "worker_hijack_root_logger": False,
 }
 
-if MODE in ("cadscope", "cadscope-signals"):
+if MODE.startswith("cadscope"):
     from _common import catalogue_noop
 
     from cadscope.workers import _app, app
 
     app.conf.update(broker_url=BROKER, result_backend=None, **COMMON)
-    noop = catalogue_noop(app)
+    if MODE in ("cadscope-tracing", "cadscope-app"):
+
+        @app.task(name="bench.noop")
+        def noop() -> None:
+            return None
+
+    else:
+        noop = catalogue_noop(app)
+    if MODE in ("cadscope-metrics", "cadscope-app"):
+        # The worker app's tracing set up, its task runs not traced: TracedTask's hooks find nothing installed.
+        _app.instrument_celery_worker = lambda provider, app=None: None  # type: ignore[assignment]
     if MODE == "cadscope-signals":
         from cadscope.tracing import instrument_celery_worker
 
