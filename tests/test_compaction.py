@@ -359,14 +359,14 @@ FORKS = textwrap.dedent(
     import json, os, sys
     from prometheus_client import CollectorRegistry, Counter
     from cadscope.metrics import enable_multiprocess
-    from cadscope.metrics._multiprocess import process_identifier
+    from cadscope.metrics import _values
     enable_multiprocess(sys.argv[1])
     jobs = Counter("jobs", "Jobs.", ("k",), registry=CollectorRegistry()).labels("a")
     jobs.inc()
     pid = os.fork()
     if pid == 0:  # a pool child: billiard forks this way
         jobs.inc(5)
-        os._exit(0 if process_identifier() == os.getpid() else 3)
+        os._exit(0 if _values._pid == os.getpid() else 3)
     _, status = os.waitpid(pid, 0)
     jobs.inc(10)
     print(json.dumps({"child": pid, "status": status}))
@@ -375,10 +375,10 @@ FORKS = textwrap.dedent(
 
 
 def test_a_forked_child_writes_its_own_file(tmp_path):
-    """cadscope's process identifier for prometheus_client answers without a
-    system call (the pid is read again only after a fork), so a child forked
-    after the first write must still get a file of its own and start from
-    zero there, as with upstream's ``os.getpid``."""
+    """cadscope's multiprocess values notice a fork without a system call
+    (the pid is read again only after a fork), so a child forked after the
+    first write must still get a file of its own and start from zero there,
+    as with upstream's ``os.getpid``."""
     out = subprocess.run([sys.executable, "-c", FORKS, str(tmp_path)], capture_output=True, text=True, check=True)
     got = json.loads(out.stdout)
     assert got["status"] == 0

@@ -16,6 +16,8 @@ from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
+from ._values import MultiProcessValue, add
+
 __all__ = [
     "ALLOWED_LABEL_VALUES",
     "Catalogue",
@@ -458,11 +460,12 @@ class Catalogue:
         up under a lock on every call: 2.5 of the 5.3 µs the two writes cost
         back to back (bench/RESULTS.md, "Task metrics without labels()").
         Then the three values the two children's ``inc()`` and ``observe()``
-        would write (the count, the sum, the bucket) are written directly,
-        through the same value objects and so under the same lock and fork
-        check, without the children's wrappers around them (the
-        observability check, the exemplar, the walk along the buckets):
-        bench/RESULTS.md, "Fewer calls a task". Where a prometheus_client
+        would write (the count, the sum, the bucket) are written at once: in
+        multiprocess mode under one lock with one fork check
+        (:func:`~cadscope.metrics._values.add`; bench/RESULTS.md, "A task's
+        metrics in one call"), else through each value's ``inc()``, without
+        the children's wrappers around them (the observability check, the
+        exemplar, the walk along the buckets). Where a prometheus_client
         keeps them elsewhere, the children's own calls.
         """
         writes = self._task_writes.get((task, outcome))
@@ -475,11 +478,12 @@ class Catalogue:
 class _TaskWrites:
     """One ``(task, outcome)``'s counter and histogram children, and the values they write."""
 
-    __slots__ = ("counter", "histogram", "_direct")
+    __slots__ = ("counter", "histogram", "_direct", "_shared")
 
     def __init__(self, counter: Counter, histogram: Histogram) -> None:
         self.counter, self.histogram = counter, histogram
         self._direct: tuple[Any, Any, tuple[float, ...], tuple[Any, ...]] | None = None
+        self._shared = False  # every value one multiprocess class's: written by add()
         try:  # prometheus_client's children: a value each, the histogram's buckets by upper bound
             value, total = counter._value, histogram._sum
             bounds, buckets = tuple(histogram._upper_bounds), tuple(histogram._buckets)
@@ -487,6 +491,8 @@ class _TaskWrites:
             return
         if bounds and bounds[-1] == float("inf") and len(bounds) == len(buckets) and list(bounds) == sorted(bounds):
             self._direct = (value, total, bounds, buckets)
+            kind = type(value)
+            self._shared = issubclass(kind, MultiProcessValue) and all(type(v) is kind for v in (total, *buckets))
 
     def record(self, seconds: float) -> None:
         direct = self._direct
@@ -495,6 +501,10 @@ class _TaskWrites:
             self.histogram.observe(seconds)
             return
         value, total, bounds, buckets = direct
-        value.inc(1)
-        total.inc(seconds)
-        buckets[bisect_left(bounds, seconds)].inc(1)  # observe()'s bucket: the first bound >= seconds
+        bucket = buckets[bisect_left(bounds, seconds)]  # observe()'s bucket: the first bound >= seconds
+        if self._shared:
+            add(((value, 1.0), (total, seconds), (bucket, 1.0)))
+        else:
+            value.inc(1)
+            total.inc(seconds)
+            bucket.inc(1)

@@ -454,6 +454,6 @@ def default_observability() -> ModelObservability:
     multiprocess switch, to expose the event counters at 0
     (:meth:`ModelObservability.zero_event_counters`). Pool processes inherit it
     across the fork, and their values go to files of their own: the multiprocess
-    values notice the fork (``_multiprocess.process_identifier``).
+    values notice the fork (``_values``).
     """
     return ModelObservability()

@@ -38,7 +38,6 @@ import mmap
 import os
 import re
 import shutil
-import struct
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -49,6 +48,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.samples import Sample
+
+from ._values import _HEADER, _entries, _int, multiprocess_value_class
 
 __all__ = [
     "CompactingMultiProcessCollector",
@@ -64,9 +65,6 @@ ENV = "PROMETHEUS_MULTIPROC_DIR"
 ACCUMULATED = "compacted"
 _PID_FILE = re.compile(r"^(counter|histogram|gauge_[a-z]+|summary)_(\d+)\.db$")
 UNREADABLE = ".unreadable"
-# MmapedDict's header: the bytes used (4) and padding (4). A shorter file has
-# not been sized yet by the process creating it, and holds no samples.
-_HEADER = 8
 
 
 def _sized(path: str) -> bool:
@@ -74,28 +72,6 @@ def _sized(path: str) -> bool:
         return os.stat(path).st_size >= _HEADER
     except FileNotFoundError:  # a live gauge's file, removed by mark_process_dead since the listing
         return False
-
-
-_pid = os.getpid()
-
-
-def _forked() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-os.register_at_fork(after_in_child=_forked)
-
-
-def process_identifier() -> int:
-    """This process's pid, as ``os.getpid()``, without a system call.
-
-    prometheus_client's multiprocess values ask for the pid on every ``inc``,
-    ``observe`` and ``set`` (three times for a task's metrics), to notice
-    that they run in a forked child and must open files of their own. Here
-    the fork is noticed once, by ``os.register_at_fork``, which every fork
-    from Python runs (``os.fork``, multiprocessing's and billiard's)."""
-    return _pid
 
 
 def enable_multiprocess(path: str, *, wipe: bool = False) -> str:
@@ -110,7 +86,7 @@ def enable_multiprocess(path: str, *, wipe: bool = False) -> str:
                 os.unlink(entry)
     os.makedirs(path, exist_ok=True)
     os.environ[ENV] = path
-    values.ValueClass = values.MultiProcessValue(process_identifier)
+    values.ValueClass = multiprocess_value_class()
     return path
 
 
@@ -124,11 +100,6 @@ def process_reaped(pid: int) -> bool:
         return False
 
 
-_int = struct.Struct("i").unpack_from
-_two_doubles = struct.Struct("dd").unpack_from
-_CORRUPT = "Read beyond file size detected, file is corrupted."  # mmap_dict's words
-
-
 def _file_bytes(path: str) -> bytes:
     """The used part of an ``MmapedDict`` file, read as ``read_all_values_from_file`` reads it."""
     with open(path, "rb") as file:
@@ -137,26 +108,6 @@ def _file_bytes(path: str) -> bytes:
         if used > len(data):
             data += file.read(used - len(data))
     return data
-
-
-def _entries(data: bytes) -> Iterable[tuple[bytes, float, float]]:
-    """``(key, value, timestamp)`` of every entry, as ``mmap_dict._read_all_values`` walks them,
-    with the key left undecoded, and one more check: a negative key length is
-    corruption. Upstream reads on, and a length of -28 (say) takes it back to
-    an entry it has read, for ever: a scrape, or a compaction, that never
-    ends and holds the directory's lock."""
-    used = _int(data, 0)[0]
-    pos = 8
-    while pos < used:
-        length = _int(data, pos)[0]
-        if length < 0 or length + pos > used:
-            raise RuntimeError(_CORRUPT)
-        pos += 4
-        key = data[pos : pos + length]
-        pos += length + (8 - (length + 4) % 8)
-        value, timestamp = _two_doubles(data, pos)
-        yield key, value, timestamp
-        pos += 16
 
 
 _Fields = tuple[str, str, tuple[tuple[str, str], ...], str]

@@ -1,0 +1,190 @@
+"""cadscope's multiprocess values write what prometheus_client's own write, byte for byte."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest, values
+from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from cadscope.metrics import _values
+
+# Every metric type and gauge mode, a value written twice, a label set added after the first
+# writes, and enough keys of a long help text to grow a file past its first 64 KiB.
+WRITES = textwrap.dedent(
+    """
+    import json, os, sys, time
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary, values
+    time.time = lambda: 1700000000.5  # the mostrecent modes' timestamps, the same in both runs
+    if sys.argv[2] == "ours":
+        from cadscope.metrics._values import multiprocess_value_class
+        values.ValueClass = multiprocess_value_class()
+    else:
+        values.ValueClass = values.MultiProcessValue(lambda: 4242)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = sys.argv[1]
+    r = CollectorRegistry()
+    c = Counter("jobs", "Jobs.", ("k",), registry=r)
+    c.labels("a").inc()
+    c.labels("a").inc(2.5)
+    c.labels("b").inc()
+    for mode in ("all", "liveall", "min", "max", "sum", "livesum", "mostrecent", "livemostrecent"):
+        g = Gauge("g_" + mode, "A gauge.", ("k",), registry=r, multiprocess_mode=mode)
+        g.labels("x").set(3)
+        g.labels("x").set(2) if "mostrecent" in mode else g.labels("x").inc(-1)
+        g.labels("y").set(7)
+    h = Histogram("h", "A histogram.", ("k",), registry=r, buckets=(0.1, 1, 10))
+    for v in (0.05, 0.5, 5, 50, 1):
+        h.labels("x").observe(v)
+    Summary("s", "A summary.", ("k",), registry=r).labels("x").observe(2)
+    long = Counter("long", "x" * 500, ("i",), registry=r)
+    for i in range(200):
+        long.labels(str(i)).inc(i)
+    c.labels("a").inc()  # a value written again after its file grew
+    print(json.dumps({"pid": os.getpid()}))
+    """
+)
+
+
+def _write(tmp_path, which: str) -> dict[str, bytes]:
+    """Run WRITES with upstream's value class (its pid 4242) or ours; every file's used bytes, by
+    name, ours renamed to pid 4242 too."""
+    path = tmp_path / which
+    path.mkdir()
+    out = subprocess.run([sys.executable, "-c", WRITES, str(path), which], capture_output=True, text=True, check=True)
+    pid = str(json.loads(out.stdout)["pid"])
+    files = {}
+    for file in sorted(path.iterdir()):
+        if which == "ours":
+            file = file.rename(path / file.name.replace(f"_{pid}.db", "_4242.db"))
+        data = file.read_bytes()
+        files[file.name] = data[: int.from_bytes(data[:4], sys.byteorder)]
+    return files
+
+
+def test_the_files_are_upstreams_byte_for_byte(tmp_path):
+    upstream, ours = _write(tmp_path, "upstream"), _write(tmp_path, "ours")
+    assert len(upstream) == 11  # counter, histogram, summary and the eight gauge modes' files
+    assert ours == upstream
+    assert len(ours["counter_4242.db"]) > 1 << 16  # grown past the first size
+    expositions = []
+    for which in ("upstream", "ours"):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, str(tmp_path / which))
+        expositions.append(generate_latest(registry))
+    assert expositions[0] == expositions[1]
+
+
+@pytest.fixture
+def value_class(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    cls = _values.multiprocess_value_class()
+    yield cls
+    with cls._lock:
+        for file in cls._files.values():
+            file.close()
+        cls._files.clear()
+
+
+def _made(cls, name: str, labelvalue: str = "a"):
+    return cls("counter", name, name + "_total", ("k",), (labelvalue,), "Help.")
+
+
+def _read(tmp_path) -> dict[str, float]:
+    data = MmapedDict(str(tmp_path / f"counter_{os.getpid()}.db"), read_mode=True)
+    try:
+        return {json.loads(key)[1]: value for key, value, _ in data.read_all_values()}
+    finally:
+        data.close()
+
+
+def test_add_writes_what_inc_writes(value_class, tmp_path):
+    one, two, three = (_made(value_class, n) for n in ("one", "two", "three"))
+    _values.add(((one, 1.0), (two, 0.25), (three, 1.0)))
+    _values.add(((one, 1.0), (two, 4.0), (three, 1.0)))
+    three.inc(2)
+    assert (one.get(), two.get(), three.get()) == (2.0, 4.25, 4.0)
+    assert _read(tmp_path) == {"one_total": 2.0, "two_total": 4.25, "three_total": 4.0}
+
+
+def test_a_file_left_by_an_earlier_process_with_this_pid_is_gone_on_from(value_class, tmp_path):
+    """A reused pid: upstream reads the file's values and goes on from them, and so does this."""
+    _made(value_class, "jobs").inc(3)
+    _made(value_class, "other").inc(1)
+    with value_class._lock:
+        value_class._files.popitem()[1].close()
+    again = _values.multiprocess_value_class()
+    jobs = _made(again, "jobs")
+    assert jobs.get() == 3.0
+    jobs.inc(1)
+    _made(again, "new").inc(5)
+    assert _read(tmp_path) == {"jobs_total": 4.0, "other_total": 1.0, "new_total": 5.0}
+
+
+def test_threads_adding_to_the_same_values_lose_nothing(value_class, tmp_path, monkeypatch):
+    """One lock for ``add`` and ``inc``: a task thread and another thread writing the same
+    children (a thread pool, or a direct ``labels().inc()``) never lose an increment, and the
+    file never shows a counter going down (which Prometheus would read as a reset). Each
+    write lets other threads run just before it, where a thread without the lock would
+    write a total that another has already passed."""
+    pack = _values._PAIR
+
+    def yielding_pack(value: float, timestamp: float) -> bytes:
+        time.sleep(0)
+        return pack(value, timestamp)
+
+    monkeypatch.setattr(_values, "_PAIR", yielding_pack)
+    one, two = _made(value_class, "one"), _made(value_class, "two")
+    rounds, done, dips = 1_000, threading.Event(), []
+
+    def adder() -> None:
+        for _ in range(rounds):
+            _values.add(((one, 1.0), (two, 2.0)))
+
+    def incer() -> None:
+        for _ in range(rounds):
+            one.inc(1)
+
+    def watcher() -> None:  # reads the file as a scrape would, all along
+        last = 0.0
+        while not done.is_set():
+            now = struct.unpack_from("d", one._file.m, one._position)[0]
+            if now < last:
+                dips.append((last, now))
+            last = now
+            time.sleep(0)  # the writers' turn
+
+    writers = [threading.Thread(target=adder), threading.Thread(target=incer), threading.Thread(target=adder)]
+    watching = threading.Thread(target=watcher)
+    watching.start()
+    for thread in writers:
+        thread.start()
+    for thread in writers:
+        thread.join()
+    done.set()
+    watching.join()
+    assert _read(tmp_path) == {"one_total": 3.0 * rounds, "two_total": 4.0 * rounds}
+    assert dips == []
+
+
+def test_enable_multiprocess_installs_a_class_of_its_own_each_time(tmp_path, monkeypatch):
+    """As upstream's ``MultiProcessValue()``: values made after a directory change open files there."""
+    from cadscope.metrics import enable_multiprocess
+
+    monkeypatch.setattr(values, "ValueClass", values.ValueClass)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    enable_multiprocess(str(tmp_path / "first"))
+    first = values.ValueClass
+    enable_multiprocess(str(tmp_path / "second"))
+    assert issubclass(first, _values.MultiProcessValue) and values.ValueClass is not first
+    _made(values.ValueClass, "jobs").inc(1)
+    assert os.listdir(tmp_path / "second") == [f"counter_{os.getpid()}.db"]
+    values.close_all_multiprocess_files()
