@@ -449,6 +449,24 @@ def test_a_failure_outside_the_task_body_fails_its_span(consumer_tracing, reques
         assert span.status.status_code is trace.StatusCode.ERROR
 
 
+def test_traced_tasks_keep_celerys_fast_path(consumer_tracing, request):
+    """A worker's tracer calls ``task.run`` directly unless the task class has a ``__call__`` of its
+    own; TracedTask wraps ``run`` instead, keeping the body's name, signature and ``__wrapped__``."""
+    import inspect
+
+    from celery.app.trace import task_has_custom
+
+    _, tasks, _, _ = consumer_tracing
+    for task in (tasks["ok"], tasks["boom"]):  # bound, and not
+        real = task.app.tasks[task.name]
+        assert not task_has_custom(real, "__call__")
+        if _path(request) == "hooks":
+            body = vars(type(real))["__wrapped__"]  # the task's function, as @app.task kept it
+            body = getattr(body, "__func__", body)  # unbound: a staticmethod
+            assert real.run.__wrapped__ is body and real.run.__name__ == body.__name__
+    assert list(inspect.signature(tasks["ok"].app.tasks["t.ok"].run).parameters) == []
+
+
 def test_the_hook_path_leaves_celerys_per_task_signals_without_receivers(consumer_tracing, request):
     """Celery sends ``task_prerun``/``task_postrun``/``task_success`` only if
     they have receivers; on the hook path none are ours, and the upstream

@@ -56,6 +56,7 @@ nested ones; its publisher handlers stay.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from typing import Any
@@ -346,7 +347,7 @@ class TracedTask(Task):  # type: ignore[misc]  # celery ships no type hints
       state (``task_track_started``), so that write is not inside it;
     - it ends in ``after_return`` (success, failure), ``on_retry`` (after the
       ``RETRY`` state is stored; Celery's "retry" log line that follows has
-      no trace ids), in ``__call__`` for a run that leaves through
+      no trace ids), in a wrapper of the task's ``run`` for a run that leaves through
       ``Ignore`` (``Task.replace``), ``Reject`` or a BaseException, none of
       which has a hook after it, and on ``task_internal_error``, a signal
       sent only when a run fails outside its body;
@@ -359,17 +360,11 @@ class TracedTask(Task):  # type: ignore[misc]  # celery ships no type hints
     signal path chosen) the hooks do nothing.
     """
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return super().__call__(*args, **kwargs)
-        except (Ignore, Reject) as exc:
-            _on_hook_path("ended_outside_hooks", self, exc)
-            raise
-        except Exception:
-            raise  # after_return or on_retry ends it
-        except BaseException as exc:
-            _on_hook_path("ended_outside_hooks", self, exc)
-            raise
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        run = cls.__dict__.get("run")
+        if run is not None and not getattr(run, _ENDS_OUTSIDE_HOOKS, False):
+            setattr(cls, "run", _ending_outside_hooks(run))  # noqa: B010 - mypy: not a method assignment
 
     def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
         # Run on every task: _on_hook_path's work, inline.
@@ -402,6 +397,51 @@ class TracedTask(Task):  # type: ignore[misc]  # celery ships no type hints
                     tracing.end(task_id, status)
                 except Exception:  # noqa: BLE001
                     log.warning("task tracing failed in end", exc_info=True)
+
+
+_ENDS_OUTSIDE_HOOKS = "_cadscope_ends_outside_hooks"
+
+
+def _ending_outside_hooks(run: Any) -> Any:
+    """``run`` (a function, or the ``staticmethod`` of an ``@app.task`` without ``bind``) as a method
+    that ends the task's span when the run leaves through ``Ignore``, ``Reject`` or a BaseException,
+    which no hook follows.
+
+    Wrapping ``run`` rather than overriding ``__call__`` keeps Celery's fast path: for a task class
+    with no ``__call__`` of its own, a worker's tracer calls ``task.run`` directly. With an override
+    it calls the task, whose ``__call__`` then goes through ``Task.__call__`` (a worker's stack
+    protection, which checks the request stack before calling ``run``): three calls a task for one."""
+    if isinstance(run, staticmethod):  # the body takes no task
+        body = run.__func__
+
+        @functools.wraps(body)
+        def traced_run(self: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return body(*args, **kwargs)
+            except BaseException as exc:
+                _left_past_hooks(self, exc)
+                raise
+
+    else:
+        body = run
+
+        @functools.wraps(body)
+        def traced_run(self: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return body(self, *args, **kwargs)
+            except BaseException as exc:
+                _left_past_hooks(self, exc)
+                raise
+
+    setattr(traced_run, _ENDS_OUTSIDE_HOOKS, True)
+    return traced_run
+
+
+def _left_past_hooks(task: Any, exc: BaseException) -> None:
+    """End the span of a run that leaves through ``Ignore``, ``Reject`` or a BaseException; any other
+    exception is a failure, whose span ``after_return`` or ``on_retry`` ends."""
+    if isinstance(exc, (Ignore, Reject)) or not isinstance(exc, Exception):
+        _on_hook_path("ended_outside_hooks", task, exc)
 
 
 def _on_hook_path(method: str, *args: Any) -> None:

@@ -113,6 +113,15 @@ class LeanSpan(trace.Span, sdk_trace.ReadableSpan):
     another thread after ``end()``; resolving takes a lock.
     """
 
+    # What every span starts with, read from the class until a span changes it: fewer stores per task.
+    _resolving = False
+    _recording = True
+    _events: tuple[()] | BoundedList = ()
+    _links = ()
+    _status = _UNSET
+    _end_time: int | None = None
+    _instrumentation_info = None
+
     def __init__(self, tracer: sdk_trace.Tracer, name: str, span_context: SpanContext | None,
                  parent: SpanContext | None, kind: SpanKind, attributes: dict[str, Any], start_time: int,
                  carrier: dict[str, str] | None = None) -> None:  # fmt: skip
@@ -121,18 +130,11 @@ class LeanSpan(trace.Span, sdk_trace.ReadableSpan):
         self._context: SpanContext | None = span_context
         self._parent = parent
         self._carrier = carrier  # a deferred span's propagation headers, until resolved
-        self._resolving = False
-        self._recording = True
         self._kind = kind
         self._attributes: dict[str, Any] | BoundedAttributes = attributes
-        self._events: tuple[()] | BoundedList = ()
-        self._links = ()
-        self._status = _UNSET
         self._start_time = start_time
-        self._end_time: int | None = None
         self._resource = tracer.resource
         self._instrumentation_scope = tracer._instrumentation_scope
-        self._instrumentation_info = None
 
     # The ids, made when first asked for if deferred ----------------------
 
@@ -201,13 +203,16 @@ class LeanSpan(trace.Span, sdk_trace.ReadableSpan):
             )  # fmt: skip
         return self._attributes
 
-    def _set(self, key: str, value: types.AnyValue) -> None:
+    def set_attribute(self, key: str, value: types.AnyValue) -> None:
+        if self._end_time is not None or not self._recording:  # _ended(), inline: once per task
+            self._ended("Setting attribute")  # warns after end()
+            return
         attributes, limits = self._attributes, self._tracer._span_limits
         most = limits.max_span_attributes
         if (
             type(attributes) is dict
             and limits.max_span_attribute_length is None
-            and type(key) is str  # _as_is(), inline: once per task
+            and type(key) is str  # _as_is(), inline
             and key
             and type(value) in _PRIMITIVE
             and (key in attributes or most is None or len(attributes) < most)
@@ -216,16 +221,10 @@ class LeanSpan(trace.Span, sdk_trace.ReadableSpan):
         else:
             self._bounded()[key] = value
 
-    def set_attribute(self, key: str, value: types.AnyValue) -> None:
-        if self._end_time is None and self._recording:  # _ended()'s common case, inline: once per task
-            self._set(key, value)
-        else:
-            self._ended("Setting attribute")  # warns after end()
-
     def set_attributes(self, attributes: Mapping[str, types.AnyValue]) -> None:
         if not self._ended("Setting attribute"):
             for key, value in attributes.items():
-                self._set(key, value)
+                self.set_attribute(key, value)
 
     def add_event(self, name: str, attributes: types.Attributes = None, timestamp: int | None = None) -> None:
         if self._ended("Adding event"):
@@ -430,7 +429,8 @@ def deferring_tracer(tracer: trace.Tracer) -> sdk_trace.Tracer | None:
     enabled, with one of the SDK's own samplers), else None."""
     if type(tracer) is not sdk_trace.Tracer:
         return None
-    if _enabled(tracer) and type(tracer.sampler).__module__ == sdk_sampling.__name__:
+    is_enabled = getattr(tracer, "_is_enabled", None)  # _enabled(), inline: once per task
+    if (is_enabled is None or is_enabled()) and type(tracer.sampler).__module__ == sdk_sampling.__name__:
         return tracer
     return None
 
@@ -468,5 +468,10 @@ def start_deferred_span(tracer: sdk_trace.Tracer, name: str, carrier: dict[str, 
     pair (the Celery task span, once per task)."""
     kept = attributes if plain and type(attributes) is dict else dict(attributes or {})
     span = LeanSpan(tracer, name, None, None, kind, kept, time_ns(), carrier)
-    span._recording = recording
-    return _bound_if_needed(span, plain=kept is attributes)  # the caller's own dict: vouched for
+    if not recording:
+        span._recording = False
+    limits = tracer._span_limits
+    most = limits.max_span_attributes
+    if kept is attributes and limits.max_span_attribute_length is None and (most is None or len(kept) <= most):
+        return span  # the caller's own dict, vouched for, within the limits: _bound_if_needed's plain case, inline
+    return _bound_if_needed(span, plain=kept is attributes)
