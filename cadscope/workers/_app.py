@@ -13,6 +13,7 @@ live gauges.
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import os
 import socket
@@ -135,6 +136,7 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     info = {"node": node, "pid": os.getpid(), "engines": [e.as_dict() for e in engines.values()],
             "concurrency": getattr(sender, "concurrency", None)}  # fmt: skip
     Heartbeat(progress().store, node, info).start()
+    _freeze_heap()  # last: what the pool forks with
     log.info(
         "worker ready to fork",
         extra={
@@ -161,6 +163,21 @@ def _on_worker_process_init(**_: Any) -> None:
     # span and attribute names, ~30 % less CPU per task (bench/RESULTS.md, "Task CPU"),
     # through TracedTask's hooks rather than Celery's signals ("Task hooks instead of signals").
     instrument_celery_worker(provider, app=app)
+    _freeze_heap()
+
+
+def _freeze_heap() -> None:
+    """Leave every object made so far (imports, the app, telemetry set-up) out of the cyclic
+    collector's passes from now on (``gc.freeze``), as Python's documentation advises a server
+    that forks without exec: a pool process's collections then no longer write to the headers
+    of the objects it shares with the main process, so the pages holding them stay shared.
+
+    And the oldest generation's passes walk what the process made since, not its whole heap.
+    Spans wait in the export queue for their batch, so a few objects a task reach that
+    generation, and in a loop of no-op tasks a full pass came every 10,000 tasks or so, 35 ms
+    each over the set-up's 50,000 objects: 3.3 µs a task, 0.01 µs frozen (bench/RESULTS.md,
+    "The collector, not the calls")."""
+    gc.freeze()
 
 
 @signals.worker_process_shutdown.connect
