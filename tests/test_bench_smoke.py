@@ -159,3 +159,16 @@ def test_task_side_by_side_runs_a_revision_beside_the_checkout_and_removes_its_w
     trees_after = subprocess.run(["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True).stdout
     assert trees_after == trees_before
     assert _processes_running("_noop_app") == []
+
+
+def test_task_cold_counts_what_cadscope_adds_to_a_task(tmp_path):
+    # Exact counts (cachegrind), less a run of no tasks: what a run's start and end do moves a short
+    # run's figures by a few thousand instructions a task, never by cadscope's task path (~180,000).
+    results = _bench(tmp_path, "task_cold.py", "--tasks", "100", "--warm-up", "10", "--only", "cadscope")
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in results.splitlines()
+            if line.startswith("| ") and not line.startswith(("| stack", "| ---"))}  # fmt: skip
+    assert list(rows) == ["bare", "cadscope"]
+    added = {stack: int(cells[1].replace(",", "")) for stack, cells in rows.items()}
+    assert added["bare"] == 0 and added["cadscope"] > 50_000
+    lines = {stack: int(cells[3].strip("* ").replace(",", "")) for stack, cells in rows.items()}
+    assert lines["cadscope"] > 300  # the lines its task path reads, over bare Celery's
