@@ -19,5 +19,6 @@ bench:
 	.venv/bin/python bench/task_cpu.py --write bench/RESULTS.md
 	.venv/bin/python bench/task_overhead.py --write bench/RESULTS.md
 	.venv/bin/python bench/task_steps.py --write bench/RESULTS.md
+	.venv/bin/python bench/task_cold.py --write bench/RESULTS.md
 	.venv/bin/python bench/task_side_by_side.py --write bench/RESULTS.md
 	.venv/bin/python bench/throughput_memory.py --write bench/RESULTS.md
