@@ -13,7 +13,7 @@ from concurrent import futures
 from typing import Any
 
 __all__ = ["NullCollector", "NullCollectorProcess", "NullHTTPCollectorProcess", "bootstrap", "catalogue_noop",
-           "other_threads_cpu", "paired", "publish"]  # fmt: skip
+           "other_threads_cpu", "paired", "publish", "revision_tree", "task_request"]  # fmt: skip
 
 
 class NullCollector:
@@ -134,6 +134,33 @@ def catalogue_noop(app: Any) -> Any:
         default_observability().metrics.task_finished("bench.noop", "success", time.perf_counter() - started)
 
     return noop
+
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def task_request(task_id: str, name: str) -> dict[str, Any]:
+    """A message's request as Celery's task tracer gets it in a pool process (headers flattened in),
+    with the producer's ``traceparent``."""
+    return {"id": task_id, "task": name, "retries": 0, "hostname": "bench@host",
+            "delivery_info": {"exchange": "", "routing_key": "cadscope", "priority": 0, "redelivered": False},
+            "reply_to": "8fe6b313-2d9b-3ffa-99f1-fdbd326c4878", "correlation_id": task_id,
+            "timelimit": [900, 840], "traceparent": TRACEPARENT}  # fmt: skip
+
+
+def revision_tree(repo: str, rev: str) -> tuple[str, str]:
+    """A git worktree of ``repo`` at ``rev``, removed when this process exits, and the revision's short
+    hash: for a stack that runs cadscope's code as it was there (its directory first on ``PYTHONPATH``)."""
+    import atexit
+    import subprocess
+    import tempfile
+
+    tree = tempfile.mkdtemp(prefix="cadscope-before-")
+    subprocess.run(["git", "-C", repo, "worktree", "add", "--detach", "-f", tree, rev], check=True, capture_output=True)
+    atexit.register(subprocess.run, ["git", "-C", repo, "worktree", "remove", "--force", tree], capture_output=True)
+    short = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], check=True, capture_output=True,
+                           text=True).stdout.strip()  # fmt: skip
+    return tree, short
 
 
 def publish(text: str, results_file: str | None) -> None:

@@ -36,7 +36,6 @@ with cadscope's code at that revision (a git worktree).
 from __future__ import annotations
 
 import argparse
-import atexit
 import os
 import platform
 import re
@@ -47,7 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import publish
+from _common import publish, revision_tree, task_request
 
 HERE = Path(__file__).resolve().parent
 STACKS = ("bare", "app", "metrics", "cadscope")
@@ -55,7 +54,6 @@ EVICT = 2 << 20  # twice the simulated last level
 CACHES = ["--I1=32768,8,64", "--D1=32768,8,64", "--LL=1048576,16,64"]
 EVENTS = {"Ir": r"I\s+refs:", "I1": r"I1\s+misses:", "LLi": r"LLi misses:", "Dr": r"D\s+refs:",
           "D1": r"D1\s+misses:", "LLd": r"LLd misses:"}  # fmt: skip
-TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
 def child(stack: str, tasks: int, warm_up: int) -> None:
@@ -114,11 +112,7 @@ def child(stack: str, tasks: int, warm_up: int) -> None:
     def run(first: int, n: int) -> None:
         for i in range(first, first + n):
             task_id = f"job-{i:08d}"
-            request = {"id": task_id, "task": noop.name, "retries": 0, "hostname": "bench@host",
-                       "delivery_info": {"exchange": "", "routing_key": "cadscope", "priority": 0,
-                                         "redelivered": False},
-                       "reply_to": "8fe6b313-2d9b-3ffa-99f1-fdbd326c4878", "correlation_id": task_id,
-                       "timelimit": [900, 840], "traceparent": TRACEPARENT}  # fmt: skip
+            request = task_request(task_id, noop.name)
             evicting[::64] = line  # a byte in every line: the last task's lines leave the caches
             trace_task(task_id, (), {}, request)
 
@@ -172,13 +166,7 @@ def main() -> int:
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_EXPORTER_OTLP")}
     envs = {stack: {**base_env, "PYTHONPATH": str(HERE), "CADSCOPE_TRACES_FILE": ""} for stack in stacks}
     if args.before:
-        tree = Path(tempfile.mkdtemp(prefix="cadscope-before-"))
-        subprocess.run(["git", "-C", str(HERE), "worktree", "add", "--detach", "-f", str(tree), args.before],
-                       check=True, capture_output=True)  # fmt: skip
-        atexit.register(subprocess.run, ["git", "-C", str(HERE), "worktree", "remove", "--force", str(tree)],
-                        capture_output=True)  # fmt: skip
-        rev = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], check=True,
-                             capture_output=True, text=True).stdout.strip()  # fmt: skip
+        tree, rev = revision_tree(str(HERE), args.before)
         name = f"cadscope at {rev}"
         stacks.insert(stacks.index("cadscope") if "cadscope" in stacks else len(stacks), name)
         envs[name] = {**envs["bare"], "PYTHONPATH": f"{HERE}{os.pathsep}{tree}"}

@@ -66,7 +66,7 @@ import sys
 import tempfile
 import time
 
-from _common import NullCollector, catalogue_noop, publish
+from _common import NullCollector, catalogue_noop, publish, task_request
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 STACKS = ("bare", "signals", "metrics", "upstream", "cadscope-sdk-span", "cadscope-upstream-encoder",
@@ -74,7 +74,6 @@ STACKS = ("bare", "signals", "metrics", "upstream", "cadscope-sdk-span", "cadsco
 HOOKED = ("cadscope-no-export", "cadscope")  # the tracer through TracedTask's hooks
 UNEXPORTED = ("bare", "signals", "metrics", "cadscope-no-export")
 WARM_UP = 1000
-TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
 class _Discard(SpanExporter):
@@ -169,12 +168,7 @@ def child(stack: str, tasks: int) -> dict[str, float]:
     def run(n: int, offset: int) -> None:
         for i in range(offset, offset + n):
             task_id = f"job-{i:08d}"
-            request = {"id": task_id, "task": noop.name, "retries": 0, "hostname": "bench@host",
-                       "delivery_info": {"exchange": "", "routing_key": "cadscope", "priority": 0,
-                                         "redelivered": False},
-                       "reply_to": "8fe6b313-2d9b-3ffa-99f1-fdbd326c4878", "correlation_id": task_id,
-                       "timelimit": [900, 840], "traceparent": TRACEPARENT}  # fmt: skip
-            trace_task(task_id, (), {}, request)
+            trace_task(task_id, (), {}, task_request(task_id, noop.name))
 
     run(WARM_UP, 0)  # imports, first spans, the gRPC channel
     if flush is not None:

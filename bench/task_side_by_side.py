@@ -87,7 +87,6 @@ against its parent in the same seconds. ``--only`` runs some of the stacks
 from __future__ import annotations
 
 import argparse
-import atexit
 import concurrent.futures
 import contextlib
 import functools
@@ -107,7 +106,7 @@ from typing import NamedTuple
 
 import psutil
 import redis
-from _common import NullCollector, NullHTTPCollectorProcess, bootstrap, publish
+from _common import NullCollector, NullHTTPCollectorProcess, bootstrap, publish, revision_tree
 from task_overhead import HERE, _Cpu, fill_queue, start_worker
 
 # name, bench/_noop_app.py mode, the fraction of messages whose trace context is sampled (None: --head-sampled),
@@ -367,13 +366,7 @@ def main() -> int:
              for name, mode, sampled, protocol in chosen]  # fmt: skip
     extra_env: dict[str, dict[str, str]] = {}
     if args.before:
-        tree = Path(tempfile.mkdtemp(prefix="cadscope-before-"))
-        subprocess.run(["git", "-C", str(HERE), "worktree", "add", "--detach", "-f", str(tree), args.before],
-                       check=True, capture_output=True)  # fmt: skip
-        atexit.register(subprocess.run, ["git", "-C", str(HERE), "worktree", "remove", "--force", str(tree)],
-                        capture_output=True)  # fmt: skip
-        rev = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], check=True,
-                             capture_output=True, text=True).stdout.strip()  # fmt: skip
+        tree, rev = revision_tree(str(HERE), args.before)
         specs.insert(1, (f"cadscope at {rev}", "cadscope", 1.0, "grpc"))
         # This bench's apps first (bench/), then that revision's cadscope, before the installed one.
         extra_env[specs[1][0]] = {"PYTHONPATH": f"{HERE}{os.pathsep}{tree}"}
