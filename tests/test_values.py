@@ -188,3 +188,39 @@ def test_enable_multiprocess_installs_a_class_of_its_own_each_time(tmp_path, mon
     _made(values.ValueClass, "jobs").inc(1)
     assert os.listdir(tmp_path / "second") == [f"counter_{os.getpid()}.db"]
     values.close_all_multiprocess_files()
+
+
+FORK_WHILE_LOCKED = textwrap.dedent(
+    """
+    import os, signal, sys, threading, time
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = sys.argv[1]
+    from cadscope.metrics._values import multiprocess_value_class
+    cls = multiprocess_value_class()
+    jobs = cls("counter", "jobs", "jobs_total", ("k",), ("a",), "Jobs.")
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with cls._lock:  # a metrics write in progress on another thread (a server's, a heartbeat's)
+            held.set()
+            release.wait()
+
+    threading.Thread(target=holder).start()
+    held.wait()
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(5)  # a child that waits for the lock for ever dies here, not the test
+        jobs.inc(1)
+        os._exit(0 if jobs.get() == 1.0 else 3)
+    release.set()
+    _, status = os.waitpid(pid, 0)
+    sys.exit(os.waitstatus_to_exitcode(status))
+    """
+)
+
+
+def test_a_child_forked_while_another_thread_writes_can_write(tmp_path):
+    """Only the forking thread lives on in a child: a lock another thread held at the fork would stay
+    held there for ever. Each value class gets a new lock in the child."""
+    out = subprocess.run([sys.executable, "-c", FORK_WHILE_LOCKED, str(tmp_path)], capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr

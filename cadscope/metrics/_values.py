@@ -115,11 +115,17 @@ class _File:
 # This process's pid, moved by every fork from Python; a value class whose files are another pid's
 # opens this one's at its next write or read.
 _pid = os.getpid()
+_classes: list[type[MultiProcessValue]] = []  # every multiprocess_value_class() made in this process
 
 
 def _forked() -> None:
+    """In a forked child: its pid, and a new lock for every value class. Only the forking thread
+    goes on in the child, so a lock another thread held at the fork would never be released there
+    (upstream's is, and the child's first write then waits for ever)."""
     global _pid
     _pid = os.getpid()
+    for cls in _classes:
+        cls._lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forked)
@@ -220,6 +226,7 @@ def multiprocess_value_class() -> type[MultiProcessValue]:
             Value._files.clear()
             Value._values.clear()
 
+    _classes.append(Value)
     # values.close_all_multiprocess_files() closes every class's files, upstream's and these.
     cleanups = getattr(values, "_multi_process_cleanups", None)
     if isinstance(cleanups, list):
