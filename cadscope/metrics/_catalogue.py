@@ -462,8 +462,8 @@ class Catalogue:
         Then the three values the two children's ``inc()`` and ``observe()``
         would write (the count, the sum, the bucket) are written at once: in
         multiprocess mode under one lock with one fork check
-        (:func:`~cadscope.metrics._values.add`; bench/RESULTS.md, "A task's
-        metrics in one call"), else through each value's ``inc()``, without
+        (:func:`~cadscope.metrics._values.add`; bench/RESULTS.md, "The
+        collector, not the calls"), else through each value's ``inc()``, without
         the children's wrappers around them (the observability check, the
         exemplar, the walk along the buckets). Where a prometheus_client
         keeps them elsewhere, the children's own calls.

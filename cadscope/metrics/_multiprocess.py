@@ -68,6 +68,8 @@ UNREADABLE = ".unreadable"
 
 
 def _sized(path: str) -> bool:
+    """Whether the file holds at least ``MmapedDict``'s header (the bytes used, padding): a shorter
+    one has not been sized yet by the process creating it, and holds no samples."""
     try:
         return os.stat(path).st_size >= _HEADER
     except FileNotFoundError:  # a live gauge's file, removed by mark_process_dead since the listing

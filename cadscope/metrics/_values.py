@@ -15,12 +15,16 @@ and starts its values from them), and one lock for all of a process's values.
 Why not upstream's: on every ``inc``, ``set`` and ``get`` it takes its lock,
 asks for the pid and writes through two more calls. A task's outcome counter
 and run-time histogram (the sum and one bucket) cost 15 Python calls that way,
-of the about 45 cadscope adds to a no-op task on the pool's task thread, and on
-a busy host each call costs about a microsecond (bench/RESULTS.md, "A task's
-metrics in one call"). :func:`add` writes several values under one lock, with
-one fork check and no call per value; the fork is noticed by
-``os.register_at_fork``, which every fork from Python runs (``os.fork``,
-multiprocessing's and billiard's), not by asking for the pid.
+of the about 45 cadscope adds to a no-op task on the pool's task thread. What a
+busy host charges for them is the code and data they read from memory, every
+cache having been filled by other processes since the last task: with
+:func:`add`, which writes several values under one lock, with one fork check
+and no call per value, a task's metrics read about 150 lines fewer
+(bench/RESULTS.md, "The collector, not the calls"; ``bench/task_cold.py``).
+The fork is noticed by ``os.register_at_fork``, which every fork from Python
+runs (``os.fork``, multiprocessing's and billiard's), not by asking for the
+pid, and a child gets new locks: a lock another thread held at the fork would
+stay held there.
 """
 
 from __future__ import annotations
