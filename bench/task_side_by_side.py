@@ -74,6 +74,11 @@ What this does not measure: an idle host's throughput. There the path from
 one message to the next sets a no-op task's rate, and CPU spent off that
 path (the export thread) costs nothing. That is task_overhead.py's figure.
 
+``--only`` also takes three stacks that a default run leaves out, to split
+cadscope's added cost into its parts: ``metrics only`` (cadscope's worker
+app, its task runs not traced), ``tracing only`` (its task records no
+metrics) and ``app only`` (neither).
+
 ``--before REV`` adds one more stack, ``cadscope at REV``: the same app with
 cadscope's code as it was at that git revision (a worktree, first on the
 worker's ``PYTHONPATH``), so that a change to the task path is measured
@@ -114,11 +119,14 @@ from task_overhead import HERE, _Cpu, fill_queue, start_worker
 STACKS = (("bare", "bare", 1.0, "grpc"), ("upstream", "upstream", 1.0, "grpc"), ("cadscope", "cadscope", 1.0, "grpc"),
           ("cadscope, task signals", "cadscope-signals", 1.0, "grpc"),
           ("cadscope, head-sampled", "cadscope", None, "grpc"),
-          ("cadscope, OTLP/HTTP", "cadscope", 1.0, "http/protobuf"), ("burn", "burn", 1.0, "grpc"),
-          # not in a default run (--only): where cadscope's added cost lies
-          ("metrics only", "cadscope-metrics", 1.0, "grpc"), ("tracing only", "cadscope-tracing", 1.0, "grpc"),
-          ("app only", "cadscope-app", 1.0, "grpc"))  # fmt: skip
-DEFAULT = 7  # STACKS[:DEFAULT] run without --only
+          ("cadscope, OTLP/HTTP", "cadscope", 1.0, "http/protobuf"), ("burn", "burn", 1.0, "grpc"))  # fmt: skip
+# Only with --only: cadscope's added cost split into its parts.
+PARTS_OF_CADSCOPE = (
+    ("metrics only", "cadscope-metrics", 1.0, "grpc"),
+    ("tracing only", "cadscope-tracing", 1.0, "grpc"),
+    ("app only", "cadscope-app", 1.0, "grpc"),
+)
+TRACING_MODES = ("upstream", "cadscope", "cadscope-signals", "cadscope-tracing")  # their task runs export spans
 PARTS = ("main", "pool_task", "pool_other", "broker")  # _Cpu's fields
 
 
@@ -355,13 +363,14 @@ def main() -> int:
     args = parser.parse_args()
 
     head_sampled = f"cadscope, {args.head_sampled:.0%} of traces sampled"
-    chosen = STACKS[:DEFAULT]
+    chosen = STACKS
     if args.only:
         wanted = {"bare", *(n.strip() for n in args.only.split(","))}
-        unknown = wanted - {name for name, *_ in STACKS}
+        known = STACKS + PARTS_OF_CADSCOPE
+        unknown = wanted - {name for name, *_ in known}
         if unknown:
-            parser.error(f"--only: no stack {', '.join(sorted(unknown))}; stacks: {', '.join(n for n, *_ in STACKS)}")
-        chosen = tuple(stack for stack in STACKS if stack[0] in wanted)
+            parser.error(f"--only: no stack {', '.join(sorted(unknown))}; stacks: {', '.join(n for n, *_ in known)}")
+        chosen = tuple(stack for stack in known if stack[0] in wanted)
     specs = [(head_sampled, mode, args.head_sampled, protocol) if sampled is None else (name, mode, sampled, protocol)
              for name, mode, sampled, protocol in chosen]  # fmt: skip
     extra_env: dict[str, dict[str, str]] = {}
@@ -397,7 +406,7 @@ def main() -> int:
                 print(f"round {r + 1} {name:32s} {host_us:7.0f} µs host CPU/task, cost ratio "
                       f"{round_ratios[name][-1]:.3f}, {rate:5.0f} tasks/s", flush=True)  # fmt: skip
         spans = receiver.spans
-    protocols = {protocol for name, mode, _, protocol in specs if mode.startswith(("cadscope", "upstream"))}
+    protocols = {protocol for name, mode, _, protocol in specs if mode in TRACING_MODES}
     if ("grpc" in protocols and spans == 0) or ("http/protobuf" in protocols and http.spans == 0):
         raise RuntimeError(f"spans received over gRPC {spans}, over HTTP {http.spans}: a transport did not export")
 
