@@ -429,8 +429,7 @@ def deferring_tracer(tracer: trace.Tracer) -> sdk_trace.Tracer | None:
     enabled, with one of the SDK's own samplers), else None."""
     if type(tracer) is not sdk_trace.Tracer:
         return None
-    is_enabled = getattr(tracer, "_is_enabled", None)  # _enabled(), inline: once per task
-    if (is_enabled is None or is_enabled()) and type(tracer.sampler).__module__ == sdk_sampling.__name__:
+    if _enabled(tracer) and type(tracer.sampler).__module__ == sdk_sampling.__name__:
         return tracer
     return None
 
@@ -470,8 +469,4 @@ def start_deferred_span(tracer: sdk_trace.Tracer, name: str, carrier: dict[str, 
     span = LeanSpan(tracer, name, None, None, kind, kept, time_ns(), carrier)
     if not recording:
         span._recording = False
-    limits = tracer._span_limits
-    most = limits.max_span_attributes
-    if kept is attributes and limits.max_span_attribute_length is None and (most is None or len(kept) <= most):
-        return span  # the caller's own dict, vouched for, within the limits: _bound_if_needed's plain case, inline
-    return _bound_if_needed(span, plain=kept is attributes)
+    return _bound_if_needed(span, plain=kept is attributes)  # the caller's own dict: vouched for
