@@ -45,6 +45,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from _common import publish, revision_tree, task_request
 
@@ -65,16 +66,8 @@ def child(stack: str, tasks: int, warm_up: int) -> None:
     from celery.app.trace import build_tracer, setup_worker_optimizations
 
     flush = None
-    if stack == "bare":
-        app = Celery("bench-cold", set_as_current=True)
-        app.conf.update(task_ignore_result=True, result_backend=None)
-
-        @app.task(name="bench.noop")
-        def noop() -> None:
-            return None
-
-    else:
-        from _common import catalogue_noop
+    task_class: dict[str, Any] = {}
+    if stack != "bare":
         from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
         from cadscope.metrics import default_observability, enable_multiprocess
@@ -89,21 +82,23 @@ def child(stack: str, tasks: int, warm_up: int) -> None:
                 return SpanExportResult.SUCCESS
 
         enable_multiprocess(tempfile.mkdtemp())
-        app = Celery("bench-cold", set_as_current=True, task_cls=TracedTask)
-        app.conf.update(task_ignore_result=True, result_backend=None)
         provider = setup_tracing("bench-cold", exporters=[Encoding()],
                                  on_drop=default_observability().record_spans_dropped)  # fmt: skip
-        if stack == "app":
+        flush, task_class = flush_tracing, {"task_cls": TracedTask}
+    app = Celery("bench-cold", set_as_current=True, **task_class)
+    app.conf.update(task_ignore_result=True, result_backend=None)
+    if stack in ("bare", "app"):
 
-            @app.task(name="bench.noop")
-            def noop() -> None:
-                return None
+        @app.task(name="bench.noop")
+        def noop() -> None:
+            return None
 
-        else:
-            noop = catalogue_noop(app)
-        if stack == "cadscope":
-            instrument_celery_worker(provider, app=app)
-        flush = flush_tracing
+    else:
+        from _common import catalogue_noop
+
+        noop = catalogue_noop(app)
+    if stack == "cadscope":
+        instrument_celery_worker(provider, app=app)
     setup_worker_optimizations(app, "bench@host")
     trace_task = build_tracer(noop.name, app.tasks[noop.name], app=app, eager=False, propagate=False)
     evicting = bytearray(EVICT)
