@@ -9,7 +9,7 @@ import logging
 import os
 
 import pytest
-from opentelemetry import baggage, trace
+from opentelemetry import baggage, context, trace
 from opentelemetry.context import Context
 
 from cadscope.tracing import (
@@ -151,6 +151,11 @@ def consumer_tracing(request):
         seen["context"] = current.get_span_context()
         seen["env"] = inject_into_env({})  # what a CAD child would be started with
 
+    @task(name="t.values")
+    def values():
+        seen["values"] = dict(context.get_current())
+        seen["span"] = trace.get_current_span()
+
     @task(name="t.boom")
     def boom():
         raise ValueError("no such part")
@@ -186,8 +191,8 @@ def consumer_tracing(request):
                    "delivery_info": {"routing_key": "cadscope", "exchange": ""}, **(headers or {})}  # fmt: skip
         build_tracer(task.name, task, app=app, eager=False, propagate=False)(task_id, (), {}, request)
 
-    tasks = {"ok": ok, "boom": boom, "expected": expected, "peek": peek, "retry": retry, "ignore": ignore,
-             "reject": reject, "stop": stop, "nested": nested}  # fmt: skip
+    tasks = {"ok": ok, "values": values, "boom": boom, "expected": expected, "peek": peek, "retry": retry,
+             "ignore": ignore, "reject": reject, "stop": stop, "nested": nested}  # fmt: skip
 
     # The hard case: opentelemetry-instrumentation-celery instrumented in the same
     # process too (auto-instrumentation; the test session's producer). Its consumer
@@ -223,6 +228,56 @@ def test_consumer_span_continues_the_publishers_trace(consumer_tracing):
     }
     assert seen["current"].span_id == span.context.span_id  # the task body runs inside the span
     assert trace.get_current_span() is before  # and the context is restored after it
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["variable set directly", "through the API"])
+def test_task_context_is_the_apis_whether_set_directly_or_not(consumer_tracing, monkeypatch, direct):
+    """The task's span is made current by setting OpenTelemetry's context variable directly where
+    the runtime context is the default one, else through ``context.attach``: either way the task
+    runs in the context the API would give (what was current, plus its span), and what was
+    current before is current again after it, the same object."""
+    from opentelemetry.trace.propagation import _SPAN_KEY
+
+    from cadscope.tracing import _celery
+
+    run, tasks, exporter, seen = consumer_tracing
+    assert _celery._installed is not None and _celery._installed._current is not None  # the default runtime
+    if not direct:
+        monkeypatch.setattr(_celery._installed, "_current", None)
+    key = context.create_key("outer")
+    token = context.attach(context.set_value(key, "kept"))
+    try:
+        before = context.get_current()
+        run(tasks["values"], {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"})
+        assert context.get_current() is before
+    finally:
+        context.detach(token)
+    [span] = exporter.get_finished_spans()
+    assert seen["values"] == {key: "kept", _SPAN_KEY: seen["span"]}
+    assert seen["span"].get_span_context() == span.context
+
+
+def test_task_context_goes_through_the_api_under_another_runtime_context(monkeypatch):
+    """With a runtime context other than the API's default (``OTEL_PYTHON_CONTEXT``), or one
+    that sets spans otherwise, the task tracing calls the API rather than a variable it does
+    not use."""
+    from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
+
+    from cadscope.tracing._celery import _current_context_variable
+
+    variable, key = _current_context_variable()
+    assert variable is context._RUNTIME_CONTEXT._current_context and key.startswith("current-span")
+
+    class Elsewhere(ContextVarsRuntimeContext):
+        pass
+
+    monkeypatch.setattr(context, "_RUNTIME_CONTEXT", Elsewhere())
+    assert _current_context_variable() is None
+    monkeypatch.setattr(context, "_RUNTIME_CONTEXT", ContextVarsRuntimeContext())
+    assert _current_context_variable() is not None  # a new default: its own variable
+    # An API that keeps the span under another key than the one read: the API's calls.
+    monkeypatch.setattr(trace, "set_span_in_context", lambda span, context=None: Context({"elsewhere": span}))
+    assert _current_context_variable() is None
 
 
 def test_consumer_span_records_failures_but_not_declared_throws(consumer_tracing):

@@ -59,12 +59,15 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+from contextvars import ContextVar
 from typing import Any
 
 from celery import Task, signals
 from celery.exceptions import Ignore, Reject, Retry
 from celery.utils.threads import get_ident  # a greenlet where Celery's request stacks key on one
 from opentelemetry import context, propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -127,6 +130,34 @@ def _deferrable(request: Any, w3c: bool, drops_unsampled: bool) -> tuple[dict[st
     return {"traceparent": traceparent}, sampled
 
 
+def _current_context_variable() -> tuple[ContextVar[Context], str] | None:
+    """The ContextVar that holds OpenTelemetry's current context and the key of the current span in
+    it, where the runtime context is the API's default (contextvars) and sets a span as the API
+    does; None otherwise (``OTEL_PYTHON_CONTEXT`` names another, or the API's internals moved).
+
+    ``context.attach(trace.set_span_in_context(span))`` and ``context.detach`` run 8 Python calls
+    across three modules of the API to set and reset this variable; a busy host charges each one
+    its code and data read from memory again (bench/RESULTS.md, "The task's context, set
+    directly"). With the variable, a task's span is made current, and the context restored, by
+    the same ``ContextVar.set`` and ``reset`` and the same ``Context``, in two calls."""
+    runtime = getattr(context, "_RUNTIME_CONTEXT", None)
+    variable = getattr(runtime, "_current_context", None)
+    key = getattr(getattr(trace, "propagation", None), "_SPAN_KEY", None)
+    if type(runtime) is not ContextVarsRuntimeContext or type(variable) is not ContextVar or type(key) is not str:
+        return None
+    empty = Context()
+    try:  # the API sets the span under that key, in a Context of that variable's type
+        token = variable.set(empty)
+        try:
+            made = trace.set_span_in_context(trace.INVALID_SPAN)
+            direct = type(variable.get()) is Context and made == Context({key: trace.INVALID_SPAN})
+        finally:
+            variable.reset(token)
+    except Exception:  # noqa: BLE001 - any surprise: the API's calls, as before
+        return None
+    return (variable, key) if direct else None
+
+
 def _upstream_consumer_handlers() -> list[tuple[Any, Any]]:
     """opentelemetry-instrumentation-celery's task-run handlers, if it is instrumented here."""
     try:
@@ -155,6 +186,7 @@ class _WorkerTracing:
         self._w3c = False
         self._sampler: object = None
         self._drops_unsampled = False
+        self._current = _current_context_variable()
 
     def connect(self) -> None:
         for signal, handler in _upstream_consumer_handlers():
@@ -216,7 +248,14 @@ class _WorkerTracing:
             plain = type(name) is str and type(task_id) is str
             span = start_deferred_span(sdk_tracer, f"run/{name}", carrier, SpanKind.CONSUMER, attributes,
                                        recording=recording, plain=plain)  # fmt: skip
-            token = context.attach(trace.set_span_in_context(span))
+            current = self._current
+            if current is not None:  # context.attach(trace.set_span_in_context(span)), in two calls
+                variable, key = current
+                values = variable.get().copy()
+                values[key] = span
+                token = variable.set(Context(values))
+            else:
+                token = context.attach(trace.set_span_in_context(span))
         else:
             parent = propagate.extract(request, getter=_GETTER)
             span = start_lean_span(self._tracer, f"run/{name}", parent, SpanKind.CONSUMER, attributes)
@@ -235,10 +274,14 @@ class _WorkerTracing:
         if state is not None:
             span.set_attribute("celery.state", str(state))
         span.end()
-        try:
-            context.detach(token)  # type: ignore[arg-type]
-        except Exception:  # noqa: BLE001 - a foreign context change must not fail the task
-            log.debug("context detach failed", exc_info=True)
+        current = self._current
+        if current is None:
+            context.detach(token)  # type: ignore[arg-type]  # logs, never raises
+            return
+        try:  # context.detach(token): the same variable's token, whichever path attached it
+            current[0].reset(token)  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001 - a token of another context (the API logs it too): not the task's failure
+            log.exception("Failed to detach context")
 
     def on_failure(self, task_id: str | None = None, exception: BaseException | None = None,
                    sender: Any = None, **_: Any) -> None:  # fmt: skip
