@@ -45,6 +45,7 @@ _int = struct.Struct("i").unpack_from
 _two_doubles = struct.Struct("dd").unpack_from
 _INT = struct.Struct("i").pack
 _PAIR = struct.Struct("dd").pack
+_PAIR_INTO = struct.Struct("dd").pack_into
 _CORRUPT = "Read beyond file size detected, file is corrupted."  # mmap_dict's words
 _INITIAL_SIZE = 1 << 16  # mmap_dict's _INITIAL_MMAP_SIZE
 _HEADER = 8
@@ -187,8 +188,7 @@ class MultiProcessValue:
                 self._follow_fork()
             self._value += amount
             self._timestamp = 0.0
-            pos = self._position
-            self._file.m[pos : pos + 16] = _PAIR(self._value, 0.0)
+            _PAIR_INTO(self._file.m, self._position, self._value, 0.0)
 
     def set(self, value: float, timestamp: float | None = None) -> None:
         with self._lock:
@@ -196,8 +196,7 @@ class MultiProcessValue:
                 self._follow_fork()
             self._value = value
             self._timestamp = timestamp or 0.0
-            pos = self._position
-            self._file.m[pos : pos + 16] = _PAIR(value, self._timestamp)
+            _PAIR_INTO(self._file.m, self._position, value, self._timestamp)
 
     def get(self) -> float:
         with self._lock:
@@ -248,5 +247,4 @@ def add(changes: Sequence[tuple[MultiProcessValue, float]]) -> None:
         for value, amount in changes:
             value._value = total = value._value + amount
             value._timestamp = 0.0
-            pos = value._position
-            value._file.m[pos : pos + 16] = _PAIR(total, 0.0)
+            _PAIR_INTO(value._file.m, value._position, total, 0.0)
