@@ -522,6 +522,62 @@ def test_traced_tasks_keep_celerys_fast_path(consumer_tracing, request):
     assert list(inspect.signature(tasks["ok"].app.tasks["t.ok"].run).parameters) == []
 
 
+def test_traced_tasks_call_the_next_hooks_unless_they_are_celerys_empty_ones(monkeypatch):
+    """TracedTask's ``before_start`` and ``after_return`` leave out ``super()``'s only where that is
+    Celery's own ``Task`` hook and it does nothing: a mixin after TracedTask in the MRO, and a Celery
+    hook that does something, are still called, with the task's span open."""
+    from celery import Celery, Task
+    from celery.app.trace import build_tracer
+
+    from cadscope.tracing import TracedTask, instrument_celery_worker, uninstrument_celery_worker
+    from cadscope.tracing._celery import _calls_next
+
+    calls = []
+
+    class Mixin(Task):
+        def before_start(self, task_id, args, kwargs):
+            calls.append(("mixin before_start", trace.get_current_span().is_recording()))
+            super().before_start(task_id, args, kwargs)
+
+    class Mixed(TracedTask, Mixin):  # MRO: TracedTask, Mixin, Task
+        pass
+
+    assert (Mixed._next_before_start, Mixed._next_after_return) == (True, False)
+    assert (_calls_next(TracedTask, "before_start"), _calls_next(TracedTask, "after_return")) == (False, False)
+    app = Celery("next-hooks", set_as_current=False, task_cls=Mixed)
+
+    @app.task(name="t.mixed", shared=False)
+    def mixed():
+        return None
+
+    assert app.tasks["t.mixed"]._next_after_return is False  # the app finalized: its task class made now
+
+    def after_return(self, status, retval, task_id, args, kwargs, einfo):  # a Celery whose hook does something
+        calls.append(("celery after_return", trace.get_current_span().is_recording()))
+
+    monkeypatch.setattr(Task, "after_return", after_return)  # for task classes made from now on
+
+    class Later(TracedTask):
+        pass
+
+    assert (Later._next_before_start, Later._next_after_return) == (False, True)
+
+    @app.task(name="t.later", base=Later, shared=False)
+    def later():
+        return None
+
+    provider, exporter = in_memory_provider()
+    instrument_celery_worker(provider, app=app)
+    try:
+        for task in (mixed, later):
+            request = {"id": f"job-{task.name}", "task": task.name, "retries": 0}
+            build_tracer(task.name, task, app=app, eager=False, propagate=False)(request["id"], (), {}, request)
+    finally:
+        uninstrument_celery_worker()
+    assert calls == [("mixin before_start", True), ("celery after_return", True)]
+    assert sorted(span.name for span in exporter.get_finished_spans()) == ["run/t.later", "run/t.mixed"]
+
+
 def test_the_hook_path_leaves_celerys_per_task_signals_without_receivers(consumer_tracing, request):
     """Celery sends ``task_prerun``/``task_postrun``/``task_success`` only if
     they have receivers; on the hook path none are ours, and the upstream

@@ -403,11 +403,18 @@ class TracedTask(Task):  # type: ignore[misc]  # celery ships no type hints
     signal path chosen) the hooks do nothing.
     """
 
+    # Whether before_start and after_return call the next class's in the MRO: not where that is Celery's
+    # Task's, which does nothing (set for each subclass; see _calls_next).
+    _next_before_start = True
+    _next_after_return = True
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         run = cls.__dict__.get("run")
         if run is not None and not getattr(run, _ENDS_OUTSIDE_HOOKS, False):
             setattr(cls, "run", _ending_outside_hooks(run))  # noqa: B010 - mypy: not a method assignment
+        cls._next_before_start = _calls_next(cls, "before_start")
+        cls._next_after_return = _calls_next(cls, "after_return")
 
     def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
         # Run on every task: _on_hook_path's work, inline.
@@ -417,7 +424,8 @@ class TracedTask(Task):  # type: ignore[misc]  # celery ships no type hints
                 tracing.hook_start(task_id, self)
             except Exception:  # noqa: BLE001
                 log.warning("task tracing failed in hook_start", exc_info=True)
-        super().before_start(task_id, args, kwargs)
+        if self._next_before_start:
+            super().before_start(task_id, args, kwargs)
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         _on_hook_path("on_failure", task_id, exc, self)
@@ -431,7 +439,8 @@ class TracedTask(Task):  # type: ignore[misc]  # celery ships no type hints
 
     def after_return(self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         try:
-            super().after_return(status, retval, task_id, args, kwargs, einfo)
+            if self._next_after_return:
+                super().after_return(status, retval, task_id, args, kwargs, einfo)
         finally:
             # Run on every task: _on_hook_path's work, inline.
             tracing = _installed
@@ -443,6 +452,35 @@ class TracedTask(Task):  # type: ignore[misc]  # celery ships no type hints
 
 
 _ENDS_OUTSIDE_HOOKS = "_cadscope_ends_outside_hooks"
+
+
+def _documented_nothing(*_: Any) -> None:
+    """Nothing."""
+
+
+def _nothing(*_: Any) -> None:
+    pass
+
+
+# The bytecode of a function that returns a constant and does nothing else, with a docstring and without.
+_DOES_NOTHING = frozenset({_documented_nothing.__code__.co_code, _nothing.__code__.co_code})
+
+
+def _calls_next(cls: type, name: str) -> bool:
+    """Whether :class:`TracedTask`'s hook ``name`` must call ``super()``'s for an instance of ``cls``: unless the
+    next ``name`` in ``cls``'s MRO is Celery's ``Task``'s and its bytecode only returns a constant (in
+    Celery 5 every hook is a docstring; its return value is ignored).
+
+    Task hooks run on every task, and ``super()`` makes an object, finds the method along the MRO and
+    calls it: on a busy host that read ~120 cache lines a task from memory for the two hooks, a tenth
+    of what cadscope adds to a no-op task (bench/RESULTS.md, "Task hooks without super()"). A
+    mixin between TracedTask and Task in the MRO, or a Celery whose hook does something, is called."""
+    mro = cls.__mro__
+    for klass in mro[mro.index(TracedTask) + 1 :]:
+        if name in klass.__dict__:
+            code = getattr(klass.__dict__[name], "__code__", None)
+            return not (klass is Task and code is not None and code.co_code in _DOES_NOTHING)
+    return False
 
 
 def _ending_outside_hooks(run: Any) -> Any:
