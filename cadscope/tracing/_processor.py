@@ -116,18 +116,36 @@ class BoundedBatchSpanProcessor(SpanProcessor):
             return
         if self._forks != _forks:
             self._start()
-        with self._lock:
-            if self._closing:
-                reason = "shutdown"
-            elif len(self._queue) >= self.max_queue_size:
-                reason = "queue_full"
-            else:
-                self._queue.append(span)
-                if len(self._queue) >= self.max_export_batch_size and not self._wake.is_set():
-                    self._wake.set()
-                return
+        # No lock: a deque's append and popleft are atomic (the SDK's own batch processor relies on it
+        # too), and a lock taken on every task cost ~47 cache lines read from memory on a busy host
+        # (bench/RESULTS.md, "Task hooks without super()"). Threads that end spans at once may take
+        # the queue one span past its bound each.
+        queue = self._queue
+        if self._closing:
+            reason = "shutdown"
+        elif len(queue) >= self.max_queue_size:
+            reason = "queue_full"
+        else:
+            queue.append(span)
+            if self._closing:  # shutdown began meanwhile: it counts the span if it took it from the queue
+                self._unqueue(span, deferred)
+            elif len(queue) >= self.max_export_batch_size and not self._wake.is_set():
+                self._wake.set()
+            return
         if not deferred or _sampled(span):  # an unsampled span was never going to be exported: not a drop
             self._drop(reason, 1)
+
+    def _unqueue(self, span: ReadableSpan, deferred: bool) -> None:
+        """Count ``span``, queued as shutdown began, as dropped if it is still in the queue: either this
+        thread takes it out or shutdown (or the export thread) did, never both (``deque.remove`` and
+        ``popleft`` are atomic)."""
+        with self._lock:  # not beside _take's or shutdown's popleft: each takes what it counted len() of
+            try:
+                self._queue.remove(span)  # spans compare by identity: no Python code runs in between
+            except ValueError:
+                return
+        if not deferred or _sampled(span):
+            self._drop("shutdown", 1)
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         """Export what is queued now; False if that took longer than the timeout
@@ -151,9 +169,13 @@ class BoundedBatchSpanProcessor(SpanProcessor):
             timeout_millis = self.export_timeout_millis
         deadline = time.monotonic() + timeout_millis / 1000
         self.force_flush(timeout_millis)
+        queued = []
         with self._lock:
-            self._closing = True
-            queued, self._queue = self._queue, deque()
+            self._closing = True  # before the queue is emptied: on_end checks it after its append
+            # One popleft at a time, not a swap or a clear(): a span appended meanwhile is either taken
+            # here or left for on_end to take back out and count.
+            while self._queue:
+                queued.append(self._queue.popleft())
         self._wake.set()
         left = sum(1 for span in queued if _sampled(span))  # resolves deferred spans: outside the lock
         if left:
