@@ -69,12 +69,13 @@ from opentelemetry import context, propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.propagators.textmap import Getter
+from opentelemetry.sdk import trace as sdk_trace
+from opentelemetry.sdk.trace import sampling as sdk_sampling
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ._lean import (
     _ODD_HEX,
     accepts_traceparent,
-    deferring_tracer,
     drops_unsampled_remote,
     start_deferred_span,
     start_lean_span,
@@ -177,6 +178,11 @@ def _upstream_consumer_handlers() -> list[tuple[Any, Any]]:
 class _WorkerTracing:
     def __init__(self, tracer_provider: trace.TracerProvider | None, hooks: bool = False) -> None:
         self._tracer = trace.get_tracer("cadscope.celery", tracer_provider=tracer_provider)
+        # What deferring_tracer() asks of the tracer: the SDK's (for its life), its on/off switch,
+        # a sampler of the SDK's own (asked again when the sampler changes).
+        self._sdk_tracer = self._tracer if type(self._tracer) is sdk_trace.Tracer else None
+        self._is_enabled = getattr(self._sdk_tracer, "_is_enabled", None)  # absent in older SDKs: on
+        self._sdk_sampler = False
         # task id -> (span, context token, thread or greenlet, task, request); one
         # entry per task running in this process.
         self._live: dict[str, tuple[trace.Span, object, object, Any, Any]] = {}
@@ -234,12 +240,16 @@ class _WorkerTracing:
         textmap = propagate.get_global_textmap()
         if textmap is not self._textmap:  # set at startup, and by tests
             self._textmap, self._w3c = textmap, textmap.fields <= _W3C_FIELDS
-        sdk_tracer = deferring_tracer(self._tracer)
+        # deferring_tracer(self._tracer), its checks per task (the switch, the sampler) inline
+        sdk_tracer, is_enabled = self._sdk_tracer, self._is_enabled
         deferrable = None
-        if sdk_tracer is not None:
-            if sdk_tracer.sampler is not self._sampler:  # set at startup, and by tests
-                self._sampler, self._drops_unsampled = sdk_tracer.sampler, drops_unsampled_remote(sdk_tracer.sampler)
-            deferrable = _deferrable(request, self._w3c, self._drops_unsampled)
+        if sdk_tracer is not None and (is_enabled is None or is_enabled()):
+            sampler = sdk_tracer.sampler
+            if sampler is not self._sampler:  # set at startup, and by tests
+                self._sampler, self._drops_unsampled = sampler, drops_unsampled_remote(sampler)
+                self._sdk_sampler = type(sampler).__module__ == sdk_sampling.__name__
+            if self._sdk_sampler:
+                deferrable = _deferrable(request, self._w3c, self._drops_unsampled)
         span: trace.Span
         if deferrable is not None and sdk_tracer is not None:
             carrier, recording = deferrable

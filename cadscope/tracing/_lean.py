@@ -95,10 +95,6 @@ _ZERO_TRACE_ID, _ZERO_SPAN_ID = "0" * 32, "0" * 16
 _ODD_HEX = frozenset("13579bdf")  # the last flags digit of a traceparent whose sampled bit is set
 
 
-def _within(count: int, limit: int | None) -> bool:
-    return limit is None or count <= limit
-
-
 def _as_is(key: object, value: object) -> bool:
     """Whether ``BoundedAttributes`` (with no length limit) would store this pair unchanged."""
     return type(key) is str and bool(key) and type(value) in _PRIMITIVE
@@ -399,10 +395,10 @@ def _bound_if_needed(span: LeanSpan, plain: bool = False) -> LeanSpan:
     """``span`` with its attributes bounded if the tracer's limits, or a pair (unless the caller
     vouches for every pair: ``plain``), need it."""
     limits = span._tracer._span_limits
-    attributes = span._attributes
+    attributes, most = span._attributes, limits.max_span_attributes
     if not (
         limits.max_span_attribute_length is None
-        and _within(len(attributes), limits.max_span_attributes)
+        and (most is None or len(attributes) <= most)
         and (plain or all(_as_is(k, v) for k, v in attributes.items()))
     ):
         span._bounded()
