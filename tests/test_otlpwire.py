@@ -116,6 +116,45 @@ def test_bytes_are_upstreams_bytes(seed):
     assert sum(len(s.spans) for r in parsed.resource_spans for s in r.scope_spans) == len(spans)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_task_spans_read_directly_are_upstreams_bytes(seed):
+    """cadscope's task spans (LeanSpan), which the encoder reads field by field where they have a
+    plain attribute dict and neither events nor links: the same bytes as upstream's encoder,
+    deferred and eager spans, every status, remote and local parents, trace state, attributes of
+    every type (some beyond what a plain dict keeps), events (the general path)."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from cadscope.tracing import _lean
+
+    rng = random.Random(seed)
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "cadscope-worker"}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("cadscope.celery", "0.1")
+    for i in range(40):
+        attributes = {"celery.action": "run", "messaging.message.id": f"job-{i}", **_attributes(rng, rng.randrange(4))}
+        traceparent = f"00-{rng.getrandbits(128) or 1:032x}-{rng.getrandbits(64) or 1:016x}-01"
+        headers = {"traceparent": traceparent, **({"tracestate": "vendor=x,other=y"} if rng.random() < 0.3 else {})}
+        if rng.random() < 0.5:
+            span = _lean.start_deferred_span(tracer, rng.choice(["run/cad.job", "", "部品"]), headers,
+                                             SpanKind.CONSUMER, attributes)  # fmt: skip
+        else:
+            span = _lean.start_lean_span(tracer, "run/cad.job", None, rng.choice(list(SpanKind)), attributes)
+        span.set_attribute("celery.state", rng.choice(["SUCCESS", "FAILURE"]))
+        status = rng.choice([None, Status(StatusCode.OK), StatusCode.ERROR, Status(StatusCode.ERROR, "no fillet")])
+        if status is not None:
+            span.set_status(status)
+        if rng.random() < 0.1:
+            span.add_event("retry", {"n": 1})
+        span.end()
+    spans = exporter.get_finished_spans()
+    assert len(spans) == 40 and all(type(span) is _lean.LeanSpan for span in spans)
+    assert any(type(span._attributes) is dict and not span._events for span in spans)  # the direct path taken
+    assert encode_request(spans) == encode_spans(spans).SerializeToString()
+
+
 def test_an_attribute_that_cannot_be_encoded_is_dropped_and_the_span_kept(caplog):
     context = SpanContext(1, 2, is_remote=False)
     span = ReadableSpan(
