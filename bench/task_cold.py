@@ -22,6 +22,13 @@ same in every stack, included). ``gc.freeze()`` after the warm-up in every
 stack leaves the cyclic collector's passes out: when one falls in a run
 depends on the run's length, not on the task.
 
+Each run is exact, but where Python's objects land (its hash seed: dict
+layouts, which lines two objects share) moves a count by ±50 lines from one
+run of the same code to the next, more than most single changes. So every
+stack runs under several fixed hash seeds (``--seeds``, default 0-5), each
+seed's count exact and repeatable, and the figure is their mean, with their
+range; the runs go ``--jobs`` at a time (default: one a core).
+
 Stacks: ``bare`` (Celery alone), ``app`` (cadscope's task class, set up as in
 a worker, its runs not traced, a task that records nothing), ``metrics`` (the
 same, the task recording its outcome and run-time metrics), ``cadscope`` (as a
@@ -30,16 +37,18 @@ span's export, resolved and encoded by cadscope's OTLP encoder on the export
 thread, at a flush after the last task), and with ``--before REV`` the same
 with cadscope's code at that revision (a git worktree).
 
-    python bench/task_cold.py [--tasks 400] [--before REV] [--write bench/RESULTS.md]
+    python bench/task_cold.py [--tasks 400] [--seeds 0,1,2,3,4,5] [--jobs 2] [--before REV] [--write bench/RESULTS.md]
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -142,10 +151,24 @@ def per_task(stack: str, tasks: int, warm_up: int, env: dict[str, str]) -> dict[
     return {event: (full[event] - base[event]) / tasks for event in EVENTS}
 
 
+def per_task_seeds(stacks: dict[str, tuple[str, dict[str, str]]], seeds: list[int], tasks: int, warm_up: int,
+                   jobs: int) -> dict[str, list[dict[str, float]]]:  # fmt: skip
+    """:func:`per_task` of every stack (name -> (mode, environment)) under each hash seed, ``jobs`` at once."""
+    with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
+        runs = {
+            (name, seed): pool.submit(per_task, mode, tasks, warm_up, {**env, "PYTHONHASHSEED": str(seed)})
+            for name, (mode, env) in stacks.items()
+            for seed in seeds
+        }  # fmt: skip
+        return {name: [runs[name, seed].result() for seed in seeds] for name in stacks}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tasks", type=int, default=400)
     parser.add_argument("--warm-up", type=int, default=50)
+    parser.add_argument("--seeds", default="0,1,2,3,4,5", help="comma-separated PYTHONHASHSEED values")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="cachegrind runs at once")
     parser.add_argument("--only", help="comma-separated stacks (bare always runs)")
     parser.add_argument("--before", metavar="REV", help="add 'cadscope at REV': cadscope's code at that revision")
     parser.add_argument("--write")
@@ -165,32 +188,38 @@ def main() -> int:
         name = f"cadscope at {rev}"
         stacks.insert(stacks.index("cadscope") if "cadscope" in stacks else len(stacks), name)
         envs[name] = {**envs["bare"], "PYTHONPATH": f"{HERE}{os.pathsep}{tree}"}
-    got = {}
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    modes = {stack: ("cadscope" if stack.startswith("cadscope") else stack, envs[stack]) for stack in stacks}
+    runs = per_task_seeds(modes, seeds, args.tasks, args.warm_up, args.jobs)
+    # Each stack's figures less bare Celery's under the same seed, then the mean over the seeds.
+    added = {stack: [{e: run[e] - base[e] for e in EVENTS} for run, base in zip(runs[stack], runs["bare"], strict=True)]
+             for stack in stacks}  # fmt: skip
+    got = {stack: {e: statistics.mean(run[e] for run in runs[stack]) for e in EVENTS} for stack in stacks}
     for stack in stacks:
-        mode = "cadscope" if stack.startswith("cadscope") else stack
-        got[stack] = per_task(mode, args.tasks, args.warm_up, envs[stack])
         counts = ", ".join(f"{event} {value:,.0f}" for event, value in got[stack].items())
         print(f"{stack:22s} {counts}", flush=True)
     bare = got["bare"]
     cold = {stack: c["LLi"] + c["LLd"] for stack, c in got.items()}
     lines = [
         f"\n### Cold cache lines a task: Celery's task tracer in a loop under cachegrind, the caches filled with "
-        f"other data before each of {args.tasks} tasks ({time.strftime('%Y-%m-%d')}, {platform.machine()}, Python "
-        f"{platform.python_version()}; `python bench/task_cold.py`)\n",
-        "| stack | instructions | added | last-level misses (lines read from memory) | added | of which code "
-        "| of which data | L1 misses, added |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"other data before each of {args.tasks} tasks, hash seeds {args.seeds} ({time.strftime('%Y-%m-%d')}, "
+        f"{platform.machine()}, Python {platform.python_version()}; `python bench/task_cold.py`)\n",
+        "| stack | instructions | added | last-level misses (lines read from memory) | added | seeds' range "
+        "| of which code | of which data | L1 misses, added |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for stack, c in got.items():
         l1 = c["I1"] + c["D1"] - bare["I1"] - bare["D1"]
+        per_seed = [run["LLi"] + run["LLd"] for run in added[stack]]
         lines.append(
             f"| {stack} | {c['Ir']:,.0f} | {c['Ir'] - bare['Ir']:+,.0f} | {cold[stack]:,.0f} "
-            f"| **{cold[stack] - cold['bare']:+,.0f}** | {c['LLi'] - bare['LLi']:+,.0f} "
-            f"| {c['LLd'] - bare['LLd']:+,.0f} | {l1:+,.0f} |"
+            f"| **{cold[stack] - cold['bare']:+,.0f}** | {min(per_seed):+,.0f} to {max(per_seed):+,.0f} "
+            f"| {c['LLi'] - bare['LLi']:+,.0f} | {c['LLd'] - bare['LLd']:+,.0f} | {l1:+,.0f} |"
         )
     lines.append(
         f"\nEvery stack's count includes the {EVICT // 64:,} lines of the buffer written before each task; "
-        "the 'added' columns are the stack's less bare Celery's."
+        "the 'added' columns are the stack's less bare Celery's, the mean over the seeds, each seed's run "
+        "against bare Celery's under the same seed ('seeds' range')."
     )
     if args.before:
         lines.append(

@@ -164,7 +164,8 @@ def test_task_side_by_side_runs_a_revision_beside_the_checkout_and_removes_its_w
 def test_task_cold_counts_what_cadscope_adds_to_a_task(tmp_path):
     # Exact counts (cachegrind), less a run of no tasks: what a run's start and end do moves a short
     # run's figures by a few thousand instructions a task, never by cadscope's task path (~180,000).
-    results = _bench(tmp_path, "task_cold.py", "--tasks", "100", "--warm-up", "10", "--only", "cadscope")
+    results = _bench(tmp_path, "task_cold.py", "--tasks", "100", "--warm-up", "10", "--only", "cadscope",
+                     "--seeds", "3,7")  # fmt: skip
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in results.splitlines()
             if line.startswith("| ") and not line.startswith(("| stack", "| ---"))}  # fmt: skip
     assert list(rows) == ["bare", "cadscope"]
@@ -172,3 +173,5 @@ def test_task_cold_counts_what_cadscope_adds_to_a_task(tmp_path):
     assert added["bare"] == 0 and added["cadscope"] > 50_000
     lines = {stack: int(cells[3].strip("* ").replace(",", "")) for stack, cells in rows.items()}
     assert lines["cadscope"] > 300  # the lines its task path reads, over bare Celery's
+    low, high = (int(n.replace(",", "")) for n in rows["cadscope"][4].split(" to "))  # each seed's, against bare's
+    assert 300 < low <= lines["cadscope"] <= high
