@@ -161,64 +161,54 @@ def _flags(context: Any) -> bytes:
     return _FIXED32(_HAS_IS_REMOTE | _IS_REMOTE if context and context.is_remote else _HAS_IS_REMOTE)
 
 
+def _head(context: Any, parent: Any, name: str, kind: SpanKind, start_time: int | None, end_time: int | None,
+          attributes: Mapping[str, Any] | None) -> list[bytes]:  # fmt: skip
+    """A span's fields from its ids to its attributes (1-9), in order."""
+    assert context is not None
+    out = [b"\x0a\x10", context.trace_id.to_bytes(16, "big"), b"\x12\x08", context.span_id.to_bytes(8, "big")]
+    state = context.trace_state
+    if state:
+        out.append(_field(b"\x1a", _text(",".join([f"{k}={v}" for k, v in state.items()]))))
+    if parent:
+        out += (b"\x22\x08", parent.span_id.to_bytes(8, "big"))
+    if name:
+        out.append(_field(b"\x2a", _text(name)))
+    out += (b"\x30", _SMALL[_KIND[kind]])
+    if start_time:
+        out += (b"\x39", _FIXED64(start_time))
+    if end_time:
+        out += (b"\x41", _FIXED64(end_time))
+    out += _attributes(b"\x4a", attributes)
+    return out
+
+
+def _status(status: Any) -> bytes:
+    """The Status message (field 15), sent even when empty, as upstream does."""
+    body = []
+    if status.description:
+        body.append(_field(b"\x12", _text(status.description)))
+    if status.status_code.value:
+        body += (b"\x18", _SMALL[status.status_code.value])
+    return _field(b"\x7a", b"".join(body))
+
+
 def _lean_span(span: LeanSpan) -> bytes:
     """:func:`_span` for a cadscope task span with a plain attribute dict, no events and no links
     (every task that does not fail): its fields read directly. The general path reads them through
     the ReadableSpan properties, a dozen calls and four copies a span (``MappingProxyType``,
     ``tuple``), on the export thread of every pool process (bench/RESULTS.md, "Task hooks without
     super()"). The same bytes (tests/test_otlpwire.py)."""
-    context = span._context
-    assert context is not None
-    out = [b"\x0a\x10", context.trace_id.to_bytes(16, "big"), b"\x12\x08", context.span_id.to_bytes(8, "big")]
-    state = context.trace_state
-    if state:
-        out.append(_field(b"\x1a", _text(",".join([f"{k}={v}" for k, v in state.items()]))))
     parent = span._parent
-    if parent:
-        out += (b"\x22\x08", parent.span_id.to_bytes(8, "big"))
-    if span._name:
-        out.append(_field(b"\x2a", _text(span._name)))
-    out += (b"\x30", _SMALL[_KIND[span._kind]])
-    if span._start_time:
-        out += (b"\x39", _FIXED64(span._start_time))
-    if span._end_time:
-        out += (b"\x41", _FIXED64(span._end_time))
-    out += _attributes(b"\x4a", span._attributes)
-    status = span._status
-    if status.description or status.status_code.value:
-        body = _field(b"\x12", _text(status.description)) if status.description else b""
-        out.append(_field(b"\x7a", body + _status_code(status)))
-    else:
-        out.append(b"\x7a\x00")  # an empty Status message, as upstream sends it
-    out += (b"\x85\x01", _flags(parent))
+    out = _head(span._context, parent, span._name, span._kind, span._start_time, span._end_time, span._attributes)
+    out += (_status(span._status), b"\x85\x01", _flags(parent))
     return b"".join(out)
-
-
-def _status_code(status: Any) -> bytes:
-    value = status.status_code.value
-    return b"\x18" + _SMALL[value] if value else b""
 
 
 def _span(span: ReadableSpan) -> bytes:
     if type(span) is LeanSpan and type(span._attributes) is dict and not span._events and not span._links:
         return _lean_span(span)
-    context = span.context
-    assert context is not None
-    out = [b"\x0a\x10", context.trace_id.to_bytes(16, "big"), b"\x12\x08", context.span_id.to_bytes(8, "big")]
-    state = context.trace_state
-    if state:
-        out.append(_field(b"\x1a", _text(",".join([f"{k}={v}" for k, v in state.items()]))))
     parent = span.parent
-    if parent:
-        out += (b"\x22\x08", parent.span_id.to_bytes(8, "big"))
-    if span.name:
-        out.append(_field(b"\x2a", _text(span.name)))
-    out += (b"\x30", _SMALL[_KIND[span.kind]])
-    if span.start_time:
-        out += (b"\x39", _FIXED64(span.start_time))
-    if span.end_time:
-        out += (b"\x41", _FIXED64(span.end_time))
-    out += _attributes(b"\x4a", span.attributes)
+    out = _head(span.context, parent, span.name, span.kind, span.start_time, span.end_time, span.attributes)
     if span.dropped_attributes:
         out += (b"\x50", _varint(span.dropped_attributes))
     for event in span.events:
@@ -241,14 +231,8 @@ def _span(span: ReadableSpan) -> bytes:
         out.append(_field(b"\x6a", b"".join(body)))
     if span.dropped_links:
         out += (b"\x70", _varint(span.dropped_links))
-    status = span.status
-    if status is not None:
-        body = []
-        if status.description:
-            body.append(_field(b"\x12", _text(status.description)))
-        if status.status_code.value:
-            body += (b"\x18", _SMALL[status.status_code.value])
-        out.append(_field(b"\x7a", b"".join(body)))
+    if span.status is not None:
+        out.append(_status(span.status))
     out += (b"\x85\x01", _flags(parent))
     return b"".join(out)
 
