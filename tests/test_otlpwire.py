@@ -153,6 +153,13 @@ def test_task_spans_read_directly_are_upstreams_bytes(seed):
     assert len(spans) == 40 and all(type(span) is _lean.LeanSpan for span in spans)
     assert any(type(span._attributes) is dict and not span._events for span in spans)  # the direct path taken
     assert encode_request(spans) == encode_spans(spans).SerializeToString()
+    # A deferred span not yet resolved (no processor asked for its ids): ours resolves it too.
+    deferred = _lean.start_deferred_span(tracer, "run/cad.job", {"traceparent": f"00-{1:032x}-{2:016x}-01"},
+                                         SpanKind.CONSUMER, {"celery.action": "run"})  # fmt: skip
+    deferred._end_time = deferred._start_time + 1  # ended without a processor seeing it
+    assert deferred.deferred
+    ours = encode_request([deferred])
+    assert not deferred.deferred and ours == encode_spans([deferred]).SerializeToString()
 
 
 def test_an_attribute_that_cannot_be_encoded_is_dropped_and_the_span_kept(caplog):

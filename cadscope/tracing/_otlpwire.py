@@ -193,8 +193,8 @@ def _status(status: Any) -> bytes:
 
 
 def _lean_span(span: LeanSpan) -> bytes:
-    """:func:`_span` for a cadscope task span with a plain attribute dict, no events and no links
-    (every task that does not fail): its fields read directly. The general path reads them through
+    """:func:`_span` for a cadscope task span, resolved, with a plain attribute dict, no events and
+    no links (every task that does not fail): its fields read directly. The general path reads them through
     the ReadableSpan properties, a dozen calls and four copies a span (``MappingProxyType``,
     ``tuple``), on the export thread of every pool process (bench/RESULTS.md, "Task hooks without
     super()"). The same bytes (tests/test_otlpwire.py)."""
@@ -205,7 +205,13 @@ def _lean_span(span: LeanSpan) -> bytes:
 
 
 def _span(span: ReadableSpan) -> bytes:
-    if type(span) is LeanSpan and type(span._attributes) is dict and not span._events and not span._links:
+    if (
+        type(span) is LeanSpan
+        and span._context is not None  # resolved: a deferred span's ids are made by its properties
+        and type(span._attributes) is dict
+        and not span._events
+        and not span._links
+    ):
         return _lean_span(span)
     parent = span.parent
     out = _head(span.context, parent, span.name, span.kind, span.start_time, span.end_time, span.attributes)
