@@ -70,13 +70,13 @@ from opentelemetry.context import Context
 from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.sdk import trace as sdk_trace
-from opentelemetry.sdk.trace import sampling as sdk_sampling
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ._lean import (
     _ODD_HEX,
     accepts_traceparent,
     drops_unsampled_remote,
+    sdk_sampler,
     start_deferred_span,
     start_lean_span,
 )
@@ -247,7 +247,7 @@ class _WorkerTracing:
             sampler = sdk_tracer.sampler
             if sampler is not self._sampler:  # set at startup, and by tests
                 self._sampler, self._drops_unsampled = sampler, drops_unsampled_remote(sampler)
-                self._sdk_sampler = type(sampler).__module__ == sdk_sampling.__name__
+                self._sdk_sampler = sdk_sampler(sampler)
             if self._sdk_sampler:
                 deferrable = _deferrable(request, self._w3c, self._drops_unsampled)
         span: trace.Span

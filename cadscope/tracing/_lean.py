@@ -75,6 +75,7 @@ __all__ = [
     "accepts_traceparent",
     "deferring_tracer",
     "drops_unsampled_remote",
+    "sdk_sampler",
     "start_deferred_span",
     "start_lean_span",
 ]
@@ -347,7 +348,7 @@ def _samples_sampled_remote(sampler: object) -> bool:
     """Whether ``sampler`` records and samples every span whose parent is remote and sampled, with the
     parent's trace state and no attributes of its own: the SDK's ``ALWAYS_ON``, or its ``ParentBased``
     (every ``parentbased_*`` of ``OTEL_TRACES_SAMPLER``) with the default ``remote_parent_sampled``."""
-    if type(sampler).__module__ != sdk_sampling.__name__:
+    if not sdk_sampler(sampler):
         return False
     decides = _remote_parent_sampler(sampler, sampled=True)
     return (
@@ -425,9 +426,15 @@ def deferring_tracer(tracer: trace.Tracer) -> sdk_trace.Tracer | None:
     enabled, with one of the SDK's own samplers), else None."""
     if type(tracer) is not sdk_trace.Tracer:
         return None
-    if _enabled(tracer) and type(tracer.sampler).__module__ == sdk_sampling.__name__:
+    if _enabled(tracer) and sdk_sampler(tracer.sampler):
         return tracer
     return None
+
+
+def sdk_sampler(sampler: object) -> bool:
+    """Whether ``sampler`` is one of the SDK's own, which decide on a span's ids and parent alone and
+    give back the attributes they are given: the samplers a deferred span is offered to."""
+    return type(sampler).__module__ == sdk_sampling.__name__
 
 
 def drops_unsampled_remote(sampler: sdk_sampling.Sampler) -> bool:
