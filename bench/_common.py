@@ -123,6 +123,17 @@ def other_threads_cpu() -> dict[int, float]:
     return used
 
 
+def plain_noop(app: Any) -> Any:
+    """Register ``bench.noop`` on ``app``: a task that does nothing (bare Celery's, and cadscope's stacks
+    whose task records no metrics)."""
+
+    @app.task(name="bench.noop")
+    def noop() -> None:
+        return None
+
+    return noop
+
+
 def catalogue_noop(app: Any) -> Any:
     """Register ``bench.noop`` on ``app`` as cadscope's worker runs a task:
     recording the catalogue's task outcome and runtime metrics."""

@@ -42,19 +42,12 @@ COMMON = {
 }
 
 if MODE.startswith("cadscope"):
-    from _common import catalogue_noop
+    from _common import catalogue_noop, plain_noop
 
     from cadscope.workers import _app, app
 
     app.conf.update(broker_url=BROKER, result_backend=None, **COMMON)
-    if MODE in ("cadscope-tracing", "cadscope-app"):
-
-        @app.task(name="bench.noop")
-        def noop() -> None:
-            return None
-
-    else:
-        noop = catalogue_noop(app)
+    noop = plain_noop(app) if MODE in ("cadscope-tracing", "cadscope-app") else catalogue_noop(app)
     if MODE in ("cadscope-metrics", "cadscope-app"):
         # The worker app's tracing set up, its task runs not traced: TracedTask's hooks find nothing installed.
         _app.instrument_celery_worker = lambda provider, app=None: None  # type: ignore[assignment]
@@ -107,7 +100,6 @@ else:
                 pass
 
     else:
+        from _common import plain_noop
 
-        @app.task(name="bench.noop")
-        def noop() -> None:
-            return None
+        noop = plain_noop(app)

@@ -56,7 +56,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import publish, revision_tree, task_request
+from _common import catalogue_noop, plain_noop, publish, revision_tree, task_request
 
 HERE = Path(__file__).resolve().parent
 STACKS = ("bare", "app", "metrics", "cadscope")
@@ -96,16 +96,7 @@ def child(stack: str, tasks: int, warm_up: int) -> None:
         flush, task_class = flush_tracing, {"task_cls": TracedTask}
     app = Celery("bench-cold", set_as_current=True, **task_class)
     app.conf.update(task_ignore_result=True, result_backend=None)
-    if stack in ("bare", "app"):
-
-        @app.task(name="bench.noop")
-        def noop() -> None:
-            return None
-
-    else:
-        from _common import catalogue_noop
-
-        noop = catalogue_noop(app)
+    noop = plain_noop(app) if stack in ("bare", "app") else catalogue_noop(app)
     if stack == "cadscope":
         instrument_celery_worker(provider, app=app)
     setup_worker_optimizations(app, "bench@host")

@@ -66,7 +66,7 @@ import sys
 import tempfile
 import time
 
-from _common import NullCollector, catalogue_noop, publish, task_request
+from _common import NullCollector, catalogue_noop, plain_noop, publish, task_request
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 STACKS = ("bare", "signals", "metrics", "upstream", "cadscope-sdk-span", "cadscope-upstream-encoder",
@@ -106,10 +106,7 @@ def child(stack: str, tasks: int) -> dict[str, float]:
 
             for signal in (signals.task_prerun, signals.task_postrun, signals.task_failure, signals.task_retry):
                 signal.connect(receiver, weak=False)
-
-        @app.task(name="bench.noop")
-        def noop() -> None:
-            return None
+        noop = plain_noop(app)
 
     elif stack == "metrics":
         noop = catalogue_noop(app)
