@@ -116,8 +116,21 @@ def test_bytes_are_upstreams_bytes(seed):
     assert sum(len(s.spans) for r in parsed.resource_spans for s in r.scope_spans) == len(spans)
 
 
+@pytest.fixture(params=["compiled", "python"])
+def task_span_encoding(request, monkeypatch):
+    """Each test of task span encoding twice: with the compiled task span encoding (``_wirec``),
+    where it was built, and with the Python encoder alone."""
+    from cadscope.tracing import _otlpwire
+
+    if request.param == "compiled" and _otlpwire._LEAN_FIELD is None:
+        pytest.skip("cadscope.tracing._wirec was not built here (CI requires it: test_the_compiled_encoder_is_built)")
+    if request.param == "python":
+        monkeypatch.setattr(_otlpwire, "_LEAN_FIELD", None)
+    return request.param
+
+
 @pytest.mark.parametrize("seed", range(4))
-def test_task_spans_read_directly_are_upstreams_bytes(seed):
+def test_task_spans_read_directly_are_upstreams_bytes(seed, task_span_encoding):
     """cadscope's task spans (LeanSpan), which the encoder reads field by field where they have a
     plain attribute dict and neither events nor links: the same bytes as upstream's encoder,
     deferred and eager spans, every status, remote and local parents, trace state, attributes of
@@ -160,6 +173,113 @@ def test_task_spans_read_directly_are_upstreams_bytes(seed):
     assert deferred.deferred
     ours = encode_request([deferred])
     assert not deferred.deferred and ours == encode_spans([deferred]).SerializeToString()
+
+
+def _task_span(
+    tracer, attributes: dict, name: str = "run/cad.job", parent: str | None = None, state: str | None = None
+):
+    from cadscope.tracing import _lean
+
+    traceparent = parent or f"00-{random.getrandbits(128) | 1:032x}-{random.getrandbits(64) | 1:016x}-01"
+    headers = {"traceparent": traceparent, **({"tracestate": state} if state is not None else {})}
+    span = _lean.start_deferred_span(tracer, name, headers, SpanKind.CONSUMER, attributes)
+    span.get_span_context()  # resolved, as the export thread does before encoding
+    span._end_time = span._start_time + 1000
+    return span
+
+
+def test_the_compiled_task_span_encoding_writes_the_pythons_bytes_or_declines():
+    """``_wirec.lean_span_field`` against ``_field(b"\\x12", _span(span))`` over task spans of every shape:
+    the same bytes for those it writes (attribute values of each scalar type and edge value, names and
+    values of 0, 127, 128 and 20,000 bytes, a span past 16 KiB, an empty key, non-ASCII text, local
+    and remote parents, and none), and None, leaving them to the Python encoder, for the rest (an int
+    past int64, a lone surrogate in a key, a value or the name, a str subclass, a container, trace
+    state, a status set, an event, an unresolved span, an SDK span)."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from cadscope.tracing import _lean, _otlpwire
+
+    compiled = _otlpwire._LEAN_FIELD
+    if compiled is None:
+        pytest.skip("cadscope.tracing._wirec was not built here (CI requires it: test_the_compiled_encoder_is_built)")
+    tracer = TracerProvider(resource=Resource.create({"service.name": "cadscope-worker"})).get_tracer("c", "1")
+
+    class Text(str):
+        pass
+
+    written = [
+        {"celery.action": "run", "messaging.message.id": "job-1"},
+        {},
+        {"": "empty key", "k": ""},
+        {"i": 0, "j": 1, "k": -1, "l": 127, "m": 128, "n": 2**63 - 1, "o": -(2**63), "p": 300, "q": -300},
+        {"f": 0.0, "g": -0.0, "h": 1.5, "inf": float("inf"), "nan": float("nan"), "tiny": -2.25e-300},
+        {"t": True, "u": False},
+        {"ünï": "ünïcødé ✓ 部品", "x127": "x" * 127, "x128": "x" * 128, "big": "y" * 20_000},
+        {f"k{i}": "v" * 300 for i in range(60)},  # a span past 16 KiB: a 3-byte length
+    ]
+    declined = [
+        {"huge": 2**63},
+        {"neg": -(2**63) - 1},
+        {"bad": "a\ud800b"},
+        {"a\udfff": 1},
+        {"sub": Text("x")},
+        {"seq": ("a", "b")},
+        {"none": None},
+        {"bytes": b"x"},
+    ]
+    seen = 0
+    for attributes in written:
+        for name in ("run/cad.job", "", "部品", "n" * 128):
+            span = _task_span(tracer, {}, name=name)
+            span._attributes = dict(attributes)  # as given, whatever the span's own rules would keep
+            assert compiled(span) == _otlpwire._field(b"\x12", _otlpwire._span(span)), (attributes.keys(), name)
+            seen += 1
+    # Eager task spans: no parent, a local one, a remote one.
+    for parent in (None, SpanContext(5, 6, is_remote=False), SpanContext(5, 7, is_remote=True)):
+        span = _lean.LeanSpan(tracer, "run/x", SpanContext(5, 8, is_remote=False), parent, SpanKind.INTERNAL,
+                              {"a": 1}, 1_700_000_000_000_000_000)  # fmt: skip
+        span._end_time = span._start_time + 5
+        assert compiled(span) == _otlpwire._field(b"\x12", _otlpwire._span(span))
+        seen += 1
+    assert seen == 4 * len(written) + 3
+    for attributes in declined:
+        span = _task_span(tracer, {})
+        span._attributes = dict(attributes)
+        assert compiled(span) is None, attributes
+    assert compiled(_task_span(tracer, {}, name="stage \ud800")) is None
+    assert compiled(_task_span(tracer, {}, state="vendor=x")) is None
+    errored = _task_span(tracer, {})
+    errored._status = Status(StatusCode.ERROR, "no fillet")
+    assert compiled(errored) is None
+    with_event = _task_span(tracer, {})
+    with_event._end_time = None
+    with_event.add_event("retry", {"n": 1})
+    with_event._end_time = with_event._start_time + 1
+    assert compiled(with_event) is None
+    unresolved = _lean.start_deferred_span(tracer, "run/x", {"traceparent": f"00-{1:032x}-{2:016x}-01"})
+    assert compiled(unresolved) is None and unresolved.deferred  # not resolved by the compiled encoder
+    assert compiled(ReadableSpan("s", context=SpanContext(1, 2, is_remote=False))) is None
+    # And whatever either writes, a collector reads back with every span.
+    spans = [_task_span(tracer, dict(a)) for a in written + declined]
+    parsed = ExportTraceServiceRequest.FromString(encode_request(spans))
+    assert sum(len(s.spans) for r in parsed.resource_spans for s in r.scope_spans) == len(spans)
+
+
+def test_the_compiled_encoder_is_built():
+    """CI sets CADSCOPE_REQUIRE_COMPILED=1: there the compiled task span encoding must have been built and
+    taken up, or the tests of it above would only skip. Elsewhere (no compiler) it may be missing."""
+    from cadscope.tracing import _otlpwire
+
+    if os.environ.get("CADSCOPE_REQUIRE_COMPILED") != "1":
+        pytest.skip("CADSCOPE_REQUIRE_COMPILED is not set")
+    assert _otlpwire._LEAN_FIELD is not None
+
+
+def test_cadscope_compiled_0_turns_the_compiled_encoding_off(monkeypatch):
+    from cadscope.tracing import _otlpwire
+
+    monkeypatch.setenv("CADSCOPE_COMPILED", "0")
+    assert _otlpwire._compiled() is None
 
 
 def test_an_attribute_that_cannot_be_encoded_is_dropped_and_the_span_kept(caplog):

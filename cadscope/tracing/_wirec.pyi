@@ -1,0 +1,6 @@
+from typing import Any
+
+from opentelemetry.sdk.trace import ReadableSpan
+
+def lean_span_field(span: ReadableSpan) -> bytes | None: ...
+def configure(lean_span_type: type, unset_status: Any, empty_trace_state: Any, kinds: dict[Any, int]) -> None: ...
