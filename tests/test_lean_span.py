@@ -415,6 +415,19 @@ class _SameIds(RandomIdGenerator):
         return 0x5B8EFFF798038103D269B633813FC60C
 
 
+@pytest.fixture(params=["compiled", "python"])
+def w3c_reading(request, monkeypatch):
+    """Each test of reading a sampled traceparent twice: compiled (``_wirec.sampled_w3c_child``), where it
+    was built, and in Python."""
+    from cadscope.tracing import _lean
+
+    if request.param == "compiled" and _lean._W3C_CHILD is None:
+        pytest.skip("cadscope.tracing._wirec was not built here (CI requires it: test_the_compiled_encoder_is_built)")
+    if request.param == "python":
+        monkeypatch.setattr(_lean, "_W3C_CHILD", None)
+    return request.param
+
+
 @pytest.fixture
 def textmap():
     """Set the global propagator for one test; the one before it is put back."""
@@ -480,7 +493,7 @@ def textmap():
     ],  # fmt: skip
 )
 def test_a_deferred_span_read_off_its_traceparent_resolves_as_the_sdks(
-    headers, read_directly, propagator, sampler, direct, textmap
+    headers, read_directly, propagator, sampler, direct, textmap, w3c_reading
 ):
     """The deferred task span reads a sampled ``traceparent`` itself, skipping the propagator and the
     sampler, only where they would decide the same; wherever it does or not, it gets what the SDK's
@@ -505,3 +518,60 @@ def test_a_deferred_span_read_off_its_traceparent_resolves_as_the_sdks(
     span.end()
     sdk.end()
     assert len(exporter.get_finished_spans()) == (2 if recording else 0)
+
+
+class _CountedIds(RandomIdGenerator):
+    """Span ids 1, 2, 3, ...: the same sequence for two tracers."""
+
+    def __init__(self) -> None:
+        self.last = 0
+
+    def generate_span_id(self) -> int:
+        self.last += 1
+        return self.last
+
+
+def test_the_compiled_traceparent_reading_is_the_pythons():
+    """``_wirec.sampled_w3c_child`` against the Python path over well-formed and hostile ``traceparent``
+    and ``tracestate`` headers: the same child and parent contexts field for field (ids, flags, trace
+    state, remoteness, validity, type), or None for both, and the same count of span ids taken."""
+    from cadscope.tracing import _lean
+
+    compiled = _lean._W3C_CHILD
+    if compiled is None:
+        pytest.skip("cadscope.tracing._wirec was not built here (CI requires it: test_the_compiled_encoder_is_built)")
+    tp = "0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331"
+    traceparents = [
+        f"00-{tp}-01", f"00-{tp}-03", f"00-{tp}-ff", f"cc-{tp}-01", f"fe-{tp}-05", f"00-{tp}-00", f"00-{tp}-02",
+        f"ff-{tp}-01", f"00-{tp.upper()}-01", f"00-{'0' * 32}-b7ad6b7169203331-01",
+        f"00-0af7651916cd43dd8448eb211c80319c-{'0' * 16}-01", f"00-{'f' * 32}-{'f' * 16}-01",
+        f"00-{tp}-0g", f"0g-{tp}-01", f"00_{tp}-01", f"00-{tp}_01", f"00-{tp[:32]}_{tp[33:]}-01",
+        f"00-{tp[:-1]}é-01", f"00-{tp[:-1]}\u0663-01", f"00-{tp[:-1]}\U0001f600-01", f"00-{tp}-01 ",
+        f" 00-{tp}-1", f"00-{tp}-1", "", "x" * 55, "\x00" * 55,
+    ]  # fmt: skip
+    states = [None, "vendor=x,other=y", "a=1,b=", "", "k=" + "v" * 300]
+    tracers = {}
+    for way in ("compiled", "python"):
+        tracers[way], _ = _tracer(id_generator=_CountedIds())
+    read = 0
+    for traceparent in traceparents:
+        for state in states:
+            carrier = {"traceparent": traceparent, **({"tracestate": state} if state is not None else {})}
+            got = {}
+            for way in ("compiled", "python"):
+                _lean._W3C_CHILD = compiled if way == "compiled" else None
+                try:
+                    got[way] = _sampled_w3c_child(tracers[way], carrier)
+                finally:
+                    _lean._W3C_CHILD = compiled
+            if got["python"] is None:
+                assert got["compiled"] is None, carrier
+                continue
+            read += 1
+            for ours, theirs in zip(got["compiled"], got["python"], strict=True):
+                assert type(ours) is type(theirs) is SpanContext
+                assert tuple(ours) == tuple(theirs), carrier
+                assert [type(field) for field in ours] == [type(field) for field in theirs]
+                assert ours.trace_state == theirs.trace_state and ours.is_valid is theirs.is_valid
+    assert read == 6 * len(states)  # the six sampled, well-formed headers, with each trace state
+    assert tracers["compiled"].id_generator.last == tracers["python"].id_generator.last == read

@@ -24,11 +24,9 @@ parents, trace state, several resources and scopes):
 
 A task span of the common shape (:func:`_lean_span`'s, every attribute a str,
 bool, int or float, the UNSET status) is written by ``_wirec``, the same
-encoding compiled, where it was built (``setup.py``; optional) and not turned
-off (``CADSCOPE_COMPILED=0``): ~9 µs a span in Python, the largest part of
-what a worker's export thread does for each task (bench/RESULTS.md, "The task
-span's encoding, compiled"). It gives None for any other span, which the
-Python encoder writes.
+encoding compiled (:mod:`._compiled`): 5.3 µs a span in Python, 0.8 compiled
+(``bench/span_cost.py``). It gives None for any other span, which the Python
+encoder writes.
 
 Differs from upstream in one way only: a span or event name, or a status
 message, that is not valid UTF-8 is sent with the bad characters replaced,
@@ -51,15 +49,15 @@ processor's 5 s schedule; with it on, more than the call (bench/RESULTS.md,
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Mapping, Sequence
 from struct import Struct
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
+from opentelemetry.trace import SpanKind
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
+from ._compiled import wirec
 from ._lean import _UNSET, LeanSpan
 
 if TYPE_CHECKING:
@@ -255,21 +253,12 @@ def _span(span: ReadableSpan) -> bytes:
 
 def _compiled() -> Callable[[ReadableSpan], bytes | None] | None:
     """``_wirec.lean_span_field``, configured: a task span's ``_field(b"\\x12", _lean_span(span))``, or None
-    for a span it does not write. None where the module was not built, ``CADSCOPE_COMPILED=0`` turns
-    it off, or a SpanContext is no longer the tuple it reads (trace id, span id, is remote, flags,
-    trace state)."""
-    if os.environ.get("CADSCOPE_COMPILED", "1") == "0":
+    for a span it does not write; None where there is no compiled module (:func:`._compiled.wirec`)."""
+    module = wirec()
+    if module is None:
         return None
-    try:
-        from . import _wirec
-    except ImportError:
-        return None
-    probe = SpanContext(3, 5, is_remote=True, trace_flags=TraceFlags(1), trace_state=DEFAULT_TRACE_STATE)
-    if not (isinstance(probe, tuple) and probe[:5] == (3, 5, True, TraceFlags(1), DEFAULT_TRACE_STATE)):
-        log.warning("SpanContext is not the tuple the compiled encoder reads; encoding in Python")
-        return None
-    _wirec.configure(LeanSpan, _UNSET, DEFAULT_TRACE_STATE, dict(_KIND))
-    field: Callable[[ReadableSpan], bytes | None] = _wirec.lean_span_field
+    module.configure(LeanSpan, _UNSET, DEFAULT_TRACE_STATE, dict(_KIND))
+    field: Callable[[ReadableSpan], bytes | None] = module.lean_span_field
     return field
 
 

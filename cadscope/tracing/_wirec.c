@@ -1,4 +1,6 @@
-/* The OTLP encoding of a task span, compiled: cadscope.tracing._otlpwire's _lean_span in C.
+/* What a worker's export thread does for each task span, compiled: its OTLP encoding
+ * (cadscope.tracing._otlpwire's _lean_span) and the reading of its sampled traceparent
+ * (cadscope.tracing._lean's _sampled_w3c_child), in C.
  *
  * A worker's export thread encodes every task span it exports. In Python that
  * is ~9 us a span in a batch of 512 (bench/span_cost.py), and on a busy host
@@ -15,8 +17,14 @@
  * configure(); _otlpwire checks first that a SpanContext is still the tuple
  * (trace_id, span_id, is_remote, trace_flags, trace_state, ...) it reads.
  *
- * Nothing here calls back into Python code but TraceState's __len__ (for a
- * trace state other than the empty default), and nothing releases the GIL.
+ * Nothing in the encoding calls back into Python code but TraceState's __len__
+ * (for a trace state other than the empty default), and nothing releases the GIL.
+ *
+ * sampled_w3c_child() makes the span context and parent that a deferred task
+ * span gets from a valid, sampled traceparent of version 00's form, where
+ * _lean has found the propagator and sampler to be the defaults: in Python,
+ * through a regular expression, three int() parses and two SpanContext.__new__
+ * calls, ~4 us a span on the export thread.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -27,6 +35,10 @@ static PyObject *lean_span_type = NULL; /* cadscope.tracing._lean.LeanSpan */
 static PyObject *unset_status = NULL;   /* LeanSpan's class default: Status(StatusCode.UNSET) */
 static PyObject *empty_state = NULL;    /* the API's DEFAULT_TRACE_STATE */
 static PyObject *kinds = NULL;          /* {SpanKind: OTLP's number} */
+static PyObject *span_context_type = NULL; /* opentelemetry.trace.SpanContext */
+static PyObject *trace_flags = NULL;       /* (TraceFlags(0), ..., TraceFlags(255)) */
+static long random_flag = 0;               /* TraceFlags.RANDOM_TRACE_ID, or 0 */
+static PyObject *default_state = NULL;     /* the API's DEFAULT_TRACE_STATE, what a SpanContext gets for None */
 
 static PyObject *s_context, *s_parent, *s_name, *s_kind, *s_start_time, *s_end_time, *s_attributes, *s_status,
     *s_events, *s_links;
@@ -351,6 +363,124 @@ static PyObject *configure(PyObject *module, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+
+static int hex_digit(Py_UCS1 c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    return -1; /* upper case too: the W3C propagator's expression takes lower case only */
+}
+
+/* n hex digits at text into out (big-endian bytes, n even); -1 if one is not lower-case hex. */
+static int parse_hex(const Py_UCS1 *text, int n, unsigned char *out) {
+    for (int i = 0; i < n; i += 2) {
+        int high = hex_digit(text[i]), low = hex_digit(text[i + 1]);
+        if (high < 0 || low < 0) return -1;
+        out[i / 2] = (unsigned char)(high << 4 | low);
+    }
+    return 0;
+}
+
+static int all_zero(const unsigned char *bytes, int n) {
+    for (int i = 0; i < n; i++)
+        if (bytes[i]) return 0;
+    return 1;
+}
+
+static PyObject *from_big_endian(const unsigned char *bytes, Py_ssize_t n) {
+#if PY_VERSION_HEX >= 0x030D0000
+    return PyLong_FromUnsignedNativeBytes(bytes, (size_t)n, Py_ASNATIVEBYTES_BIG_ENDIAN);
+#else
+    return _PyLong_FromByteArray(bytes, (size_t)n, 0, 0);
+#endif
+}
+
+/* SpanContext(trace_id, span_id, is_remote, flags, state) as its __new__ makes it: the tuple with is_valid
+ * last. span_id from an id generator: where it is not an int, SpanContext itself is called. */
+static PyObject *span_context(PyObject *trace_id, PyObject *span_id, PyObject *is_remote, PyObject *flags,
+                              PyObject *state) {
+    if (!PyLong_CheckExact(span_id))
+        return PyObject_CallFunctionObjArgs(span_context_type, trace_id, span_id, is_remote, flags, state, NULL);
+    int fits = 1;
+    unsigned long long id = PyLong_AsUnsignedLongLong(span_id);
+    if (id == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear(); /* negative, or past 64 bits */
+        fits = 0;
+    }
+    PyObject *valid = fits && id != 0 ? Py_True : Py_False; /* the trace id is valid: checked */
+    PyObject *items = PyTuple_Pack(6, trace_id, span_id, is_remote, flags, state, valid);
+    if (items == NULL) return NULL;
+    PyObject *args = PyTuple_Pack(1, items);
+    Py_DECREF(items);
+    if (args == NULL) return NULL;
+    PyObject *made = PyTuple_Type.tp_new((PyTypeObject *)span_context_type, args, NULL); /* tuple.__new__ */
+    Py_DECREF(args);
+    return made;
+}
+
+static PyObject *sampled_w3c_child(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "sampled_w3c_child(traceparent, tracestate, parse_state, new_span_id)");
+        return NULL;
+    }
+    PyObject *traceparent = args[0], *header = args[1], *parse_state = args[2], *new_span_id = args[3];
+    if (span_context_type == NULL || !PyUnicode_CheckExact(traceparent) || PyUnicode_GET_LENGTH(traceparent) != 55 ||
+        PyUnicode_KIND(traceparent) != PyUnicode_1BYTE_KIND)
+        Py_RETURN_NONE;
+    const Py_UCS1 *text = PyUnicode_1BYTE_DATA(traceparent);
+    unsigned char version, trace[16], span[8], flags;
+    /* [0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}, version not ff, ids not all zero, sampled */
+    if (text[2] != '-' || text[35] != '-' || text[52] != '-' || parse_hex(text, 2, &version) < 0 ||
+        parse_hex(text + 3, 32, trace) < 0 || parse_hex(text + 36, 16, span) < 0 ||
+        parse_hex(text + 53, 2, &flags) < 0 || version == 0xff || all_zero(trace, 16) || all_zero(span, 8) ||
+        !(flags & 1))
+        Py_RETURN_NONE;
+    PyObject *state = NULL, *trace_id = NULL, *parent_id = NULL, *child_id = NULL, *parent = NULL, *child = NULL,
+             *result = NULL;
+    if (header == Py_None) {
+        state = Py_NewRef(default_state);
+    } else {
+        state = PyObject_CallOneArg(parse_state, header);
+        if (state == NULL) goto out;
+        if (state == Py_None) Py_SETREF(state, Py_NewRef(default_state));
+    }
+    if ((trace_id = from_big_endian(trace, 16)) == NULL || (parent_id = from_big_endian(span, 8)) == NULL) goto out;
+    parent = span_context(trace_id, parent_id, Py_True, PyTuple_GET_ITEM(trace_flags, flags), state);
+    if (parent == NULL || (child_id = PyObject_CallNoArgs(new_span_id)) == NULL) goto out;
+    child = span_context(trace_id, child_id, Py_False, PyTuple_GET_ITEM(trace_flags, 1 | (flags & random_flag)), state);
+    if (child == NULL) goto out;
+    result = PyTuple_Pack(2, child, parent);
+out:
+    Py_XDECREF(state);
+    Py_XDECREF(trace_id);
+    Py_XDECREF(parent_id);
+    Py_XDECREF(child_id);
+    Py_XDECREF(parent);
+    Py_XDECREF(child);
+    return result;
+}
+
+static PyObject *configure_w3c(PyObject *module, PyObject *args) {
+    (void)module;
+    PyObject *context_type, *flags_table, *empty;
+    long random;
+    if (!PyArg_ParseTuple(args, "OO!Ol:configure_w3c", &context_type, &PyTuple_Type, &flags_table, &empty, &random))
+        return NULL;
+    if (!PyType_Check(context_type) || !PyType_IsSubtype((PyTypeObject *)context_type, &PyTuple_Type) ||
+        PyTuple_GET_SIZE(flags_table) != 256 || random < 0 || random > 255) {
+        PyErr_SetString(PyExc_ValueError, "configure_w3c(SpanContext, 256 TraceFlags, empty state, random bit)");
+        return NULL;
+    }
+    Py_INCREF(context_type);
+    Py_INCREF(flags_table);
+    Py_INCREF(empty);
+    Py_XSETREF(span_context_type, context_type);
+    Py_XSETREF(trace_flags, flags_table);
+    Py_XSETREF(default_state, empty);
+    random_flag = random;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"lean_span_field", lean_span_field, METH_O,
      "lean_span_field(span) -> bytes | None\n\n"
@@ -359,6 +489,14 @@ static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(lean_span_type, unset_status, empty_trace_state, kinds)\n\n"
      "What lean_span_field checks spans against; kinds maps each SpanKind to its OTLP number."},
+    {"sampled_w3c_child", (PyCFunction)(void (*)(void))sampled_w3c_child, METH_FASTCALL,
+     "sampled_w3c_child(traceparent, tracestate, parse_state, new_span_id) -> (child, parent) | None\n\n"
+     "The span contexts of a new span and its remote parent read off a valid, sampled traceparent of "
+     "version 00's form, or None for any other header. tracestate is the header or None; parse_state(header) "
+     "gives its TraceState, new_span_id() the child's span id."},
+    {"configure_w3c", configure_w3c, METH_VARARGS,
+     "configure_w3c(span_context_type, trace_flags, empty_trace_state, random_flag)\n\n"
+     "SpanContext, the 256 TraceFlags values by number, the API's empty trace state, the random-trace-id bit."},
     {NULL, NULL, 0, NULL},
 };
 
