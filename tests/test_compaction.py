@@ -408,18 +408,26 @@ TASK_RUNS = textwrap.dedent(
         os._exit(0)
     _, status = os.waitpid(pid, 0)
     metrics.task_finished("run_job", "success", 0.2)
-    print(json.dumps({"child": pid, "status": status}))
+    compiled = metrics._task_writes[("run_job", "success")].compiled is not None
+    print(json.dumps({"child": pid, "status": status, "compiled": compiled}))
     """
 )
 
 
-def test_task_metrics_children_cached_before_a_fork_write_to_the_childs_files(tmp_path):
+@pytest.mark.parametrize("compiled", ["1", "0"])
+def test_task_metrics_children_cached_before_a_fork_write_to_the_childs_files(tmp_path, compiled):
     """``Catalogue.task_finished`` keeps the labelled children it writes. A
     pool child inherits them across the fork: its runs must land in files of
-    its own, and the whole must equal what ``labels()`` on each run gives."""
-    out = subprocess.run([sys.executable, "-c", TASK_RUNS, str(tmp_path)], capture_output=True, text=True, check=True)
+    its own, and the whole must equal what ``labels()`` on each run gives.
+    With the compiled writes (``_valuesc``, where built) and without them."""
+    from cadscope.metrics import _values
+
+    env = {**os.environ, "CADSCOPE_COMPILED": compiled}
+    out = subprocess.run([sys.executable, "-c", TASK_RUNS, str(tmp_path)], capture_output=True, text=True, check=True,
+                         env=env)  # fmt: skip
     got = json.loads(out.stdout)
     assert got["status"] == 0
+    assert got["compiled"] is (compiled == "1" and _values.compiled_observe is not None)
     assert {f"counter_{got['child']}.db", f"histogram_{got['child']}.db"} <= {p.name for p in tmp_path.iterdir()}
     registry = CollectorRegistry()
     MultiProcessCollector(registry, str(tmp_path))

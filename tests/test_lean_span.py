@@ -422,7 +422,7 @@ def w3c_reading(request, monkeypatch):
     from cadscope.tracing import _lean
 
     if request.param == "compiled" and _lean._W3C_CHILD is None:
-        pytest.skip("cadscope.tracing._wirec was not built here (CI requires it: test_the_compiled_encoder_is_built)")
+        pytest.skip("cadscope.tracing._wirec was not built here (CI requires it: test_the_compiled_modules_are_built)")
     if request.param == "python":
         monkeypatch.setattr(_lean, "_W3C_CHILD", None)
     return request.param
@@ -539,7 +539,7 @@ def test_the_compiled_traceparent_reading_is_the_pythons():
 
     compiled = _lean._W3C_CHILD
     if compiled is None:
-        pytest.skip("cadscope.tracing._wirec was not built here (CI requires it: test_the_compiled_encoder_is_built)")
+        pytest.skip("cadscope.tracing._wirec was not built here (CI requires it: test_the_compiled_modules_are_built)")
     tp = "0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331"
     traceparents = [
         f"00-{tp}-01", f"00-{tp}-03", f"00-{tp}-ff", f"cc-{tp}-01", f"fe-{tp}-05", f"00-{tp}-00", f"00-{tp}-02",

@@ -123,7 +123,7 @@ def task_span_encoding(request, monkeypatch):
     from cadscope.tracing import _otlpwire
 
     if request.param == "compiled" and _otlpwire._LEAN_FIELD is None:
-        pytest.skip("cadscope.tracing._wirec was not built here (CI requires it: test_the_compiled_encoder_is_built)")
+        pytest.skip("cadscope.tracing._wirec was not built here (CI requires it: test_the_compiled_modules_are_built)")
     if request.param == "python":
         monkeypatch.setattr(_otlpwire, "_LEAN_FIELD", None)
     return request.param
@@ -201,7 +201,7 @@ def test_the_compiled_task_span_encoding_writes_the_pythons_bytes_or_declines():
 
     compiled = _otlpwire._LEAN_FIELD
     if compiled is None:
-        pytest.skip("cadscope.tracing._wirec was not built here (CI requires it: test_the_compiled_encoder_is_built)")
+        pytest.skip("cadscope.tracing._wirec was not built here (CI requires it: test_the_compiled_modules_are_built)")
     tracer = TracerProvider(resource=Resource.create({"service.name": "cadscope-worker"})).get_tracer("c", "1")
 
     class Text(str):
@@ -265,21 +265,26 @@ def test_the_compiled_task_span_encoding_writes_the_pythons_bytes_or_declines():
     assert sum(len(s.spans) for r in parsed.resource_spans for s in r.scope_spans) == len(spans)
 
 
-def test_the_compiled_encoder_is_built():
-    """CI sets CADSCOPE_REQUIRE_COMPILED=1: there the compiled task span encoding must have been built and
-    taken up, or the tests of it above would only skip. Elsewhere (no compiler) it may be missing."""
-    from cadscope.tracing import _otlpwire
+def test_the_compiled_modules_are_built():
+    """CI sets CADSCOPE_REQUIRE_COMPILED=1: there the compiled modules (``setup.py``) must have been built
+    and taken up, or the tests of them would only skip. Elsewhere (no compiler) they may be missing."""
+    from cadscope.metrics import _values
+    from cadscope.tracing import _lean, _otlpwire
 
     if os.environ.get("CADSCOPE_REQUIRE_COMPILED") != "1":
         pytest.skip("CADSCOPE_REQUIRE_COMPILED is not set")
     assert _otlpwire._LEAN_FIELD is not None
+    assert _lean._W3C_CHILD is not None
+    assert _values.compiled_observe is not None
 
 
-def test_cadscope_compiled_0_turns_the_compiled_encoding_off(monkeypatch):
-    from cadscope.tracing import _otlpwire
+def test_cadscope_compiled_0_turns_the_compiled_modules_off(monkeypatch):
+    from cadscope.metrics import _values
+    from cadscope.tracing import _lean, _otlpwire
 
     monkeypatch.setenv("CADSCOPE_COMPILED", "0")
-    assert _otlpwire._compiled() is None
+    assert _otlpwire._compiled() is None and _lean._compiled_w3c_child() is None
+    assert _values._compiled_observe() is None
 
 
 def test_an_attribute_that_cannot_be_encoded_is_dropped_and_the_span_kept(caplog):

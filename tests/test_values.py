@@ -224,3 +224,180 @@ def test_a_child_forked_while_another_thread_writes_can_write(tmp_path):
     out = subprocess.run([sys.executable, "-c", FORK_WHILE_LOCKED, str(tmp_path)], capture_output=True, text=True,
                          timeout=60)  # fmt: skip
     assert out.returncode == 0, out.stderr
+
+
+# -- a task's three writes, compiled (_valuesc.observe) ---------------------------------------
+
+BOUNDS = (0.1, 1.0, 10.0, float("inf"))
+
+
+def _observed(cls, prefix: str):
+    """A counter value, a sum value and a bucket value per bound, of one class; and observe()'s state."""
+    counter, total = _made(cls, prefix + "count"), _made(cls, prefix + "sum")
+    buckets = tuple(_made(cls, prefix + "bucket", str(bound)) for bound in BOUNDS)
+    state = (cls, counter, total, struct.pack(f"{len(BOUNDS)}d", *BOUNDS), buckets)
+    return counter, total, buckets, state
+
+
+def _compiled():
+    if _values.compiled_observe is None:
+        pytest.skip(
+            "cadscope.metrics._valuesc was not built here (CI requires it: test_the_compiled_modules_are_built)"
+        )
+    return _values.compiled_observe
+
+
+SECONDS = (0.05, 0.1, 0.1000001, 0.5, 1.0, 5.0, 10.0, 50.0, 1e300, float("inf"), 0.0, -1.0, 2.5e-9)
+
+
+def test_observe_writes_what_add_writes(value_class, tmp_path):
+    """For every seconds (on a bound, between, past the last finite one, zero, negative), observe() writes
+    what add() writes for the count, the sum and the bucket bisect_left picks: the same values, the
+    same timestamps (0.0), the same file."""
+    from bisect import bisect_left
+
+    observe = _compiled()
+    counter, total, buckets, state = _observed(value_class, "c_")
+    py_counter, py_total, py_buckets, _ = _observed(value_class, "p_")
+    for seconds in SECONDS:
+        assert observe(state, seconds) is True
+        _values.add(((py_counter, 1.0), (py_total, seconds), (py_buckets[bisect_left(BOUNDS, seconds)], 1.0)))
+    ours, theirs = (counter, total, *buckets), (py_counter, py_total, *py_buckets)
+    assert [(v._value, v._timestamp) for v in ours] == [(v._value, v._timestamp) for v in theirs]
+    assert all(type(v._value) is float for v in ours)
+    written = _read(tmp_path)
+    assert {k[2:]: v for k, v in written.items() if k.startswith("c_")} == {
+        k[2:]: v for k, v in written.items() if k.startswith("p_")
+    }
+    assert written["c_count_total"] == len(SECONDS)
+    assert [v._value for v in buckets] == [5.0, 3.0, 2.0, 3.0]
+
+
+def test_observe_leaves_its_writes_to_add_where_add_must(value_class, tmp_path, monkeypatch):
+    """Nothing written, False returned: the class's lock held (another thread inside a write), the
+    process's files not followed after a fork, NaN (observe() counts it in no bucket), seconds that are
+    not a float, a value not as add() leaves it. Each time add() then writes it whole."""
+    observe = _compiled()
+    counter, total, buckets, state = _observed(value_class, "")
+
+    def unchanged() -> bool:
+        return (counter._value, total._value, *(b._value for b in buckets)) == (0.0,) * 6 and _read(tmp_path) == {
+            k: 0.0 for k in _read(tmp_path)
+        }
+
+    with value_class._lock:
+        assert observe(state, 0.5) is False
+    assert unchanged()
+    monkeypatch.setattr(_values, "_pid", _values._pid + 1)  # as after a fork, before the first write
+    assert observe(state, 0.5) is False
+    monkeypatch.undo()
+    assert observe(state, float("nan")) is False
+    assert observe(state, 1) is False  # an int: the Python path's comparisons, exact
+    total._value = 1  # not a float: whatever it is, add() deals with it
+    assert observe(state, 0.5) is False
+    total._value = 0.0
+    assert unchanged()
+    assert observe(state, 0.5) is True
+    assert (counter._value, total._value, buckets[1]._value) == (1.0, 0.5, 1.0)
+
+
+def test_threads_observing_and_adding_to_the_same_values_lose_nothing(value_class, tmp_path, monkeypatch):
+    """observe() takes no lock: it writes only where the lock is free, and nothing can run while it
+    does. Threads inside add() and inc() are switched out while holding the lock (each write yields
+    first); a thread calling observe() then finds the lock held and goes through add(). No increment is
+    lost and the file never shows a value going down."""
+    observe = _compiled()
+    pack_into = _values._PAIR_INTO
+
+    def yielding_pack_into(*args) -> None:
+        time.sleep(0)
+        pack_into(*args)
+
+    monkeypatch.setattr(_values, "_PAIR_INTO", yielding_pack_into)
+    counter, total, buckets, state = _observed(value_class, "")
+    rounds, done, dips, compiled = 2_000, threading.Event(), [], [0]
+
+    def observer() -> None:
+        for _ in range(rounds):
+            if observe(state, 0.5):
+                compiled[0] += 1
+            else:
+                _values.add(((counter, 1.0), (total, 0.5), (buckets[1], 1.0)))
+
+    def adder() -> None:
+        for _ in range(rounds):
+            _values.add(((counter, 1.0), (total, 0.5), (buckets[1], 1.0)))
+
+    def incer() -> None:
+        for _ in range(rounds):
+            counter.inc(1)
+
+    def watcher() -> None:
+        last = 0.0
+        while not done.is_set():
+            now = struct.unpack_from("d", counter._file.m, counter._position)[0]
+            if now < last:
+                dips.append((last, now))
+            last = now
+            time.sleep(0)
+
+    threads = [threading.Thread(target=f) for f in (observer, adder, incer, observer)]
+    watching = threading.Thread(target=watcher)
+    watching.start()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    done.set()
+    watching.join()
+    written = _read(tmp_path)
+    assert (written["count_total"], written["sum_total"]) == (4.0 * rounds, 1.5 * rounds)
+    assert counter._value == 4.0 * rounds and total._value == 1.5 * rounds and buckets[1]._value == 3.0 * rounds
+    assert dips == []
+    assert 0 < compiled[0] < 2 * rounds  # both ways taken: observe() wrote, and left some to add()
+
+
+OBSERVE_AFTER_FORK = textwrap.dedent(
+    """
+    import os, struct, sys
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = sys.argv[1]
+    from cadscope.metrics import _values
+    cls = _values.multiprocess_value_class()
+    made = [cls("counter", n, n + "_total", ("k",), ("a",), "H.") for n in ("count", "sum", "b1", "b2")]
+    state = (cls, made[0], made[1], struct.pack("2d", 1.0, float("inf")), (made[2], made[3]))
+    assert _values.compiled_observe(state, 0.5)
+    pid = os.fork()
+    if pid == 0:
+        first = _values.compiled_observe(state, 2.0)  # the parent's files still: add() follows the fork
+        if not first:
+            _values.add(((made[0], 1.0), (made[1], 2.0), (made[3], 1.0)))
+        second = _values.compiled_observe(state, 0.25)
+        os._exit(0 if (first, second) == (False, True) else 3)
+    _, status = os.waitpid(pid, 0)
+    print(os.waitstatus_to_exitcode(status), os.getpid(), pid)
+    """
+)
+
+
+def test_observe_after_a_fork_writes_the_childs_own_file(tmp_path):
+    """In a forked child observe() first finds the class's files to be the parent's, and leaves that
+    write to add(), which opens the child's own files (its values start from them, empty, as upstream's
+    do); then observe() writes there. The parent's file keeps the parent's writes only."""
+    if _values.compiled_observe is None:
+        pytest.skip(
+            "cadscope.metrics._valuesc was not built here (CI requires it: test_the_compiled_modules_are_built)"
+        )
+    out = subprocess.run([sys.executable, "-c", OBSERVE_AFTER_FORK, str(tmp_path)], capture_output=True, text=True,
+                         timeout=60, check=True)  # fmt: skip
+    code, parent, child = out.stdout.split()
+    assert code == "0", out.stderr
+
+    def values(pid: str) -> dict[str, float]:
+        data = MmapedDict(str(tmp_path / f"counter_{pid}.db"), read_mode=True)
+        try:
+            return {json.loads(key)[1]: value for key, value, _ in data.read_all_values()}
+        finally:
+            data.close()
+
+    assert values(parent) == {"count_total": 1.0, "sum_total": 0.5, "b1_total": 1.0, "b2_total": 0.0}
+    assert values(child) == {"count_total": 2.0, "sum_total": 2.25, "b1_total": 1.0, "b2_total": 1.0}

@@ -9,6 +9,7 @@ ranges, free text never becomes a label, an unknown value becomes ``other``.
 from __future__ import annotations
 
 import re
+import struct
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
@@ -16,7 +17,7 @@ from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from ._values import MultiProcessValue, add
+from ._values import MultiProcessValue, add, compiled_observe
 
 __all__ = [
     "ALLOWED_LABEL_VALUES",
@@ -466,24 +467,31 @@ class Catalogue:
         collector, not the calls"), else through each value's ``inc()``, without
         the children's wrappers around them (the observability check, the
         exemplar, the walk along the buckets). Where a prometheus_client
-        keeps them elsewhere, the children's own calls.
+        keeps them elsewhere, the children's own calls. In multiprocess mode, where
+        ``cadscope.metrics._valuesc`` was built, the same three writes in one C call
+        (:data:`~cadscope.metrics._values.compiled_observe`; bench/RESULTS.md, "A
+        task's metrics, compiled"), which leaves them to ``add()`` where it must.
         """
         writes = self._task_writes.get((task, outcome))
         if writes is None:
             writes = _TaskWrites(self.task_outcomes.labels(task, outcome), self.task_runtime.labels(task, outcome))
             self._task_writes[(task, outcome)] = writes
-        writes.record(seconds)
+        state = writes.compiled
+        if state is None or compiled_observe is None or not compiled_observe(state, seconds):
+            writes.record(seconds)
 
 
 class _TaskWrites:
     """One ``(task, outcome)``'s counter and histogram children, and the values they write."""
 
-    __slots__ = ("counter", "histogram", "_direct", "_shared")
+    __slots__ = ("counter", "histogram", "_direct", "_shared", "compiled")
 
     def __init__(self, counter: Counter, histogram: Histogram) -> None:
         self.counter, self.histogram = counter, histogram
         self._direct: tuple[Any, Any, tuple[float, ...], tuple[Any, ...]] | None = None
         self._shared = False  # every value one multiprocess class's: written by add()
+        # compiled_observe()'s state: (value class, counter value, sum value, bounds as doubles, bucket values)
+        self.compiled: tuple[Any, ...] | None = None
         try:  # prometheus_client's children: a value each, the histogram's buckets by upper bound
             value, total = counter._value, histogram._sum
             bounds, buckets = tuple(histogram._upper_bounds), tuple(histogram._buckets)
@@ -493,6 +501,8 @@ class _TaskWrites:
             self._direct = (value, total, bounds, buckets)
             kind = type(value)
             self._shared = issubclass(kind, MultiProcessValue) and all(type(v) is kind for v in (total, *buckets))
+            if self._shared and compiled_observe is not None:
+                self.compiled = (kind, value, total, struct.pack(f"{len(bounds)}d", *bounds), buckets)
 
     def record(self, seconds: float) -> None:
         direct = self._direct

@@ -21,6 +21,9 @@ cache having been filled by other processes since the last task: with
 :func:`add`, which writes several values under one lock, with one fork check
 and no call per value, a task's metrics read about 150 lines fewer
 (bench/RESULTS.md, "The collector, not the calls"; ``bench/task_cold.py``).
+A task's three writes go through ``_valuesc.observe`` (:data:`compiled_observe`), the same
+writes in C, where it was built (``setup.py``) and not turned off (``CADSCOPE_COMPILED=0``);
+it leaves them to :func:`add` where the lock is held or a fork not yet followed.
 The fork is noticed by ``os.register_at_fork``, which every fork from Python
 runs (``os.fork``, multiprocessing's and billiard's), not by asking for the
 pid, and a child gets new locks: a lock another thread held at the fork would
@@ -33,13 +36,13 @@ import mmap
 import os
 import struct
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from prometheus_client import values
 from prometheus_client.mmap_dict import mmap_key
 
-__all__ = ["MultiProcessValue", "add", "multiprocess_value_class"]
+__all__ = ["MultiProcessValue", "add", "compiled_observe", "multiprocess_value_class"]
 
 _int = struct.Struct("i").unpack_from
 _two_doubles = struct.Struct("dd").unpack_from
@@ -248,3 +251,21 @@ def add(changes: Sequence[tuple[MultiProcessValue, float]]) -> None:
             value._value = total = value._value + amount
             value._timestamp = 0.0
             _PAIR_INTO(value._file.m, value._position, total, 0.0)
+
+
+def _compiled_observe() -> Callable[[tuple[Any, ...], float], bool] | None:
+    """``_valuesc.observe``: :func:`add` for a task's counter value, histogram sum and bucket, in C; None where
+    it was not built or ``CADSCOPE_COMPILED=0``. Given ``(value class, counter value, sum value, bounds as
+    native doubles, bucket values)`` and the seconds, it writes all three values and returns True, or
+    nothing and False where :func:`add` must (the class's lock held, a fork not yet followed, NaN)."""
+    if os.environ.get("CADSCOPE_COMPILED", "1") == "0":
+        return None
+    try:
+        from . import _valuesc
+    except ImportError:
+        return None
+    _valuesc.configure(globals())  # its _pid, which every fork moves
+    return _valuesc.observe
+
+
+compiled_observe = _compiled_observe()
