@@ -3,10 +3,10 @@
  * (cadscope.tracing._lean's _sampled_w3c_child), in C.
  *
  * A worker's export thread encodes every task span it exports. In Python that
- * is ~9 us a span in a batch of 512 (bench/span_cost.py), and on a busy host
- * the export thread's work is a quarter of what cadscope adds to a no-op task
- * (bench/RESULTS.md, "The task span's encoding, compiled"). This writes the
- * same bytes from the same fields.
+ * is 5-6 us a span in a batch of 512, 0.8 here (bench/span_cost.py); on a busy
+ * host the export thread's work was a quarter of what cadscope added to a no-op
+ * task (bench/RESULTS.md, "The export thread's work, compiled"). This writes
+ * the same bytes from the same fields.
  *
  * It takes only the common shape and gives None for anything else, which the
  * Python encoder then writes (and logs, where it drops an attribute): a
