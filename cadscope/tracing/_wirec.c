@@ -269,12 +269,21 @@ static int encode(Buffer *b, PyObject **fields) {
     const char *name_bytes = utf8(name, &name_size);
     if (name_bytes == NULL) return 0;
     if (name_size > 0 && add_field(b, 0x2a, name_bytes, name_size) < 0) return -1;
-    PyObject *number = PyDict_GetItemWithError(kinds, kind);
-    if (number == NULL) {
-        if (PyErr_Occurred()) return -1;
+    /* The kind by identity (SpanKind's members are singletons): a dict lookup would call Enum.__hash__. */
+    long number = -1;
+    PyObject *known, *otlp;
+    Py_ssize_t at = 0;
+    while (PyDict_Next(kinds, &at, &known, &otlp)) {
+        if (known == kind) {
+            number = PyLong_AsLong(otlp);
+            break;
+        }
+    }
+    if (number < 0 || number > 127) {
+        PyErr_Clear();
         return 0;
     }
-    unsigned char kind_field[2] = {0x30, (unsigned char)PyLong_AsLong(number)};
+    unsigned char kind_field[2] = {0x30, (unsigned char)number};
     if (add_bytes(b, kind_field, 2) < 0) return -1;
     uint64_t time;
     if (start != Py_None) {
