@@ -313,6 +313,7 @@ def _span_ids(tracer: sdk_trace.Tracer, pin: bool) -> Callable[[], int]:
 
 
 def _new_span_id(tracer: sdk_trace.Tracer, pin: bool) -> int:
+    """A span id from the tracer's generator; ``pin=False`` passes over an id pinned for the span about to start."""
     return _span_ids(tracer, pin)()
 
 

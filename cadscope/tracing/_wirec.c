@@ -14,7 +14,7 @@
  * int64) or float values, no events, no links, an empty trace state and the
  * UNSET status, every string valid UTF-8. What "LeanSpan", "UNSET", "the
  * empty trace state" and each SpanKind's number are is handed over once by
- * configure(); _otlpwire checks first that a SpanContext is still the tuple
+ * configure(); cadscope.tracing._compiled checks first that a SpanContext is still the tuple
  * (trace_id, span_id, is_remote, trace_flags, trace_state, ...) it reads.
  *
  * Nothing in the encoding calls back into Python code but TraceState's __len__
