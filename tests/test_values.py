@@ -129,21 +129,54 @@ def test_a_file_left_by_an_earlier_process_with_this_pid_is_gone_on_from(value_c
     assert _read(tmp_path) == {"jobs_total": 4.0, "other_total": 1.0, "new_total": 5.0}
 
 
+def _yield_before_each_write(monkeypatch) -> None:
+    """Every write of a value into its file lets other threads run first (``time.sleep(0)``), under the
+    value lock where the write holds it: where a thread without the lock would write a total that
+    another has already passed."""
+    pack_into = _values._PAIR_INTO
+
+    def yielding_pack_into(*args) -> None:
+        time.sleep(0)
+        pack_into(*args)
+
+    monkeypatch.setattr(_values, "_PAIR_INTO", yielding_pack_into)
+
+
+def _run_watching(value, writers) -> list[tuple[float, float]]:
+    """Run ``writers`` in threads of their own while another reads ``value``'s slot in its file as a
+    scrape would, all along; every time it saw the value go down."""
+    done, dips = threading.Event(), []
+
+    def watcher() -> None:
+        last = 0.0
+        while not done.is_set():
+            now = struct.unpack_from("d", value._file.m, value._position)[0]
+            if now < last:
+                dips.append((last, now))
+            last = now
+            time.sleep(0)  # the writers' turn
+
+    threads = [threading.Thread(target=writer) for writer in writers]
+    watching = threading.Thread(target=watcher)
+    watching.start()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    done.set()
+    watching.join()
+    return dips
+
+
 def test_threads_adding_to_the_same_values_lose_nothing(value_class, tmp_path, monkeypatch):
     """One lock for ``add`` and ``inc``: a task thread and another thread writing the same
     children (a thread pool, or a direct ``labels().inc()``) never lose an increment, and the
     file never shows a counter going down (which Prometheus would read as a reset). Each
     write lets other threads run just before it, where a thread without the lock would
     write a total that another has already passed."""
-    pack = _values._PAIR
-
-    def yielding_pack(value: float, timestamp: float) -> bytes:
-        time.sleep(0)
-        return pack(value, timestamp)
-
-    monkeypatch.setattr(_values, "_PAIR", yielding_pack)
+    _yield_before_each_write(monkeypatch)
     one, two = _made(value_class, "one"), _made(value_class, "two")
-    rounds, done, dips = 1_000, threading.Event(), []
+    rounds = 1_000
 
     def adder() -> None:
         for _ in range(rounds):
@@ -153,24 +186,7 @@ def test_threads_adding_to_the_same_values_lose_nothing(value_class, tmp_path, m
         for _ in range(rounds):
             one.inc(1)
 
-    def watcher() -> None:  # reads the file as a scrape would, all along
-        last = 0.0
-        while not done.is_set():
-            now = struct.unpack_from("d", one._file.m, one._position)[0]
-            if now < last:
-                dips.append((last, now))
-            last = now
-            time.sleep(0)  # the writers' turn
-
-    writers = [threading.Thread(target=adder), threading.Thread(target=incer), threading.Thread(target=adder)]
-    watching = threading.Thread(target=watcher)
-    watching.start()
-    for thread in writers:
-        thread.start()
-    for thread in writers:
-        thread.join()
-    done.set()
-    watching.join()
+    dips = _run_watching(one, (adder, incer, adder))
     assert _read(tmp_path) == {"one_total": 3.0 * rounds, "two_total": 4.0 * rounds}
     assert dips == []
 
@@ -307,15 +323,9 @@ def test_threads_observing_and_adding_to_the_same_values_lose_nothing(value_clas
     first); a thread calling observe() then finds the lock held and goes through add(). No increment is
     lost and the file never shows a value going down."""
     observe = _compiled()
-    pack_into = _values._PAIR_INTO
-
-    def yielding_pack_into(*args) -> None:
-        time.sleep(0)
-        pack_into(*args)
-
-    monkeypatch.setattr(_values, "_PAIR_INTO", yielding_pack_into)
+    _yield_before_each_write(monkeypatch)
     counter, total, buckets, state = _observed(value_class, "")
-    rounds, done, dips, compiled = 2_000, threading.Event(), [], [0]
+    rounds, compiled = 2_000, [0]
 
     def observer() -> None:
         for _ in range(rounds):
@@ -332,24 +342,7 @@ def test_threads_observing_and_adding_to_the_same_values_lose_nothing(value_clas
         for _ in range(rounds):
             counter.inc(1)
 
-    def watcher() -> None:
-        last = 0.0
-        while not done.is_set():
-            now = struct.unpack_from("d", counter._file.m, counter._position)[0]
-            if now < last:
-                dips.append((last, now))
-            last = now
-            time.sleep(0)
-
-    threads = [threading.Thread(target=f) for f in (observer, adder, incer, observer)]
-    watching = threading.Thread(target=watcher)
-    watching.start()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    done.set()
-    watching.join()
+    dips = _run_watching(counter, (observer, adder, incer, observer))
     written = _read(tmp_path)
     assert (written["count_total"], written["sum_total"]) == (4.0 * rounds, 1.5 * rounds)
     assert counter._value == 4.0 * rounds and total._value == 1.5 * rounds and buckets[1]._value == 3.0 * rounds
