@@ -42,6 +42,8 @@ from typing import Any
 from prometheus_client import values
 from prometheus_client.mmap_dict import mmap_key
 
+from .._compiled import compiled_wanted
+
 __all__ = ["MultiProcessValue", "add", "compiled_observe", "multiprocess_value_class"]
 
 _int = struct.Struct("i").unpack_from
@@ -258,7 +260,7 @@ def _compiled_observe() -> Callable[[tuple[Any, ...], float], bool] | None:
     it was not built or ``CADSCOPE_COMPILED=0``. Given ``(value class, counter value, sum value, bounds as
     native doubles, bucket values)`` and the seconds, it writes all three values and returns True, or
     nothing and False where :func:`add` must (the class's lock held, a fork not yet followed, NaN)."""
-    if os.environ.get("CADSCOPE_COMPILED", "1") == "0":
+    if not compiled_wanted():
         return None
     try:
         from . import _valuesc

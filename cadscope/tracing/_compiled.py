@@ -11,12 +11,14 @@ tuple the module reads and makes.
 
 from __future__ import annotations
 
+import functools
 import logging
-import os
 from types import ModuleType
 
 from opentelemetry.trace import SpanContext, TraceFlags
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE
+
+from .._compiled import compiled_wanted
 
 __all__ = ["wirec"]
 
@@ -25,8 +27,13 @@ log = logging.getLogger(__name__)
 
 def wirec() -> ModuleType | None:
     """``_wirec``, or None where the Python paths must do its work."""
-    if os.environ.get("CADSCOPE_COMPILED", "1") == "0":
-        return None
+    return _loaded() if compiled_wanted() else None
+
+
+@functools.cache
+def _loaded() -> ModuleType | None:
+    """``_wirec`` if it was built and reads SpanContext as the API makes it: checked once a process,
+    for :mod:`._otlpwire` and :mod:`._lean` both."""
     try:
         from . import _wirec
     except ImportError:
