@@ -132,7 +132,12 @@ class BoundedBatchSpanProcessor(SpanProcessor):
             elif len(queue) >= self.max_export_batch_size and not self._wake.is_set():
                 self._wake.set()
             return
-        if not deferred or _sampled(span):  # an unsampled span was never going to be exported: not a drop
+        self._drop_span(reason, span, deferred)
+
+    def _drop_span(self, reason: str, span: ReadableSpan, deferred: bool) -> None:
+        """Count ``span`` as dropped, unless it is a deferred span that turns out unsampled: that one was
+        never going to be exported, so it is no drop."""
+        if not deferred or _sampled(span):
             self._drop(reason, 1)
 
     def _unqueue(self, span: ReadableSpan, deferred: bool) -> None:
@@ -144,8 +149,7 @@ class BoundedBatchSpanProcessor(SpanProcessor):
                 self._queue.remove(span)  # spans compare by identity: no Python code runs in between
             except ValueError:
                 return
-        if not deferred or _sampled(span):
-            self._drop("shutdown", 1)
+        self._drop_span("shutdown", span, deferred)
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         """Export what is queued now; False if that took longer than the timeout
