@@ -33,12 +33,11 @@
 
 static PyObject *lean_span_type = NULL; /* cadscope.tracing._lean.LeanSpan */
 static PyObject *unset_status = NULL;   /* LeanSpan's class default: Status(StatusCode.UNSET) */
-static PyObject *empty_state = NULL;    /* the API's DEFAULT_TRACE_STATE */
+static PyObject *empty_state = NULL;    /* the API's DEFAULT_TRACE_STATE, what a SpanContext gets for None */
 static PyObject *kinds = NULL;          /* {SpanKind: OTLP's number} */
 static PyObject *span_context_type = NULL; /* opentelemetry.trace.SpanContext */
 static PyObject *trace_flags = NULL;       /* (TraceFlags(0), ..., TraceFlags(255)) */
 static long random_flag = 0;               /* TraceFlags.RANDOM_TRACE_ID, or 0 */
-static PyObject *default_state = NULL;     /* the API's DEFAULT_TRACE_STATE, what a SpanContext gets for None */
 
 static PyObject *s_context, *s_parent, *s_name, *s_kind, *s_start_time, *s_end_time, *s_attributes, *s_status,
     *s_events, *s_links;
@@ -447,11 +446,11 @@ static PyObject *sampled_w3c_child(PyObject *module, PyObject *const *args, Py_s
     PyObject *state = NULL, *trace_id = NULL, *parent_id = NULL, *child_id = NULL, *parent = NULL, *child = NULL,
              *result = NULL;
     if (header == Py_None) {
-        state = Py_NewRef(default_state);
+        state = Py_NewRef(empty_state);
     } else {
         state = PyObject_CallOneArg(parse_state, header);
         if (state == NULL) goto out;
-        if (state == Py_None) Py_SETREF(state, Py_NewRef(default_state));
+        if (state == Py_None) Py_SETREF(state, Py_NewRef(empty_state));
     }
     if ((trace_id = from_big_endian(trace, 16)) == NULL || (parent_id = from_big_endian(span, 8)) == NULL) goto out;
     parent = span_context(trace_id, parent_id, Py_True, PyTuple_GET_ITEM(trace_flags, flags), state);
@@ -485,7 +484,7 @@ static PyObject *configure_w3c(PyObject *module, PyObject *args) {
     Py_INCREF(empty);
     Py_XSETREF(span_context_type, context_type);
     Py_XSETREF(trace_flags, flags_table);
-    Py_XSETREF(default_state, empty);
+    Py_XSETREF(empty_state, empty); /* the same object configure() is given */
     random_flag = random;
     Py_RETURN_NONE;
 }
