@@ -5,7 +5,7 @@ test:
 	.ci/run
 
 lint:
-	.venv/bin/ruff check cadscope tests bench infra setup.py && .venv/bin/ruff format --check cadscope tests bench infra setup.py && .venv/bin/mypy cadscope
+	.venv/bin/ruff check cadscope tests bench infra && .venv/bin/ruff format --check cadscope tests bench infra && .venv/bin/mypy cadscope
 
 # Every figure is a ratio measured in one run; results are appended to bench/RESULTS.md.
 bench:

@@ -4,16 +4,11 @@
 - ``upstream``: the stack DESIGN.md measured: opentelemetry-instrumentation-celery,
   the SDK's ``BatchSpanProcessor`` with the OTLP gRPC exporter, a
   prometheus_client counter and histogram in multiprocess mode.
-- ``cadscope``: cadscope's own worker app (its signals: JSON logs, tracing set
-  up after fork with the bounded processor, the multiprocess registry served
-  with compaction, the heartbeat), the task recording the catalogue's task
-  outcome and runtime metrics as ``run_job`` does.
-- ``cadscope-signals``: the same, with the task runs traced through Celery's
-  task signals rather than cadscope's task hooks (``TracedTask``), as
-  cadscope was up to f1489a2.
-- ``cadscope-metrics``, ``cadscope-tracing``, ``cadscope-app``: cadscope's worker app with its task
-  runs not traced, with a task that records no metrics, and with neither: where ``cadscope``'s added
-  cost lies on a busy host.
+- ``cadscope``: cadscope's own worker app (its signals: JSON logs, the tracer
+  provider with the bounded batch processor and the open-span journal, task
+  spans from opentelemetry-instrumentation-celery, the multiprocess registry
+  served with compaction, the journal reaper, the heartbeat), the task
+  recording the catalogue's task outcome and runtime metrics as ``run_job`` does.
 - ``burn``: plain Celery whose task burns ``$BENCH_BURN_US`` microseconds of
   its thread's CPU: a control, an overhead of known size.
 
@@ -41,21 +36,13 @@ COMMON = {
     "worker_hijack_root_logger": False,
 }
 
-if MODE.startswith("cadscope"):
-    from _common import catalogue_noop, plain_noop
+if MODE == "cadscope":
+    from _common import catalogue_noop
 
-    from cadscope.workers import _app, app
+    from cadscope.workers import app
 
     app.conf.update(broker_url=BROKER, result_backend=None, **COMMON)
-    noop = plain_noop(app) if MODE in ("cadscope-tracing", "cadscope-app") else catalogue_noop(app)
-    if MODE in ("cadscope-metrics", "cadscope-app"):
-        # The worker app's tracing set up, its task runs not traced: TracedTask's hooks find nothing installed.
-        _app.instrument_celery_worker = lambda provider, app=None: None  # type: ignore[assignment]
-    if MODE == "cadscope-signals":
-        from cadscope.tracing import instrument_celery_worker
-
-        # The worker app's own worker_process_init receiver, without the app: the signal path.
-        _app.instrument_celery_worker = lambda provider, app=None: instrument_celery_worker(provider)  # type: ignore[assignment]
+    noop = catalogue_noop(app)
 
 else:
     app = Celery("bench", broker=BROKER)

@@ -77,9 +77,7 @@ from cadscope.freecad_bridge._engines import CHILD_DIR, _engine_home, _verify_ar
 from cadscope.freecad_bridge._runner import _with_pdeathsig
 from cadscope.freecad_bridge._schema import material_library_path
 from cadscope.metrics import Catalogue, ModelObservability, enable_multiprocess
-from cadscope.tracing import PinnableIdGenerator
-from cadscope.tracing._otlpwire import OTLPWireHTTPSpanExporter, OTLPWireSpanExporter
-from cadscope.tracing._processor import BoundedBatchSpanProcessor
+from cadscope.tracing import BoundedBatchSpanProcessor, PinnableIdGenerator
 from cadscope.workers._workload import PLATE
 
 PROBE_LOOP = textwrap.dedent(
@@ -142,10 +140,14 @@ class WorkerTelemetry(NamedTuple):
         exporter: SpanExporter
         if protocol == "http":
             sink: NullCollectorProcess = stack.enter_context(NullHTTPCollectorProcess())
-            exporter = OTLPWireHTTPSpanExporter(endpoint=sink.endpoint)
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HTTPExporter
+
+            exporter = HTTPExporter(endpoint=sink.endpoint + "/v1/traces")
         else:
             sink = stack.enter_context(NullCollectorProcess())
-            exporter = OTLPWireSpanExporter(endpoint=sink.endpoint, insecure=True)
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            exporter = OTLPSpanExporter(endpoint=sink.endpoint, insecure=True)
         processor = BoundedBatchSpanProcessor(exporter)
         provider = TracerProvider(id_generator=PinnableIdGenerator())
         provider.add_span_processor(processor)

@@ -4,7 +4,6 @@ real gRPC collector that hangs is in test_reliability.py)."""
 
 from __future__ import annotations
 
-import collections
 import threading
 import time
 
@@ -132,38 +131,6 @@ def test_hung_exporter_costs_counted_spans_not_the_callers_time():
     exporter.release.set()
 
 
-def test_a_span_queued_as_shutdown_begins_is_counted_once():
-    """``on_end`` takes no lock: it appends, then looks whether shutdown began. A span appended just
-    before shutdown emptied the queue is counted by shutdown; one appended just after, by ``on_end``
-    itself; never by both, never by neither (each moment forced here by the queue's ``append``)."""
-
-    class ShutdownAt(collections.deque):  # shutdown starts in the instant after on_end's append
-        drain = False
-
-        def append(self, span):  # type: ignore[no-untyped-def]
-            super().append(span)
-            processor._closing = True
-            if self.drain:  # shutdown also took the queue's spans (and counted them) before on_end looks
-                while self:
-                    taken.append(self.popleft())
-
-    exporter = InMemorySpanExporter()
-    processor = BoundedBatchSpanProcessor(exporter, max_queue_size=50, max_export_batch_size=50)
-    provider = _provider(processor)
-    taken: list[object] = []
-    for drain in (False, True):
-        processor._closing = False
-        processor._queue = ShutdownAt()
-        processor._queue.drain = drain
-        _end_spans(provider, 1)
-        assert not processor._queue  # never left behind in a queue nobody exports
-    assert processor.dropped["shutdown"] == 1 and len(taken) == 1  # on_end counted one, "shutdown" took one
-    processor._closing = False
-    processor._queue = collections.deque()
-    processor.shutdown(1000)
-    assert exporter.get_finished_spans() == ()
-
-
 def test_spans_ended_by_threads_during_shutdown_are_exported_or_counted():
     """Threads ending spans while the processor shuts down: every span is exported or counted as
     dropped, none lost between the two."""
@@ -177,9 +144,12 @@ def test_spans_ended_by_threads_during_shutdown_are_exported_or_counted():
     processor.shutdown(50)  # its flush gives up while the threads go on
     for thread in threads:
         thread.join()
-    time.sleep(0.1)  # an export begun before shutdown ended (failed: shutdown stopped the exporter)
-    dropped = sum(processor.dropped.values())
-    assert len(exporter.get_finished_spans()) + dropped == 4 * 10_000
+    # An export begun before shutdown may still be finishing: wait for the books to balance.
+    deadline = time.monotonic() + 30
+    while len(exporter.get_finished_spans()) + sum(processor.dropped.values()) < 4 * 10_000:
+        assert time.monotonic() < deadline, "spans neither exported nor counted"
+        time.sleep(0.01)
+    assert len(exporter.get_finished_spans()) + sum(processor.dropped.values()) == 4 * 10_000
     assert processor.dropped["shutdown"] > 0  # some spans did end after shutdown began
 
 

@@ -1,23 +1,17 @@
 """Turn the child's probe events into real spans and observations.
 
-A child's span is checked when its ``start`` event arrives and emitted, with
-the child's own ids and timestamps, when its ``end`` event does. A span the
-child opened and never closed is emitted by :meth:`Replayer.close_open` with
+A child's span is started, through the ordinary tracer API, when its
+``start`` event arrives (so every span processor's ``on_start`` sees it while
+it is open, as for any span of the worker's) and ended when its ``end`` event
+does, with the child's own span id (a tracer with
+:class:`~cadscope.tracing.PinnableIdGenerator`) and timestamps. A span the
+child opened and never closed is ended by :meth:`Replayer.close_open` with
 ERROR status and ``error.type``.
 
-The child's spans are finished facts, so with the SDK's tracer they go
-straight to its span processor as ``ReadableSpan`` objects, the type every
-exporter receives: about 5 us a span, against about 35 us for
-``start_span()``/``end()``, which build a live, locked, mutable span only to
-freeze it at once (bench/RESULTS.md). They follow their parent's sampling
-decision, as the default ``ParentBased`` sampler would decide, and the bounds
-below (32 attributes an event, 256 characters a string) stand in for the
-SDK's span limits. With any other
-tracer they go through ``start_span()`` at their end, with the child's span id
-pinned through :class:`~cadscope.tracing.PinnableIdGenerator`.
-
 Every event is untrusted input: ids, names, attributes and timestamps are
-checked and bounded, and a bad event is dropped and counted, never raised.
+checked and bounded (32 attributes an event, 256 characters a string, a
+budget of open spans and of attribute bytes a run), and a bad event is
+dropped and counted, never raised.
 """
 
 from __future__ import annotations
@@ -29,8 +23,6 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from opentelemetry import trace
-from opentelemetry.sdk import trace as sdk_trace
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, Status, StatusCode
 
 from ..tracing import pinned_span_id
@@ -44,9 +36,11 @@ _METRIC = re.compile(r"^[a-z][a-z0-9_.]{0,63}$")
 _ATTR_KEY = re.compile(r"^[a-z][a-z0-9_.]{0,63}$")
 MAX_ATTRIBUTES = 32
 MAX_STRING = 256
+# Spans open at once, and attribute bytes over a run: what a hostile child can make the worker hold.
+MAX_OPEN_SPANS = 1_000
+MAX_ATTRIBUTE_BYTES = 4 << 20
 # A child's clock is this host's clock; anything further off than this is garbage.
 _CLOCK_SLACK_NS = 60 * 1_000_000_000
-_UNSET = Status(StatusCode.UNSET)
 
 
 class EventObserver(Protocol):
@@ -78,8 +72,14 @@ def clean_attributes(raw: Any) -> dict[str, Any] | None:
     return out
 
 
+def _attribute_bytes(attributes: Mapping[str, Any]) -> int:
+    return sum(len(key) + (len(value) if isinstance(value, str) else 8) for key, value in attributes.items())
+
+
 class Replayer:
-    """Re-emits one child's spans under ``parent`` (the subprocess span)."""
+    """Re-emits one child's spans under ``parent`` (the subprocess span), through ``tracer``
+    (give it a tracer from :func:`~cadscope.tracing.pinnable_tracer`, so the spans keep the
+    child's ids)."""
 
     def __init__(
         self,
@@ -88,6 +88,8 @@ class Replayer:
         observer: EventObserver | None = None,
         *,
         max_spans: int = 10_000,
+        max_open_spans: int = MAX_OPEN_SPANS,
+        max_attribute_bytes: int = MAX_ATTRIBUTE_BYTES,
         on_drop: Callable[[str], None] | None = None,
     ) -> None:
         self._tracer = tracer
@@ -95,8 +97,10 @@ class Replayer:
         self._recording = parent.is_recording()
         self._observer = observer
         self._max_spans = max_spans
-        # span id -> (span context, parent context, name, attributes, start)
-        self._open: dict[str, tuple[SpanContext, SpanContext, str, dict[str, Any], int]] = {}
+        self._max_open = max_open_spans
+        self._attribute_budget = max_attribute_bytes
+        # span id -> (the live span or None when not recording, attributes, start)
+        self._open: dict[str, tuple[Span | None, dict[str, Any], str, int]] = {}
         self._known: dict[str, SpanContext] = {}
         self._started = 0
         self._not_before = time.time_ns() - _CLOCK_SLACK_NS
@@ -105,11 +109,11 @@ class Replayer:
         self.hello: dict[str, Any] = {}
         self.manifest: dict[str, Any] | None = None
         self.errors: list[tuple[str, str]] = []
-        self._processor: Any = None
-        if isinstance(tracer, sdk_trace.Tracer):
-            info = tracer.instrumentation_info
-            self._processor, self._resource = tracer.span_processor, tracer.resource
-            self._scope = InstrumentationScope(info.name, info.version, info.schema_url)
+
+    @property
+    def open_spans(self) -> int:
+        """Spans the child has opened and not yet ended."""
+        return len(self._open)
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] += 1
@@ -155,6 +159,14 @@ class Replayer:
         else:
             self.drop("unknown_type")
 
+    def _spend(self, attributes: Mapping[str, Any]) -> bool:
+        cost = _attribute_bytes(attributes)
+        if cost > self._attribute_budget:
+            self.drop("attribute_budget")
+            return False
+        self._attribute_budget -= cost
+        return True
+
     def _start(self, event: dict[str, Any]) -> None:
         span_id, name = event.get("id"), event.get("n")
         start = self._timestamp(event.get("ts"))
@@ -171,14 +183,30 @@ class Replayer:
         if self._started >= self._max_spans:
             self.drop("too_many_spans")
             return
+        if len(self._open) >= self._max_open:
+            self.drop("too_many_open_spans")
+            return
+        if not self._spend(attrs):
+            return
         self._started += 1
         # An unknown parent (garbage, or a span we dropped) hangs off the
         # subprocess span: the tree stays connected.
         parent_id = event.get("p")
         parent = self._known.get(parent_id, self._parent) if isinstance(parent_id, str) else self._parent
-        context = SpanContext(self._parent.trace_id, int(span_id, 16), False, self._parent.trace_flags)
+        span: Span | None = None
+        if self._recording:
+            with pinned_span_id(int(span_id, 16)):
+                span = self._tracer.start_span(
+                    name,
+                    context=trace.set_span_in_context(NonRecordingSpan(parent)),
+                    start_time=start,
+                    attributes=attrs,
+                )
+            context = span.get_span_context()
+        else:
+            context = SpanContext(self._parent.trace_id, int(span_id, 16), False, self._parent.trace_flags)
         self._known[span_id] = context
-        self._open[span_id] = (context, parent, name, attrs, start)
+        self._open[span_id] = (span, attrs, name, start)
 
     def _end(self, event: dict[str, Any]) -> None:
         span_id = event.get("id")
@@ -186,65 +214,26 @@ class Replayer:
         if opened is None:
             self.drop("end_without_start")
             return
-        context, parent, name, attrs, start = opened
+        span, attrs, name, start = opened
         end = self._timestamp(event.get("ts"))
         more = clean_attributes(event.get("a"))
-        if end is None or more is None:
+        if end is None or more is None or not self._spend(more):
             self.drop("bad_span")
             end, more = time.time_ns(), {}
         end = max(end, start)
         attrs.update(more)
         error_type: str | None = None
-        status = _UNSET
+        message = ""
         if event.get("s") == "error":
             raw_type = event.get("e")
             error_type = raw_type[:64] if isinstance(raw_type, str) and raw_type else "error"
-            message = event.get("m")
-            message = message[:MAX_STRING] if isinstance(message, str) else ""
-            status = Status(StatusCode.ERROR, message)
+            raw_message = event.get("m")
+            message = raw_message[:MAX_STRING] if isinstance(raw_message, str) else ""
             self.errors.append((error_type, message))
-        self._emit(context, parent, name, attrs, start, end, status, error_type)
+        if span is not None:
+            _finish(span, more, error_type, message, end)
         if self._observer is not None:
             self._observer.span_ended(name, attrs, (end - start) / 1e9, error_type)
-
-    def _emit(
-        self,
-        context: SpanContext,
-        parent: SpanContext,
-        name: str,
-        attrs: dict[str, Any],
-        start: int,
-        end: int,
-        status: Status,
-        error_type: str | None,
-    ) -> None:
-        if not self._recording:
-            return
-        attributes = dict(attrs, **{"error.type": error_type}) if error_type is not None else dict(attrs)
-        if self._processor is not None:
-            self._processor.on_end(
-                sdk_trace.ReadableSpan(
-                    name,
-                    context=context,
-                    parent=parent,
-                    resource=self._resource,
-                    attributes=attributes,
-                    status=status,
-                    start_time=start,
-                    end_time=end,
-                    instrumentation_scope=self._scope,
-                )
-            )
-            return
-        with pinned_span_id(context.span_id):
-            span = self._tracer.start_span(
-                name,
-                context=trace.set_span_in_context(NonRecordingSpan(parent)),
-                start_time=start,
-                attributes=attributes,
-            )
-        span.set_status(status)
-        span.end(end_time=end)
 
     def _metric(self, event: dict[str, Any]) -> None:
         name, value = event.get("n"), event.get("v")
@@ -262,12 +251,22 @@ class Replayer:
         """End every span the child left open (crash, kill, timeout) as ERROR."""
         end_ns = end_ns or time.time_ns()
         count = 0
-        status = Status(StatusCode.ERROR, f"span left open by the child ({error_type})")
+        message = f"span left open by the child ({error_type})"
         # Innermost first, so parents end after their children.
         for span_id in reversed(list(self._open)):
-            context, parent, name, attrs, start = self._open.pop(span_id)
-            self._emit(context, parent, name, attrs, start, max(end_ns, start), status, error_type)
+            span, attrs, name, start = self._open.pop(span_id)
+            if span is not None:
+                _finish(span, {}, error_type, message, max(end_ns, start))
             if self._observer is not None:
                 self._observer.span_ended(name, attrs, max(end_ns - start, 0) / 1e9, error_type)
             count += 1
         return count
+
+
+def _finish(span: Span, attributes: Mapping[str, Any], error_type: str | None, message: str, end: int) -> None:
+    if attributes:
+        span.set_attributes(attributes)
+    if error_type is not None:
+        span.set_attribute("error.type", error_type)
+        span.set_status(Status(StatusCode.ERROR, message))
+    span.end(end_time=end)

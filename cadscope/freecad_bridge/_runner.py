@@ -41,7 +41,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
-from ..tracing import inject_into_env
+from ..tracing import inject_into_env, journal_note, pinnable_tracer
 from ._replay import EventObserver, Replayer
 
 __all__ = [
@@ -247,7 +247,7 @@ def run(
     progress events. The command line is recorded on the span only with
     ``record_argv=True``: job arguments may be private.
     """
-    tracer = trace.get_tracer("cadscope.freecad_bridge", tracer_provider=tracer_provider)
+    tracer = pinnable_tracer("cadscope.freecad_bridge", tracer_provider)  # the child's spans keep its ids
     span_attributes: dict[str, Any] = {"process.executable.name": os.path.basename(argv[0])}
     if record_argv:
         span_attributes["process.command_args"] = list(argv)
@@ -346,6 +346,7 @@ def _run_in_span(
         os.close(write_fd)
         stdout.close()
     span.set_attribute("process.pid", proc.pid)  # known now, whatever happens next
+    journal_note(span, {"process.pid": proc.pid})  # so the span says which process, if this one dies
     if preexec is None:
         try:
             _apply_limits(proc.pid, limits)

@@ -11,7 +11,10 @@ Usage::
                 ...
 
 In a prefork worker, call :func:`enable_multiprocess` in the main process before
-the pool forks and serve :func:`multiprocess_registry` on ``/metrics``.
+the pool forks, :func:`reserve_process_files` in each new process before its
+first write, and serve :func:`multiprocess_registry` on ``/metrics``. Values
+are written by prometheus_client's own multiprocess classes; cadscope's
+collector reads the directory and keeps it bounded.
 """
 
 from __future__ import annotations
@@ -32,10 +35,16 @@ from ._exposition import serve_metrics
 from ._facade import ModelObservability, default_observability
 from ._multiprocess import (
     CompactingMultiProcessCollector,
+    DirectoryInUse,
     enable_multiprocess,
+    fallback_directory,
+    identifier_alive,
+    lock_directory,
     mark_process_dead,
     multiprocess_registry,
+    process_identifier,
     process_reaped,
+    reserve_process_files,
 )
 
 __all__ = [
@@ -44,17 +53,23 @@ __all__ = [
     "VERSION_LABELS",
     "Catalogue",
     "CompactingMultiProcessCollector",
+    "DirectoryInUse",
     "ModelObservability",
     "bound",
     "bound_version",
     "default_observability",
     "doc_complexity",
     "enable_multiprocess",
+    "fallback_directory",
     "file_size_range",
+    "identifier_alive",
     "lcs_count_range",
+    "lock_directory",
     "mark_process_dead",
     "multiprocess_registry",
+    "process_identifier",
     "process_reaped",
+    "reserve_process_files",
     "serve_metrics",
     "solids_range",
 ]

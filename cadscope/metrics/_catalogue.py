@@ -9,15 +9,10 @@ ranges, free text never becomes a label, an unknown value becomes ``other``.
 from __future__ import annotations
 
 import re
-import struct
-from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
-from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
-
-from ._values import MultiProcessValue, add, compiled_observe
 
 __all__ = [
     "ALLOWED_LABEL_VALUES",
@@ -146,6 +141,12 @@ ALLOWED_LABEL_VALUES: dict[str, frozenset[str]] = {
     "violation_type": frozenset(SECURITY_VIOLATION_SEVERITY),
     "span_drop_reason": frozenset({"queue_full", "export_failed", "shutdown"}),
     "metrics_file_action": frozenset({"left_out", "moved_aside"}),
+    "accumulator_outcome": frozenset({"repaired", "previous", "lost"}),
+    "fallback_reason": frozenset({"disk_full"}),
+    "journal_error": frozenset({"disk_full", "io_error", "too_large"}),
+    "recovery_cause": frozenset(
+        {"worker_lost", "worker_restart", "SIGKILL", "SIGTERM", "SIGSEGV", "SIGBUS", "SIGABRT", "SIGINT"}
+    ),
     "rejected_reason": frozenset(
         {
             "not_an_object",
@@ -432,6 +433,29 @@ class Catalogue:
             "Multiprocess metric files found unreadable: left out of scrapes (once a file), then moved aside.",
             ("action",),
         )
+        self.metrics_accumulator = counter(
+            "cadscope_metrics_accumulator_repairs",
+            "Metric accumulators that failed their checksum: repaired, previous (last fold lost) or lost.",
+            ("outcome",),
+        )
+        self.metrics_fallback = counter(
+            "cadscope_metrics_fallback_processes",
+            "Processes whose metric files went to the memory-backed fallback (no room on the data disk).",
+            ("reason",),
+        )
+        self.worker_process_starts = counter(
+            "cadscope_worker_process_starts", "Pool processes started and able to write metrics.", ()
+        )
+        self.journal_errors = counter(
+            "cadscope_telemetry_journal_errors",
+            "Open-span journal writes that failed, by reason: those spans cannot be closed after a death.",
+            ("reason",),
+        )
+        self.spans_recovered = counter(
+            "cadscope_telemetry_spans_recovered",
+            "Spans a dead process left open, ended at its death and exported by a survivor, by cause.",
+            ("cause",),
+        )
         self.task_runtime = histogram(
             "cadscope_task_runtime_seconds",
             "Celery task run time, failures included.",
@@ -450,71 +474,12 @@ class Catalogue:
         self.attempts_lost = counter(
             "cadscope_task_attempts_lost", "Task attempts lost with their worker process (redelivered).", ("task",)
         )
-        # (task, outcome) -> what task_finished writes; see there.
-        self._task_writes: dict[tuple[str, str], _TaskWrites] = {}
 
     def task_finished(self, task: str, outcome: str, seconds: float) -> None:
-        """Count one task run by outcome and observe its run time.
+        """Count one task run by outcome and observe its run time."""
+        self.task_outcomes.labels(task, outcome).inc()
+        self.task_runtime.labels(task, outcome).observe(seconds)
 
-        Every task run records these two, so what they write is kept per
-        ``(task, outcome)``. ``labels()`` converts the values and looks them
-        up under a lock on every call: 2.5 of the 5.3 µs the two writes cost
-        back to back (bench/RESULTS.md, "Task metrics without labels()").
-        Then the three values the two children's ``inc()`` and ``observe()``
-        would write (the count, the sum, the bucket) are written at once: in
-        multiprocess mode under one lock with one fork check
-        (:func:`~cadscope.metrics._values.add`; bench/RESULTS.md, "The
-        collector, not the calls"), else through each value's ``inc()``, without
-        the children's wrappers around them (the observability check, the
-        exemplar, the walk along the buckets). Where a prometheus_client
-        keeps them elsewhere, the children's own calls. In multiprocess mode, where
-        ``cadscope.metrics._valuesc`` was built, the same three writes in one C call
-        (:data:`~cadscope.metrics._values.compiled_observe`; bench/RESULTS.md, "A
-        task's metrics, compiled"), which leaves them to ``add()`` where it must.
-        """
-        writes = self._task_writes.get((task, outcome))
-        if writes is None:
-            writes = _TaskWrites(self.task_outcomes.labels(task, outcome), self.task_runtime.labels(task, outcome))
-            self._task_writes[(task, outcome)] = writes
-        state = writes.compiled
-        if state is None or compiled_observe is None or not compiled_observe(state, seconds):
-            writes.record(seconds)
-
-
-class _TaskWrites:
-    """One ``(task, outcome)``'s counter and histogram children, and the values they write."""
-
-    __slots__ = ("counter", "histogram", "_direct", "_shared", "compiled")
-
-    def __init__(self, counter: Counter, histogram: Histogram) -> None:
-        self.counter, self.histogram = counter, histogram
-        self._direct: tuple[Any, Any, tuple[float, ...], tuple[Any, ...]] | None = None
-        self._shared = False  # every value one multiprocess class's: written by add()
-        # compiled_observe()'s state: (value class, counter value, sum value, bounds as doubles, bucket values)
-        self.compiled: tuple[Any, ...] | None = None
-        try:  # prometheus_client's children: a value each, the histogram's buckets by upper bound
-            value, total = counter._value, histogram._sum
-            bounds, buckets = tuple(histogram._upper_bounds), tuple(histogram._buckets)
-        except AttributeError:
-            return
-        if bounds and bounds[-1] == float("inf") and len(bounds) == len(buckets) and list(bounds) == sorted(bounds):
-            self._direct = (value, total, bounds, buckets)
-            kind = type(value)
-            self._shared = issubclass(kind, MultiProcessValue) and all(type(v) is kind for v in (total, *buckets))
-            if self._shared and compiled_observe is not None:
-                self.compiled = (kind, value, total, struct.pack(f"{len(bounds)}d", *bounds), buckets)
-
-    def record(self, seconds: float) -> None:
-        direct = self._direct
-        if direct is None or seconds != seconds:  # NaN: observe() counts it in no bucket
-            self.counter.inc()
-            self.histogram.observe(seconds)
-            return
-        value, total, bounds, buckets = direct
-        bucket = buckets[bisect_left(bounds, seconds)]  # observe()'s bucket: the first bound >= seconds
-        if self._shared:
-            add(((value, 1.0), (total, seconds), (bucket, 1.0)))
-        else:
-            value.inc(1)
-            total.inc(seconds)
-            bucket.inc(1)
+    #: The multiprocess files a process writes for this catalogue: reserved ahead of its first write
+    #: (:func:`~cadscope.metrics.reserve_process_files`).
+    FILE_KINDS = ("counter", "histogram", "gauge_livesum", "gauge_livemostrecent", "gauge_livemax")

@@ -413,11 +413,35 @@ class ModelObservability:
                 m.metrics_files_unreadable.labels(action)
             for reason in sorted(ALLOWED_LABEL_VALUES["span_drop_reason"]):
                 m.spans_dropped.labels(reason)
+            for outcome in sorted(ALLOWED_LABEL_VALUES["accumulator_outcome"]):
+                m.metrics_accumulator.labels(outcome)
+            for reason in sorted(ALLOWED_LABEL_VALUES["journal_error"]):
+                m.journal_errors.labels(reason)
 
     def record_metrics_file_unreadable(self, action: str) -> None:
         """The multiprocess collector's ``on_unreadable`` callback (the worker's main process)."""
         with _never_raise("metrics file unreadable"):
             self.metrics.metrics_files_unreadable.labels(bound("metrics_file_action", action)).inc()
+
+    def record_metrics_accumulator(self, outcome: str) -> None:
+        """The multiprocess collector's ``on_accumulator`` callback: a copy that failed its checksum."""
+        with _never_raise("metrics accumulator"):
+            self.metrics.metrics_accumulator.labels(bound("accumulator_outcome", outcome)).inc()
+
+    def record_metrics_fallback(self, reason: str) -> None:
+        """:func:`~cadscope.metrics.reserve_process_files`'s ``on_fallback`` callback."""
+        with _never_raise("metrics fallback"):
+            self.metrics.metrics_fallback.labels(bound("fallback_reason", reason)).inc()
+
+    def record_journal_error(self, reason: str) -> None:
+        """The open-span journal's ``on_error`` callback."""
+        with _never_raise("journal error"):
+            self.metrics.journal_errors.labels(bound("journal_error", reason)).inc()
+
+    def record_spans_recovered(self, cause: str, count: int) -> None:
+        """Spans of a dead process closed by a survivor (:class:`~cadscope.tracing.JournalReaper`)."""
+        with _never_raise("spans recovered"):
+            self.metrics.spans_recovered.labels(bound("recovery_cause", cause)).inc(count)
 
     def record_ai_failover(self, provider: str) -> None:
         with _never_raise("ai failover"):
@@ -453,7 +477,7 @@ def default_observability() -> ModelObservability:
     In a prefork worker that is in the main process at start, after the
     multiprocess switch, to expose the event counters at 0
     (:meth:`ModelObservability.zero_event_counters`). Pool processes inherit it
-    across the fork, and their values go to files of their own: the multiprocess
-    values notice the fork (``_values``).
+    across the fork, and their values go to files of their own: prometheus_client's
+    multiprocess values notice the fork.
     """
     return ModelObservability()

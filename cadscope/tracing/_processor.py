@@ -1,25 +1,24 @@
-"""A batch span processor whose queue, flush and shutdown are all bounded.
+"""A batch span processor whose queue, flush and shutdown are all bounded, and whose drops are counted.
 
 Why not the SDK's ``BatchSpanProcessor``: it drops spans when its queue is
-full but only says so in a log line (its counter goes to the OTel metrics
-API, which this project does not export), and its ``force_flush`` calls the
-exporter on the caller's thread and ignores its timeout
-(open-telemetry/opentelemetry-python#4568). With a collector that accepts
-connections and never answers, a Celery pool child would then sit in
-``worker_process_shutdown`` for the exporter's whole retry budget per batch.
+full but says so only in a log line, and its ``force_flush`` has run the
+export on the caller's thread without regard to its timeout
+(open-telemetry/opentelemetry-python#4568). A Celery pool process flushes in
+``worker_process_shutdown``; with a collector that accepts connections and
+never answers, it would sit there for the exporter's whole retry budget.
 
-Here the caller never runs an export: ``on_end`` is an append to a bounded
-deque (a deferred task span, :func:`~cadscope.tracing._lean.start_deferred_span`,
-is queued as it is and gets its ids and sampling decision on the export
-thread; one that turns out unsampled is left out there, as it would have
-been here), ``force_flush`` and ``shutdown`` wait on an event with a deadline, and
-every span that is not exported is counted by reason through ``on_drop``:
+Here the caller never runs an export: ``on_end`` appends to a bounded queue,
+``force_flush`` and ``shutdown`` wait with a deadline, and every span that is
+not exported is counted by reason through ``on_drop(reason, count)``:
 
 - ``queue_full``: the exporter fell behind and the queue was at its bound;
 - ``export_failed``: the exporter returned FAILURE (after its own retries);
 - ``shutdown``: still queued when shutdown's deadline passed, or ended after it.
 
-Settings follow the standard ``OTEL_BSP_*`` variables and defaults.
+It is an ordinary ``SpanProcessor`` (only its public interface is used, on
+any span type) and follows the standard ``OTEL_BSP_*`` variables and
+defaults. After a fork, the child starts a queue and an export thread of its
+own on first use: the parent's thread does not exist there.
 """
 
 from __future__ import annotations
@@ -28,14 +27,14 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 
-from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, attach, detach, set_value
+from opentelemetry.context import Context
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
-
-from ._lean import LeanSpan
 
 __all__ = ["BoundedBatchSpanProcessor", "DropCallback"]
 
@@ -45,34 +44,29 @@ DropCallback = Callable[[str, int], None]
 
 
 def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "")
     try:
-        value = int(raw)
+        value = int(os.environ.get(name, ""))
     except ValueError:
         return default
     return value if value > 0 else default
 
 
-# Forks seen by this process: a span processor's thread and queue stay in the parent. Counted by
-# os.register_at_fork, which every fork from Python runs (os.fork, multiprocessing's and billiard's),
-# rather than asked of the kernel on every span (os.getpid).
-_forks = 0
+_processors: weakref.WeakSet[BoundedBatchSpanProcessor] = weakref.WeakSet()
 
 
-def _forked() -> None:
-    global _forks
-    _forks += 1
+def _after_fork_in_child() -> None:
+    # A lock another thread of the parent held at the fork stays held in the child: give each
+    # processor a new one; its queue and thread start again on first use (_ensure_thread).
+    for processor in list(_processors):
+        processor._lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_forked)
-
-
-def _sampled(span: ReadableSpan) -> bool:
-    context = span.context
-    return context is not None and context.trace_flags.sampled
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class BoundedBatchSpanProcessor(SpanProcessor):
+    """Exports sampled spans in batches on a thread of its own; never blocks the caller past a deadline."""
+
     def __init__(
         self,
         exporter: SpanExporter,
@@ -80,6 +74,7 @@ class BoundedBatchSpanProcessor(SpanProcessor):
         max_queue_size: int | None = None,
         max_export_batch_size: int | None = None,
         schedule_delay_millis: int | None = None,
+        export_timeout_millis: int | None = None,
         on_drop: DropCallback | None = None,
     ) -> None:
         self.exporter = exporter
@@ -87,78 +82,63 @@ class BoundedBatchSpanProcessor(SpanProcessor):
         batch = max_export_batch_size or _env_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)
         self.max_export_batch_size = min(batch, self.max_queue_size)
         self.schedule_delay = (schedule_delay_millis or _env_int("OTEL_BSP_SCHEDULE_DELAY", 5000)) / 1000
-        self.export_timeout_millis = _env_int("OTEL_BSP_EXPORT_TIMEOUT", 30000)
-        self._on_drop = on_drop
+        self.export_timeout_millis = export_timeout_millis or _env_int("OTEL_BSP_EXPORT_TIMEOUT", 30000)
+        self.on_drop = on_drop
         self.dropped: dict[str, int] = {"queue_full": 0, "export_failed": 0, "shutdown": 0}
-        self._start()
-
-    def _start(self) -> None:
-        self._pid = os.getpid()
-        self._forks = _forks
+        self._pid = -1
+        self._closed = False
         self._lock = threading.Lock()
-        self._queue: deque[ReadableSpan] = deque()
-        self._wake = threading.Event()
-        self._flushes: list[threading.Event] = []
-        self._closing = False
-        self._thread = threading.Thread(target=self._run, name="cadscope-span-export", daemon=True)
-        self._thread.start()
+        _processors.add(self)
+        self._ensure_thread()
+
+    def _ensure_thread(self) -> None:
+        """Start the queue and the export thread in this process (again after a fork)."""
+        if self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._queue: deque[ReadableSpan] = deque()
+            self._wake = threading.Event()
+            self._flushes: list[threading.Event] = []
+            self._exporting = False
+            self._thread = threading.Thread(target=self._run, name="cadscope-span-export", daemon=True)
+            self._pid = os.getpid()
+            self._closed = False
+            self._thread.start()
 
     # SpanProcessor -------------------------------------------------------
 
-    def on_start(self, span: Span, parent_context: object = None) -> None:
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         return None
 
     def on_end(self, span: ReadableSpan) -> None:
-        # Once per task on the pool's task thread: a LeanSpan's fields are read directly, and the
-        # fork check is _ensure_thread's, inline.
-        deferred = span._context is None if type(span) is LeanSpan else getattr(span, "deferred", False)
-        if not deferred and not _sampled(span):
+        context = span.context
+        if context is None or not context.trace_flags.sampled:
             return
-        if self._forks != _forks:
-            self._start()
-        # No lock: a deque's append and popleft are atomic (the SDK's own batch processor relies on it
-        # too), and a lock taken on every task cost ~47 cache lines read from memory on a busy host
-        # (bench/RESULTS.md, "Task hooks without super()"). Threads that end spans at once may take
-        # the queue one span past its bound each.
-        queue = self._queue
-        if self._closing:
-            reason = "shutdown"
-        elif len(queue) >= self.max_queue_size:
-            reason = "queue_full"
-        else:
-            queue.append(span)
-            if self._closing:  # shutdown began meanwhile: it counts the span if it took it from the queue
-                self._unqueue(span, deferred)
-            elif len(queue) >= self.max_export_batch_size and not self._wake.is_set():
-                self._wake.set()
-            return
-        self._drop_span(reason, span, deferred)
-
-    def _drop_span(self, reason: str, span: ReadableSpan, deferred: bool) -> None:
-        """Count ``span`` as dropped, unless it is a deferred span that turns out unsampled: that one was
-        never going to be exported, so it is no drop."""
-        if not deferred or _sampled(span):
-            self._drop(reason, 1)
-
-    def _unqueue(self, span: ReadableSpan, deferred: bool) -> None:
-        """Count ``span``, queued as shutdown began, as dropped if it is still in the queue: either this
-        thread takes it out or shutdown (or the export thread) did, never both (``deque.remove`` and
-        ``popleft`` are atomic)."""
-        with self._lock:  # not beside _take's or shutdown's popleft: each takes what it counted len() of
-            try:
-                self._queue.remove(span)  # spans compare by identity: no Python code runs in between
-            except ValueError:
+        self._ensure_thread()
+        with self._lock:
+            if self._closed:
+                reason = "shutdown"
+            elif len(self._queue) >= self.max_queue_size:
+                reason = "queue_full"
+            else:
+                self._queue.append(span)
+                if len(self._queue) >= self.max_export_batch_size:
+                    self._wake.set()
                 return
-        self._drop_span("shutdown", span, deferred)
+        self._drop(reason, 1)
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         """Export what is queued now; False if that took longer than the timeout
         (the export goes on in the background and the caller goes on)."""
         self._ensure_thread()
-        if self._closing:
-            return False
         done = threading.Event()
         with self._lock:
+            if self._closed:
+                return False
+            if not self._queue and not self._exporting:
+                return True
             self._flushes.append(done)
         self._wake.set()
         return done.wait(timeout_millis / 1000)
@@ -167,21 +147,17 @@ class BoundedBatchSpanProcessor(SpanProcessor):
         """Flush within the deadline (``OTEL_BSP_EXPORT_TIMEOUT`` by default: the
         provider passes none), then stop. Spans still queued are counted as
         dropped; a hung exporter is left to its daemon thread."""
-        if self._closing or self._pid != os.getpid():
+        if self._pid != os.getpid() or self._closed:
             return
         if timeout_millis is None:
             timeout_millis = self.export_timeout_millis
         deadline = time.monotonic() + timeout_millis / 1000
         self.force_flush(timeout_millis)
-        queued = []
         with self._lock:
-            self._closing = True  # before the queue is emptied: on_end checks it after its append
-            # One popleft at a time, not a swap or a clear(): a span appended meanwhile is either taken
-            # here or left for on_end to take back out and count.
-            while self._queue:
-                queued.append(self._queue.popleft())
+            self._closed = True
+            left = len(self._queue)
+            self._queue.clear()
         self._wake.set()
-        left = sum(1 for span in queued if _sampled(span))  # resolves deferred spans: outside the lock
         if left:
             self._drop("shutdown", left)
         self._thread.join(max(0.0, deadline - time.monotonic()))
@@ -191,61 +167,54 @@ class BoundedBatchSpanProcessor(SpanProcessor):
 
     # The export thread ---------------------------------------------------
 
-    def _ensure_thread(self) -> None:
-        if self._forks != _forks:  # forked: the export thread and the queue stayed in the parent
-            self._start()
-
     def _drop(self, reason: str, count: int) -> None:
-        self.dropped[reason] += count
+        with self._lock:
+            self.dropped[reason] += count
         log.debug("dropped %d span(s): %s", count, reason)
-        if self._on_drop is not None:
+        if self.on_drop is not None:
             try:
-                self._on_drop(reason, count)
+                self.on_drop(reason, count)
             except Exception:  # a metrics hiccup must not take the export thread down
                 log.exception("span drop callback failed")
 
     def _take(self, drain: bool) -> tuple[list[ReadableSpan], list[threading.Event]]:
-        """The next batch: a full one, or with ``drain`` or a flush waiting, whatever is queued."""
+        """The next batch: a full one, or with ``drain`` or a flush waiting, whatever is queued.
+        Flushes are released once the queue they waited for is exported."""
         with self._lock:
             if len(self._queue) < self.max_export_batch_size and not (drain or self._flushes):
                 return [], []
             count = min(self.max_export_batch_size, len(self._queue))
             batch = [self._queue.popleft() for _ in range(count)]
-            flushes = self._flushes if not self._queue else []
-            if flushes:
-                self._flushes = []
+            self._exporting = bool(batch)
+            flushes: list[threading.Event] = []
+            if not self._queue and not batch:
+                flushes, self._flushes = self._flushes, []
             return batch, flushes
 
     def _run(self) -> None:
-        while not self._closing:
-            # Woken because a batch is full: export full batches only and leave
-            # the rest to fill the next one. Draining the queue each time sent a
-            # stream of small batches while spans kept coming (818 exports of 13
-            # spans on average in bench/task_cpu.py's loop), each paying the
-            # exporter's fixed cost and contending with the caller for the GIL.
-            # The schedule delay, a flush and shutdown send everything.
+        pid = os.getpid()
+        while not self._closed and self._pid == pid:
+            # Woken because a batch is full: export full batches and let the rest
+            # fill the next one. The schedule delay, a flush and shutdown send everything.
             drain = not self._wake.wait(self.schedule_delay)
             self._wake.clear()
-            while not self._closing:
+            while not self._closed:
                 batch, flushes = self._take(drain)
                 if batch:
                     self._export(batch)
+                    with self._lock:
+                        self._exporting = False
+                    continue
                 for done in flushes:
                     done.set()
-                if not batch:
-                    break
+                break
 
     def _export(self, batch: list[ReadableSpan]) -> None:
-        token = attach(set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
         try:
-            batch = [span for span in batch if _sampled(span)]  # resolves deferred spans, here
-            if not batch:
-                return
-            result = self.exporter.export(batch)
+            with suppress_instrumentation():  # an instrumented HTTP client must not trace the export
+                result = self.exporter.export(batch)
         except Exception:
             log.exception("span export raised")
             result = SpanExportResult.FAILURE
-        finally:
-            detach(token)
         if result is not SpanExportResult.SUCCESS:
             self._drop("export_failed", len(batch))

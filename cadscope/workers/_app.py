@@ -1,13 +1,16 @@
 """The Celery app and the worker's lifecycle (fork-safe telemetry setup).
 
-Main process (``worker_init``, before the pool forks): owns the multiprocess
-metrics directory (wiped), serves ``/metrics``, discovers the engines once so
-every pool child inherits their versions.
+Main process (``worker_init``, before the pool forks): joins or makes the
+tracer provider (with the open-span journal), takes and wipes the
+multiprocess metrics directory, serves ``/metrics``, closes the spans that
+dead processes left open (:class:`~cadscope.tracing.JournalReaper`), and
+discovers the engines once so every pool process inherits their versions.
 
-Pool child (``worker_process_init``): its own tracer provider and Celery
-instrumentation. ``worker_process_shutdown``: flush spans (billiard children
-leave through ``os._exit``; ``atexit`` never runs) and retire the child's
-live gauges.
+Pool process (``worker_process_init``): its metric files allocated ahead,
+and Celery instrumented (opentelemetry-instrumentation-celery, unless
+something already did). ``worker_process_shutdown``: flush spans (billiard's
+pool processes leave through ``os._exit``; ``atexit`` never runs) and retire
+the process's live gauges.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import gc
 import logging
 import os
 import socket
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,17 +30,28 @@ from celery import Celery, signals
 
 from ..freecad_bridge import discover_engines
 from ..metrics import (
+    Catalogue,
+    DirectoryInUse,
     default_observability,
     enable_multiprocess,
     mark_process_dead,
     multiprocess_registry,
+    process_identifier,
+    reserve_process_files,
     serve_metrics,
 )
-from ..tracing import TracedTask, configure_json_logging, instrument_celery_worker, setup_tracing, shutdown_tracing
+from ..tracing import (
+    JournalReaper,
+    SpanJournal,
+    configure_json_logging,
+    instrument_celery,
+    setup_tracing,
+    shutdown_tracing,
+)
 from ._config import WorkerSettings, broker_settings
 from ._progress import Heartbeat, ProgressService, progress_store
 
-__all__ = ["PUBLISHED_AT_HEADER", "QUEUE", "app", "configure_app", "progress"]
+__all__ = ["PUBLISHED_AT_HEADER", "QUEUE", "app", "configure_app", "progress", "span_journal"]
 
 log = logging.getLogger("cadscope.workers")
 
@@ -43,9 +59,7 @@ QUEUE = "cadscope"
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 PUBLISHED_AT_HEADER = "cadscope_published_at"
 
-# Every task (Celery's built-in ones too) a TracedTask: task runs are traced
-# through the tasks' hooks, and Celery sends no per-task signal.
-app = Celery("cadscope", include=["cadscope.workers._tasks"], task_cls=TracedTask)
+app = Celery("cadscope", include=["cadscope.workers._tasks"])
 
 
 def configure_app(celery_app: Celery, broker_url: str | None = None, settings: WorkerSettings | None = None) -> Celery:
@@ -116,19 +130,46 @@ def _on_celeryd_init(conf: Any = None, **_: Any) -> None:
         conf.result_backend_max_retries = 40
 
 
+_journal: dict[str, SpanJournal] = {}
+
+
+def span_journal() -> SpanJournal | None:
+    """This worker's open-span journal (set up in its main process), or None outside a worker."""
+    return _journal.get("journal")
+
+
 @signals.worker_init.connect
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
     settings = WorkerSettings.from_env()
     configure_json_logging("cadscope-worker")
-    enable_multiprocess(str(settings.metrics_dir), wipe=True)
-    # Pool children come and go (max_tasks_per_child, crashes): fold the files of
-    # reaped ones into accumulators so scrapes stay flat and counters never drop.
-    # A file no scrape can read is counted (cadscope_metrics_files_unreadable_total), so it can alert;
-    # that counter and the others alerting on one event are exposed at 0 from now on.
     observability = default_observability()
+    try:
+        enable_multiprocess(str(settings.metrics_dir), wipe=True, lock=True)
+    except DirectoryInUse as exc:
+        print(f"cadscope worker: {exc}", file=sys.stderr, flush=True)
+        os._exit(78)  # EX_CONFIG: a supervisor must not restart it into the same refusal
+    reserve_process_files(Catalogue.FILE_KINDS, on_fallback=observability.record_metrics_fallback)
+    # Spans of every process on a job's path are journalled while open, so that if one dies
+    # this process ends them at its death (JournalReaper); after a whole worker died, the
+    # next one on this data directory ends them at its last heartbeat (recover()).
+    journal = SpanJournal(
+        str(settings.data_dir / "journal"), owner=process_identifier(), on_error=observability.record_journal_error
+    )
+    _journal["journal"] = journal
+    provider = setup_tracing("cadscope-worker", on_drop=observability.record_spans_dropped, processors=[journal])
+    reaper = JournalReaper(
+        journal.directory, provider, owner=process_identifier(), on_recovered=observability.record_spans_recovered
+    )
+    reaper.recover()
+    reaper.start()
+    # Pool processes come and go (max_tasks_per_child, crashes): fold the files of dead ones
+    # into accumulators so scrapes stay flat and counters never drop. The counters alerting
+    # on a single event are exposed at 0 from now on.
     observability.zero_event_counters()
     registry, _collector = multiprocess_registry(
-        compact_every_s=5.0, on_unreadable=observability.record_metrics_file_unreadable
+        compact_every_s=5.0,
+        on_unreadable=observability.record_metrics_file_unreadable,
+        on_accumulator=observability.record_metrics_accumulator,
     )
     server, _thread = serve_metrics(registry, settings.metrics_port, settings.metrics_addr)
     engines = discover_engines()
@@ -158,25 +199,40 @@ def _on_worker_ready(**_: Any) -> None:
 @signals.worker_process_init.connect
 def _on_worker_process_init(**_: Any) -> None:
     configure_json_logging("cadscope-worker")
-    provider = setup_tracing("cadscope-worker", on_drop=default_observability().record_spans_dropped)
-    # Our lean consumer spans, not opentelemetry-instrumentation-celery's: same
-    # span and attribute names, ~30 % less CPU per task (bench/RESULTS.md, "Task CPU"),
-    # through TracedTask's hooks rather than Celery's signals ("Task hooks instead of signals").
-    instrument_celery_worker(provider, app=app)
+    observability = default_observability()
+    provider = setup_tracing("cadscope-worker", on_drop=observability.record_spans_dropped)  # the main's, inherited
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        reserve_process_files(Catalogue.FILE_KINDS, on_fallback=observability.record_metrics_fallback)
+        _check_metrics_writable(observability.metrics.worker_process_starts)
+    instrument_celery(provider)
     _freeze_heap()
+
+
+def _check_metrics_writable(starts: Any, timeout_s: float = 5.0) -> None:
+    """Count this pool process's start, on a thread, within ``timeout_s``; else leave.
+
+    prometheus_client's multiprocess values share one lock in a process. A pool
+    process forked while another thread of the main process held it (writing a
+    metric) inherits it held, and its first metric write would wait for ever:
+    better to say so and exit, so that the pool starts another process."""
+    done = threading.Event()
+
+    def count() -> None:
+        starts.inc()
+        done.set()
+
+    threading.Thread(target=count, name="cadscope-metrics-check", daemon=True).start()
+    if not done.wait(timeout_s):
+        log.critical("metric writes are blocked in this pool process (forked mid-write); exiting so it is replaced")
+        logging.shutdown()
+        os._exit(70)
 
 
 def _freeze_heap() -> None:
     """Leave every object made so far (imports, the app, telemetry set-up) out of the cyclic
     collector's passes from now on (``gc.freeze``), as Python's documentation advises a server
     that forks without exec: a pool process's collections then no longer write to the headers
-    of the objects it shares with the main process, so the pages holding them stay shared.
-
-    And the oldest generation's passes walk what the process made since, not its whole heap.
-    Spans wait in the export queue for their batch, so a few objects a task reach that
-    generation, and in a loop of no-op tasks a full pass came every 10,000 tasks or so, 35 ms
-    each over the set-up's 50,000 objects: 3.3 µs a task, 0.01 µs frozen (bench/RESULTS.md,
-    "The collector, not the calls")."""
+    of the objects it shares with the main process, so the pages holding them stay shared."""
     gc.freeze()
 
 
@@ -186,4 +242,4 @@ def _on_worker_process_shutdown(pid: int | None = None, **_: Any) -> None:
     # the spans it never took are counted (cadscope_telemetry_spans_dropped).
     shutdown_tracing(timeout_millis=5000)
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        mark_process_dead(pid or os.getpid())
+        mark_process_dead(process_identifier())

@@ -59,9 +59,21 @@ class ProgressStore(Protocol):
 
     def workers(self) -> dict[str, dict[str, Any]]: ...
 
-    def record_attempt(self, job_id: str, started: float) -> list[float]:
-        """Append this delivery's start time; return every attempt's start time so far."""
+    def record_attempt(
+        self, job_id: str, started: float, traceparent: str | None = None
+    ) -> list[tuple[float, str | None]]:
+        """Append this delivery's start time and its task span's ``traceparent``; return every
+        attempt's so far, in order."""
         ...
+
+
+def _attempt_entry(started: float, traceparent: str | None) -> str:
+    return f"{started!r} {traceparent}" if traceparent else repr(started)
+
+
+def _parse_attempt(entry: str) -> tuple[float, str | None]:
+    started, _, traceparent = entry.strip().partition(" ")
+    return float(started), traceparent or None
 
 
 def _check_id(job_id: str) -> str:
@@ -106,14 +118,16 @@ class RedisStore:
     def heartbeat(self, node: str, info: Mapping[str, Any]) -> None:
         self._redis.set(f"cadscope:worker:{node}", json.dumps(info, default=str), ex=HEARTBEAT_TTL_S)
 
-    def record_attempt(self, job_id: str, started: float) -> list[float]:
+    def record_attempt(
+        self, job_id: str, started: float, traceparent: str | None = None
+    ) -> list[tuple[float, str | None]]:
         # Redis redelivery carries no count: we keep our own, one entry per delivery.
         key = f"cadscope:attempts:{_check_id(job_id)}"
         pipe = self._redis.pipeline()
-        pipe.rpush(key, repr(started))
+        pipe.rpush(key, _attempt_entry(started, traceparent))
         pipe.expire(key, PROGRESS_TTL_S)
         pipe.lrange(key, 0, -1)
-        return [float(x) for x in pipe.execute()[2]]
+        return [_parse_attempt(x) for x in pipe.execute()[2]]
 
     def workers(self) -> dict[str, dict[str, Any]]:
         found = {}
@@ -164,13 +178,15 @@ class FileStore:
         path = self._path(job_id)
         return path.exists() and time.time() - path.stat().st_mtime < PROGRESS_TTL_S
 
-    def record_attempt(self, job_id: str, started: float) -> list[float]:
+    def record_attempt(
+        self, job_id: str, started: float, traceparent: str | None = None
+    ) -> list[tuple[float, str | None]]:
         path = self._root / "progress" / f"{_check_id(job_id)}.attempts"
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            os.write(fd, f"{started!r}\n".encode())
-            return [float(x) for x in path.read_text().split()]
+            os.write(fd, f"{_attempt_entry(started, traceparent)}\n".encode())
+            return [_parse_attempt(x) for x in path.read_text().splitlines() if x.strip()]
         finally:
             os.close(fd)
 

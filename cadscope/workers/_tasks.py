@@ -99,17 +99,20 @@ def run_job(self: Task, spec: Any, job_id: str | None = None) -> dict[str, Any]:
 
 
 def _count_delivery(job_id: str, span: trace.Span) -> dict[str, Any] | None:
-    """Count this delivery; record the attempts lost before it; dead-letter a poison job.
+    """Count this delivery; link the attempts lost before it; dead-letter a poison job.
 
-    A pool child killed mid-job (OOM, hard time limit, a crash) leaves no trace
-    of its attempt: its consumer span never ended. The next delivery finds the
-    earlier start times and re-creates each lost attempt as an ERROR span in the
-    same trace (``error.type=worker_lost``), counts it, and, past
-    ``CADSCOPE_MAX_DELIVERIES``, refuses to run the job again.
+    A pool process killed mid-job (OOM, hard time limit, a crash) does not end
+    its spans; the worker's main process ends them at its death from the
+    span journal, the task span of that attempt among them. Each delivery
+    records its task span's context with its start, so the next one can link
+    to the attempt that was lost, count it, and, past
+    ``CADSCOPE_MAX_DELIVERIES``, refuse to run the job again.
     """
     now = time.time()
+    context = span.get_span_context()
+    traceparent = f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
     try:
-        attempts = progress().store.record_attempt(job_id, now)
+        attempts = progress().store.record_attempt(job_id, now, traceparent if context.is_valid else None)
     except Exception:  # noqa: BLE001 - without the store we cannot count: run the job
         log.warning("delivery count unavailable", exc_info=True)
         return None
@@ -118,17 +121,12 @@ def _count_delivery(job_id: str, span: trace.Span) -> dict[str, Any] | None:
     if attempt == 1:
         return None
     m = default_observability().metrics
-    tracer = trace.get_tracer("cadscope.workers")
-    parent = trace.set_span_in_context(span)
-    for number, lost_start in enumerate(attempts[:-1], 1):
+    for number, (_started, lost) in enumerate(attempts[:-1], 1):
+        lost_context = _span_context(lost)
+        if lost_context is not None:
+            span.add_link(lost_context, {"cad.attempt": number, "cad.attempt.lost": True})
         if number < attempt - 1:
             continue  # counted by the delivery after it
-        lost = tracer.start_span(
-            f"lost attempt {number}/{TASK_NAME}", context=parent, start_time=int(lost_start * 1e9),
-            attributes={"cad.job_id": job_id, "cad.attempt": number, "error.type": "worker_lost"},
-        )  # fmt: skip
-        lost.set_status(Status(StatusCode.ERROR, "the worker process running this attempt died"))
-        lost.end(end_time=int(now * 1e9))
         m.attempts_lost.labels(TASK_NAME).inc()
         progress().publish(job_id, "attempt.lost", attempt=number)
     log.warning("earlier attempt lost with its worker", extra={"attempt": attempt})
@@ -142,6 +140,19 @@ def _count_delivery(job_id: str, span: trace.Span) -> dict[str, Any] | None:
         job_id, "dead_letter", "dead_letter",
         f"the job killed its worker on {attempt - 1} deliveries (limit {max_deliveries}); not run again",
     )  # fmt: skip
+
+
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+
+
+def _span_context(traceparent: str | None) -> trace.SpanContext | None:
+    match = _TRACEPARENT.fullmatch(traceparent or "")
+    if match is None:
+        return None
+    context = trace.SpanContext(
+        int(match.group(1), 16), int(match.group(2), 16), True, trace.TraceFlags(int(match.group(3), 16))
+    )
+    return context if context.is_valid else None
 
 
 def _run(obs: ModelObservability, spec: Any, job_id: str, started: float) -> dict[str, Any]:
