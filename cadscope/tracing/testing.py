@@ -139,6 +139,7 @@ class OTLPReceiver:
                             "status": span.status.code,
                             "attributes": {a.key: _any_value(a.value) for a in span.attributes},
                             "events": [e.name for e in span.events],
+                            "links": [(link.trace_id.hex(), link.span_id.hex()) for link in span.links],
                             "resource": resource,
                         }
                     )

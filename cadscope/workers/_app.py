@@ -142,13 +142,16 @@ def span_journal() -> SpanJournal | None:
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
     settings = WorkerSettings.from_env()
     configure_json_logging("cadscope-worker")
-    observability = default_observability()
     try:
         enable_multiprocess(str(settings.metrics_dir), wipe=True, lock=True)
     except DirectoryInUse as exc:
         print(f"cadscope worker: {exc}", file=sys.stderr, flush=True)
         os._exit(78)  # EX_CONFIG: a supervisor must not restart it into the same refusal
-    reserve_process_files(Catalogue.FILE_KINDS, on_fallback=observability.record_metrics_fallback)
+    fallback: list[str] = []
+    reserve_process_files(Catalogue.FILE_KINDS, on_fallback=fallback.append)
+    observability = default_observability()  # after the switch: its unlabelled metrics write files now
+    for reason in fallback:
+        observability.record_metrics_fallback(reason)
     # Spans of every process on a job's path are journalled while open, so that if one dies
     # this process ends them at its death (JournalReaper); after a whole worker died, the
     # next one on this data directory ends them at its last heartbeat (recover()).
