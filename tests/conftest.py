@@ -141,13 +141,17 @@ def start_worker(tmp_path: Path, redis_url: str):  # type: ignore[no-untyped-def
     handles: list[WorkerHandle] = []
 
     def start(
-        *extra: str, env: dict[str, str] | None = None, concurrency: int = 2, queue: str | None = None
+        *extra: str,
+        env: dict[str, str] | None = None,
+        concurrency: int = 2,
+        queue: str | None = None,
+        data_dir: Path | None = None,
     ) -> WorkerHandle:
         queue = queue or f"test-{uuid.uuid4().hex[:8]}"
-        data = tmp_path / f"{queue}-{uuid.uuid4().hex[:4]}"
-        data.mkdir()
+        data = data_dir or tmp_path / f"{queue}-{uuid.uuid4().hex[:4]}"
+        data.mkdir(exist_ok=True)
         port = free_port()
-        ready = data / "ready"
+        ready = data / f"ready-{uuid.uuid4().hex[:4]}"
         worker_env = {
             **os.environ,
             "CELERY_BROKER_URL": redis_url,
@@ -160,7 +164,7 @@ def start_worker(tmp_path: Path, redis_url: str):  # type: ignore[no-untyped-def
             "CADSCOPE_ALLOW_FAULTS": "1",  # the suite injects faults on purpose
             **(env or {}),
         }
-        log = data / "worker.log"
+        log = data / f"worker-{uuid.uuid4().hex[:4]}.log"
         proc = subprocess.Popen(  # noqa: S603
             worker_command(queue, concurrency, *extra),
             stdout=log.open("wb"),

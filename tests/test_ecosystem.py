@@ -143,7 +143,9 @@ def test_a_users_provider_is_kept_and_its_processor_sees_every_span_of_every_job
     assert set(exported) == set(starts) and set(exported.values()) == {1}
 
 
-def test_under_opentelemetry_instrument_each_task_run_has_one_consumer_span(tmp_path, redis_url, otlp_receiver, engines):
+def test_under_opentelemetry_instrument_each_task_run_has_one_consumer_span(
+    tmp_path, redis_url, otlp_receiver, engines
+):
     queue = f"test-{uuid.uuid4().hex[:8]}"
     data = tmp_path / "data"
     data.mkdir()

@@ -249,6 +249,11 @@ class Export(_Model):
     validate_determinism: bool = True
 
 
+Fault = Literal[
+    "raise", "segfault", "hang", "hang_unresponsive", "memory", "no_manifest", "kill_worker", "hang_in_export"
+]
+
+
 class JobSpec(_Model):
     """One CAD job. ``model_validate(data)`` raises ``ValidationError`` naming the field."""
 
@@ -264,9 +269,9 @@ class JobSpec(_Model):
     # fixed action, never code; refused unless the worker has CADSCOPE_ALLOW_FAULTS=1.
     # ``hang_unresponsive``: the CAD process hangs and the pool process stops
     # answering Celery's soft time limit, as if stuck in C code: only the hard limit ends it.
-    fault: Literal["raise", "segfault", "hang", "hang_unresponsive", "memory", "no_manifest", "kill_worker"] | None = (
-        None
-    )
+    # ``hang_in_export``: the job does its work, then hangs inside its export stage, on its first
+    # delivery only (a later one runs the job plainly): a job to kill mid-way and see redelivered.
+    fault: Fault | None = None
     expect_failure: bool = False
 
     @model_validator(mode="before")

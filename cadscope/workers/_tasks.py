@@ -78,14 +78,14 @@ def run_job(self: Task, spec: Any, job_id: str | None = None) -> dict[str, Any]:
         m.task_queue_wait.labels(TASK_NAME).observe(max(time.time() - published, 0.0))
     span = trace.get_current_span()
     span.set_attribute("cad.job_id", job_id)
-    dead = _count_delivery(job_id, span)
+    dead, attempt = _count_delivery(job_id, span)
     if dead is not None:
         job_id_var.reset(token)
         m.task_outcomes.labels(TASK_NAME, "dead_letter").inc()
         progress().finish(job_id, **{k: dead.get(k) for k in ("status", "outcome", "error_type")})
         return dead
     try:
-        result = _run(obs, spec, job_id, started)
+        result = _run(obs, spec, job_id, started, attempt)
     except Exception as exc:
         m.task_finished(TASK_NAME, "failure", max(default_timer() - started, 0))
         progress().finish(job_id, status="failed", outcome="task_error", error_type=type(exc).__name__)
@@ -98,7 +98,7 @@ def run_job(self: Task, spec: Any, job_id: str | None = None) -> dict[str, Any]:
     return result
 
 
-def _count_delivery(job_id: str, span: trace.Span) -> dict[str, Any] | None:
+def _count_delivery(job_id: str, span: trace.Span) -> tuple[dict[str, Any] | None, int]:
     """Count this delivery; link the attempts lost before it; dead-letter a poison job.
 
     A pool process killed mid-job (OOM, hard time limit, a crash) does not end
@@ -106,7 +106,8 @@ def _count_delivery(job_id: str, span: trace.Span) -> dict[str, Any] | None:
     span journal, the task span of that attempt among them. Each delivery
     records its task span's context with its start, so the next one can link
     to the attempt that was lost, count it, and, past
-    ``CADSCOPE_MAX_DELIVERIES``, refuse to run the job again.
+    ``CADSCOPE_MAX_DELIVERIES``, refuse to run the job again. Returns the dead-letter result
+    (or None) and this delivery's number (0 when the store could not count it).
     """
     now = time.time()
     context = span.get_span_context()
@@ -115,11 +116,11 @@ def _count_delivery(job_id: str, span: trace.Span) -> dict[str, Any] | None:
         attempts = progress().store.record_attempt(job_id, now, traceparent if context.is_valid else None)
     except Exception:  # noqa: BLE001 - without the store we cannot count: run the job
         log.warning("delivery count unavailable", exc_info=True)
-        return None
+        return None, 0
     attempt = len(attempts)
     span.set_attribute("cad.attempt", attempt)
     if attempt == 1:
-        return None
+        return None, attempt
     m = default_observability().metrics
     for number, (_started, lost) in enumerate(attempts[:-1], 1):
         lost_context = _span_context(lost)
@@ -132,14 +133,14 @@ def _count_delivery(job_id: str, span: trace.Span) -> dict[str, Any] | None:
     log.warning("earlier attempt lost with its worker", extra={"attempt": attempt})
     max_deliveries = _settings().max_deliveries
     if attempt <= max_deliveries:
-        return None
+        return None, attempt
     span.set_attribute("error.type", "dead_letter")
     span.set_status(Status(StatusCode.ERROR, f"dead-lettered after {attempt - 1} lost attempts"))
     log.error("job dead-lettered", extra={"attempts": attempt - 1})
     return _failure(
         job_id, "dead_letter", "dead_letter",
         f"the job killed its worker on {attempt - 1} deliveries (limit {max_deliveries}); not run again",
-    )  # fmt: skip
+    ), attempt  # fmt: skip
 
 
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
@@ -155,7 +156,7 @@ def _span_context(traceparent: str | None) -> trace.SpanContext | None:
     return context if context.is_valid else None
 
 
-def _run(obs: ModelObservability, spec: Any, job_id: str, started: float) -> dict[str, Any]:
+def _run(obs: ModelObservability, spec: Any, job_id: str, started: float, attempt: int = 1) -> dict[str, Any]:
     # Validate before anything else: versions label the flow, and they depend
     # on the engine the job asks for.
     validate_start = default_timer()
@@ -173,6 +174,8 @@ def _run(obs: ModelObservability, spec: Any, job_id: str, started: float) -> dic
     if job is not None and job.fault and not _settings().allow_faults:
         job, engine = None, None
         problem = {"error_type": "faults_disabled", "message": "fault injection is off on this worker"}
+    if job is not None and job.fault == "hang_in_export" and attempt > 1:
+        job = job.model_copy(update={"fault": None})  # a first-delivery fault: this delivery runs plainly
     validate_seconds = max(default_timer() - validate_start, 0)
     flow_type = (
         job.flow_type if job else (spec.get("flow_type", "parametric") if isinstance(spec, dict) else "parametric")

@@ -422,6 +422,8 @@ def run_job(job, backend, probe, out_dir, material_library, document=None):
         for workbench in sorted({backend.export_workbench(e["format"]) for e in job["exports"]}):
             probe.metric("workbench.invocation", 1, workbench=workbench)
         artifacts = _export(backend, probe, job, out_dir, targets)
+        if job.get("fault") == "hang_in_export":
+            _inject("hang", probe)
 
     with probe.span("cad.stage validate_export", {"cad.stage": "validate_export"}):
         _validate_exports(backend, probe, out_dir, targets, artifacts)
@@ -450,7 +452,7 @@ def main(backend_factory):
     # Deliberate faults for the test suite and the demo workload ("fault" is
     # part of the validated schema, an enum, never code).
     fault = payload["job"].get("fault")
-    if fault:
+    if fault and fault != "hang_in_export":  # that one hangs late, inside the job (run_job)
         _inject(fault, probe)
     document = None
     if payload["job"].get("input"):
