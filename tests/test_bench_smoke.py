@@ -23,8 +23,13 @@ def _bench(tmp_path, script: str, *args: str) -> str:
 
 
 def _processes_running(module: str) -> list[int]:
-    """Pids of processes whose command line names ``module`` (a bench worker app left behind)."""
-    return [p.pid for p in psutil.process_iter(["cmdline"]) if module in " ".join(p.info["cmdline"] or [])]
+    """Pids of processes of this checkout (by their working directory) whose command line names ``module``
+    (a bench worker app left behind)."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "cwd"]):
+        if module in " ".join(process.info["cmdline"] or []) and str(process.info["cwd"] or "").startswith(str(REPO)):
+            found.append(process.pid)
+    return found
 
 
 pytestmark = [pytest.mark.slow, pytest.mark.bench]

@@ -16,7 +16,9 @@ what :func:`instrument_celery` did.
 from __future__ import annotations
 
 import threading
+from typing import Any
 
+from celery import signals
 from opentelemetry import trace
 from opentelemetry.instrumentation.celery import CeleryInstrumentor
 
@@ -24,6 +26,20 @@ __all__ = ["instrument_celery", "uninstrument_celery"]
 
 _lock = threading.Lock()
 _ours = False
+_TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
+
+
+def _drop_trace_headers_that_are_not_text(task: Any = None, **_: Any) -> None:
+    """A message's trace headers come from whoever can publish to the broker. The W3C propagators
+    take strings only; before 0.63b0, opentelemetry-instrumentation-celery handed them whatever
+    the message held, a number or a dict say, and its task-run handler then raised, leaving the
+    task without a span. Such headers are removed from the request first: the task starts a new
+    trace, as for any invalid header."""
+    request = getattr(task, "request", None)
+    for key in _TRACE_HEADERS:
+        value = getattr(request, key, None)
+        if value is not None and not isinstance(value, str):
+            setattr(request, key, None)
 
 
 def instrument_celery(tracer_provider: trace.TracerProvider | None = None) -> bool:
@@ -32,6 +48,8 @@ def instrument_celery(tracer_provider: trace.TracerProvider | None = None) -> bo
     Call it after fork in a prefork pool process (``worker_process_init``), as upstream advises."""
     global _ours
     with _lock:
+        # Connected first, so it runs before upstream's task-run handler whenever cadscope instruments.
+        signals.task_prerun.connect(_drop_trace_headers_that_are_not_text, weak=False)
         instrumentor = CeleryInstrumentor()
         if instrumentor.is_instrumented_by_opentelemetry:
             return False
@@ -44,6 +62,7 @@ def uninstrument_celery() -> None:
     """Undo :func:`instrument_celery`; an instrumentation someone else made is left in place."""
     global _ours
     with _lock:
+        signals.task_prerun.disconnect(_drop_trace_headers_that_are_not_text)
         if _ours:
             CeleryInstrumentor().uninstrument()
             _ours = False

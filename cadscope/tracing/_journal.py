@@ -76,7 +76,10 @@ def journal_identifier(pid: int | None = None) -> str:
 
 
 def _alive(identifier: str) -> bool:
+    """Whether the process named ``identifier`` (``<pid>-<start ticks>``) is running (a zombie is not)."""
     pid_text, _, ticks = identifier.partition("-")
+    if not pid_text.isdigit() or (ticks and not ticks.isdigit()):
+        return False
     found = _start_ticks(int(pid_text))
     if found is None:
         return False
@@ -176,11 +179,32 @@ class SpanJournal(SpanProcessor):
                 self.on_error(reason)
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        try:
+            line = self._start_line(span)
+        except Exception:  # noqa: BLE001 - a span processor must never fail the span it is told about
+            log.warning("span journal: could not record a span", exc_info=True)
+            return
+        if line is None:
+            return
+        try:
+            with self._lock:
+                self._ensure_file()
+                self._open[span.get_span_context().span_id] = line
+                self._write(line)
+                self._failing = False
+                if self._written > self.max_bytes:
+                    self._rewrite()
+        except OSError as exc:
+            self._failed(exc)
+
+    @staticmethod
+    def _start_line(span: Span) -> bytes | None:
         context = span.get_span_context()
         if not context.trace_flags.sampled:
-            return
+            return None
         parent = span.parent
         scope = span.instrumentation_scope
+        kind = span.kind
         record = {
             "t": format(context.trace_id, "032x"),
             "s": format(context.span_id, "016x"),
@@ -189,23 +213,13 @@ class SpanJournal(SpanProcessor):
             "f": int(context.trace_flags),
             "ts": context.trace_state.to_header() if context.trace_state else "",
             "n": span.name,
-            "k": span.kind.value,
+            "k": kind.value if isinstance(kind, SpanKind) else int(kind),
             "st": span.start_time,
             "a": _plain(span.attributes),
             "sc": scope.name if scope is not None else "",
             "sv": (scope.version or "") if scope is not None else "",
         }
-        line = b"+" + json.dumps(record, separators=(",", ":"), default=str).encode() + b"\n"
-        try:
-            with self._lock:
-                self._ensure_file()
-                self._open[context.span_id] = line
-                self._write(line)
-                self._failing = False
-                if self._written > self.max_bytes:
-                    self._rewrite()
-        except OSError as exc:
-            self._failed(exc)
+        return b"+" + json.dumps(record, separators=(",", ":"), default=str).encode() + b"\n"
 
     def note(self, span: trace.Span, attributes: Mapping[str, Any]) -> None:
         """Record attributes set on an open span after its start (a CAD child's pid), so a
@@ -452,21 +466,24 @@ class JournalReaper:
             if not match or match.group(1) in self._watched:
                 continue
             identifier = match.group(1)
-            pid = int(identifier.split("-")[0])
+            pid_text, _, ticks = identifier.partition("-")
+            pid = int(pid_text)
             if pid == os.getpid():
                 continue
-            if not _alive(identifier):
+            if _start_ticks(pid) is None or (ticks and _start_ticks(pid) != int(ticks)):
                 self._watched[identifier] = -1
-                self._reap(identifier, -1, time.time_ns())
+                self._reap(identifier, -1, time.time_ns())  # gone, and reaped: no status left to ask
                 continue
             try:
                 fd = os.pidfd_open(pid)
             except OSError:
                 fd = -1  # no pidfd here: its liveness is asked on every pass instead
-            if fd >= 0 and not _alive(identifier):  # the pid was reused between the two checks
+            if fd >= 0 and ticks and _start_ticks(pid) != int(ticks):  # reused between the two checks
                 os.close(fd)
                 fd = -1
             self._watched[identifier] = fd
+            if not _alive(identifier):  # dead before it was seen (a zombie): its status is still there
+                self._reap(identifier, fd, time.time_ns())
 
     def _cause(self, fd: int) -> str:
         """The dead process's signal, asked of the kernel without reaping it (its parent, billiard,
