@@ -56,3 +56,8 @@ def test_task_overhead_runs_every_stack_and_leaves_no_worker_behind(tmp_path, re
     assert list(rows) == ["bare", "upstream", "cadscope"]
     assert "| **1.000** [1.000–1.000] |" in rows["bare"]
     assert _processes_running("_noop_app") == []
+
+
+def test_journal_cost_runs_both_sides(tmp_path):
+    results = _bench(tmp_path, "journal_cost.py", "--spans", "500", "--rounds", "2", "--dir", str(tmp_path / "j"))
+    assert "| **added by the journal**" in results and "| without the journal |" in results
