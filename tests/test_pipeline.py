@@ -169,7 +169,7 @@ def test_max_tasks_per_child_1_loses_no_span(producer, start_worker, otlp_receiv
         lambda spans: count(spans, "run/cadscope.run_job") == 10 and count(spans, "cad.subprocess") == 10, 60
     )
     assert count(spans, "occt.boolean") == 10
-    pids = {s["resource"]["process.pid"] for s in spans if s["trace_id"] in traces and s["name"].startswith("run/")}
+    pids = {s["attributes"]["process.pid"] for s in spans if s["trace_id"] in traces and s["name"].startswith("run/")}
     assert len(pids) == 10  # each job in a fresh pool child
 
 

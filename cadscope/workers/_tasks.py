@@ -78,6 +78,7 @@ def run_job(self: Task, spec: Any, job_id: str | None = None) -> dict[str, Any]:
         m.task_queue_wait.labels(TASK_NAME).observe(max(time.time() - published, 0.0))
     span = trace.get_current_span()
     span.set_attribute("cad.job_id", job_id)
+    span.set_attribute("process.pid", os.getpid())  # which pool process ran it (the resource is the worker's)
     dead, attempt = _count_delivery(job_id, span)
     if dead is not None:
         job_id_var.reset(token)
