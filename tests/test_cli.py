@@ -112,3 +112,68 @@ def test_trace_renders_a_known_file(capsys):
 
 def test_promtool_is_installed():
     assert shutil.which("promtool"), "CI installs Debian's prometheus package"
+
+
+# -- a new user's mistakes: one clear line and a non-zero exit, never a traceback ----------------
+
+
+def _one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> str:
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_mistakes_are_one_clear_line_and_a_non_zero_exit(tmp_path):
+    not_json = tmp_path / "notes.txt"
+    not_json.write_text("these are notes\n")
+    other_json = tmp_path / "other.json"
+    other_json.write_text("[1, 2, 3]\n")
+    _one_line_error(_cadscope("trace", str(tmp_path / "missing.jsonl")), "no such file", "missing.jsonl")
+    _one_line_error(_cadscope("trace", str(tmp_path)), "is a folder")
+    _one_line_error(_cadscope("trace", str(not_json)), "notes.txt", "not JSON")
+    _one_line_error(_cadscope("trace", str(other_json)), "not OTLP/JSON")
+    no_token = {"CADSCOPE_API_TOKEN": "", "CADSCOPE_API_TOKEN_FILE": "", "CADSCOPE_API_ALLOW_ANONYMOUS": ""}
+    _one_line_error(_cadscope("api", "--port", "1", env=no_token, timeout=60), "CADSCOPE_API_TOKEN")
+    _one_line_error(_cadscope("api", env={"CADSCOPE_API_TOKEN_FILE": str(tmp_path / "nope")}, timeout=60), "nope")
+    bad = {"CELERY_BROKER_URL": "ftp://broker:21"}
+    _one_line_error(_cadscope("api", env={**bad, "CADSCOPE_API_TOKEN": "t"}, timeout=60), "unknown broker scheme")
+    _one_line_error(_cadscope("worker", env=bad, timeout=60), "unknown broker scheme")
+    _one_line_error(_cadscope("run", "--broker", "ftp://broker:21", "--out", str(tmp_path / "o"), timeout=60),
+                    "unknown broker scheme", "ftp://broker:21")  # fmt: skip
+    _one_line_error(_cadscope("run", "--broker", "kafka://broker:9092", "--out", str(tmp_path / "o"), timeout=60),
+                    "kafka://broker:9092")  # fmt: skip
+    for flag, value in (("--jobs", "-3"), ("--jobs", "0"), ("--concurrency", "-1"), ("--timeout", "-5")):
+        _one_line_error(_cadscope("run", flag, value, "--out", str(tmp_path / "o"), timeout=60), flag)
+    assert not (tmp_path / "o").exists()  # refused before anything was started or written
+
+
+def test_an_unreachable_broker_is_named_within_seconds_without_its_password(tmp_path):
+    """Nothing listens on port 1: cadscope run says so at once, rather than after Celery's
+    minutes of retries and a dump of its log."""
+    line = _one_line_error(
+        _cadscope("run", "--broker", "redis://user:hunter2@127.0.0.1:1/0", "--out", str(tmp_path / "o"), timeout=30),
+        "cannot reach the broker", "127.0.0.1:1",
+    )  # fmt: skip
+    assert "hunter2" not in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_trace_into_a_closed_pipe_exits_quietly():
+    """`cadscope trace FILE | head -1`: SIGPIPE ends the listing quietly, as for cat (the
+    default action is restored for `trace` only; a server must outlive a closed socket)."""
+    big = "\n".join([(DATA / "freecad_job_trace.jsonl").read_text().strip()] * 2000)
+    reader = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "cadscope.workers.cli", "trace", "/dev/stdin"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert reader.stdin is not None and reader.stdout is not None
+    reader.stdin.write(big.encode())
+    reader.stdin.close()
+    reader.stdout.readline()
+    reader.stdout.close()
+    reader.wait(60)
+    assert b"Traceback" not in reader.stderr.read()  # type: ignore[union-attr]

@@ -208,9 +208,12 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
     def __init__(self, host: str, port: int, address: IPAddress, timeout: float) -> None:
         super().__init__(host, port, timeout=timeout)
         self.pinned = address
+        # Kept after http.client hands the socket to a response that will close it: each
+        # read's timeout is set on it (what is left of the deadline).
+        self.raw: socket.socket | None = None
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((str(self.pinned), self.port), self.timeout)
+        self.sock = self.raw = socket.create_connection((str(self.pinned), self.port), self.timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
@@ -218,10 +221,11 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
     def __init__(self, host: str, port: int, address: IPAddress, timeout: float, context: ssl.SSLContext) -> None:
         super().__init__(host, port, timeout=timeout, context=context)
         self.pinned, self.tls = address, context
+        self.raw: socket.socket | None = None
 
     def connect(self) -> None:
         sock = socket.create_connection((str(self.pinned), self.port), self.timeout)
-        self.sock = self.tls.wrap_socket(sock, server_hostname=self.host)  # the certificate names the host
+        self.sock = self.raw = self.tls.wrap_socket(sock, server_hostname=self.host)  # the certificate names the host
 
 
 class _Deadline:
@@ -257,7 +261,7 @@ def _copy_local(
 
 def _open(
     url: str, headers: dict[str, str], policy: FetchPolicy, deadline: _Deadline
-) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+) -> tuple[_PinnedHTTPConnection | _PinnedHTTPSConnection, http.client.HTTPResponse]:
     """GET ``url`` from a checked address, following redirects only to checked addresses."""
     for _ in range(policy.max_redirects + 1):
         try:
@@ -271,7 +275,7 @@ def _open(
             raise DocumentError("bad_uri", "the document's URL must not carry credentials")
         addresses = policy.resolve(parts.hostname, port)
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        connection: http.client.HTTPConnection
+        connection: _PinnedHTTPConnection | _PinnedHTTPSConnection
         for index, address in enumerate(addresses):
             if parts.scheme == "https":
                 connection = _PinnedHTTPSConnection(parts.hostname, port, address, deadline.left(),
@@ -288,6 +292,7 @@ def _open(
                     raise
         if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
             url = urljoin(url, response.getheader("Location", ""))
+            response.close()
             connection.close()
             continue
         return connection, response
@@ -332,8 +337,8 @@ def _download_http(
                     total = announced
                 with dest.open("ab") as out:
                     while True:
-                        if connection.sock is not None:
-                            connection.sock.settimeout(deadline.left())
+                        if connection.raw is not None:
+                            connection.raw.settimeout(deadline.left())
                         chunk = response.read1(min(CHUNK, limit - have + 1))
                         if not chunk:
                             break
@@ -344,6 +349,7 @@ def _download_http(
                         on_bytes(have, total)
                 deadline.left()
             finally:
+                response.close()  # the response owns the socket once the server said it will close it
                 connection.close()
             if total is None or have >= total:
                 if expected is not None and have != expected:

@@ -80,6 +80,9 @@ def _scheme_known(url: str) -> None:
         raise CliError(f"the broker {redacted_url(url)!r} needs a module that is not installed ({exc.name})") from None
     except ValueError as exc:
         raise CliError(f"bad broker URL {redacted_url(url)!r}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a transport module that fails to load (kombu's kafka does)
+        raise CliError(f"the broker {redacted_url(url)!r} cannot be used: its transport failed to load "
+                       f"({type(exc).__name__})") from None  # fmt: skip
 
 
 def _positive_int(text: str) -> int:
