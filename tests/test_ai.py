@@ -331,7 +331,7 @@ def test_a_prompt_through_the_api_becomes_a_job_that_runs(chat, start_worker, st
     assert body["provider"] == "local" and body["failovers"] == 1 and "traceparent" in response.headers
 
     def done():  # type: ignore[no-untyped-def]
-        status = httpx.get(f"{api.url}/v1/jobs/{body['job_id']}", timeout=10).json()
+        status = httpx.get(f"{api.url}/v1/jobs/{body['job_id']}", headers=api.headers(), timeout=10).json()
         return status if status.get("state") == "finished" else None
 
     from .conftest import wait_until

@@ -329,8 +329,15 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         data = await read_json(request)
         if isinstance(data, JSONResponse):
             return data
-        prompt = data.get("prompt") if isinstance(data, dict) else None
-        engine = data.get("engine", "auto") if isinstance(data, dict) else "auto"
+        if not isinstance(data, dict):
+            return _problem(422, [{"loc": ["body"], "msg": "a JSON object", "type": "model_type"}])
+        unknown = [key for key in data if key not in ("prompt", "engine")]
+        if unknown:
+            return _problem(422, [{"loc": ["body", key if _SAFE_LOC.fullmatch(key) else "(unrecognised key)"],
+                                   "msg": "Extra inputs are not permitted", "type": "extra_forbidden"}
+                                  for key in unknown[:10]])  # fmt: skip
+        prompt = data.get("prompt")
+        engine = data.get("engine", "auto")
         if not isinstance(prompt, str) or not prompt.strip() or len(prompt) > 4000:
             return _problem(422, [{"loc": ["body", "prompt"], "msg": "a prompt of 1 to 4000 characters",
                                    "type": "value_error"}])  # fmt: skip
