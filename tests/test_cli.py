@@ -6,15 +6,19 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
 
+import psutil
 import pytest
 
 from cadscope.tracing._waterfall import read_otlp_json, render_waterfall, traces_by_job
 from cadscope.workers.cli import main
+
+from .conftest import wait_until
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -68,16 +72,42 @@ def _check_run(out: Path, jobs: int, proc: subprocess.CompletedProcess[str]) -> 
 
 
 @pytest.mark.slow
-def test_run_on_the_embedded_broker(tmp_path, engines):
+def test_run_on_the_embedded_broker_from_a_clones_parent_folder_and_stopped_by_sigterm(tmp_path, engines):
+    """The installed ``cadscope`` command, run from a folder holding a clone named ``cadscope``
+    (the editable install's own, here a link to it), with --keep-serving, then stopped by
+    SIGTERM as a service manager would: the API answers (no clone shadows the package),
+    SIGTERM stops the worker and the API and writes the summary, as Ctrl-C does."""
     out = tmp_path / "out"
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    env = {k: "" for k in ("CELERY_BROKER_URL",)}
-    proc = _cadscope("run", "--jobs", "6", "--engine", "all", "--out", str(out), env=env, cwd=cwd)
+    (cwd / "cadscope").symlink_to(Path(__file__).resolve().parent.parent, target_is_directory=True)
+    command = Path(sys.executable).parent / "cadscope"
+    stderr = tmp_path / "stderr.txt"
+    env = {**os.environ, "CELERY_BROKER_URL": ""}
+    run = subprocess.Popen(  # noqa: S603
+        [str(command), "run", "--jobs", "6", "--engine", "all", "--out", str(out), "--keep-serving"],
+        stdout=subprocess.PIPE, stderr=stderr.open("wb"), text=True, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: "serving:" in stderr.read_text() or run.poll() is not None, 600, interval=0.5,
+                   what="the workload done and the run serving")  # fmt: skip
+        assert run.poll() is None, stderr.read_text()[-3000:]
+        children = psutil.Process(run.pid).children(recursive=True)
+        assert len(children) >= 2  # the worker (and its pool) and the API
+        assert not (out / "summary.json").exists()
+        run.send_signal(signal.SIGTERM)
+        stdout, _ = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert alive == [], [p.pid for p in alive]
+    proc = subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr.read_text())
     _check_run(out, 6, proc)
-    assert "embedded broker" in proc.stderr
+    assert "embedded broker" in proc.stderr and "Traceback" not in proc.stderr
+    assert "Internal Server Error" not in proc.stderr
     # The broker's files (queue, exchange tables, results) live under --out, never in the cwd.
-    assert list(cwd.iterdir()) == []
+    assert [p.name for p in cwd.iterdir()] == ["cadscope"]
 
 
 @pytest.mark.slow

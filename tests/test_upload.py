@@ -480,3 +480,40 @@ def test_an_fcstd_document_is_loaded_by_freecad(tmp_path, engines):
     assert result.ok, result.error_message
     assert result.manifest is not None and result.manifest["parts"]["p"]["volume"] == pytest.approx(20 * 10 * 10)
     assert _value(registry, "cadscope_document_load_stage_seconds_count", stage="validate") == 1
+
+
+@pytest.mark.slow
+def test_a_worker_refuses_internal_urls_and_ends_a_trickled_download_at_the_jobs_time_limit(
+    start_worker, engines, redis_url, hostile
+):  # fmt: skip
+    """Through a real worker: an internal URL fails the job as ``bad_uri`` with nothing sent to
+    the internal server and nothing about it in the status; a document trickled a byte at a
+    time fails at the job's ``timeout_s`` (3 s), not minutes later. The operator allows the
+    trickling server's address, so the refusal is the deadline's, not the policy's."""
+    from cadscope.workers import app, configure_app, run_job
+
+    configure_app(app, redis_url)
+    internal = hostile()
+    trickle = hostile("trickle", host="127.0.0.2")
+    worker = start_worker(concurrency=1, env={"CADSCOPE_DOCUMENT_ALLOW": "127.0.0.2/32"})
+
+    def job(uri: str, **extra: Any) -> dict[str, Any]:
+        spec = {
+            "name": "from_url", "engine": "ocp", **extra,
+            "input": {"uri": uri, "sha256": hashlib.sha256(DATA).hexdigest(), "format": "step", "size_bytes": 1000},
+            "parts": [{"name": "p", "steps": [{"kind": "import", "name": "doc"}]}],
+            "exports": [{"format": "step", "of": "p", "name": "p"}],
+        }  # fmt: skip
+        return run_job.apply_async(args=[spec], queue=worker.queue).get(timeout=120)
+
+    port = internal.httpd.server_address[1]
+    refused = job(f"http://2130706433:{port}/latest/meta-data/")
+    assert refused["status"] == "failed" and refused["error_type"] == "bad_uri", refused
+    assert str(port) not in refused["error_message"] and internal.requests == []
+
+    late = job(trickle.url, timeout_s=3)
+    assert late["status"] == "failed" and late["error_type"] == "download_timeout", late
+    wait_until(trickle.closed_by_client.is_set, 30, what="the worker hung up on the trickle")
+    assert trickle.sent < 1000
+    logged = [json.loads(line) for line in worker.log.read_text().splitlines() if '"forbidden_address"' in line]
+    assert logged and logged[0]["security_event"] is True  # the operator learns what was refused
