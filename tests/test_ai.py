@@ -45,16 +45,27 @@ class ChatServer:
     def __init__(self) -> None:
         self.mode = "ok"
         self.requests: list[dict[str, Any]] = []
+        self.redirect_to = ""
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args: Any) -> None:
                 pass
 
+            def do_GET(self) -> None:  # noqa: N802 - what a followed 302 turns a POST into
+                server.requests.append({"path": self.path, "auth": self.headers.get("authorization"), "body": None})
+                self._send(200, b"{}")
+
             def do_POST(self) -> None:  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
                 server.requests.append({"path": self.path, "auth": self.headers.get("authorization"), "body": body})
                 mode = server.mode
+                if mode == "redirect":  # to another origin (another port), as a hijacked endpoint might
+                    self.send_response(302)
+                    self.send_header("Location", server.redirect_to)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                    return
                 if mode == "slow":
                     time.sleep(1.5)
                 if mode == "429":
@@ -258,6 +269,25 @@ def test_all_providers_down_is_not_a_refusal(chat):
     assert not failed.value.refused and failed.value.attempts[0].outcome == "server_error"
 
 
+def test_a_redirect_never_takes_the_key_to_another_origin():
+    """The endpoint answers 302 to another origin: the request is not followed there, so the
+    other origin never sees the bearer key (nor the prompt); the provider is unavailable."""
+    endpoint, elsewhere = ChatServer(), ChatServer()
+    try:
+        endpoint.mode, endpoint.redirect_to = "redirect", f"{elsewhere.endpoint}/chat/completions"
+        provider = OpenAICompatibleProvider(endpoint.endpoint, "m", api_key="sk-secret-canary", timeout_s=2)
+        chain = ProviderChain([provider], observability=ModelObservability(Catalogue(CollectorRegistry())))
+        with pytest.raises(AllProvidersFailed) as failed:
+            chain.generate(EXAMPLE)
+        assert failed.value.attempts[0].outcome == "unavailable"
+        assert "redirect" in failed.value.attempts[0].message
+        assert [r["auth"] for r in endpoint.requests] == ["Bearer sk-secret-canary"]
+        assert elsewhere.requests == []
+    finally:
+        endpoint.httpd.shutdown()
+        elsewhere.httpd.shutdown()
+
+
 def test_connection_refused_is_unavailable():
     provider = OpenAICompatibleProvider("http://127.0.0.1:9/v1", "m", timeout_s=0.5)
     chain = ProviderChain([provider], observability=ModelObservability(Catalogue(CollectorRegistry())))
@@ -301,7 +331,7 @@ def test_a_prompt_through_the_api_becomes_a_job_that_runs(chat, start_worker, st
     assert body["provider"] == "local" and body["failovers"] == 1 and "traceparent" in response.headers
 
     def done():  # type: ignore[no-untyped-def]
-        status = httpx.get(f"{api.url}/v1/jobs/{body['job_id']}", timeout=10).json()
+        status = httpx.get(f"{api.url}/v1/jobs/{body['job_id']}", headers=api.headers(), timeout=10).json()
         return status if status.get("state") == "finished" else None
 
     from .conftest import wait_until

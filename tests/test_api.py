@@ -41,7 +41,7 @@ def _submit(api, spec=SMALL, headers=None, timeout=30):
 
 def _wait_finished(api, job_id, timeout=120):
     def done():
-        body = httpx.get(f"{api.url}/v1/jobs/{job_id}", timeout=10).json()
+        body = httpx.get(f"{api.url}/v1/jobs/{job_id}", headers=api.headers(), timeout=10).json()
         return body if body.get("state") == "finished" else None
 
     return wait_until(done, timeout, interval=0.2, what=f"{job_id} finished")
@@ -62,7 +62,7 @@ def test_submit_complete_manifest_events_and_artifacts(start_worker, start_api, 
     assert set(artifacts) == {"plate.brep", "plate.step"}
 
     # SSE: a late subscriber gets every event from the start, in order, and the stream closes.
-    with httpx.stream("GET", f"{api.url}/v1/jobs/{job_id}/events", timeout=30) as stream:
+    with httpx.stream("GET", f"{api.url}/v1/jobs/{job_id}/events", headers=api.headers(), timeout=30) as stream:
         assert stream.headers["content-type"].startswith("text/event-stream")
         events = [json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: ")]
     kinds = [e["type"] for e in events]
@@ -108,7 +108,9 @@ def test_bad_requests_auth_and_limits(start_worker, start_api, engines):
     assert huge.status_code == 413
     not_json = httpx.post(f"{api.url}/v1/jobs", content=b"{nope", headers=api.headers(), timeout=10)
     assert not_json.status_code == 422
-    assert httpx.get(f"{api.url}/v1/jobs/job-00000000000000000000", timeout=10).status_code == 404
+    assert httpx.get(f"{api.url}/v1/jobs/job-00000000000000000000", timeout=10).status_code == 401
+    assert httpx.get(f"{api.url}/v1/jobs/job-00000000000000000000", headers=api.headers(),
+                     timeout=10).status_code == 404  # fmt: skip
     metrics = httpx.get(f"{api.url}/metrics", timeout=10).text
     assert 'http_requests_total{method="POST",route="/v1/jobs",status="401"} 2.0' in metrics
     assert 'route="/v1/jobs/{job_id}"' in metrics and "job-0000" not in metrics
@@ -207,7 +209,10 @@ def test_two_hundred_concurrent_submissions(start_worker, start_api, engines):
     pending = set(job_ids)
     while pending and time.monotonic() < deadline:
         for job_id in list(pending):
-            if httpx.get(f"{api.url}/v1/jobs/{job_id}", timeout=10).json().get("state") == "finished":
+            if (
+                httpx.get(f"{api.url}/v1/jobs/{job_id}", headers=api.headers(), timeout=10).json().get("state")
+                == "finished"
+            ):
                 pending.discard(job_id)
         time.sleep(1)
     assert not pending, f"{len(pending)} jobs never finished"

@@ -6,15 +6,19 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
 
+import psutil
 import pytest
 
 from cadscope.tracing._waterfall import read_otlp_json, render_waterfall, traces_by_job
 from cadscope.workers.cli import main
+
+from .conftest import wait_until
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -68,16 +72,42 @@ def _check_run(out: Path, jobs: int, proc: subprocess.CompletedProcess[str]) -> 
 
 
 @pytest.mark.slow
-def test_run_on_the_embedded_broker(tmp_path, engines):
+def test_run_on_the_embedded_broker_from_a_clones_parent_folder_and_stopped_by_sigterm(tmp_path, engines):
+    """The installed ``cadscope`` command, run from a folder holding a clone named ``cadscope``
+    (the editable install's own, here a link to it), with --keep-serving, then stopped by
+    SIGTERM as a service manager would: the API answers (no clone shadows the package),
+    SIGTERM stops the worker and the API and writes the summary, as Ctrl-C does."""
     out = tmp_path / "out"
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    env = {k: "" for k in ("CELERY_BROKER_URL",)}
-    proc = _cadscope("run", "--jobs", "6", "--engine", "all", "--out", str(out), env=env, cwd=cwd)
+    (cwd / "cadscope").symlink_to(Path(__file__).resolve().parent.parent, target_is_directory=True)
+    command = Path(sys.executable).parent / "cadscope"
+    stderr = tmp_path / "stderr.txt"
+    env = {**os.environ, "CELERY_BROKER_URL": ""}
+    run = subprocess.Popen(  # noqa: S603
+        [str(command), "run", "--jobs", "6", "--engine", "all", "--out", str(out), "--keep-serving"],
+        stdout=subprocess.PIPE, stderr=stderr.open("wb"), text=True, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: "serving:" in stderr.read_text() or run.poll() is not None, 600, interval=0.5,
+                   what="the workload done and the run serving")  # fmt: skip
+        assert run.poll() is None, stderr.read_text()[-3000:]
+        children = psutil.Process(run.pid).children(recursive=True)
+        assert len(children) >= 2  # the worker (and its pool) and the API
+        assert not (out / "summary.json").exists()
+        run.send_signal(signal.SIGTERM)
+        stdout, _ = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert alive == [], [p.pid for p in alive]
+    proc = subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr.read_text())
     _check_run(out, 6, proc)
-    assert "embedded broker" in proc.stderr
+    assert "embedded broker" in proc.stderr and "Traceback" not in proc.stderr
+    assert "Internal Server Error" not in proc.stderr
     # The broker's files (queue, exchange tables, results) live under --out, never in the cwd.
-    assert list(cwd.iterdir()) == []
+    assert [p.name for p in cwd.iterdir()] == ["cadscope"]
 
 
 @pytest.mark.slow
@@ -112,3 +142,68 @@ def test_trace_renders_a_known_file(capsys):
 
 def test_promtool_is_installed():
     assert shutil.which("promtool"), "CI installs Debian's prometheus package"
+
+
+# -- a new user's mistakes: one clear line and a non-zero exit, never a traceback ----------------
+
+
+def _one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> str:
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_mistakes_are_one_clear_line_and_a_non_zero_exit(tmp_path):
+    not_json = tmp_path / "notes.txt"
+    not_json.write_text("these are notes\n")
+    other_json = tmp_path / "other.json"
+    other_json.write_text("[1, 2, 3]\n")
+    _one_line_error(_cadscope("trace", str(tmp_path / "missing.jsonl")), "no such file", "missing.jsonl")
+    _one_line_error(_cadscope("trace", str(tmp_path)), "is a folder")
+    _one_line_error(_cadscope("trace", str(not_json)), "notes.txt", "not JSON")
+    _one_line_error(_cadscope("trace", str(other_json)), "not OTLP/JSON")
+    no_token = {"CADSCOPE_API_TOKEN": "", "CADSCOPE_API_TOKEN_FILE": "", "CADSCOPE_API_ALLOW_ANONYMOUS": ""}
+    _one_line_error(_cadscope("api", "--port", "1", env=no_token, timeout=60), "CADSCOPE_API_TOKEN")
+    _one_line_error(_cadscope("api", env={"CADSCOPE_API_TOKEN_FILE": str(tmp_path / "nope")}, timeout=60), "nope")
+    bad = {"CELERY_BROKER_URL": "ftp://broker:21"}
+    _one_line_error(_cadscope("api", env={**bad, "CADSCOPE_API_TOKEN": "t"}, timeout=60), "unknown broker scheme")
+    _one_line_error(_cadscope("worker", env=bad, timeout=60), "unknown broker scheme")
+    _one_line_error(_cadscope("run", "--broker", "ftp://broker:21", "--out", str(tmp_path / "o"), timeout=60),
+                    "unknown broker scheme", "ftp://broker:21")  # fmt: skip
+    _one_line_error(_cadscope("run", "--broker", "kafka://broker:9092", "--out", str(tmp_path / "o"), timeout=60),
+                    "kafka://broker:9092")  # fmt: skip
+    for flag, value in (("--jobs", "-3"), ("--jobs", "0"), ("--concurrency", "-1"), ("--timeout", "-5")):
+        _one_line_error(_cadscope("run", flag, value, "--out", str(tmp_path / "o"), timeout=60), flag)
+    assert not (tmp_path / "o").exists()  # refused before anything was started or written
+
+
+def test_an_unreachable_broker_is_named_within_seconds_without_its_password(tmp_path):
+    """Nothing listens on port 1: cadscope run says so at once, rather than after Celery's
+    minutes of retries and a dump of its log."""
+    line = _one_line_error(
+        _cadscope("run", "--broker", "redis://user:hunter2@127.0.0.1:1/0", "--out", str(tmp_path / "o"), timeout=30),
+        "cannot reach the broker", "127.0.0.1:1",
+    )  # fmt: skip
+    assert "hunter2" not in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_trace_into_a_closed_pipe_exits_quietly():
+    """`cadscope trace FILE | head -1`: SIGPIPE ends the listing quietly, as for cat (the
+    default action is restored for `trace` only; a server must outlive a closed socket)."""
+    big = "\n".join([(DATA / "freecad_job_trace.jsonl").read_text().strip()] * 2000)
+    reader = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "cadscope.workers.cli", "trace", "/dev/stdin"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert reader.stdin is not None and reader.stdout is not None
+    reader.stdin.write(big.encode())
+    reader.stdin.close()
+    reader.stdout.readline()
+    reader.stdout.close()
+    reader.wait(60)
+    assert b"Traceback" not in reader.stderr.read()  # type: ignore[union-attr]

@@ -257,7 +257,8 @@ def test_dashboards_and_alerts_against_a_real_prometheus(tmp_path, start_worker,
             for job_id in job_ids:
                 wait_until(
                     lambda job_id=job_id: (
-                        httpx.get(f"{api.url}/v1/jobs/{job_id}", timeout=10).json().get("state") == "finished"
+                        httpx.get(f"{api.url}/v1/jobs/{job_id}", headers=api.headers(), timeout=10).json().get("state")
+                        == "finished"
                     ),
                     300,
                     interval=0.5,

@@ -179,6 +179,17 @@ SYSTEM_PROMPT = (
 )
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is answered as an error, never followed: following it would send the
+    request, its bearer key included, to wherever the answer points."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects())
+
+
 def _ratio(headers: Any) -> float | None:
     """Rate-limit headroom from OpenAI-style headers: the scarcer of requests and tokens."""
     ratios = []
@@ -196,7 +207,8 @@ def _ratio(headers: Any) -> float | None:
 class OpenAICompatibleProvider:
     """Chat completions over HTTP(S), JSON output. Configuration, never the
     request, chooses the endpoint and model; the API key never reaches a log,
-    a span or a metric."""
+    a span or a metric, nor any origin but the endpoint's (redirects are not
+    followed)."""
 
     name = "openai_compatible"
 
@@ -244,11 +256,16 @@ class OpenAICompatibleProvider:
             headers["Authorization"] = f"Bearer {self._api_key}"
         request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")  # noqa: S310
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:  # noqa: S310
+            with _OPENER.open(request, timeout=self.timeout_s) as response:
                 raw = response.read(self.max_response_bytes + 1)
                 ratio = _ratio(response.headers)
         except urllib.error.HTTPError as exc:
             ratio = _ratio(exc.headers)
+            if 300 <= exc.code < 400:
+                raise ProviderError(
+                    "unavailable",
+                    f"HTTP {exc.code}: the endpoint redirects; point CADSCOPE_AI_ENDPOINT at its target",
+                ) from None
             if exc.code == 429:
                 raise ProviderError("rate_limited", "HTTP 429", rate_limit_remaining=ratio) from None
             outcome = "server_error" if exc.code >= 500 else "invalid_output"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
@@ -10,18 +11,21 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import anyio
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from opentelemetry import trace
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Gauge, generate_latest
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive, Scope, Send
 
 from ..ai import AllProvidersFailed, ProviderChain, SyntheticCheck, chain_from_env
 from ..freecad_bridge import JobSpec
@@ -30,7 +34,7 @@ from ..tracing import configure_json_logging, setup_tracing, shutdown_tracing
 from ..workers import app as celery_app
 from ..workers import configure_app, run_job
 from ..workers._config import WorkerSettings
-from ..workers._progress import TERMINAL, ProgressService, progress_store
+from ..workers._progress import PROGRESS_TTL_S, TERMINAL, ProgressService, progress_store
 from ._health import health_score, run_checks
 from ._queue import QueueCollector
 from ._red import REDMiddleware
@@ -41,6 +45,13 @@ log = logging.getLogger("cadscope.api")
 
 _JOB_ID = re.compile(r"^job-[0-9a-f]{20}$|^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _ARTIFACT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.(step|stl|brep|iges|obj)$")
+_IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+# A field name echoed in a 422 only when it looks like one: any other key is the
+# client's text (markup, control characters, megabytes) and is not sent back.
+_SAFE_LOC = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+MAX_JSON_DEPTH = 32  # a job spec nests 8 deep; bounded work for anything deeper
+STREAM_POLL_S = 0.5
+STREAM_KEEPALIVE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,8 @@ class ApiSettings:
     prometheus_url: str | None = None
     ai_chain: ProviderChain | None = field(default=None, compare=False)  # None: chain_from_env()
     ai_synthetic_interval_s: float | None = None
+    max_streams: int = 100  # event streams open at once, per server process
+    stream_timeout_s: float = 3600.0
 
     @classmethod
     def from_env(cls) -> ApiSettings:
@@ -71,11 +84,68 @@ class ApiSettings:
             max_body_bytes=int(os.environ.get("CADSCOPE_API_MAX_BODY", str(1 << 20))),
             prometheus_url=os.environ.get("CADSCOPE_PROMETHEUS_URL") or None,
             ai_synthetic_interval_s=float(os.environ.get("CADSCOPE_AI_SYNTHETIC_INTERVAL_S", "0")) or None,
+            max_streams=int(os.environ.get("CADSCOPE_API_MAX_STREAMS", "100")),
         )
 
 
 def _problem(status: int, detail: Any, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status, headers=dict(headers or {}))
+
+
+def _public_errors(exc: ValidationError) -> list[dict[str, Any]]:
+    """Field errors without the client's own text: a location names a field only
+    when it looks like a field name, a message is pydantic's, bounded."""
+    errors = []
+    for error in exc.errors(include_input=False, include_url=False)[:50]:
+        loc = [part if isinstance(part, int) or _SAFE_LOC.fullmatch(part) else "(unrecognised key)"
+               for part in error["loc"]]  # fmt: skip
+        msg = "".join(ch for ch in str(error["msg"])[:300] if ch.isprintable())
+        errors.append({"loc": loc, "msg": msg, "type": error["type"]})
+    return errors
+
+
+def _too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
+# What a submission publishes (the payload, extra response fields), or the error to answer.
+_Built = tuple[dict[str, Any], dict[str, Any]] | JSONResponse
+
+
+def _fingerprint(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def job_id_for(idempotency_key: str) -> str:
+    """The job id a submission with this ``Idempotency-Key`` gets (the same for every retry)."""
+    return f"job-{hashlib.sha256(idempotency_key.encode()).hexdigest()[:20]}"
+
+
+@lru_cache(maxsize=1)
+def _streams_gauge() -> Gauge:
+    return Gauge("cadscope_api_event_streams", "Event streams open on the API.", multiprocess_mode="livesum")
+
+
+class _CountedStream(StreamingResponse):
+    """An event stream that gives its slot back however it ends: finished, the
+    client gone (Starlette cancels it), or never started."""
+
+    def __init__(self, release: Callable[[], None], *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
 
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
@@ -139,15 +209,56 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     async def http_errors(_: Request, exc: HTTPException) -> JSONResponse:
         return _problem(exc.status_code, exc.detail, exc.headers)
 
-    async def enqueue(spec: JobSpec, extra: Mapping[str, Any] | None = None) -> JSONResponse:
-        job_id = f"job-{uuid.uuid4().hex[:20]}"
+    def idempotency(request: Request) -> tuple[str, str]:
+        key = request.headers.get("idempotency-key")
+        if key is None:
+            key = uuid.uuid4().hex
+        elif not _IDEMPOTENCY_KEY.fullmatch(key):
+            raise HTTPException(422, [{"loc": ["header", "Idempotency-Key"], "type": "value_error",
+                                       "msg": "1 to 128 characters: letters, digits, '.', '_', ':', '-'"}])  # fmt: skip
+        return key, job_id_for(key)
+
+    def store_down(exc: Exception, job_id: str, key: str) -> JSONResponse:
+        log.warning("submission store unavailable", extra={"job_id": job_id, "error": type(exc).__name__})
+        return _problem(503, {"msg": "the job store is unavailable; nothing was enqueued, retry later",
+                              "job_id": job_id, "idempotency_key": key}, headers={"Retry-After": "5"})  # fmt: skip
+
+    async def enqueue(
+        request: Request,
+        fingerprint: str,
+        build: Callable[[], Awaitable[_Built]],
+    ) -> JSONResponse:
+        """Publish once per ``Idempotency-Key``: a retry gets the same job, and publishes
+        the same payload again only while the earlier publish is in doubt (the worker
+        runs a job id at most once to its end)."""
+        key, job_id = idempotency(request)
         span = trace.get_current_span()
         span.set_attribute("cad.job_id", job_id)
-        payload = spec.model_dump(mode="json")
+        try:
+            known = await run_in_threadpool(store.submission, job_id)
+        except Exception as exc:  # noqa: BLE001 - the same store the worker dedupes with
+            return store_down(exc, job_id, key)
+        if known is None:
+            built = await build()
+            if isinstance(built, JSONResponse):
+                return built
+            record: dict[str, Any] = {"fingerprint": fingerprint, "payload": built[0], "extra": built[1]}
+            try:
+                known = await run_in_threadpool(store.claim_submission, job_id, record, PROGRESS_TTL_S)
+            except Exception as exc:  # noqa: BLE001
+                return store_down(exc, job_id, key)
+            known = known or record
+        known = dict(known)
+        if known.get("fingerprint") != fingerprint:
+            return _problem(409, {"msg": "this Idempotency-Key was used for a different request", "job_id": job_id})
+        if known.get("response"):
+            span.set_attribute("cad.idempotent_replay", True)
+            return JSONResponse(known["response"], status_code=202, headers=dict(known.get("headers") or {}))
+        payload: dict[str, Any] = known["payload"]
+        extra: dict[str, Any] = known.get("extra") or {}
 
         def publish() -> None:
-            # No retries: a publish either happened (202) or did not (503), so a
-            # client that retries after a 503 never makes a twin.
+            # No retries behind the client's back; the client retries with its key.
             run_job.apply_async(args=[payload], kwargs={"job_id": job_id}, task_id=job_id, queue=settings.queue,
                                 retry=False)  # fmt: skip
 
@@ -156,18 +267,26 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         except Exception as exc:  # noqa: BLE001 - any broker failure is a 503, never a hang
             log.warning("enqueue failed", extra={"job_id": job_id, "error": type(exc).__name__})
             span.set_attribute("error.type", "broker_unavailable")
-            return _problem(503, "the job queue is unavailable; nothing was enqueued, retry later",
-                            headers={"Retry-After": "5"})  # fmt: skip
-        await run_in_threadpool(events.publish, job_id, "job.submitted", job_name=spec.name, engine=spec.engine)
+            # A publish cut off by the timeout may still reach the broker: say so, and how
+            # to retry without a twin.
+            return _problem(503, {"msg": "the job queue did not confirm the job; it may still be enqueued. Retry "
+                                         "with the same Idempotency-Key: you get this job, never a second one",
+                                  "job_id": job_id, "idempotency_key": key},
+                            headers={"Retry-After": "5", "Idempotency-Key": key})  # fmt: skip
         context = span.get_span_context()
-        headers = {}
+        headers = {"Idempotency-Key": key}
         if context.is_valid:
             headers["traceparent"] = f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
-        return JSONResponse(
-            {"job_id": job_id, "status": "queued", "status_url": f"/v1/jobs/{job_id}",
-             "events_url": f"/v1/jobs/{job_id}/events", **(extra or {})},
-            status_code=202, headers=headers,
-        )  # fmt: skip
+        body = {"job_id": job_id, "status": "queued", "status_url": f"/v1/jobs/{job_id}",
+                "events_url": f"/v1/jobs/{job_id}/events", "idempotency_key": key, **extra}  # fmt: skip
+        try:
+            await run_in_threadpool(store.update_submission, job_id, {**known, "response": body, "headers": headers},
+                                    PROGRESS_TTL_S)  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - enqueued all the same; a retry publishes a twin the worker drops
+            log.warning("submission record not updated", extra={"job_id": job_id, "error": type(exc).__name__})
+        await run_in_threadpool(events.publish, job_id, "job.submitted", job_name=payload.get("name"),
+                                engine=payload.get("engine"))  # fmt: skip
+        return JSONResponse(body, status_code=202, headers=headers)
 
     async def read_json(request: Request) -> Any:
         """The body as JSON, or the 413/422 response to send instead."""
@@ -180,22 +299,28 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             if len(body) > settings.max_body_bytes:
                 return _problem(413, f"body larger than {settings.max_body_bytes} bytes")
         try:
-            return json.loads(body)
-        except ValueError:
+            data = json.loads(body)
+        except (ValueError, RecursionError):
             return _problem(422, [{"loc": ["body"], "msg": "body is not valid JSON", "type": "json_invalid"}])
+        if _too_deep(data):
+            return _problem(422, [{"loc": ["body"], "msg": f"JSON nested deeper than {MAX_JSON_DEPTH} levels",
+                                   "type": "json_too_deep"}])  # fmt: skip
+        return data
 
     @app.post("/v1/jobs", status_code=202, dependencies=[Depends(authorised)])
     async def submit(request: Request) -> JSONResponse:
         data = await read_json(request)
         if isinstance(data, JSONResponse):
             return data
-        try:
-            spec = JobSpec.model_validate(data)
-        except ValidationError as exc:
-            # Never echo the input back: it is the client's, and may be hostile.
-            errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()[:50]]
-            return _problem(422, errors)
-        return await enqueue(spec)
+
+        async def build() -> _Built:
+            try:
+                spec = JobSpec.model_validate(data)
+            except ValidationError as exc:
+                return _problem(422, _public_errors(exc))
+            return spec.model_dump(mode="json"), {}
+
+        return await enqueue(request, _fingerprint(data), build)
 
     @app.post("/v1/prompts", status_code=202, dependencies=[Depends(authorised)])
     async def submit_prompt(request: Request) -> JSONResponse:
@@ -204,29 +329,41 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         data = await read_json(request)
         if isinstance(data, JSONResponse):
             return data
-        prompt = data.get("prompt") if isinstance(data, dict) else None
-        engine = data.get("engine", "auto") if isinstance(data, dict) else "auto"
+        if not isinstance(data, dict):
+            return _problem(422, [{"loc": ["body"], "msg": "a JSON object", "type": "model_type"}])
+        unknown = [key for key in data if key not in ("prompt", "engine")]
+        if unknown:
+            return _problem(422, [{"loc": ["body", key if _SAFE_LOC.fullmatch(key) else "(unrecognised key)"],
+                                   "msg": "Extra inputs are not permitted", "type": "extra_forbidden"}
+                                  for key in unknown[:10]])  # fmt: skip
+        prompt = data.get("prompt")
+        engine = data.get("engine", "auto")
         if not isinstance(prompt, str) or not prompt.strip() or len(prompt) > 4000:
             return _problem(422, [{"loc": ["body", "prompt"], "msg": "a prompt of 1 to 4000 characters",
                                    "type": "value_error"}])  # fmt: skip
-        if engine not in ("auto", "freecad", "ocp"):
+        if not isinstance(engine, str) or engine not in ("auto", "freecad", "ocp"):
             return _problem(422, [{"loc": ["body", "engine"], "msg": "auto, freecad or ocp", "type": "value_error"}])
-        try:
-            result = await run_in_threadpool(chain.generate, prompt)
-        except AllProvidersFailed as exc:
-            attempts = [{"provider": a.provider, "outcome": a.outcome, "detail": a.message} for a in exc.attempts]
-            if exc.refused:
-                return _problem(422, {"msg": "no provider could turn this prompt into a job", "attempts": attempts})
-            return _problem(503, {"msg": "no AI provider available; nothing was enqueued", "attempts": attempts},
-                            headers={"Retry-After": "10"})  # fmt: skip
-        spec = result.spec.model_copy(update={"engine": engine}) if engine != "auto" else result.spec
-        try:
-            spec = JobSpec.model_validate(spec.model_dump(mode="json"))  # engine/format compatibility
-        except ValidationError as exc:
-            errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()[:50]]
-            return _problem(422, errors)
-        return await enqueue(spec, {"provider": result.provider, "model": result.model,
-                                    "failovers": sum(1 for a in result.attempts if a.outcome != "ok")})  # fmt: skip
+
+        async def build() -> _Built:
+            # Only for a key not seen before: a retry never asks the providers again.
+            try:
+                result = await run_in_threadpool(chain.generate, prompt)
+            except AllProvidersFailed as exc:
+                attempts = [{"provider": a.provider, "outcome": a.outcome, "detail": a.message} for a in exc.attempts]
+                if exc.refused:
+                    return _problem(422, {"msg": "no provider could turn this prompt into a job", "attempts": attempts})
+                return _problem(503, {"msg": "no AI provider available; nothing was enqueued", "attempts": attempts},
+                                headers={"Retry-After": "10"})  # fmt: skip
+            spec = result.spec.model_copy(update={"engine": engine}) if engine != "auto" else result.spec
+            try:
+                spec = JobSpec.model_validate(spec.model_dump(mode="json"))  # engine/format compatibility
+            except ValidationError as exc:
+                return _problem(422, _public_errors(exc))
+            failovers = sum(1 for a in result.attempts if a.outcome != "ok")
+            return spec.model_dump(mode="json"), {"provider": result.provider, "model": result.model,
+                                                  "failovers": failovers}  # fmt: skip
+
+        return await enqueue(request, _fingerprint({"prompt": prompt, "engine": engine}), build)
 
     def _known(job_id: str) -> list[tuple[str, dict[str, Any]]]:
         if not _JOB_ID.fullmatch(job_id):
@@ -236,7 +373,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             raise HTTPException(404, "no such job")
         return found
 
-    @app.get("/v1/jobs/{job_id}")
+    @app.get("/v1/jobs/{job_id}", dependencies=[Depends(authorised)])
     async def status(job_id: str) -> JSONResponse:
         found = await run_in_threadpool(_known, job_id)
         kinds = [event for _, event in found]
@@ -290,17 +427,52 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             raise HTTPException(404, "no such artifact")
         return FileResponse(path, filename=name, headers={"X-Content-SHA256": listed[name]["sha256"]})
 
-    @app.get("/v1/jobs/{job_id}/events")
-    async def stream(job_id: str, request: Request) -> StreamingResponse:
+    # Event streams are async and read the store without blocking (a short read on a few
+    # threads of their own, then a sleep): however many follow, the other routes keep the
+    # server's thread pool. Beyond max_streams a new one is refused with 503.
+    stream_reads = anyio.CapacityLimiter(4)
+    open_streams = [0]
+
+    def release_stream() -> None:
+        open_streams[0] -= 1
+        _streams_gauge().dec()
+
+    @app.get("/v1/jobs/{job_id}/events", dependencies=[Depends(authorised)])
+    async def stream(job_id: str, request: Request) -> Response:
         await run_in_threadpool(_known, job_id)
+        if open_streams[0] >= settings.max_streams:
+            return _problem(503, f"too many event streams open ({settings.max_streams}); retry later",
+                            headers={"Retry-After": "10"})  # fmt: skip
         after = request.headers.get("last-event-id", "0")
         after = after if re.fullmatch(r"[0-9]+(-[0-9]+)?", after) else "0"
+        open_streams[0] += 1
+        _streams_gauge().inc()
 
-        def sse() -> Iterator[bytes]:
-            for entry_id, event in events.follow(job_id, after=after, timeout_s=3600):
-                yield f"id: {entry_id}\nevent: {event.get('type')}\ndata: {json.dumps(event)}\n\n".encode()
+        async def sse() -> AsyncIterator[bytes]:
+            cursor = after
+            deadline = time.monotonic() + settings.stream_timeout_s
+            quiet_since = time.monotonic()
+            while time.monotonic() < deadline:
+                try:
+                    found = await anyio.to_thread.run_sync(store.read, job_id, cursor, 0, limiter=stream_reads)
+                except Exception as exc:  # noqa: BLE001 - the store is down: end the stream, the client resumes
+                    log.warning("event stream read failed", extra={"job_id": job_id, "error": type(exc).__name__})
+                    return
+                for entry_id, event in found:
+                    cursor = entry_id
+                    yield f"id: {entry_id}\nevent: {event.get('type')}\ndata: {json.dumps(event)}\n\n".encode()
+                    if event.get("type") == TERMINAL:
+                        return
+                if found:
+                    quiet_since = time.monotonic()
+                elif time.monotonic() - quiet_since >= STREAM_KEEPALIVE_S:
+                    # A comment line: a client that left is noticed at this write at the latest.
+                    yield b": keep-alive\n\n"
+                    quiet_since = time.monotonic()
+                await asyncio.sleep(STREAM_POLL_S)
 
-        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+        return _CountedStream(release_stream, sse(), media_type="text/event-stream",
+                              headers={"Cache-Control": "no-store"})  # fmt: skip
 
     def broker_ping() -> bool:
         with celery_app.connection_for_write() as connection:

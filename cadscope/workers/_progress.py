@@ -9,6 +9,18 @@ The progress service has seed 003's calls (``publish_document_progress``,
 ``publish_assembly4_progress``, ...) and counts every event it publishes.
 Publishing never raises into a job: a progress store that is down loses
 progress events (counted), not jobs.
+
+The same store keeps what makes a job id run at most once to its end:
+
+- the API's submission record per job id (``claim_submission``): the
+  request's fingerprint, the payload it publishes and, once the broker took
+  it, the response, so a retry with the same ``Idempotency-Key`` gets the same
+  job and never a twin;
+- a run lease and a finished marker per job id (``claim_run``): a delivery of
+  a job that already ran to its end is dropped (its earlier result is
+  returned again) and one that arrives while another delivery of the same job
+  runs is dropped; both are counted in
+  ``cadscope_task_duplicates_dropped_total{reason}``.
 """
 
 from __future__ import annotations
@@ -18,15 +30,26 @@ import json
 import logging
 import os
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
 from prometheus_client import Counter
 
-__all__ = ["TERMINAL", "FileStore", "Heartbeat", "ProgressService", "ProgressStore", "RedisStore", "progress_store"]
+__all__ = [
+    "TERMINAL",
+    "FileStore",
+    "Heartbeat",
+    "ProgressService",
+    "ProgressStore",
+    "RedisStore",
+    "claim_run",
+    "progress_store",
+]
 
 log = logging.getLogger("cadscope.progress")
 
@@ -48,6 +71,35 @@ def _published_counter() -> Counter:
     return _PUBLISHED
 
 
+@lru_cache(maxsize=1)
+def _duplicates_counter() -> Counter:
+    return Counter(
+        "cadscope_task_duplicates_dropped",
+        "Deliveries of a job id dropped without running: the job had already run to its end (finished) "
+        "or another delivery of it was running (running).",
+        ("reason",),
+    )
+
+
+# The run lease: taken when absent, else handed back to the caller to judge.
+_BEGIN_RUN = """
+local done = redis.call('GET', KEYS[1])
+if done then return {'finished', done} end
+local holder = redis.call('GET', KEYS[2])
+if holder then return {'held', holder} end
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+return {'run', ''}
+"""
+# Take a lease over from a holder judged dead, only if it is still that holder's.
+_TAKE_OVER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+  return 1
+end
+return 0
+"""
+
+
 class ProgressStore(Protocol):
     def append(self, job_id: str, event: Mapping[str, Any]) -> None: ...
 
@@ -65,6 +117,22 @@ class ProgressStore(Protocol):
         """Append this delivery's start time and its task span's ``traceparent``; return every
         attempt's so far, in order."""
         ...
+
+    def claim_submission(self, job_id: str, record: Mapping[str, Any], ttl_s: int) -> dict[str, Any] | None:
+        """Store ``record`` for ``job_id`` unless one is there; return the one that was there."""
+        ...
+
+    def submission(self, job_id: str) -> dict[str, Any] | None: ...
+
+    def update_submission(self, job_id: str, record: Mapping[str, Any], ttl_s: int) -> None: ...
+
+    def begin_run(self, job_id: str, owner: str, ttl_s: int) -> tuple[str, str]:
+        """``("finished", result)``, ``("held", holder)`` or ``("run", "")`` (the lease is now ``owner``'s)."""
+        ...
+
+    def take_over_run(self, job_id: str, holder: str, owner: str, ttl_s: int) -> bool: ...
+
+    def end_run(self, job_id: str, result: Mapping[str, Any], ttl_s: int) -> None: ...
 
 
 def _attempt_entry(started: float, traceparent: str | None) -> str:
@@ -129,6 +197,34 @@ class RedisStore:
         pipe.lrange(key, 0, -1)
         return [_parse_attempt(x) for x in pipe.execute()[2]]
 
+    def claim_submission(self, job_id: str, record: Mapping[str, Any], ttl_s: int) -> dict[str, Any] | None:
+        key = f"cadscope:submission:{_check_id(job_id)}"
+        if self._redis.set(key, json.dumps(record), nx=True, ex=ttl_s):
+            return None
+        return self.submission(job_id) or None
+
+    def submission(self, job_id: str) -> dict[str, Any] | None:
+        value = self._redis.get(f"cadscope:submission:{_check_id(job_id)}")
+        return json.loads(value) if value else None
+
+    def update_submission(self, job_id: str, record: Mapping[str, Any], ttl_s: int) -> None:
+        self._redis.set(f"cadscope:submission:{_check_id(job_id)}", json.dumps(record), ex=ttl_s)
+
+    def begin_run(self, job_id: str, owner: str, ttl_s: int) -> tuple[str, str]:
+        keys = [f"cadscope:finished:{_check_id(job_id)}", f"cadscope:lease:{job_id}"]
+        state, value = self._redis.register_script(_BEGIN_RUN)(keys=keys, args=[owner, ttl_s])
+        return str(state), str(value)
+
+    def take_over_run(self, job_id: str, holder: str, owner: str, ttl_s: int) -> bool:
+        script = self._redis.register_script(_TAKE_OVER)
+        return bool(script(keys=[f"cadscope:lease:{_check_id(job_id)}"], args=[holder, owner, ttl_s]))
+
+    def end_run(self, job_id: str, result: Mapping[str, Any], ttl_s: int) -> None:
+        pipe = self._redis.pipeline()
+        pipe.set(f"cadscope:finished:{_check_id(job_id)}", json.dumps(result, default=str), ex=ttl_s)
+        pipe.delete(f"cadscope:lease:{job_id}")
+        pipe.execute()
+
     def workers(self) -> dict[str, dict[str, Any]]:
         found = {}
         for key in self._redis.scan_iter("cadscope:worker:*", count=100):
@@ -187,6 +283,85 @@ class FileStore:
             fcntl.flock(fd, fcntl.LOCK_EX)
             os.write(fd, f"{_attempt_entry(started, traceparent)}\n".encode())
             return [_parse_attempt(x) for x in path.read_text().splitlines() if x.strip()]
+        finally:
+            os.close(fd)
+
+    def _locked(self, job_id: str, suffix: str) -> tuple[int, Path]:
+        """An exclusive lock on this job's ``suffix`` records (one host, many processes)."""
+        path = self._root / "progress" / f"{_check_id(job_id)}.{suffix}"
+        fd = os.open(self._root / "progress" / f"{job_id}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd, path
+
+    @staticmethod
+    def _read_json(path: Path) -> Any:
+        try:
+            if time.time() - path.stat().st_mtime >= PROGRESS_TTL_S:
+                return None
+            return json.loads(path.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    @staticmethod
+    def _write_json(path: Path, value: Any) -> None:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(value, default=str))
+        tmp.replace(path)
+
+    def claim_submission(self, job_id: str, record: Mapping[str, Any], ttl_s: int) -> dict[str, Any] | None:
+        fd, path = self._locked(job_id, "submission")
+        try:
+            found = self._read_json(path)
+            if found is None:
+                self._write_json(path, dict(record))
+            return found  # type: ignore[no-any-return]
+        finally:
+            os.close(fd)
+
+    def submission(self, job_id: str) -> dict[str, Any] | None:
+        return self._read_json(self._root / "progress" / f"{_check_id(job_id)}.submission")  # type: ignore[no-any-return]
+
+    def update_submission(self, job_id: str, record: Mapping[str, Any], ttl_s: int) -> None:
+        fd, path = self._locked(job_id, "submission")
+        try:
+            self._write_json(path, dict(record))
+        finally:
+            os.close(fd)
+
+    def begin_run(self, job_id: str, owner: str, ttl_s: int) -> tuple[str, str]:
+        fd, lease = self._locked(job_id, "lease")
+        try:
+            done = self._read_json(lease.with_suffix(".finished"))
+            if done is not None:
+                return "finished", json.dumps(done)
+            try:
+                if time.time() - lease.stat().st_mtime < ttl_s:
+                    return "held", lease.read_text()
+            except FileNotFoundError:
+                pass
+            lease.write_text(owner)
+            return "run", ""
+        finally:
+            os.close(fd)
+
+    def take_over_run(self, job_id: str, holder: str, owner: str, ttl_s: int) -> bool:
+        fd, lease = self._locked(job_id, "lease")
+        try:
+            try:
+                if lease.read_text() != holder:
+                    return False
+            except FileNotFoundError:
+                return False
+            lease.write_text(owner)
+            return True
+        finally:
+            os.close(fd)
+
+    def end_run(self, job_id: str, result: Mapping[str, Any], ttl_s: int) -> None:
+        fd, lease = self._locked(job_id, "lease")
+        try:
+            self._write_json(lease.with_suffix(".finished"), dict(result))
+            lease.unlink(missing_ok=True)
         finally:
             os.close(fd)
 
@@ -260,8 +435,14 @@ class ProgressService:
         else:
             self.publish(job_id, "other", **fields)
 
-    def finish(self, job_id: str, **fields: Any) -> None:
+    def finish(self, job_id: str, result: Mapping[str, Any] | None = None, **fields: Any) -> None:
+        """The job's last event; ``result`` (else ``fields``) is what a later duplicate
+        delivery of the job gets back instead of running it again (:func:`claim_run`)."""
         self.publish(job_id, TERMINAL, **fields)
+        try:
+            self.store.end_run(job_id, result if result is not None else fields, PROGRESS_TTL_S)
+        except Exception as exc:  # noqa: BLE001 - without the store a duplicate runs again; the job is done
+            log.warning("finished marker lost", extra={"error": type(exc).__name__})
 
     def follow(self, job_id: str, after: str = "0", timeout_s: float = 3600) -> Iterator[tuple[str, dict[str, Any]]]:
         """Every event from ``after`` on, until ``job.finished`` or the timeout."""
@@ -278,6 +459,73 @@ _KINDS = frozenset(
     {"job.submitted", "stage.started", "stage.finished", "document", "assembly4", "export", "attempt.lost",
      TERMINAL, "other"}
 )  # fmt: skip
+
+
+def _owner(publish_id: str | None) -> dict[str, Any]:
+    import psutil
+
+    return {"publish": publish_id, "host": socket.gethostname(), "pid": os.getpid(),
+            "born": psutil.Process().create_time()}  # fmt: skip
+
+
+def _alive(holder: Mapping[str, Any]) -> bool:
+    """Whether the process that holds a lease on this host still runs (pid and start time)."""
+    import psutil
+
+    try:
+        return bool(psutil.Process(int(holder["pid"])).create_time() == holder.get("born"))
+    except (psutil.Error, KeyError, TypeError, ValueError):
+        return False
+
+
+def claim_run(service: ProgressService, job_id: str, publish_id: str | None, lease_s: int) -> dict[str, Any] | None:
+    """Called first by a job's task: ``None`` means run it; a dict is the result of the
+    job's earlier run, to return again instead of running (the job already ran to its
+    end). Raises :class:`celery.exceptions.Ignore` (acknowledged, no state stored) for
+    a delivery that arrives while another delivery of the same job id is running.
+
+    ``publish_id`` tells one publish of a job from another (the API's retry after an
+    in-doubt publish is another publish; a redelivery of the same message is not).
+    A delivery never drops a job that could otherwise be lost: only a twin whose
+    holder is running, or whose own message the broker still holds, is dropped; a
+    lease left by a process that died on this host is taken over; and without the
+    store (down) the job runs.
+    """
+    from celery.exceptions import Ignore
+    from opentelemetry import trace
+
+    store = service.store
+    me = json.dumps(_owner(publish_id))
+    try:
+        state, value = store.begin_run(job_id, me, lease_s)
+        if state == "held":
+            holder: dict[str, Any] = json.loads(value) if value.startswith("{") else {}
+            same_message = publish_id is not None and holder.get("publish") == publish_id
+            if holder.get("host") == socket.gethostname():
+                twin = not same_message and _alive(holder)
+            else:  # another host's: its own message is redelivered if that holder dies
+                twin = publish_id is not None and holder.get("publish") not in (None, publish_id)
+            if not twin:
+                # Taken over from a dead holder; a holder that just changed means a twin won.
+                state = "run" if store.take_over_run(job_id, value, me, lease_s) else "held"
+    except Exception as exc:  # noqa: BLE001 - without the store we cannot tell: run the job
+        log.warning("run lease unavailable", extra={"error": type(exc).__name__})
+        return None
+    if state == "run":
+        return None
+    reason = "finished" if state == "finished" else "running"
+    _duplicates_counter().labels(reason).inc()
+    span = trace.get_current_span()
+    span.set_attributes({"cad.job_id": job_id, "cad.duplicate": reason})
+    log.warning("duplicate delivery dropped", extra={"job_id": job_id, "reason": reason})
+    if state == "finished":
+        try:
+            earlier = json.loads(value)
+        except ValueError:
+            earlier = None
+        if isinstance(earlier, dict):
+            return earlier
+    raise Ignore()
 
 
 class Heartbeat(threading.Thread):

@@ -22,6 +22,7 @@ from ..metrics import ModelObservability, default_observability
 from ..tracing import job_id_var
 from ._app import PUBLISHED_AT_HEADER, app, progress
 from ._config import WorkerSettings
+from ._progress import claim_run
 
 __all__ = ["TASK_NAME", "run_job"]
 
@@ -72,8 +73,13 @@ def run_job(self: Task, spec: Any, job_id: str | None = None) -> dict[str, Any]:
     obs = default_observability()
     m = obs.metrics
     job_id = job_id if isinstance(job_id, str) and _JOB_ID.fullmatch(job_id) else str(self.request.id)
-    token = job_id_var.set(job_id)
     published = _published_at(self)
+    # At most once to its end: a twin delivery is dropped before it counts as an attempt.
+    earlier = claim_run(progress(), job_id, None if published is None else repr(published),
+                        _settings().visibility_timeout)  # fmt: skip
+    if earlier is not None:
+        return earlier
+    token = job_id_var.set(job_id)
     if published is not None:
         m.task_queue_wait.labels(TASK_NAME).observe(max(time.time() - published, 0.0))
     span = trace.get_current_span()
@@ -83,7 +89,7 @@ def run_job(self: Task, spec: Any, job_id: str | None = None) -> dict[str, Any]:
     if dead is not None:
         job_id_var.reset(token)
         m.task_outcomes.labels(TASK_NAME, "dead_letter").inc()
-        progress().finish(job_id, **{k: dead.get(k) for k in ("status", "outcome", "error_type")})
+        progress().finish(job_id, result=dead, **{k: dead.get(k) for k in ("status", "outcome", "error_type")})
         return dead
     try:
         result = _run(obs, spec, job_id, started, attempt)
@@ -93,7 +99,9 @@ def run_job(self: Task, spec: Any, job_id: str | None = None) -> dict[str, Any]:
         raise
     finally:
         job_id_var.reset(token)
-    progress().finish(job_id, **{k: result.get(k) for k in ("status", "outcome", "error_type", "duration_s")})
+    progress().finish(
+        job_id, result=result, **{k: result.get(k) for k in ("status", "outcome", "error_type", "duration_s")}
+    )
     outcome = "success" if result["status"] == "succeeded" else "failure"
     m.task_finished(TASK_NAME, outcome, max(default_timer() - started, 0))
     return result
@@ -207,6 +215,7 @@ def _run(obs: ModelObservability, spec: Any, job_id: str, started: float, attemp
         out_dir = _settings().data_dir / "jobs" / job_id
         # Leave the CAD process time to be killed before Celery's own soft limit.
         timeout = min(job.timeout_s, max(_settings().soft_time_limit - 5, 1))
+        deadline = time.monotonic() + timeout  # the input's download and the engine share the job's time
         if job.fault == "kill_worker":
             os.kill(os.getpid(), signal.SIGKILL)  # a poison job, for the reliability tests
         if job.fault == "hang_unresponsive":
@@ -221,7 +230,7 @@ def _run(obs: ModelObservability, spec: Any, job_id: str, started: float, attemp
                 with obs.observe_stage(flow_type, "prepare"):
                     input_path = fetch_document(
                         job.input, cache=cache, store_root=settings.document_store or settings.data_dir / "store",
-                        observability=obs,
+                        observability=obs, deadline=deadline,
                         on_progress=lambda stage, ratio: events.publish(
                             job_id, "document.progress", stage=stage, ratio=round(ratio, 3)),
                     )  # fmt: skip
@@ -231,6 +240,7 @@ def _run(obs: ModelObservability, spec: Any, job_id: str, started: float, attemp
                 log.warning("input document rejected", extra={"error_type": exc.error_type})
                 return _failure(job_id, "rejected", exc.error_type, str(exc))
             events.publish_stage(job_id, "prepare", "finished")
+            timeout = max(deadline - time.monotonic(), 1.0)
         events.publish_stage(job_id, "engine", "started", engine=engine.name)
         with obs.observe_stage(flow_type, "engine"):
             cad = run_cad_job(

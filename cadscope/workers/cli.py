@@ -50,11 +50,103 @@ def _quantile(values: list[float], q: float) -> float:
 
 def worker_command(queue: str, concurrency: int, *extra: str) -> list[str]:
     """``celery worker`` (prefork) on ``queue``, named after it, as run by ``cadscope run``."""
+    # -P: the current folder is not put on sys.path, so a folder named ``cadscope``
+    # there (a clone, from its parent folder) cannot shadow the installed package.
     return [
-        sys.executable, "-m", "celery", "-A", "cadscope.workers.app", "worker", "--pool", "prefork",
+        sys.executable, "-P", "-m", "celery", "-A", "cadscope.workers.app", "worker", "--pool", "prefork",
         "--concurrency", str(concurrency), "-Q", queue, "-n", f"{queue}@%h", "--loglevel", "INFO",
         "--without-gossip", "--without-mingle", *extra,
     ]  # fmt: skip
+
+
+class CliError(Exception):
+    """A user's mistake or an unreachable dependency: one line on stderr, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, not the usage block
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _scheme_known(url: str) -> None:
+    from kombu import Connection
+
+    try:
+        Connection(url).transport_cls  # noqa: B018 - KeyError for an unknown scheme
+    except KeyError:
+        known = "redis://, rediss://, amqp:// or embedded"
+        raise CliError(f"unknown broker scheme in {redacted_url(url)!r} (use {known})") from None
+    except ImportError as exc:
+        raise CliError(f"the broker {redacted_url(url)!r} needs a module that is not installed ({exc.name})") from None
+    except ValueError as exc:
+        raise CliError(f"bad broker URL {redacted_url(url)!r}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a transport module that fails to load (kombu's kafka does)
+        raise CliError(f"the broker {redacted_url(url)!r} cannot be used: its transport failed to load "
+                       f"({type(exc).__name__})") from None  # fmt: skip
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text) if text != "0" else 0
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"not a port: {value}")
+    return value
+
+
+def redacted_url(url: str) -> str:
+    """``url`` without its password, fit for an error message or a log line."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.hostname or ""
+        netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        return url.split("@")[-1]
+
+
+def check_broker(url: str, timeout_s: float = 8.0) -> None:
+    """Fail fast, naming the broker (never its password), when its scheme is unknown
+    or it does not answer: Celery itself would retry for minutes and then dump its log."""
+    from kombu import Connection
+
+    _scheme_known(url)
+    shown = redacted_url(url)
+    connection = Connection(url, connect_timeout=3)
+    try:
+        if type(connection.transport).__module__.endswith("filesystem"):
+            return
+        connection.ensure_connection(
+            max_retries=2, interval_start=0.5, interval_step=0.5, interval_max=1, timeout=timeout_s
+        )
+    except Exception as exc:  # noqa: BLE001 - any failure to connect is the same answer to a user
+        reason = str(exc).replace(url, shown).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise CliError(f"cannot reach the broker at {shown}: {reason}") from None
+    finally:
+        connection.release()
 
 
 def _pick_engines(choice: str) -> list[str]:
@@ -69,7 +161,7 @@ def _pick_engines(choice: str) -> list[str]:
     else:
         engines = [choice] if choice in found else []
     if not engines:
-        raise SystemExit(f"cadscope: no engine available for --engine {choice} (found: {sorted(found) or 'none'})")
+        raise CliError(f"no engine available for --engine {choice} (found: {sorted(found) or 'none'})")
     return engines
 
 
@@ -81,9 +173,8 @@ def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float, log: Pa
         if proc.poll() is not None:
             break
         time.sleep(0.1)
-    tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
     proc.kill()
-    raise SystemExit(f"cadscope: the worker did not become ready (exit {proc.poll()}); log tail:\n{tail}")
+    raise CliError(f"the worker did not become ready within {timeout:g} s (exit {proc.poll()}); see {log}")
 
 
 def _progress_line(done: int, total: int, outcomes: Counter[str], stages: Counter[str]) -> str:
@@ -104,8 +195,7 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float, log: Pat
                 return
         except OSError:
             time.sleep(0.1)
-    tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
-    raise SystemExit(f"cadscope: the API did not come up (exit {proc.poll()}); log tail:\n{tail}")
+    raise CliError(f"the API did not come up within {timeout:g} s (exit {proc.poll()}); see {log}")
 
 
 class _Api:
@@ -130,8 +220,23 @@ class _Api:
         return self._call("GET", f"/v1/jobs/{job_id}")
 
 
+class _Stop(Exception):
+    """SIGTERM to ``cadscope run``: stop as Ctrl-C does."""
+
+
+def _raise_stop(signum: int, _frame: Any) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
+    broker = args.broker or os.environ.get("CELERY_BROKER_URL") or "embedded"
+    from ._config import EMBEDDED, broker_settings
+
+    embedded = broker in (EMBEDDED, "filesystem://")
+    if not embedded:
+        check_broker(broker)
+    engines = _pick_engines(args.engine)
     if out.exists() and not args.keep_out:
         # Only what a previous run wrote: --out may be a folder with other files.
         for name in (
@@ -149,15 +254,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             target = out / name
             shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    broker = args.broker or os.environ.get("CELERY_BROKER_URL") or "embedded"
-    engines = _pick_engines(args.engine)
     run_id = uuid.uuid4().hex[:8]
     queue = f"cadscope-run-{run_id}"
     metrics_port = args.metrics_port or _free_port()
     ready = out / f".ready-{run_id}"
-    from ._config import EMBEDDED, broker_settings
-
-    embedded = broker in (EMBEDDED, "filesystem://")
     backend = broker_settings(broker, out)["result_backend"]
     env = {
         **os.environ,
@@ -174,7 +274,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     }
     from . import _workload
 
-    where = "embedded broker (kombu filesystem transport, no server)" if embedded else broker.split("@")[-1]
+    where = "embedded broker (kombu filesystem transport, no server)" if embedded else redacted_url(broker)
     print(f"cadscope run: {args.jobs} jobs on {', '.join(engines)} via {where}; output in {out}", file=sys.stderr)
 
     token = uuid.uuid4().hex
@@ -183,22 +283,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     api_env = {k: v for k, v in env.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     api_env.update({"CADSCOPE_API_TOKEN": token, "CADSCOPE_QUEUE": queue})
     log = out / "worker.log"
+    # SIGTERM (a service manager, `kill`) stops the run as Ctrl-C does: the API and the
+    # worker are stopped and the summary is written, rather than leaving both running.
+    previous_term = signal.signal(signal.SIGTERM, _raise_stop)
+    # The children run in the output folder, not the user's: Celery puts its working
+    # folder on sys.path, where a folder named ``cadscope`` (a clone, seen from its
+    # parent folder) would shadow the installed package.
     worker = subprocess.Popen(  # noqa: S603
         worker_command(queue, args.concurrency), stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL, cwd=out,
     )  # fmt: skip
     api = subprocess.Popen(  # noqa: S603
-        [sys.executable, "-m", "cadscope.workers.cli", "api", "--port", str(api_port)],
+        [sys.executable, "-P", "-m", "cadscope.workers.cli", "api", "--port", str(api_port)],
         stdout=(out / "api.log").open("wb"), stderr=subprocess.STDOUT, env=api_env, stdin=subprocess.DEVNULL,
+        cwd=out,
     )  # fmt: skip
     results: dict[str, dict[str, Any]] = {}
     expected_failures: dict[str, bool] = {}
     specs = _workload.workload(args.jobs, engines)
+    pending: dict[str, dict[str, Any]] = {}
+    interrupted = ""
     try:
         _wait_for(ready, worker, 90, log)
         _wait_http(f"{api_url}/health/live", api, 60, out / "api.log")
         client = _Api(api_url, token)
-        pending: dict[str, dict[str, Any]] = {}
         for spec in specs:
             job_id = client.submit(spec)
             pending[job_id] = spec
@@ -224,9 +332,6 @@ def cmd_run(args: argparse.Namespace) -> int:
                 shown = line
             time.sleep(0.3)
         sys.stderr.write("\n")
-        for job_id in pending:
-            results[job_id] = {"job_id": job_id, "status": "failed", "outcome": "lost",
-                               "error_message": f"no result within {args.timeout} s"}  # fmt: skip
         metrics_text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).read()  # noqa: S310
         (out / "metrics.prom").write_bytes(metrics_text)
         if args.keep_serving:
@@ -238,9 +343,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             try:
                 while worker.poll() is None and api.poll() is None:
                     time.sleep(1)
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, _Stop):
                 pass
+    except (KeyboardInterrupt, _Stop) as exc:
+        interrupted = "SIGINT" if isinstance(exc, KeyboardInterrupt) else str(exc)
+        sys.stderr.write(f"\ncadscope run: {interrupted}: stopping the API and the worker\n")
     finally:
+        # A second signal while stopping must not cut the stop short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for proc in (api, worker):  # the API first: nothing new reaches the worker
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)  # warm shutdown: children flush their spans
@@ -249,12 +359,20 @@ def cmd_run(args: argparse.Namespace) -> int:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+        signal.signal(signal.SIGTERM, previous_term)
+    for job_id in pending:
+        if job_id not in results:
+            message = f"stopped by {interrupted}" if interrupted else f"no result within {args.timeout} s"
+            outcome = "interrupted" if interrupted else "lost"
+            results[job_id] = {"job_id": job_id, "status": "failed", "outcome": outcome, "error_message": message}
     summary = _summarise(results, expected_failures, out / "traces.jsonl", specs)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _print_summary(summary, sys.stdout)
     unexpected = summary["jobs"]["unexpected_failures"]
     if unexpected:
         print(f"cadscope run: {unexpected} job(s) that should have succeeded failed", file=sys.stderr)
+    if interrupted and pending:
+        return 130 if interrupted == "SIGINT" else 143
     return 1 if unexpected else 0
 
 
@@ -357,6 +475,8 @@ def _print_summary(summary: dict[str, Any], out: Any) -> None:
 
 
 def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
+    if os.environ.get("CELERY_BROKER_URL") and "-b" not in extra and not any(a.startswith("--broker") for a in extra):
+        _scheme_known(os.environ["CELERY_BROKER_URL"])
     argv = [sys.executable, "-m", "celery", "-A", "cadscope.workers.app", "worker", "--pool", "prefork", *extra]
     os.execv(sys.executable, argv)  # noqa: S606 - replaces this process with the worker
     return 0  # pragma: no cover
@@ -365,6 +485,19 @@ def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from ..api import ApiSettings
+
+    try:
+        settings = ApiSettings.from_env()
+    except OSError as exc:
+        raise CliError(f"cannot read CADSCOPE_API_TOKEN_FILE: {exc.strerror} ({exc.filename})") from None
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if not settings.token and not settings.allow_anonymous:
+        raise CliError("no API token: set CADSCOPE_API_TOKEN or CADSCOPE_API_TOKEN_FILE "
+                       "(or CADSCOPE_API_ALLOW_ANONYMOUS=1 to run without one)")  # fmt: skip
+    if settings.broker_url:
+        _scheme_known(settings.broker_url)
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Server processes (--workers N) share it: wiped before they start, as
         # prometheus_client asks, so no earlier run's files are summed in. It must
@@ -380,8 +513,21 @@ def cmd_api(args: argparse.Namespace) -> int:
 def cmd_trace(args: argparse.Namespace) -> int:
     from ..tracing._waterfall import read_otlp_json, render_waterfall, traces_by_job
 
-    with open(args.file) as lines:
-        jobs = traces_by_job(read_otlp_json(lines))
+    try:
+        with open(args.file) as lines:
+            jobs = traces_by_job(read_otlp_json(lines))
+    except FileNotFoundError:
+        raise CliError(f"no such file: {args.file}") from None
+    except IsADirectoryError:
+        raise CliError(f"{args.file} is a folder; give the traces file in it (traces.jsonl)") from None
+    except PermissionError:
+        raise CliError(f"cannot read {args.file}: permission denied") from None
+    except UnicodeDecodeError:
+        raise CliError(f"{args.file} is not text: expected OTLP/JSON lines") from None
+    except ValueError as exc:
+        raise CliError(f"{args.file}: {exc}; expected OTLP/JSON lines") from None
+    except (KeyError, TypeError, AttributeError):
+        raise CliError(f"{args.file} is JSON but not OTLP/JSON trace lines") from None
     if not jobs:
         print(f"cadscope trace: no job traces in {args.file}", file=sys.stderr)
         return 1
@@ -400,43 +546,47 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="cadscope", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = _Parser(prog="cadscope", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the whole pipeline on this machine on a built-in workload")
-    run.add_argument("--jobs", type=int, default=14)
+    run.add_argument("--jobs", type=_positive_int, default=14)
     run.add_argument("--engine", choices=["auto", "freecad", "ocp", "all"], default="all")
-    run.add_argument("--concurrency", type=int, default=2)
+    run.add_argument("--concurrency", type=_positive_int, default=2)
     run.add_argument("--broker", help="Celery broker URL (default: $CELERY_BROKER_URL, else the embedded broker)")
     run.add_argument("--out", default="cadscope-out")
-    run.add_argument("--timeout", type=float, default=900, help="seconds to wait for the whole workload")
-    run.add_argument("--metrics-port", type=int, default=0, help="worker /metrics port (default: a free one)")
-    run.add_argument("--api-port", type=int, default=0, help="API port (default: a free one)")
+    run.add_argument("--timeout", type=_positive_float, default=900, help="seconds to wait for the whole workload")
+    run.add_argument("--metrics-port", type=_port, default=0, help="worker /metrics port (default: a free one)")
+    run.add_argument("--api-port", type=_port, default=0, help="API port (default: a free one)")
     run.add_argument("--keep-serving", action="store_true", help="leave the worker and /metrics up afterwards")
     run.add_argument("--keep-out", action="store_true", help="do not clear a previous run's output first")
     sub.add_parser("worker", help="start a prefork Celery worker (other options go to celery worker)")
     api = sub.add_parser("api", help="serve the HTTP API (uvicorn); token from CADSCOPE_API_TOKEN[_FILE]")
     api.add_argument("--host", default="127.0.0.1")
-    api.add_argument("--port", type=int, default=8000)
-    api.add_argument("--workers", type=int, default=1)
+    api.add_argument("--port", type=_port, default=8000)
+    api.add_argument("--workers", type=_positive_int, default=1)
     api.add_argument("--log-level", default="warning")
     trace_cmd = sub.add_parser("trace", help="draw a job's trace from an OTLP/JSON file")
     trace_cmd.add_argument("file")
     trace_cmd.add_argument("--job")
     args, extra = parser.parse_known_args(argv)
-    if argv is None:
-        # `cadscope trace ... | head` closes the pipe early: exit quietly, like cat.
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    if args.command == "worker":
-        return cmd_worker(args, extra)
-    if extra:
+    if extra and args.command != "worker":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command == "run":
-        return cmd_run(args)
-    if args.command == "api":
-        return cmd_api(args)
-    return cmd_trace(args)
+    try:
+        if args.command == "worker":
+            return cmd_worker(args, extra)
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "api":
+            return cmd_api(args)
+        if argv is None:
+            # `cadscope trace ... | head` closes the pipe early: exit quietly, like cat. Only
+            # here: a server (the API) must get EPIPE as an error on a socket its peer closed
+            # (a Redis restart, an idle timeout), not die of the signal.
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        return cmd_trace(args)
+    except CliError as exc:
+        print(f"cadscope {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
