@@ -60,11 +60,13 @@ SUFFIX = {"step": ".step", "brep": ".brep", "fcstd": ".FCStd"}
 
 
 class DocumentError(Exception):
-    """The input document cannot be used; ``error_type`` is the metric label."""
+    """The input document cannot be used; ``error_type`` is the metric label, ``violation`` the
+    security violation it is, if any (counted in ``cadscope_security_violations_total``)."""
 
-    def __init__(self, error_type: str, message: str) -> None:
+    def __init__(self, error_type: str, message: str, *, violation: str | None = None) -> None:
         super().__init__(message)
         self.error_type = error_type
+        self.violation = violation
 
 
 @dataclass
@@ -198,7 +200,7 @@ class FetchPolicy:
                 extra={"security_event": True, "violation_type": "forbidden_address",
                        "addresses": [str(a) for a in refused][:4]},
             )  # fmt: skip
-            raise DocumentError("bad_uri", _REFUSED)
+            raise DocumentError("bad_uri", _REFUSED, violation="forbidden_address")
         return addresses
 
 
@@ -405,6 +407,8 @@ def fetch_document(
             path = _fetch(doc, source, cache, store_root, obs, progress, span, policy, limits)
         except DocumentError as exc:
             obs.record_document_load_failure(source, exc.error_type)
+            if exc.violation is not None:
+                obs.record_security_violation(exc.violation)
             span.set_attribute("error.type", exc.error_type)
             span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)))
             raise

@@ -58,7 +58,7 @@ AI_LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
 #: exactly these pairs, and the worker exposes each at 0 from its start
 #: (``ModelObservability.zero_event_counters``); a new kind is added here only.
 SECURITY_VIOLATION_SEVERITY: Mapping[str, str] = MappingProxyType(
-    {"checksum_mismatch": "critical", "path_traversal": "high"}
+    {"checksum_mismatch": "critical", "path_traversal": "high", "forbidden_address": "high"}
 )
 
 ALLOWED_LABEL_VALUES: dict[str, frozenset[str]] = {
@@ -135,7 +135,16 @@ ALLOWED_LABEL_VALUES: dict[str, frozenset[str]] = {
     "token_kind": frozenset({"input", "output"}),
     "doc_source": frozenset({"store", "http"}),
     "doc_error": frozenset(
-        {"not_found", "download_failed", "too_large", "size_mismatch", "checksum_mismatch", "bad_uri", "load_failed"}
+        {
+            "not_found",
+            "download_failed",
+            "download_timeout",
+            "too_large",
+            "size_mismatch",
+            "checksum_mismatch",
+            "bad_uri",
+            "load_failed",
+        }
     ),
     "load_stage": frozenset({"download", "checksum", "load", "validate"}),
     "violation_type": frozenset(SECURITY_VIOLATION_SEVERITY),
@@ -144,6 +153,7 @@ ALLOWED_LABEL_VALUES: dict[str, frozenset[str]] = {
     "accumulator_outcome": frozenset({"repaired", "previous", "lost"}),
     "fallback_reason": frozenset({"disk_full"}),
     "journal_error": frozenset({"disk_full", "io_error", "too_large"}),
+    "duplicate_reason": frozenset({"finished", "running"}),
     "recovery_cause": frozenset(
         {"worker_lost", "worker_restart", "SIGKILL", "SIGTERM", "SIGSEGV", "SIGBUS", "SIGABRT", "SIGINT"}
     ),
@@ -470,6 +480,12 @@ class Catalogue:
         )
         self.task_outcomes = counter(
             "cadscope_task_outcomes", "Celery task executions by outcome.", ("task", "outcome")
+        )
+        self.task_duplicates = counter(
+            "cadscope_task_duplicates_dropped",
+            "Deliveries of a job id dropped without running: the job had already run to its end (finished) "
+            "or another delivery of it was running (running).",
+            ("reason",),
         )
         self.attempts_lost = counter(
             "cadscope_task_attempts_lost", "Task attempts lost with their worker process (redelivered).", ("task",)

@@ -417,6 +417,8 @@ class ModelObservability:
                 m.metrics_accumulator.labels(outcome)
             for reason in sorted(ALLOWED_LABEL_VALUES["journal_error"]):
                 m.journal_errors.labels(reason)
+            for reason in sorted(ALLOWED_LABEL_VALUES["duplicate_reason"]):
+                m.task_duplicates.labels(reason)
 
     def record_metrics_file_unreadable(self, action: str) -> None:
         """The multiprocess collector's ``on_unreadable`` callback (the worker's main process)."""
@@ -432,6 +434,11 @@ class ModelObservability:
         """:func:`~cadscope.metrics.reserve_process_files`'s ``on_fallback`` callback."""
         with _never_raise("metrics fallback"):
             self.metrics.metrics_fallback.labels(bound("fallback_reason", reason)).inc()
+
+    def record_duplicate_dropped(self, reason: str) -> None:
+        """A delivery of a job id dropped without running (see ``workers._progress.claim_run``)."""
+        with _never_raise("duplicate dropped"):
+            self.metrics.task_duplicates.labels(bound("duplicate_reason", reason)).inc()
 
     def record_journal_error(self, reason: str) -> None:
         """The open-span journal's ``on_error`` callback."""

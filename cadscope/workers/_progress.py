@@ -34,11 +34,12 @@ import socket
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
 from prometheus_client import Counter
+
+from ..metrics import default_observability
 
 __all__ = [
     "TERMINAL",
@@ -69,16 +70,6 @@ def _published_counter() -> Counter:
             "cadscope_progress_events", "Progress events published, by kind and result.", ("kind", "result")
         )
     return _PUBLISHED
-
-
-@lru_cache(maxsize=1)
-def _duplicates_counter() -> Counter:
-    return Counter(
-        "cadscope_task_duplicates_dropped",
-        "Deliveries of a job id dropped without running: the job had already run to its end (finished) "
-        "or another delivery of it was running (running).",
-        ("reason",),
-    )
 
 
 # The run lease: taken when absent, else handed back to the caller to judge.
@@ -514,7 +505,7 @@ def claim_run(service: ProgressService, job_id: str, publish_id: str | None, lea
     if state == "run":
         return None
     reason = "finished" if state == "finished" else "running"
-    _duplicates_counter().labels(reason).inc()
+    default_observability().record_duplicate_dropped(reason)
     span = trace.get_current_span()
     span.set_attributes({"cad.job_id": job_id, "cad.duplicate": reason})
     log.warning("duplicate delivery dropped", extra={"job_id": job_id, "reason": reason})
