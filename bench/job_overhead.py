@@ -1,52 +1,30 @@
-"""What the instrumentation costs a CAD job, as ratios measured in one run.
+"""What the telemetry, and everything the runner adds, cost a CAD job: interleaved A/B/C runs in one process.
 
-1. Job overhead: the standard job on each engine, fully instrumented as a
-   worker runs it (``run_cad_job``: spans re-emitted through the bounded batch
-   processor and exported over OTLP/gRPC, or OTLP/HTTP with ``--protocol
-   http``, to a collector in another process, on the processor's own
-   schedule; metrics in multiprocess mode; trace
-   propagation, the probe writing to its pipe, the contained runner and the
-   manifest check) vs. bare (the same engine script through
-   ``subprocess.run`` with no telemetry pipe, so the probe is a no-op, and no
-   spans or metrics). Both sides write the job file inside their timing.
-   Runs are interleaved A/B, alternating which goes first, so drift hits both
-   sides alike. On a 2-core VM one run scatters by +-10 %, so the figure is
-   the median of the *paired* ratios (run i instrumented / run i bare) with a
-   95 % bootstrap interval, for wall time and for CPU time (this process,
-   its threads and its reaped children: the CAD process included).
-2. CPU accounted: the A/B ratios carry the CAD process's own scatter (on a
-   busy VM its CPU time varies by 10-15 % from run to run), which no
-   affordable number of runs resolves to 1 %. The added cost is measured
-   part by part instead, each without that scatter: the worker's own CPU per
-   job (paired differences, with an interval), the probe's cost per event
-   times the events the job's child wrote, and the CPU that exec'ing through
-   ``setpriv`` adds to a process start. Their sum over the bare job's CPU
-   time is "all cadscope adds". "Telemetry alone" is issue 7's comparison,
-   the same job with instrumentation off: it keeps the containment
-   (``setpriv``) and the worker's sha256 check of the artifacts, which
-   belong to the job, not to its telemetry. The check is timed where it runs,
-   inside ``run_cad_job`` just after the child's exit. Up to 1cefb31
-   (2026-12-02) it was timed again after each run, on warm caches, where it
-   cost ~25 % less (both are in the table), and the difference was charged
-   to telemetry. Either
-   bounds the wall-time cost too: the worker's share runs beside the CAD
-   process, on the critical path only before the spawn and after the exit.
-   The worker's side of a run is the CPU of the thread that runs it, as in a
-   pool process, plus its share of what telemetry runs in other threads,
-   measured per thread over the whole benchmark (``/proc/self/task``), which
-   ends with a flush: all of the processor's export thread (OTLP encoding and
-   the gRPC calls) shared out over the instrumented runs, and gRPC's own
-   threads, which burn CPU by the second whether spans flow or not (~0.8 ms
-   a second here), at their rate times each instrumented run's wall time, as
-   a worker running jobs back to back pays them. The processor exports as a
-   worker's does, every 5 s or 512 spans, so a job shares an export with the
-   jobs around it (flushing after every run, as this script did up to
-   2026-11-23, charged each FreeCAD job a whole gRPC call: ~1.3 ms here,
-   most of it a cold CPU's, against ~0.3 ms back to back).
-3. Probe cost: microseconds per event (a span is two events) in each
-   engine's own Python, writing to a pipe a reader drains.
+The standard job (a plate with holes and fillets, exported to STEP and STL)
+on each engine, three ways, interleaved (the order rotates from one triple to
+the next, so drift hits every arm alike):
 
-    python bench/job_overhead.py [--runs 100] [--write bench/RESULTS.md]
+- **bare**: the engine's script through ``subprocess.run``, with no telemetry
+  pipe (the probe is a no-op), no containment, no artifact check, no spans,
+  no metrics;
+- **runner, telemetry off**: ``run_cad_job`` as a worker calls it, with its
+  containment (own session, limits, parent-death signal), the child's pipe
+  (it carries the result manifest) and the artifact check (sha256), but a
+  tracer provider that records nothing and metrics in process memory;
+- **runner, telemetry on**: the same, as a worker runs it: spans re-emitted and
+  exported over OTLP/gRPC (``--protocol http`` for OTLP/HTTP) to a collector
+  in another process through the bounded batch processor, metrics in
+  prometheus_client's multiprocess files.
+
+Figures: *telemetry alone* is on / off; *everything the runner adds* is on /
+bare. Each is the median of the paired ratios (triple i against itself) with
+a 95 % bootstrap interval, for wall time and for CPU time (this process and
+its reaped children, the CAD process included; the export thread and the
+transport's threads are in this process). Target: telemetry at most 1 % of a
+FreeCAD job's wall time. A probe event's cost in each engine's own Python is
+measured too (target: 20 µs).
+
+    python bench/job_overhead.py [--runs 60] [--protocol grpc|http] [--write FILE]
 """
 
 from __future__ import annotations
@@ -60,21 +38,19 @@ import resource
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-from _common import NullCollectorProcess, NullHTTPCollectorProcess, bootstrap, other_threads_cpu, paired, publish
+from _common import NullCollectorProcess, NullHTTPCollectorProcess, paired, publish
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from prometheus_client import CollectorRegistry
 
-from cadscope.freecad_bridge import JobSpec, RunLimits, _engines, build_env, discover_engines, run_cad_job
-from cadscope.freecad_bridge._engines import CHILD_DIR, _engine_home, _verify_artifacts
-from cadscope.freecad_bridge._runner import _with_pdeathsig
+from cadscope.freecad_bridge import EngineInfo, JobSpec, RunLimits, build_env, discover_engines, run_cad_job
+from cadscope.freecad_bridge._engines import CHILD_DIR, _engine_home
 from cadscope.freecad_bridge._schema import material_library_path
 from cadscope.metrics import Catalogue, ModelObservability, enable_multiprocess
 from cadscope.tracing import BoundedBatchSpanProcessor, PinnableIdGenerator
@@ -105,18 +81,13 @@ PROBE_LOOP = textwrap.dedent(
 )
 
 
-def probe_cost(python_argv: list[str], n: int = 20_000) -> float:
-    script = PROBE_LOOP.format(child=str(CHILD_DIR), n=n)
+def probe_cost(python: str, n: int = 20_000) -> float:
+    """Microseconds a probe event (a span is two) costs in ``python``, writing to a pipe a reader drains."""
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as handle:
-        handle.write(script)
+        handle.write(PROBE_LOOP.format(child=str(CHILD_DIR), n=n))
     try:
-        out = subprocess.run(
-            [*python_argv, handle.name],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=build_env(extra={"HOME": _engine_home()}),
-        ).stdout
+        out = subprocess.run([python, handle.name], capture_output=True, text=True, timeout=600,
+                             env=build_env(extra={"HOME": _engine_home()})).stdout  # fmt: skip
     finally:
         os.unlink(handle.name)
     for line in out.splitlines():
@@ -125,251 +96,123 @@ def probe_cost(python_argv: list[str], n: int = 20_000) -> float:
     raise RuntimeError(f"probe benchmark printed nothing useful:\n{out[-2000:]}")
 
 
-class WorkerTelemetry(NamedTuple):
-    """The telemetry as a worker runs it: spans through the bounded batch processor and OTLP/gRPC or
-    OTLP/HTTP (cadscope's encoder) to a collector in another process, metrics in multiprocess (mmap) mode."""
-
-    sink: NullCollectorProcess
-    processor: BoundedBatchSpanProcessor
-    provider: TracerProvider
-    obs: ModelObservability
-
-    @classmethod
-    def start(cls, stack: contextlib.ExitStack, protocol: str = "grpc") -> WorkerTelemetry:
-        enable_multiprocess(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-metrics-")))
-        exporter: SpanExporter
-        if protocol == "http":
-            sink: NullCollectorProcess = stack.enter_context(NullHTTPCollectorProcess())
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HTTPExporter
-
-            exporter = HTTPExporter(endpoint=sink.endpoint + "/v1/traces")
-        else:
-            sink = stack.enter_context(NullCollectorProcess())
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-            exporter = OTLPSpanExporter(endpoint=sink.endpoint, insecure=True)
-        processor = BoundedBatchSpanProcessor(exporter)
-        provider = TracerProvider(id_generator=PinnableIdGenerator())
-        provider.add_span_processor(processor)
-        return cls(
-            sink, processor, provider, ModelObservability(Catalogue(CollectorRegistry()), tracer_provider=provider)
-        )
-
-    def stop(self, stack: contextlib.ExitStack) -> None:
-        """Flush and close; exits non-zero if a span was lost on the way to the collector."""
-        self.provider.shutdown()
-        stack.close()
-        if any(self.processor.dropped.values()) or self.sink.spans <= 0:
-            raise SystemExit(
-                f"spans were lost on the way to the collector: {self.processor.dropped}, {self.sink.spans} received"
-            )
-
-
-def _cpu() -> tuple[float, float]:
-    """(this thread: the worker's share of a run; with the reaped children: the whole run)."""
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    mine = time.thread_time()
-    return mine, mine + children.ru_utime + children.ru_stime
-
-
-_checks: list[float] = []  # thread CPU of each artifact check run_cad_job made, in order
-
-
-def _timed_check(manifest: Any, out_dir: Path) -> Any:
-    """``run_cad_job``'s artifact check, timed in place (the benchmark's own probe)."""
-    started = time.thread_time()
-    try:
-        return _verify_artifacts(manifest, out_dir)
-    finally:
-        _checks.append(time.thread_time() - started)
-
-
-_engines._verify_artifacts = _timed_check  # run_cad_job looks it up when it calls it
-
-
 class Run(NamedTuple):
     wall: float  # s
-    cpu: float  # s, the worker's side and the CAD process
-    own: float  # s, the worker's side alone: the thread that ran the job (instrumented: plus other threads' share)
-    events: int = 0  # telemetry lines the child wrote
-    check: float = 0.0  # s, the worker's sha256 check of the artifacts, where run_cad_job runs it
-    recheck: float = 0.0  # s, the same check timed again after the run (warm caches)
+    cpu: float  # s: this process (every thread) and its reaped children
 
 
-def _since(wall: float, cpu: tuple[float, float]) -> Run:
-    mine, total = _cpu()
-    return Run(time.perf_counter() - wall, total - cpu[1], mine - cpu[0])
+def _cpu() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def bare_run(engine, job: JobSpec, out: Path) -> Run:
-    start, cpu = time.perf_counter(), _cpu()
+def _timed(run) -> Run:  # type: ignore[no-untyped-def]
+    wall, cpu = time.perf_counter(), _cpu()
+    run()
+    return Run(time.perf_counter() - wall, _cpu() - cpu)
+
+
+def bare(engine: EngineInfo, job: JobSpec, out: Path) -> None:
     work = out / ".cadscope"
     work.mkdir(parents=True, exist_ok=True)
     payload = {"job": {**job.model_dump(mode="json"), "job_id": "bench"}, "material_library": material_library_path()}
     (work / "job.json").write_text(json.dumps(payload))
     env = build_env(extra={"CADSCOPE_JOB": str(work / "job.json"), "CADSCOPE_OUT": str(out), "HOME": _engine_home()})
-    proc = subprocess.run(
-        list(engine.argv),
-        env=env,
-        cwd=work,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    measured = _since(start, cpu)
+    proc = subprocess.run(list(engine.argv), env=env, cwd=work, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     if proc.returncode != 0 or not any(out.glob("*.step")):
         raise RuntimeError("bare run failed")
-    return measured
 
 
-def instrumented_run(
-    engine, job: JobSpec, out: Path, obs: ModelObservability, provider: TracerProvider, limits: RunLimits | None = None
-) -> Run:
-    checks = len(_checks)
-    start, cpu = time.perf_counter(), _cpu()
+def runner(engine: EngineInfo, job: JobSpec, out: Path, obs: ModelObservability, provider: TracerProvider) -> None:
     with provider.get_tracer("bench").start_as_current_span("task"):
-        result = run_cad_job(
-            job,
-            out,
-            engine=engine,
-            job_id="bench",
-            observability=obs,
-            limits=limits or RunLimits(timeout_s=300),
-            tracer_provider=provider,
-        )
-    measured = _since(start, cpu)
+        result = run_cad_job(job, out, engine=engine, job_id="bench", observability=obs,
+                             limits=RunLimits(timeout_s=300), tracer_provider=provider)  # fmt: skip
     if not result.ok or result.manifest is None:
-        raise RuntimeError(f"instrumented run failed: {result.outcome} {result.error_message}")
-    if len(_checks) == checks:
-        raise RuntimeError("run_cad_job's artifact check was not timed in place: is it still _verify_artifacts?")
-    recheck = time.thread_time()
-    _verify_artifacts(result.manifest, out)
-    recheck = time.thread_time() - recheck
-    return measured._replace(events=result.run.events, check=sum(_checks[checks:]), recheck=recheck)
-
-
-def wrapper_cost(runs: int = 300) -> float:
-    """CPU seconds that starting a process through ``setpriv --pdeathsig`` adds (``true`` with and without)."""
-    true = shutil.which("true") or "/bin/true"
-    wrapped = _with_pdeathsig([true])  # exactly as the runner starts a CAD process
-    if wrapped is None:
-        return 0.0
-    extra = []
-    for _ in range(runs):
-        cpu = []
-        for argv in ([true], wrapped):
-            before = _cpu()[1]
-            subprocess.run(argv, check=True)
-            cpu.append(_cpu()[1] - before)
-        extra.append(cpu[1] - cpu[0])
-    return statistics.median(extra)
+        raise RuntimeError(f"run failed: {result.outcome} {result.error_message}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--runs", type=int, default=60, help="triples per engine")
+    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     parser.add_argument("--write", help="append a results section to this Markdown file")
-    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc",
-                        help="the span export's transport: OTLP/gRPC or OTLP/HTTP (protobuf)")  # fmt: skip
     args = parser.parse_args()
-
     engines = discover_engines()
-    stack = contextlib.ExitStack()
-    instrumentation = WorkerTelemetry.start(stack, args.protocol)
-    processor, provider, obs = instrumentation.processor, instrumentation.provider, instrumentation.obs
-    # Each engine's own Python runs the probe (the OCP engine runs in this one).
-    probe_us = {name: probe_cost([engine.argv[0]]) for name, engine in sorted(engines.items())}
-    wrapper_s = wrapper_cost()
+    metrics_dir = tempfile.mkdtemp(prefix="bench-metrics-")
+    with contextlib.ExitStack() as stack:
+        # Telemetry on: spans to a collector in another process, metrics in multiprocess files.
+        sink = stack.enter_context(NullHTTPCollectorProcess() if args.protocol == "http" else NullCollectorProcess())
+        if args.protocol == "http":
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HTTPExporter
+
+            exporter = HTTPExporter(endpoint=sink.endpoint + "/v1/traces")
+        else:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            exporter = OTLPSpanExporter(endpoint=sink.endpoint, insecure=True)
+        processor = BoundedBatchSpanProcessor(exporter)
+        on = TracerProvider(id_generator=PinnableIdGenerator())
+        on.add_span_processor(processor)
+        off = TracerProvider(sampler=ALWAYS_OFF)  # records nothing, exports nothing
+        off_obs = ModelObservability(Catalogue(CollectorRegistry()), tracer_provider=off)  # process memory
+        enable_multiprocess(metrics_dir)
+        on_obs = ModelObservability(Catalogue(CollectorRegistry()), tracer_provider=on)
+
+        rows = []
+        for name, engine in sorted(engines.items()):
+            job = JobSpec.model_validate(dict(PLATE, engine=name))
+            root = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+            arms = {
+                "bare": lambda out, e=engine, j=job: bare(e, j, out),
+                "off": lambda out, e=engine, j=job: runner(e, j, out, off_obs, off),
+                "on": lambda out, e=engine, j=job: runner(e, j, out, on_obs, on),
+            }
+            runs: dict[str, list[Run]] = {arm: [] for arm in arms}
+            try:
+                for arm, call in arms.items():  # one warm-up each
+                    call(root / f"warm-{arm}")
+                order = list(arms)
+                for i in range(args.runs):
+                    for arm in order[i % 3 :] + order[: i % 3]:
+                        out = root / f"{i}-{arm}"
+                        runs[arm].append(_timed(lambda c=arms[arm], o=out: c(o)))
+                        shutil.rmtree(out)
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
+            rows.append((name, engine, runs))
+            print(name, {arm: statistics.median(r.wall for r in rs) for arm, rs in runs.items()}, flush=True)
+        on.force_flush()
+        probe_us = {name: probe_cost(engine.argv[0]) for name, engine in sorted(engines.items())}
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    if any(processor.dropped.values()) or sink.spans <= 0:  # the count arrives as the collector stops
+        raise SystemExit(f"spans were lost on the way to the collector: {processor.dropped}, {sink.spans}")
+
+    def ratio(a: list[Run], b: list[Run], field: str) -> str:
+        median, low, high = paired([getattr(r, field) for r in a], [getattr(r, field) for r in b])
+        return f"**{median:.4f}** [{low:.4f}–{high:.4f}]"
+
     lines = [
-        f"### Job overhead and probe cost ({time.strftime('%Y-%m-%d')}, spans over OTLP/{args.protocol.upper()})",
+        f"### Job overhead ({time.strftime('%Y-%m-%d')}, spans over OTLP/{args.protocol.upper()}, "
+        f"{args.runs} interleaved triples per engine)",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"{platform.platform()}. Runs per side: {args.runs}, interleaved A/B, after one warm-up each. "
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}. "
         "Ratios: median of paired ratios [95 % bootstrap interval].",
         "",
-        "| engine (FreeCAD / OCCT) | bare wall median | instrumented wall median | wall ratio | CPU ratio "
-        "| bare wall range | instrumented wall range |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| engine (FreeCAD / OCCT) | bare | runner, telemetry off | runner, telemetry on "
+        "| **telemetry alone**, wall | telemetry alone, CPU | everything the runner adds, wall | ..., CPU |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    accounted = [
-        "",
-        "| engine | job CPU, bare (median) | worker's CPU per job, bare → instrumented | added by the worker "
-        "[95 %] | of which the artifact check (timed again after) | of which other threads: export + the transport's "
-        "| probe, in the CAD process "
-        "| `setpriv`, in the CAD process | **all cadscope adds** | **telemetry alone** |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for name, engine in sorted(engines.items()):
-        spec = dict(PLATE, engine=name)
-        job = JobSpec.model_validate(spec)
-        bare: list[Run] = []
-        instrumented: list[Run] = []
-        root = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
-        try:
-            bare_run(engine, job, root / "warm-bare")
-            instrumented_run(engine, job, root / "warm-inst", obs, provider)
-            provider.force_flush()
-            threads, started = other_threads_cpu(), time.perf_counter()
-            for i in range(args.runs):
-                # Alternate which side goes first, so neither always runs on a warmer cache.
-                order = (0, 1) if i % 2 == 0 else (1, 0)
-                for side in order:
-                    out = root / f"{i}-{side}"
-                    if side == 0:
-                        bare.append(bare_run(engine, job, out))
-                    else:
-                        instrumented.append(instrumented_run(engine, job, out, obs, provider))
-                    shutil.rmtree(out)
-            provider.force_flush()  # the last spans encoded and sent, by the export thread
-            elapsed = time.perf_counter() - started
-            used = {tid: cpu - threads.get(tid, 0.0) for tid, cpu in other_threads_cpu().items()}
-            export = used.pop(processor._thread.native_id or -1, 0.0) / args.runs
-            grpc_rate = sum(used.values()) / elapsed  # gRPC's threads (and any other), CPU s per s
-            instrumented = [
-                r._replace(cpu=r.cpu + export + grpc_rate * r.wall, own=r.own + export + grpc_rate * r.wall)
-                for r in instrumented
-            ]
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
-        bare_wall, inst_wall = [r.wall for r in bare], [r.wall for r in instrumented]
-        wall = paired(inst_wall, bare_wall)
-        cpu = paired([r.cpu for r in instrumented], [r.cpu for r in bare])
+    for name, engine, runs in rows:
+        medians = {arm: statistics.median(r.wall for r in rs) * 1000 for arm, rs in runs.items()}
         lines.append(
-            f"| {name} ({engine.freecad_version} / {engine.occt_version}) "
-            f"| {statistics.median(bare_wall) * 1000:.1f} ms | {statistics.median(inst_wall) * 1000:.1f} ms "
-            f"| **{wall[0]:.3f}** [{wall[1]:.3f}–{wall[2]:.3f}] | **{cpu[0]:.3f}** [{cpu[1]:.3f}–{cpu[2]:.3f}] "
-            f"| {min(bare_wall) * 1000:.0f}–{max(bare_wall) * 1000:.0f} ms "
-            f"| {min(inst_wall) * 1000:.0f}–{max(inst_wall) * 1000:.0f} ms |"
+            f"| {name} ({engine.freecad_version} / {engine.occt_version}) | {medians['bare']:.1f} ms "
+            f"| {medians['off']:.1f} ms | {medians['on']:.1f} ms "
+            f"| {ratio(runs['on'], runs['off'], 'wall')} | {ratio(runs['on'], runs['off'], 'cpu')} "
+            f"| {ratio(runs['on'], runs['bare'], 'wall')} | {ratio(runs['on'], runs['bare'], 'cpu')} |"
         )
-        print(lines[-1], flush=True)
-        # The A/B ratios carry the CAD process's own scatter. The worker's
-        # added CPU, paired, does not; the CAD process's added CPU is its
-        # events times the probe's cost per event plus the setpriv exec.
-        job_cpu = statistics.median(r.cpu for r in bare)
-        worker = bootstrap([i.own - b.own for i, b in zip(instrumented, bare, strict=True)])
-        events = statistics.median(r.events for r in instrumented)
-        probe_s = events * probe_us[name] / 1e6
-        check = statistics.median(r.check for r in instrumented)
-        recheck = statistics.median(r.recheck for r in instrumented)
-        everything = [1 + (w + probe_s + wrapper_s) / job_cpu for w in worker]
-        # "Instrumentation off" keeps the job's containment and its artifact check.
-        telemetry = [1 + (w - check + probe_s) / job_cpu for w in worker]
-        accounted.append(
-            f"| {name} | {job_cpu * 1000:.0f} ms "
-            f"| {statistics.median(r.own for r in bare) * 1000:.1f} → "
-            f"{statistics.median(r.own for r in instrumented) * 1000:.1f} ms "
-            f"| {worker[0] * 1000:+.1f} ms [{worker[1] * 1000:+.1f}, {worker[2] * 1000:+.1f}] "
-            f"| {check * 1000:.1f} ms ({recheck * 1000:.1f} ms) "
-            f"| {export * 1000:.1f} + {grpc_rate * statistics.median(inst_wall) * 1000:.1f} ms "
-            f"| {events:.0f} events × {probe_us[name]:.1f} µs = {probe_s * 1000:.2f} ms "
-            f"| {wrapper_s * 1000:.2f} ms | **{everything[0]:.4f}** [{everything[1]:.4f}–{everything[2]:.4f}] "
-            f"| **{telemetry[0]:.4f}** [{telemetry[1]:.4f}–{telemetry[2]:.4f}] |"
-        )
-        print(accounted[-1], flush=True)
-    instrumentation.stop(stack)
-
-    lines += accounted
-    lines += ["", "| probe, in the child's Python | µs per event (best of 5 × 20,000 spans) |", "| --- | --- |"]
+    lines += ["", "| probe, in the engine's Python | µs per event (best of 5 × 20,000 spans) |", "| --- | --- |"]
     for name, engine in sorted(engines.items()):
         lines.append(f"| {name}: `{engine.argv[0]}` | **{probe_us[name]:.2f}** |")
     publish("\n" + "\n".join(lines) + "\n", args.write)
@@ -377,4 +220,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -61,3 +61,11 @@ def test_task_overhead_runs_every_stack_and_leaves_no_worker_behind(tmp_path, re
 def test_journal_cost_runs_both_sides(tmp_path):
     results = _bench(tmp_path, "journal_cost.py", "--spans", "500", "--rounds", "2", "--dir", str(tmp_path / "j"))
     assert "| **added by the journal**" in results and "| without the journal |" in results
+
+
+def test_job_overhead_runs_three_arms_on_every_engine(tmp_path, engines):
+    # The script exits non-zero when a span did not reach its collector or a run failed.
+    results = _bench(tmp_path, "job_overhead.py", "--runs", "1")
+    rows = [line for line in results.splitlines() if line.startswith(("| freecad (", "| ocp ("))]
+    assert len(rows) == 2 and all(row.count("**") == 8 for row in rows)  # four ratios a row
+    assert "| probe, in the engine's Python |" in results
