@@ -1,61 +1,23 @@
-"""Task overhead: a no-op Celery task over Redis, prefork worker, three stacks.
+"""Task overhead: a no-op Celery task over Redis, prefork worker, three stacks, interleaved.
 
-bare (plain Celery) vs. upstream (opentelemetry-instrumentation-celery + SDK
-batch processor + OTLP gRPC + a prometheus_client counter and histogram) vs.
-cadscope (its worker app as deployed). See bench/_noop_app.py.
+bare (plain Celery) vs. upstream (opentelemetry-instrumentation-celery, the
+SDK's batch processor with the OTLP gRPC exporter, a prometheus_client counter
+and histogram in multiprocess mode) vs. cadscope (its worker app as deployed:
+the same upstream Celery instrumentation, cadscope's processors and journal,
+the catalogue's task metrics, compaction, the journal reaper). See
+bench/_noop_app.py. Target: cadscope's throughput at least upstream's.
 
 Each round pre-fills a queue with N messages while no worker runs, starts a
 prefork worker, and times from its ``worker_ready`` to the queue drained and
 every message acknowledged (late ack). Worker-side CPU (main process and pool
-children, user + system) over the same interval, divided by N, is the
+processes, user + system) over the same interval, divided by N, is the
 microseconds per task. An OTLP gRPC endpoint in this process takes the spans
-and only counts them (``_common.NullCollector``): export costs the worker what
-it costs, while a collector's own work, which runs elsewhere in a fleet, is not
-charged to the 2 cores under test. Modes are interleaved, rounds repeated.
-A VM's speed drifts from minute to minute (seen here: bare Celery at 336 and
-then 485 tasks/s in one run), so the ratio to bare is the median of the
-rounds' own ratios, each stack against bare Celery run beside it, with its
-95 % bootstrap interval and the range of those ratios. A target is met when
-the interval's lower end clears it; an interval that straddles it says the
-rounds were too few, or too noisy, to tell.
+and only counts them (``_common.NullCollector``). Stacks are interleaved and
+rounds repeated; a VM's speed drifts from minute to minute, so each stack's
+ratio to bare is the median of the rounds' own ratios, each against bare
+Celery run beside it, with its 95 % bootstrap interval and their range.
 
-The pool processes' CPU is the instrumentation's own. The main process's CPU
-per task rises with any slowdown of the pool, instrumented or not: its event
-loop wakes more often per task while it waits (upstream's stack, which does
-nothing in the main process, shows the same rise).
-bench/task_cpu.py isolates the pool process's share with less noise, and
-bench/task_steps.py times cadscope's steps on the task thread in the worker.
-
-For a no-op task the main process is the busiest: it reads Redis, hands each
-message to a pool process over a pipe and acks it, about 600 of the 710 µs a
-task that bare Celery spends here. The 2 cores are not saturated, and each
-task's run in the pool lies on the path from one message to the next
-(prefetch 1, late ack). So what the instrumentation adds in the pool before
-the task returns (span start and end, metrics) can lower throughput; the
-export thread's work, off that path, should matter less. By how much is
-another matter.
-
-A second table reads the same rounds as CPU. It splits the pool's added CPU
-into the task thread (the pool process's main thread, which runs the task
-and its signal handlers, between one message and the next) and every other
-thread (span export, gRPC), and gives the broker's CPU per task when its
-redis-server runs on this machine (read from its process; this script's
-polling of the queue is included). Together with the worker's, that is
-what the host spends on a task.
-
-Read one run's median with care. On 2-core VMs, medians of 8-15 rounds
-moved by up to 0.09 between runs of the same code (cadscope 0.888 and then
-0.984 on one VM, 2026-11-23). That is more than the 0.05 the target is
-about. Control tasks that only burn CPU in the pool showed the same scatter:
-100 and 150 µs gave 1.02 and 0.99 of bare in one run, and 150 µs gave 0.93
-in the next. The pool's added CPU per task is the steadier figure. A
-variant that kept one worker per stack and stopped it (``SIGSTOP``) between
-short turns fit 25 rounds in 4 minutes. Its intervals were no narrower, and
-one of its runs hung, so it was not kept. bench/task_side_by_side.py runs
-every stack at once on a busy host instead; with the main process charged at
-bare's cost per task, its intervals are ±0.01.
-
-    python bench/task_overhead.py [--tasks 2000] [--rounds 3] [--write bench/RESULTS.md]
+    python bench/task_overhead.py [--tasks 2000] [--rounds 3] [--write FILE]
 """
 
 from __future__ import annotations
