@@ -207,3 +207,10 @@ def test_trace_into_a_closed_pipe_exits_quietly():
     reader.stdout.close()
     reader.wait(60)
     assert b"Traceback" not in reader.stderr.read()  # type: ignore[union-attr]
+
+
+def test_version_is_the_packages():
+    import cadscope
+
+    done = subprocess.run([sys.executable, "-m", "cadscope.workers.cli", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == f"cadscope {cadscope.__version__}"

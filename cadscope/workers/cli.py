@@ -23,6 +23,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+import cadscope
+
 __all__ = ["main", "worker_command"]
 
 _OP_SPANS = (
@@ -547,6 +549,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="cadscope", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"cadscope {cadscope.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the whole pipeline on this machine on a built-in workload")
     run.add_argument("--jobs", type=_positive_int, default=14)
