@@ -11,11 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -365,16 +368,46 @@ def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        # Server processes (--workers N) share it: wiped before they start, as
-        # prometheus_client asks, so no earlier run's files are summed in. It must
-        # be the API's own directory; a worker wipes its own at its start.
-        from ..metrics import enable_multiprocess
-
-        enable_multiprocess(os.environ["PROMETHEUS_MULTIPROC_DIR"], wipe=True)
-    uvicorn.run("cadscope.api:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
-                log_level=args.log_level, access_log=False)  # fmt: skip
+    made = _api_metrics_dir(args.workers)
+    try:
+        uvicorn.run("cadscope.api:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
+                    log_level=args.log_level, access_log=False)  # fmt: skip
+    finally:
+        if made:
+            shutil.rmtree(made, ignore_errors=True)
     return 0
+
+
+def _api_metrics_dir(workers: int) -> str | None:
+    """One multiprocess directory for the API's server processes, so that every scrape, whichever
+    process serves it, sums them all: one process's registry alone makes counters jump back.
+
+    ``PROMETHEUS_MULTIPROC_DIR`` when set, wiped first as prometheus_client asks (no earlier run's
+    files summed in; so it must be the API's own: a worker wipes its own at its start). With
+    several processes and none set, a temporary one, returned to be removed at exit. A thread of
+    this process (uvicorn's supervisor) drops a gone server process's live gauges, so a killed
+    one leaves no request or event stream open on the dashboards for ever.
+    """
+    from ..metrics import enable_multiprocess, mark_process_dead, process_reaped
+
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    made = None
+    if not path:
+        if workers <= 1:
+            return None  # one process: its own registry is the whole truth
+        path = made = tempfile.mkdtemp(prefix="cadscope-api-metrics-")
+    path = enable_multiprocess(path, wipe=True)
+    live_gauge = re.compile(r"^gauge_live[a-z]*_(\d+)\.db$")
+
+    def drop_gone_processes_gauges() -> None:
+        while True:
+            time.sleep(2)
+            for pid in {int(m[1]) for m in map(live_gauge.match, os.listdir(path)) if m}:
+                if process_reaped(pid):
+                    mark_process_dead(pid, path)
+
+    threading.Thread(target=drop_gone_processes_gauges, name="cadscope-api-gauges", daemon=True).start()
+    return made
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
