@@ -271,10 +271,14 @@ def test_the_api_image_gives_its_server_processes_one_metrics_directory_of_its_o
     assert command[:2] == ["cadscope", "api"] and int(command[command.index("--workers") + 1]) > 1
     directory = env.get("PROMETHEUS_MULTIPROC_DIR")
     assert directory, "the server processes of the API image need a shared metrics directory"
-    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
-    for volume in compose["services"]["api"].get("volumes", []):
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    assert services["api"]["environment"].get("PROMETHEUS_MULTIPROC_DIR", directory) == directory
+    for volume in services["api"].get("volumes", []):
         mount = volume.split(":")[1]
         assert not (directory + "/").startswith(mount.rstrip("/") + "/"), f"{directory} is on the volume {volume}"
+    for name, service in services.items():  # wiped at the API's start: nobody else's
+        if name != "api":
+            assert (service.get("environment") or {}).get("PROMETHEUS_MULTIPROC_DIR") != directory, name
 
 
 def test_grafana_rate_interval_follows_the_scrape_interval():
