@@ -518,14 +518,13 @@ ALERTS = [
         "warning", "Job success SLO burning",
         "Flows fail at {{ $value | humanizePercentage }}: the 28-day error budget "
         f"({pct(ERROR_BUDGET)}) is being spent faster than it accrues.",
-        "slo-burn-rate", for_="1h", eval_time="1d2h",
-        above=[series(f'model_generation_completed_total{{{FLOW}, status="failure"}}', "0+0.4x1600"),
-               series(f'model_generation_completed_total{{{FLOW}, status="success"}}', "0+9.6x1600")],
-        below=[series(f'model_generation_completed_total{{{FLOW}, status="failure"}}', "0+0.05x1600"),
-               series(f'model_generation_completed_total{{{FLOW}, status="success"}}', "0+9.95x1600")],
+        # A steady ratio is the same over every window, so 75 minutes of it show what a day would (for: 1h).
+        "slo-burn-rate", for_="1h", eval_time="75m",
+        above=counter_pair("model_generation_completed_total", FLOW, 'status="failure"', 10, 0.04, minutes=100),
+        below=counter_pair("model_generation_completed_total", FLOW, 'status="failure"', 10, 0.005, minutes=100),
         labels={}, value_text="4%",
         # Half of 12 flows a day failing.
-        quiet=counter_pair("model_generation_completed_total", FLOW, 'status="failure"', 0.008, 0.5, minutes=1600),
+        quiet=counter_pair("model_generation_completed_total", FLOW, 'status="failure"', 0.008, 0.5, minutes=100),
         ratio="cadscope:job_error_ratio:rate1d", quiet_value=0.5,
     ),
 ]  # fmt: skip

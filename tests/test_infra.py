@@ -32,6 +32,7 @@ import psutil
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from cadscope.api._red import REDMiddleware
 from cadscope.metrics import Catalogue
@@ -508,8 +509,16 @@ def test_an_api_of_several_server_processes_serves_counters_that_never_go_back(t
             return started if len(started) == 3 else []
 
         servers = wait_until(ready, 60, what="three server processes")
+
+        def counted(route: str, count: int, method: str = "GET", status: str = "200") -> None:
+            """Wait until the files hold ``count`` requests of ``route``: a server process counts a request
+            after its response went out, and must not be stopped in between."""
+            files = CollectorRegistry()
+            MultiProcessCollector(files, path=str(directory))
+            labels = {"method": method, "route": route, "status": status}
+            wait_until(lambda: files.get_sample_value("http_requests_total", labels) == count, 30, what=route)
+
         health = scrapes = 0
-        pages = []
         for _round in range(2):
             for server in servers:
                 others = alone(server)
@@ -517,11 +526,12 @@ def test_an_api_of_several_server_processes_serves_counters_that_never_go_back(t
                     for _ in range(2):
                         assert httpx.get(f"{url}/health/live", timeout=30).status_code == 200
                         health += 1
-                    pages.append(httpx.get(f"{url}/metrics", timeout=30).text)
+                    counted("/health/live", health)
+                    page = httpx.get(f"{url}/metrics", timeout=30).text
                     scrapes += 1
+                    counted("/metrics", scrapes)
                 finally:
                     resume(others)
-                page = pages[-1]
                 assert _sample(page, "http_requests_total", method="GET", route="/health/live", status="200") == health
                 assert _sample(page, "http_requests_total", method="GET", route="/metrics", status="200") == scrapes - 1
         files = {p.name for p in directory.iterdir()}
@@ -530,6 +540,7 @@ def test_an_api_of_several_server_processes_serves_counters_that_never_go_back(t
         # A stream held open by one server process, which then dies.
         job = httpx.post(f"{url}/v1/jobs", json=SMALL_JOB, headers={"Authorization": "Bearer token"}, timeout=30)
         assert job.status_code == 202, job.text
+        counted("/v1/jobs", 1, "POST", "202")
         victim = servers[0]
         others = alone(victim)
         try:
@@ -551,10 +562,8 @@ def test_an_api_of_several_server_processes_serves_counters_that_never_go_back(t
             return page if gone and _sample(page, "http_requests_in_flight") == 1 else None  # this scrape alone
 
         after = wait_until(settled, 60, interval=0.5, what="the killed process's stream no longer open")
-        for labels in ({"route": "/health/live"}, {"route": "/v1/jobs"}):
-            key = {"method": "POST" if labels["route"] == "/v1/jobs" else "GET", **labels, "status": "200"}
-            if labels["route"] == "/v1/jobs":
-                key["status"] = "202"
+        for key in ({"method": "GET", "route": "/health/live", "status": "200"},
+                    {"method": "POST", "route": "/v1/jobs", "status": "202"}):  # fmt: skip
             assert _sample(after, "http_requests_total", **key) == _sample(before, "http_requests_total", **key) > 0
     finally:
         for server in servers:
