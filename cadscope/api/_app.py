@@ -29,7 +29,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..ai import AllProvidersFailed, ProviderChain, SyntheticCheck, chain_from_env
 from ..freecad_bridge import JobSpec
-from ..metrics import default_observability, multiprocess_registry
+from ..metrics import default_observability, enable_multiprocess, multiprocess_registry
 from ..tracing import configure_json_logging, setup_tracing, shutdown_tracing
 from ..workers import app as celery_app
 from ..workers import configure_app, run_job
@@ -154,6 +154,9 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     Fails at setup, not at the first request, when no token is configured and
     anonymous use was not asked for explicitly.
     """
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Before any metric is made: this server process's files named by pid and start time.
+        enable_multiprocess(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     settings = settings or ApiSettings.from_env()
     if not settings.token and not settings.allow_anonymous:
         raise ValueError("set CADSCOPE_API_TOKEN or CADSCOPE_API_TOKEN_FILE (or CADSCOPE_API_ALLOW_ANONYMOUS=1)")

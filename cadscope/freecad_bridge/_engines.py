@@ -318,6 +318,7 @@ def run_cad_job(
                 span.set_attribute("error.type", "bad_output")
         m.subprocess_outcomes.labels(engine.name, outcome, *v.values()).inc()
         m.subprocess_peak_memory.labels(engine.name, *v.values()).observe(result.peak_rss_bytes)
+        m.subprocess_cpu.labels(engine.name, *v.values()).inc(result.cpu_s)
         obs.record_occt_memory("process", result.peak_rss_bytes)
         if outcome in ("oom", "timeout", "crash", "killed"):
             m.worker_restarts.labels(outcome, *v.values()).inc()

@@ -197,13 +197,17 @@ def _empty(path: str) -> None:
                 os.unlink(entry.path)
 
 
+_value_classes: dict[str, object] = {}
+
+
 def enable_multiprocess(path: str, *, wipe: bool = False, lock: bool = False) -> str:
     """Use ``path`` for this process's metrics and its children's (``PROMETHEUS_MULTIPROC_DIR``),
     with prometheus_client's own multiprocess values, files named by :func:`process_identifier`.
 
     ``lock`` takes the directory for this process first (:func:`lock_directory`); ``wipe``
     empties it, and its fallback directory, at fleet start. Call it before any labelled child is
-    made (every cadscope metric has labels, so children are made lazily)."""
+    made (every cadscope metric has labels, so children are made lazily). Calling it again for
+    the same directory keeps the same value class."""
     path = os.path.abspath(path)
     if lock:
         lock_directory(path)
@@ -214,7 +218,12 @@ def enable_multiprocess(path: str, *, wipe: bool = False, lock: bool = False) ->
         if os.path.isdir(fallback):
             _empty(fallback)
     os.environ[ENV] = path
-    values.ValueClass = values.MultiProcessValue(process_identifier)
+    # One value class per directory and process tree: a second class would map the same files
+    # again and write over its entries.
+    value_class = _value_classes.get(path)
+    if value_class is None:
+        value_class = _value_classes[path] = values.MultiProcessValue(process_identifier)
+    values.ValueClass = value_class
     return path
 
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -500,16 +503,48 @@ def cmd_api(args: argparse.Namespace) -> int:
                        "(or CADSCOPE_API_ALLOW_ANONYMOUS=1 to run without one)")  # fmt: skip
     if settings.broker_url:
         _scheme_known(settings.broker_url)
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        # Server processes (--workers N) share it: wiped before they start, as
-        # prometheus_client asks, so no earlier run's files are summed in. It must
-        # be the API's own directory; a worker wipes its own at its start.
-        from ..metrics import enable_multiprocess
-
-        enable_multiprocess(os.environ["PROMETHEUS_MULTIPROC_DIR"], wipe=True)
-    uvicorn.run("cadscope.api:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
-                log_level=args.log_level, access_log=False)  # fmt: skip
+    made = _api_metrics_dir(args.workers)
+    try:
+        uvicorn.run("cadscope.api:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
+                    log_level=args.log_level, access_log=False)  # fmt: skip
+    finally:
+        if made:
+            shutil.rmtree(made, ignore_errors=True)
     return 0
+
+
+def _api_metrics_dir(workers: int) -> str | None:
+    """One multiprocess directory for the API's server processes, so that every scrape, whichever
+    process serves it, sums them all: one process's registry alone makes counters jump back.
+
+    ``PROMETHEUS_MULTIPROC_DIR`` when set, wiped first as prometheus_client asks (no earlier run's
+    files summed in; so it must be the API's own: a worker wipes its own at its start). With
+    several processes and none set, a temporary one, returned to be removed at exit. A thread of
+    this process (uvicorn's supervisor) compacts the files of server processes that are gone, as
+    a worker's main process does: their counts are kept, their live gauges dropped, so a killed
+    one leaves no request or event stream open on the dashboards for ever.
+    """
+    from ..metrics import CompactingMultiProcessCollector, enable_multiprocess
+
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    made = None
+    if not path:
+        if workers <= 1:
+            return None  # one process: its own registry is the whole truth
+        path = made = tempfile.mkdtemp(prefix="cadscope-api-metrics-")
+    path = enable_multiprocess(path, wipe=True)
+    collector = CompactingMultiProcessCollector(None, path)
+
+    def compact_gone_processes() -> None:
+        while True:
+            time.sleep(2)
+            try:
+                collector.compact()
+            except Exception:  # noqa: BLE001 - tried again on the next pass; never takes the API down
+                logging.getLogger("cadscope.api").exception("metrics compaction failed")
+
+    threading.Thread(target=compact_gone_processes, name="cadscope-api-compaction", daemon=True).start()
+    return made
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
