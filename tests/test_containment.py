@@ -17,17 +17,17 @@ import sys
 import tempfile
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
 
 from cadscope.freecad_bridge import JobSpec, RunLimits, run, run_cad_job
 from cadscope.metrics import Catalogue, ModelObservability
 
 from .conftest import Recorder, wait_until
-
-pytestmark = pytest.mark.slow
 
 # A grandchild that calls setsid() and closes the telemetry pipe: nothing but
 # its ancestry ties it to the job. "daemon" forks once more and lets the
@@ -80,6 +80,7 @@ def _ball(engine_name: str, radius: float) -> dict:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["exit", "daemon", "hang"])
 def test_no_process_a_job_started_outlives_the_job(tmp_path, mode):
     """After the child's normal exit (``exit``, ``daemon``) and after the timeout kill
@@ -97,6 +98,7 @@ def test_no_process_a_job_started_outlives_the_job(tmp_path, mode):
     assert not _alive(result.pid)
 
 
+@pytest.mark.slow
 def test_a_jobs_processes_die_with_the_process_that_started_it(tmp_path):
     """The process that called run() is SIGKILLed (Celery's hard time limit kills a
     pool process so): the engine and a grandchild that left its session die too."""
@@ -120,6 +122,7 @@ def test_a_jobs_processes_die_with_the_process_that_started_it(tmp_path):
     assert not alive, "a process of the job outlived the process that ran it"
 
 
+@pytest.mark.slow
 def test_the_whole_backlog_is_read_once_every_writer_is_dead(tmp_path):
     """A child writes thousands of progress events, then its manifest, and exits. The
     observer takes 2 ms an event (a progress store's round trip), so the events
@@ -148,6 +151,7 @@ def test_the_whole_backlog_is_read_once_every_writer_is_dead(tmp_path):
     assert result.manifest == {"artifacts": []}
 
 
+@pytest.mark.slow
 def test_the_file_size_and_process_limits_apply_and_are_named(tmp_path):
     """RLIMIT_FSIZE stops a write at the limit; RLIMIT_NPROC stops a fork bomb. The
     kernel does not apply RLIMIT_NPROC to root, so this runner runs as ``nobody``
@@ -197,6 +201,7 @@ def test_the_file_size_and_process_limits_apply_and_are_named(tmp_path):
     assert not left, f"processes of the fork bomb outlived the job: {left}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine_name", ["freecad", "ocp"])
 def test_an_export_past_the_file_size_limit_is_named(engines, tmp_path, engine_name):
     """A real engine's STL export meets RLIMIT_FSIZE: whatever the engine makes of the
@@ -225,6 +230,7 @@ def _python_for(as_user: list[str]) -> tuple[str, dict[str, str]]:
     pytest.skip("no Python here that the other user can run with this checkout's packages")
 
 
+@pytest.mark.slow
 def test_a_memory_error_through_run_is_oom():
     """A Python child's MemoryError outside any probe span: a traceback on stderr, exit 1."""
     code = "b = bytearray(1 << 30)"
@@ -242,6 +248,7 @@ MEMORY_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine_name", ["ocp", "freecad"])
 def test_running_into_the_memory_limit_is_oom_however_the_engine_dies(engines, tmp_path, engine_name):
     radius, memory = MEMORY_CASES[engine_name]
@@ -270,6 +277,7 @@ def _small_disk(path: Path, size: str):
         subprocess.run(["umount", "-l", str(path)], check=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine_name", ["freecad", "ocp"])
 def test_a_full_disk_is_disk_full_naming_the_path(engines, tmp_path, engine_name):
     """The job's folder is on a 1 MiB tmpfs of the test's own. The engine's STL export
@@ -292,3 +300,49 @@ def test_a_full_disk_is_disk_full_naming_the_path(engines, tmp_path, engine_name
         v = {"freecad_version": engine.freecad_version, "occt_version": engine.occt_version}
         labels = {"engine": engine_name, "outcome": "disk_full", **v}
         assert registry.get_sample_value("cadscope_subprocess_outcomes_total", labels) == 1
+
+
+def test_the_schema_refuses_a_mesh_export_too_large_for_the_limits():
+    """The issue's job (an OCP sphere of radius 10 m, to STL) ran out of its 2 GiB and died
+    of SIGSEGV: the schema refuses it now, naming the export, and takes the same sphere
+    as STEP. An assembly whose instances would write more than the written budget is
+    refused too, though one instance of its part is cheap to mesh."""
+    with pytest.raises(ValidationError) as refused:
+        JobSpec.model_validate(_ball("ocp", 10_000))
+    assert "export 'ball' (stl)" in str(refused.value)
+    JobSpec.model_validate({**_ball("ocp", 10_000), "exports": [{"format": "step", "of": "ball", "name": "ball"}]})
+    radius = 60  # FreeCAD's STL: ~60,000 triangles a ball, 100 instances
+    spec = {
+        **_ball("auto", radius),
+        "assembly": {"name": "heap", "instances": [{"name": f"b{i}", "part": "ball"} for i in range(100)]},
+        "exports": [{"format": "stl", "of": "heap", "name": "heap"}, {"format": "stl", "of": "ball", "name": "one"}],
+    }
+    with pytest.raises(ValidationError) as refused:
+        JobSpec.model_validate(spec)
+    assert "export 'heap' (stl)" in str(refused.value) and "written" in str(refused.value)
+    JobSpec.model_validate({**spec, "exports": spec["exports"][1:]})
+
+
+# The largest sphere the mesh budget admits on each engine (to STL, the heaviest export).
+LARGEST_BALL = {"freecad": 150, "ocp": 1500}
+
+
+@pytest.mark.slow
+def test_the_largest_mesh_the_schema_admits_runs_within_the_default_limits(engines, tmp_path):
+    """The largest sphere the mesh budget admits, exported to STL, on both engines at
+    once (two jobs in one process, each under its own keeper): both succeed, with
+    room to spare under the address-space limit run_cad_job gives a job by default."""
+    for engine_name, radius in LARGEST_BALL.items():
+        with pytest.raises(ValidationError):
+            JobSpec.model_validate(_ball(engine_name, radius * 1.01))
+
+    def largest(engine_name: str):  # type: ignore[no-untyped-def]
+        job = JobSpec.model_validate(_ball(engine_name, LARGEST_BALL[engine_name]))
+        obs = ModelObservability(Catalogue(CollectorRegistry()))
+        return run_cad_job(job, tmp_path / engine_name, engine=engines[engine_name], observability=obs)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = dict(zip(LARGEST_BALL, pool.map(largest, LARGEST_BALL), strict=True))
+    for engine_name, result in results.items():
+        assert result.outcome == "ok", (engine_name, result.outcome, result.error_type, result.error_message)
+        assert result.run.peak_vm_bytes < 0.75 * (2 << 30), (engine_name, result.run.peak_vm_bytes)
