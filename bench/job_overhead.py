@@ -19,11 +19,11 @@
    affordable number of runs resolves to 1 %. The added cost is measured
    part by part instead, each without that scatter: the worker's own CPU per
    job (paired differences, with an interval), the probe's cost per event
-   times the events the job's child wrote, and the CPU that exec'ing through
-   ``setpriv`` adds to a process start. Their sum over the bare job's CPU
+   times the events the job's child wrote, and the CPU that the job's keeper
+   (``_contain.py``) adds to a process start. Their sum over the bare job's CPU
    time is "all cadscope adds". "Telemetry alone" is issue 7's comparison,
    the same job with instrumentation off: it keeps the containment
-   (``setpriv``) and the worker's sha256 check of the artifacts, which
+   (the keeper) and the worker's sha256 check of the artifacts, which
    belong to the job, not to its telemetry. The check is timed where it runs,
    inside ``run_cad_job`` just after the child's exit. Up to 1cefb31
    (2026-12-02) it was timed again after each run, on warm caches, where it
@@ -74,7 +74,7 @@ from prometheus_client import CollectorRegistry
 
 from cadscope.freecad_bridge import JobSpec, RunLimits, _engines, build_env, discover_engines, run_cad_job
 from cadscope.freecad_bridge._engines import CHILD_DIR, _engine_home, _verify_artifacts
-from cadscope.freecad_bridge._runner import _with_pdeathsig
+from cadscope.freecad_bridge._runner import _keeper_argv
 from cadscope.freecad_bridge._schema import material_library_path
 from cadscope.metrics import Catalogue, ModelObservability, enable_multiprocess
 from cadscope.tracing import PinnableIdGenerator
@@ -247,17 +247,22 @@ def instrumented_run(
 
 
 def wrapper_cost(runs: int = 300) -> float:
-    """CPU seconds that starting a process through ``setpriv --pdeathsig`` adds (``true`` with and without)."""
+    """CPU seconds that starting a process under the job's keeper adds (``true`` with and without)."""
     true = shutil.which("true") or "/bin/true"
-    wrapped = _with_pdeathsig([true])  # exactly as the runner starts a CAD process
-    if wrapped is None:
-        return 0.0
+    env = build_env()
     extra = []
     for _ in range(runs):
         cpu = []
-        for argv in ([true], wrapped):
+        for keeper in (False, True):
             before = _cpu()[1]
-            subprocess.run(argv, check=True)
+            if keeper:  # exactly as the runner starts a CAD process
+                status_r, status_w = os.pipe()
+                argv = _keeper_argv([true], RunLimits(), status_w, env)
+                subprocess.run(argv, check=True, env=env, pass_fds=(status_w,), start_new_session=True)
+                os.close(status_w)
+                os.close(status_r)
+            else:
+                subprocess.run([true], check=True, env=env)
             cpu.append(_cpu()[1] - before)
         extra.append(cpu[1] - cpu[0])
     return statistics.median(extra)
@@ -294,7 +299,7 @@ def main() -> int:
         "| engine | job CPU, bare (median) | worker's CPU per job, bare → instrumented | added by the worker "
         "[95 %] | of which the artifact check (timed again after) | of which other threads: export + the transport's "
         "| probe, in the CAD process "
-        "| `setpriv`, in the CAD process | **all cadscope adds** | **telemetry alone** |",
+        "| the keeper, beside the CAD process | **all cadscope adds** | **telemetry alone** |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, engine in sorted(engines.items()):
@@ -342,7 +347,7 @@ def main() -> int:
         print(lines[-1], flush=True)
         # The A/B ratios carry the CAD process's own scatter. The worker's
         # added CPU, paired, does not; the CAD process's added CPU is its
-        # events times the probe's cost per event plus the setpriv exec.
+        # events times the probe's cost per event plus the keeper's start.
         job_cpu = statistics.median(r.cpu for r in bare)
         worker = bootstrap([i.own - b.own for i, b in zip(instrumented, bare, strict=True)])
         events = statistics.median(r.events for r in instrumented)

@@ -1,7 +1,8 @@
 """The job's keeper: the one process between the runner and a CAD engine.
 
-Standard library only, and run as a script by the worker's own interpreter
-(``python -I -S _contain.py OPTIONS -- ARGV``), never imported by the worker.
+Standard library only, run by the worker's own interpreter
+(``python -I -S -c "...; _contain.main(sys.argv[1:])" OPTIONS -- ARGV``, or
+``python -I -S _contain.py OPTIONS -- ARGV``), never imported by the worker.
 It stays for the whole job and
 
 - marks itself a child subreaper (``PR_SET_CHILD_SUBREAPER``): a process the
@@ -36,13 +37,29 @@ exit; whether the sweep finished (every process of the job reaped).
 
 from __future__ import annotations
 
-import ctypes
+# The C modules under ``signal`` and ``ctypes``: their Python wrappers (enum,
+# struct) would double what the keeper adds to a job's start.
+import _signal as signal
 import os
 import resource
 import select
-import signal
 import sys
 import time
+
+try:
+    import _ctypes
+
+    _PRCTL = _ctypes.dlsym(_ctypes.dlopen(None), "prctl")  # type: ignore[arg-type]  # None: the process itself
+
+    def prctl(option: int, value: int) -> int:
+        return int(_ctypes.call_function(_PRCTL, (option, value, 0, 0, 0)))
+
+except (ImportError, AttributeError):  # an interpreter without these: the public wrapper
+    import ctypes
+
+    def prctl(option: int, value: int) -> int:
+        return int(ctypes.CDLL(None).prctl(option, value, 0, 0, 0))
+
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -127,7 +144,6 @@ class Keeper:
     def __init__(self, options: Options) -> None:
         self.options = options
         self.pid = os.getpid()
-        self.libc = ctypes.CDLL(None, use_errno=True)
         self.engine = 0
         self.status: int | None = None
         self.vm_peak = 0
@@ -143,8 +159,8 @@ class Keeper:
     # -- start -------------------------------------------------------------
 
     def start(self) -> bool:
-        if self.libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-            self.report(f"failed errno={ctypes.get_errno()}")
+        if prctl(PR_SET_CHILD_SUBREAPER, 1) != 0:
+            self.report("failed errno=0")
             return False
         if self.options.processes is not None:
             uid = os.getuid()
@@ -179,7 +195,7 @@ class Keeper:
             for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ):
                 signal.signal(signum, signal.SIG_DFL)  # Python ignores SIGPIPE and SIGXFSZ; an engine must not
             os.setpgid(0, 0)
-            self.libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
             if os.getppid() != self.pid:  # the keeper died before prctl took effect
                 os._exit(137)
             for which, value in self.options.limits.items():

@@ -85,7 +85,12 @@ DEFAULT_MAX_PROCESSES = 256
 # OBJ, the largest files) and far below a disk: a runaway writer stops here.
 DEFAULT_MAX_FILE_BYTES = 2 << 30
 TELEMETRY_FD_ENV = "CADSCOPE_TELEMETRY_FD"
-_KEEPER = str(Path(__file__).resolve().parent / "_contain.py")
+# The keeper runs from its compiled module (a script is compiled at every start),
+# appended to the path: nothing of the standard library can be shadowed.
+_KEEPER = (
+    f"import sys; sys.path.append({str(Path(__file__).resolve().parent)!r}); "
+    "import _contain; _contain.main(sys.argv[1:])"
+)
 _MEMORY_ERRORS = ("MemoryError", "OutOfMemory", "bad_alloc", "Standard_OutOfMemory")
 # What an engine or its stderr says when it meets a limit or a full disk.
 _MEMORY_TEXT = (*_MEMORY_ERRORS, "Cannot allocate memory", "out of memory")
@@ -211,7 +216,7 @@ def _resolve(executable: str, env: Mapping[str, str]) -> str:
 
 def _keeper_argv(argv: Sequence[str], limits: RunLimits, status_fd: int, env: Mapping[str, str]) -> list[str]:
     """The command that starts ``argv`` under its keeper, with these limits."""
-    command = [sys.executable, "-I", "-S", _KEEPER, "--parent", str(os.getpid()), "--status-fd", str(status_fd)]
+    command = [sys.executable, "-I", "-S", "-c", _KEEPER, "--parent", str(os.getpid()), "--status-fd", str(status_fd)]
     for option, value in (
         ("--memory", limits.memory_bytes),
         ("--cpu", limits.cpu_seconds),
