@@ -124,22 +124,31 @@ def test_a_jobs_processes_die_with_the_process_that_started_it(tmp_path):
 
 @pytest.mark.slow
 def test_the_whole_backlog_is_read_once_every_writer_is_dead(tmp_path):
-    """A child writes thousands of progress events, then its manifest, and exits. The
-    observer takes 2 ms an event (a progress store's round trip), so the events
-    still in the pipe at the exit (at least 64 KiB of them: 600+) take more than a
-    second to replay. Nothing is left behind and nothing counts as a held pipe."""
-    code = textwrap.dedent("""
-        import json, os
+    """A successful child's last ~220 kB of telemetry (two thousand progress events, then
+    its manifest) are still in the pipe when it exits. The runner reads 64 KiB (~590
+    events) at a time and the observer takes 2 ms an event (a progress store's round
+    trip): more than a second a read, four in all. The interleaving is forced: the
+    child writes one event, waits until the observer has it (the runner is reading),
+    writes the rest at once (the runner sets the pipe to 1 MiB) and exits, so at least
+    two reads are left when the runner sees the exit. Nothing is lost, and nothing
+    counts as a held pipe."""
+    go = tmp_path / "go"
+    code = textwrap.dedent(f"""
+        import json, os, time
         fd = int(os.environ["CADSCOPE_TELEMETRY_FD"])
-        with os.fdopen(fd, "wb") as pipe:
-            for i in range(3000):
-                event = {"t": "progress", "a": {"kind": "step", "done": i, "pad": "x" * 40}}
-                pipe.write((json.dumps(event) + "\\n").encode())
-            pipe.write(b'{"t":"result","a":{"artifacts":[]}}\\n')
+        def line(i):
+            event = {{"t": "progress", "a": {{"kind": "step", "done": i, "pad": "x" * 40}}}}
+            return (json.dumps(event) + "\\n").encode()
+        os.write(fd, line(0))
+        deadline = time.monotonic() + 60
+        while not os.path.exists({str(go)!r}) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.write(fd, b"".join(line(i) for i in range(1, 2001)) + b'{{"t":"result","a":{{"artifacts":[]}}}}\\n')
     """)
 
     class SlowRecorder(Recorder):
         def progress(self, attributes):  # type: ignore[no-untyped-def]
+            go.touch()
             time.sleep(0.002)
             super().progress(attributes)
 
@@ -147,7 +156,7 @@ def test_the_whole_backlog_is_read_once_every_writer_is_dead(tmp_path):
     result = run([sys.executable, "-c", code], limits=RunLimits(timeout_s=120), observer=recorder)
     assert result.outcome == "ok", (result.outcome, result.error_type, dict(result.dropped))
     assert not result.dropped
-    assert [event["done"] for event in recorder.progress_events] == list(range(3000))
+    assert [event["done"] for event in recorder.progress_events] == list(range(2001))
     assert result.manifest == {"artifacts": []}
 
 

@@ -129,6 +129,15 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _close_all_but(keep: set[int]) -> None:
+    low = 0
+    for fd in sorted(keep):
+        if low < fd:  # never an empty range: os.closerange(0, 0) closes every fd (its end - 1 read unsigned)
+            os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+
+
 def _vm_peak(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status", "rb") as status:
@@ -141,8 +150,9 @@ def _vm_peak(pid: int) -> int:
 
 
 class Keeper:
-    def __init__(self, options: Options) -> None:
+    def __init__(self, options: Options, keep_fds: tuple[int, ...] = ()) -> None:
         self.options = options
+        self.keep_fds = keep_fds
         self.pid = os.getpid()
         self.engine = 0
         self.status: int | None = None
@@ -179,6 +189,9 @@ class Keeper:
             self._exec(env, ready_w)  # never returns
         os.close(ready_w)
         self.engine = engine
+        # The engine has its inherited fds (the telemetry pipe); the keeper keeps
+        # none of them, so a pipe's end is where its data ends once the job is reaped.
+        _close_all_but({0, 1, 2, ready_r, self.options.status_fd, *self.keep_fds})
         failure = os.read(ready_r, 16)
         os.close(ready_r)
         if failure:
@@ -324,7 +337,7 @@ def main(argv: list[str]) -> None:
     signal.set_wakeup_fd(wakeup_w)
     for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGCHLD):
         signal.signal(signum, lambda *_: None)  # the wakeup fd carries them to the loop
-    keeper = Keeper(options)
+    keeper = Keeper(options, keep_fds=(wakeup_r, wakeup_w))
     if not keeper.start():
         os._exit(127)
     try:

@@ -511,6 +511,8 @@ def _run_in_span(
     if keeper.exec_errno is not None:
         stderr.close()
         code = keeper.exec_errno
+        if not code:
+            raise OSError(f"the keeper could not start {argv[0]}: see the job's stderr")
         raise OSError(code, os.strerror(code), argv[0])
     stderr.seek(max(0, os.fstat(stderr.fileno()).st_size - limits.stderr_tail_bytes))
     tail = stderr.read().decode("utf-8", "replace")
