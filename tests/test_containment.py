@@ -96,6 +96,7 @@ def test_no_process_a_job_started_outlives_the_job(tmp_path, mode):
     assert not alive, f"process {escaped}, started by the job, outlived it ({mode})"
     assert result.outcome == ("timeout" if mode == "hang" else "ok"), (result.outcome, result.error_message)
     assert not _alive(result.pid)
+    assert result.leftovers >= 1  # the keeper found it after the engine's exit, and says so
 
 
 @pytest.mark.slow

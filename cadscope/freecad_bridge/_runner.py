@@ -431,6 +431,10 @@ def run(
         for key in ("engine", "freecad_version", "occt_version"):
             if key in result.hello:
                 span.set_attribute(f"cad.{key}", result.hello[key])
+        if result.peak_vm_bytes:
+            span.set_attribute("cad.subprocess.peak_vm_bytes", result.peak_vm_bytes)
+        if result.leftovers:
+            span.set_attribute("cad.subprocess.leftovers", result.leftovers)  # killed when the engine was done
         span.set_attribute("cad.telemetry.events", result.events)
         if result.dropped:
             span.set_attribute("cad.telemetry.dropped", sum(result.dropped.values()))
