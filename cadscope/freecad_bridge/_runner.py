@@ -81,8 +81,8 @@ DEFAULT_ENV_ALLOWLIST = frozenset(
 # An engine runs in 2-3 tasks (threads included) here; OCCT's thread pool takes
 # one thread a core. Room for a 128-core host, and a fork bomb stops early.
 DEFAULT_MAX_PROCESSES = 256
-# Above any artifact the job schema lets through (its mesh budget bounds STL and
-# OBJ, the largest files) and far below a disk: a runaway writer stops here.
+# Twice the largest mesh export the job schema lets through (its mesh budget:
+# about 1 GiB of ASCII STL) and far below a disk: a runaway writer stops here.
 DEFAULT_MAX_FILE_BYTES = 2 << 30
 TELEMETRY_FD_ENV = "CADSCOPE_TELEMETRY_FD"
 # The keeper runs from its compiled module (a script is compiled at every start),
