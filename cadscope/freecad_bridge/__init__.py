@@ -7,21 +7,34 @@ Usage::
     job = JobSpec.model_validate(json_data)          # ValidationError names the field
     result = run_cad_job(job, "out/job-1", job_id="job-1")
     result.outcome   # ok | script_error | crash | timeout | oom | killed | bad_output
+                     # | resource_limit | disk_full
     result.artifacts # [{"name", "format", "size", "sha256", "deterministic"}]
 
 :func:`run` runs *any* argv the same way (allowlisted environment, trace
-context in ``TRACEPARENT``, own process group, limits, telemetry pipe). The
-child side is ``freecad_bridge/child/cadscope_probe.py``, standard library only.
+context in ``TRACEPARENT``, own process group, limits, telemetry pipe), under
+a keeper process that kills whatever the job left when it ends. The child
+side is ``freecad_bridge/child/cadscope_probe.py``, standard library only.
 """
 
 from __future__ import annotations
 
 from ._engines import CadResult, EngineInfo, EngineUnavailable, discover_engines, pick_engine, run_cad_job
-from ._runner import DEFAULT_ENV_ALLOWLIST, OUTCOMES, RunLimits, RunResult, build_env, run
+from ._runner import (
+    DEFAULT_ENV_ALLOWLIST,
+    DEFAULT_MAX_FILE_BYTES,
+    DEFAULT_MAX_PROCESSES,
+    OUTCOMES,
+    RunLimits,
+    RunResult,
+    build_env,
+    run,
+)
 from ._schema import JobSpec, load_material_library, material_library_path
 
 __all__ = [
     "DEFAULT_ENV_ALLOWLIST",
+    "DEFAULT_MAX_FILE_BYTES",
+    "DEFAULT_MAX_PROCESSES",
     "OUTCOMES",
     "CadResult",
     "EngineInfo",

@@ -10,6 +10,7 @@ Versions are asked of the engine itself, once per process, never configured.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -256,6 +257,88 @@ def _verify_artifacts(manifest: Mapping[str, Any], out_dir: Path) -> tuple[list[
     return verified, None
 
 
+# A failed job whose disk has less room than this left failed for want of it.
+_DISK_NEARLY_FULL = 1 << 20
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full_message(path: Path) -> str:
+    """What a full disk message names: the path the job wrote, the disk and its room."""
+    mount = path.absolute()
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    try:
+        stat = os.statvfs(mount)
+    except OSError:
+        return f"no space left on the disk holding {path}"
+    free = (stat.f_bfree if os.geteuid() == 0 else stat.f_bavail) * stat.f_frsize
+    inodes = "" if stat.f_favail or not stat.f_files else ", no inode free"
+    return (
+        f"no space left on the disk holding {path} (the disk mounted at {mount}: "
+        f"{free} bytes free of {stat.f_blocks * stat.f_frsize}{inodes})"
+    )
+
+
+def _disk_nearly_full(path: Path) -> bool:
+    try:
+        stat = os.statvfs(path)
+    except OSError:
+        return False
+    free = (stat.f_bfree if os.geteuid() == 0 else stat.f_bavail) * stat.f_frsize
+    return free < _DISK_NEARLY_FULL or (stat.f_files > 0 and stat.f_favail == 0)
+
+
+def _file_at_limit(folder: Path, limit: int) -> Path | None:
+    """A file the job wrote that stopped at the file size limit (the kernel writes up to it)."""
+    for path in folder.rglob("*"):
+        try:
+            if path.is_file() and path.stat().st_size >= limit:
+                return path
+        except OSError:
+            continue
+    return None
+
+
+def _judge_by_folder(
+    outcome: str, error_type: str | None, message: str, artifacts: list[dict[str, Any]], out: Path, limits: RunLimits
+) -> tuple[str, str | None, str]:
+    """What only the job's folder shows: a file cut at the size limit, a disk left full.
+
+    FreeCAD's STL export ignores a failed write: a job can deliver its manifest
+    with an artifact cut short. So a job that leaves a file at the size limit,
+    or its disk full, fails even with a manifest.
+    """
+    limit = limits.max_file_bytes
+    if limit is not None:
+        if outcome == "ok":  # the artifacts' sizes are known: no need to list the folder
+            cut = next((out / a["name"] for a in artifacts if a["size"] >= limit), None)
+        else:
+            cut = _file_at_limit(out, limit)
+        if cut is not None:
+            return "resource_limit", "file_size_limit", f"{cut} reached the job's file size limit ({limit} bytes)"
+    if outcome == "disk_full" or _disk_nearly_full(out):
+        said = message or "the job's files may be cut short"
+        return "disk_full", "ENOSPC", f"{_disk_full_message(out)}: {said}"
+    return outcome, error_type, message
+
+
+def _not_started(message: str, error_type: str) -> RunResult:
+    """The result of a job that failed before its engine could start."""
+    return RunResult(
+        outcome="disk_full",
+        pid=0,
+        exit_code=None,
+        signal=None,
+        duration_s=0.0,
+        peak_rss_bytes=0,
+        cpu_s=0.0,
+        manifest=None,
+        hello={},
+        error_type=error_type,
+        error_message=message,
+    )
+
+
 def run_cad_job(
     job: JobSpec,
     out_dir: str | os.PathLike[str],
@@ -271,43 +354,48 @@ def run_cad_job(
     """Run a validated job in a contained subprocess of its engine.
 
     Artifacts land in ``out_dir``; the child's logs and job file in
-    ``out_dir/.cadscope/``. Never raises for the child's failures: the
-    outcome is classified and counted.
+    ``out_dir/.cadscope/``. Never raises for the child's failures, nor for a
+    full disk: the outcome is classified and counted.
     """
     obs = observability or default_observability()
     engine = engine or pick_engine(job.engine, formats=job.formats())
     out = Path(out_dir)
     work = out / ".cadscope"
-    work.mkdir(parents=True, exist_ok=True)
     payload = {"job": {**job.model_dump(mode="json"), "job_id": job_id}, "material_library": material_library_path()}
     if job.input is not None:
         if input_path is None:
             raise ValueError("a job with an input document needs input_path: the verified local copy")
         payload["input_path"] = str(input_path)
-    (work / "job.json").write_text(json.dumps(payload))
     limits = limits or RunLimits(timeout_s=job.timeout_s, memory_bytes=2 << 30)
     telemetry = ChildTelemetry(obs, job.flow_type, on_progress)
     m = obs.metrics
     with obs.engine_versions(engine.freecad_version, engine.occt_version):
         v = obs.versions()
-        result = run(
-            list(engine.argv),
-            limits=limits,
-            env={"CADSCOPE_JOB": str(work / "job.json"), "CADSCOPE_OUT": str(out), "HOME": _engine_home()},
-            cwd=str(work),
-            stdout_path=str(work / "stdout.log"),
-            stderr_path=str(work / "stderr.log"),
-            tracer_provider=tracer_provider,
-            span_name=f"cad.subprocess {engine.name}",
-            attributes={
-                "cad.engine": engine.name,
-                "cad.freecad_version": engine.freecad_version,
-                "cad.occt_version": engine.occt_version,
-                "cad.job_id": job_id,
-            },
-            observer=telemetry,
-            on_drop=lambda reason: m.telemetry_rejected.labels(bound("rejected_reason", reason)).inc(),
-        )
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+            (work / "job.json").write_text(json.dumps(payload))
+            result = run(
+                list(engine.argv),
+                limits=limits,
+                env={"CADSCOPE_JOB": str(work / "job.json"), "CADSCOPE_OUT": str(out), "HOME": _engine_home()},
+                cwd=str(work),
+                stdout_path=str(work / "stdout.log"),
+                stderr_path=str(work / "stderr.log"),
+                tracer_provider=tracer_provider,
+                span_name=f"cad.subprocess {engine.name}",
+                attributes={
+                    "cad.engine": engine.name,
+                    "cad.freecad_version": engine.freecad_version,
+                    "cad.occt_version": engine.occt_version,
+                    "cad.job_id": job_id,
+                },
+                observer=telemetry,
+                on_drop=lambda reason: m.telemetry_rejected.labels(bound("rejected_reason", reason)).inc(),
+            )
+        except OSError as exc:
+            if exc.errno not in _DISK_ERRNOS:
+                raise
+            result = _not_started(f"{_disk_full_message(out)}: {exc.strerror}", errno.errorcode[exc.errno])
         outcome, error_type, message = result.outcome, result.error_type, result.error_message
         artifacts: list[dict[str, Any]] = []
         if result.ok and result.manifest is not None:
@@ -316,10 +404,15 @@ def run_cad_job(
                 outcome, error_type, message = "bad_output", "artifact_mismatch", problem
                 span = trace.get_current_span()
                 span.set_attribute("error.type", "bad_output")
+        if outcome in ("ok", "script_error", "crash", "killed", "bad_output", "disk_full") and result.pid:
+            outcome, error_type, message = _judge_by_folder(outcome, error_type, message, artifacts, out, limits)
+            if outcome != "ok":
+                artifacts = []
         m.subprocess_outcomes.labels(engine.name, outcome, *v.values()).inc()
-        m.subprocess_peak_memory.labels(engine.name, *v.values()).observe(result.peak_rss_bytes)
-        m.subprocess_cpu.labels(engine.name, *v.values()).inc(result.cpu_s)
-        obs.record_occt_memory("process", result.peak_rss_bytes)
+        if result.pid:
+            m.subprocess_peak_memory.labels(engine.name, *v.values()).observe(result.peak_rss_bytes)
+            m.subprocess_cpu.labels(engine.name, *v.values()).inc(result.cpu_s)
+            obs.record_occt_memory("process", result.peak_rss_bytes)
         if outcome in ("oom", "timeout", "crash", "killed"):
             m.worker_restarts.labels(outcome, *v.values()).inc()
     return CadResult(

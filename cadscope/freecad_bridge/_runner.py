@@ -2,40 +2,48 @@
 
 - The child's environment is built from an allowlist, plus the trace context
   (``TRACEPARENT``/``TRACESTATE``/``BAGGAGE``) and the telemetry pipe's fd.
-- Own session and process group; on timeout the group gets SIGTERM, then
-  SIGKILL after a grace period; after the child exits, whatever is left of its
-  group is killed too (a grandchild holding the pipe cannot keep us waiting).
-- ``PR_SET_PDEATHSIG``: the child dies with the thread that started it, so a
-  worker killed by Celery's hard time limit leaves no FreeCAD behind. It is set
-  by util-linux's ``setpriv --pdeathsig KILL`` as an exec wrapper, because a
-  ``preexec_fn`` forces a full ``fork()`` of the worker instead of ``vfork()``:
-  4.5 ms more per job (bench/RESULTS.md). Without ``setpriv``, a ``preexec_fn``.
-- ``RLIMIT_AS``/``RLIMIT_CPU`` set with ``prlimit()`` on the new pid before the
-  wrapper has exec'd the engine; stdin closed; peak memory from ``wait4()``'s
-  ``ru_maxrss``.
-- One thread: ``poll()`` over the pipe and a pidfd. Lines are bounded in length
-  and count; anything malformed is dropped and counted.
+- The engine runs under a keeper (``_contain.py``, started with this
+  interpreter): a child subreaper, so every process the job starts stays in
+  its subtree, even one that calls ``setsid()``; it sets the limits
+  (``RLIMIT_AS``, ``_CPU``, ``_FSIZE``, ``_NPROC``) between its fork and the
+  engine's exec, kills the engine with ``PR_SET_PDEATHSIG`` if it dies, and
+  kills everything when the process that started it dies (a worker killed by
+  Celery's hard time limit leaves no FreeCAD behind). After the engine's exit
+  it kills and reaps whatever the job left, so no process of the job outlives
+  it. The runner starts the keeper with ``vfork()``, as ``subprocess`` does
+  without a ``preexec_fn``; a ``preexec_fn`` would force a full ``fork()`` of
+  the worker.
+- The engine has its own process group; on timeout it gets SIGTERM, then,
+  after a grace period, the whole job SIGKILL. Stdin closed; the engine's
+  peak memory from ``wait4()``'s ``ru_maxrss``, its peak address space
+  sampled, both reported by the keeper on a status pipe of their own.
+- One thread: ``poll()`` over the telemetry pipe, the status pipe and a pidfd.
+  Lines are bounded in length and count; anything malformed is dropped and
+  counted. Once the keeper has reaped every process of the job, no writer of
+  the pipe is left and it is read to its end, however long the replay takes.
 - A classified outcome. FreeCAD's exit code lies (0 after an uncaught
-  exception), so success means the child delivered its result manifest.
+  exception), so success means the child delivered its result manifest; a
+  failure is classified from the evidence (signals, the child's errors and
+  stderr, peak memory against the limit).
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import json
 import os
-import resource
 import select
-import shutil
 import signal
 import subprocess
+import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -46,24 +54,62 @@ from ._replay import EventObserver, Replayer
 
 __all__ = [
     "DEFAULT_ENV_ALLOWLIST",
+    "DEFAULT_MAX_FILE_BYTES",
+    "DEFAULT_MAX_PROCESSES",
     "OUTCOMES",
     "RunLimits",
     "RunResult",
     "run",
 ]
 
-OUTCOMES = ("ok", "script_error", "crash", "timeout", "oom", "killed", "bad_output")
+OUTCOMES = (
+    "ok",
+    "script_error",
+    "crash",
+    "timeout",
+    "oom",
+    "killed",
+    "bad_output",
+    "resource_limit",
+    "disk_full",
+)
 
 # What a CAD process needs to start, and nothing that could carry a secret.
 DEFAULT_ENV_ALLOWLIST = frozenset(
     {"PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "HOME", "USER", "LOGNAME", "PYTHONHASHSEED"}
 )
+# An engine runs in 2-3 tasks (threads included) here; OCCT's thread pool takes
+# one thread a core. Room for a 128-core host, and a fork bomb stops early.
+DEFAULT_MAX_PROCESSES = 256
+# Twice the largest mesh export the job schema lets through (its mesh budget:
+# about 1 GiB of ASCII STL) and far below a disk: a runaway writer stops here.
+DEFAULT_MAX_FILE_BYTES = 2 << 30
 TELEMETRY_FD_ENV = "CADSCOPE_TELEMETRY_FD"
+# The keeper runs from its compiled module (a script is compiled at every start),
+# appended to the path: nothing of the standard library can be shadowed.
+_KEEPER = (
+    f"import sys; sys.path.append({str(Path(__file__).resolve().parent)!r}); "
+    "import _contain; _contain.main(sys.argv[1:])"
+)
 _MEMORY_ERRORS = ("MemoryError", "OutOfMemory", "bad_alloc", "Standard_OutOfMemory")
+# What an engine or its stderr says when it meets a limit or a full disk.
+_MEMORY_TEXT = (*_MEMORY_ERRORS, "Cannot allocate memory", "out of memory")
+_FILE_SIZE_TEXT = ("File too large", "EFBIG")
+_DISK_TEXT = ("No space left on device", "ENOSPC", "Disk quota exceeded")
+_PROCESS_TEXT = ("Resource temporarily unavailable", "can't start new thread")
+# Peak memory this close to the limit is the limit: RLIMIT_AS refuses an
+# allocation at VmPeak + its size, and the engine may then die any way at all.
+_NEAR_VM_PEAK = 0.95
+_NEAR_RSS = 0.9
 _CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL, signal.SIGFPE}
-_PR_SET_PDEATHSIG = 1
 _READ_CHUNK = 1 << 16
 _PIPE_BYTES = 1 << 20
+# After SIGUSR1 the keeper kills and reaps the job within its sweep's bound (5 s);
+# past this the runner kills the keeper, and the engine dies with it (PR_SET_PDEATHSIG).
+_KEEPER_BACKSTOP_S = 7.0
+# Only when the keeper could not vouch that every process of the job is gone: how
+# long a writer may keep the telemetry pipe open after the engine's exit.
+_DRAIN_S = 1.0
 # The C scanner under json.loads, without its wrapping (set in JSONDecoder.__init__; typeshed omits it).
 _SCAN = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
@@ -96,6 +142,11 @@ class RunLimits:
     kill_grace_s: float = 2.0
     memory_bytes: int | None = None
     cpu_seconds: int | None = None
+    # Processes and threads the job may have at once (RLIMIT_NPROC over what
+    # the worker's user runs at the job's start; the kernel exempts root).
+    max_processes: int | None = DEFAULT_MAX_PROCESSES
+    # The largest file the job may write, logs included (RLIMIT_FSIZE).
+    max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES
     max_line_bytes: int = 1 << 20
     max_events: int = 200_000
     max_spans: int = 10_000
@@ -125,47 +176,12 @@ class RunResult:
     dropped: Counter[str] = field(default_factory=Counter)
     stderr_tail: str = ""
     events: int = 0  # telemetry lines the child wrote, dropped ones included
+    peak_vm_bytes: int = 0  # the engine's peak address space, sampled (VmPeak)
+    leftovers: int = 0  # processes of the job still alive at the engine's exit, then killed
 
     @property
     def ok(self) -> bool:
         return self.outcome == "ok"
-
-
-def _libc() -> Any:
-    return ctypes.CDLL(None, use_errno=True)
-
-
-_SETPRIV = shutil.which("setpriv")
-
-
-def _with_pdeathsig(argv: Sequence[str]) -> list[str] | None:
-    """``argv`` behind ``setpriv --pdeathsig KILL``; None without ``setpriv``."""
-    return None if _SETPRIV is None else [_SETPRIV, "--pdeathsig", "KILL", "--", *argv]
-
-
-def _apply_limits(pid: int, limits: RunLimits) -> None:
-    if limits.memory_bytes is not None:
-        resource.prlimit(pid, resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
-    if limits.cpu_seconds is not None:
-        # The soft limit sends SIGXCPU; the hard one a second later, SIGKILL.
-        resource.prlimit(pid, resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 1))
-
-
-def _preexec(limits: RunLimits, parent_pid: int) -> Callable[[], None]:
-    """The fallback where ``setpriv`` is missing (costs a full fork)."""
-    libc = _libc()
-
-    def setup() -> None:  # runs in the child between fork and exec
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os._exit(137)
-        if limits.memory_bytes is not None:
-            resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
-        if limits.cpu_seconds is not None:
-            # The soft limit sends SIGXCPU; the hard one a second later, SIGKILL.
-            resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 1))
-
-    return setup
 
 
 def build_env(
@@ -187,29 +203,160 @@ def _kill_group(pgid: int, sig: int) -> None:
         pass
 
 
+def _resolve(executable: str, env: Mapping[str, str]) -> str:
+    """``executable`` as ``subprocess`` finds it: a path as given, a name on the child's PATH."""
+    if os.path.dirname(executable):
+        return executable
+    for directory in os.get_exec_path(env):
+        candidate = os.path.join(directory, executable)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), executable)
+
+
+def _keeper_argv(argv: Sequence[str], limits: RunLimits, status_fd: int, env: Mapping[str, str]) -> list[str]:
+    """The command that starts ``argv`` under its keeper, with these limits."""
+    command = [sys.executable, "-I", "-S", "-c", _KEEPER, "--parent", str(os.getpid()), "--status-fd", str(status_fd)]
+    for option, value in (
+        ("--memory", limits.memory_bytes),
+        ("--cpu", limits.cpu_seconds),
+        ("--file-size", limits.max_file_bytes),
+        ("--processes", limits.max_processes),
+    ):
+        if value is not None:
+            command += [option, str(int(value))]
+    return [*command, "--", _resolve(argv[0], env), *argv[1:]]
+
+
+class _Keeper:
+    """The runner's side of one keeper: its process, its status pipe, its report."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], status_fd: int) -> None:
+        self.proc = proc
+        self.pidfd = os.pidfd_open(proc.pid)
+        self.status_fd = status_fd
+        os.set_blocking(status_fd, False)
+        self.engine_pid: int | None = None
+        self.report: dict[str, str] = {}
+        self.exec_errno: int | None = None
+        self._buffer = b""
+
+    def read_status(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.status_fd, 4096)
+            except BlockingIOError:
+                return
+            if not chunk:
+                return
+            self._buffer += chunk
+            *lines, self._buffer = self._buffer.split(b"\n")
+            for line in lines:
+                kind, _, rest = line.decode("ascii", "replace").partition(" ")
+                fields = dict(item.partition("=")[::2] for item in rest.split())
+                if kind == "started":
+                    self.engine_pid = int(fields["pid"])
+                elif kind == "failed":
+                    self.exec_errno = int(fields.get("errno", "0"))
+                elif kind == "ended":
+                    self.report = fields
+
+    @property
+    def swept(self) -> bool:
+        """Whether the keeper killed and reaped every process of the job."""
+        return self.report.get("swept") == "1"
+
+    def terminate(self) -> None:
+        """SIGTERM to the engine's group, through the keeper."""
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL to every process of the job, through the keeper."""
+        self._signal(signal.SIGUSR1)
+
+    def force_kill(self) -> None:
+        """The keeper itself, should it not have done its work: its engine dies with it."""
+        self._signal(signal.SIGKILL)
+        if self.engine_pid is not None:
+            _kill_group(self.engine_pid, signal.SIGKILL)
+
+    def _signal(self, sig: int) -> None:
+        try:
+            os.kill(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def reap(self) -> tuple[int, Any]:
+        _pid, status, rusage = os.wait4(self.proc.pid, 0)
+        self.proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        self.read_status()
+        return status, rusage
+
+    def close(self) -> None:
+        os.close(self.pidfd)
+        os.close(self.status_fd)
+
+
+@dataclass(frozen=True)
+class _Evidence:
+    """What the job left behind to classify its end by."""
+
+    status: int
+    timed_out: bool
+    max_rss: int
+    vm_peak: int
+    stderr_tail: str
+
+
+def _mentions(text: str, markers: Sequence[str]) -> str | None:
+    """The first line of ``text`` naming one of ``markers`` (case-insensitive), stripped."""
+    lowered = [marker.lower() for marker in markers]
+    for line in reversed(text.splitlines()):
+        if any(marker in line.lower() for marker in lowered):
+            return line.strip()[:512]
+    return None
+
+
 def _classify(
-    timed_out: bool,
-    status: int,
-    replayer: Replayer,
-    rusage_maxrss: int,
-    limits: RunLimits,
-    require_manifest: bool,
+    evidence: _Evidence, replayer: Replayer, limits: RunLimits, require_manifest: bool
 ) -> tuple[str, str | None, str]:
+    status = evidence.status
     signum = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
     code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
     last_error = replayer.errors[-1] if replayer.errors else None
     memory_error = next((e for e in replayer.errors if any(m in e[0] for m in _MEMORY_ERRORS)), None)
-    if timed_out:
+    # What the engine said last: its last error as the probe saw it, then its stderr.
+    said = "\n".join([*(f"{e[0]}: {e[1]}" for e in replayer.errors[-1:]), evidence.stderr_tail])
+    if evidence.timed_out:
         return "timeout", "timeout", f"killed after its {limits.timeout_s:g} s timeout"
     if signum == signal.SIGXCPU:
         return "timeout", "cpu_limit", "CPU time limit exceeded"
     if memory_error is not None:
         return "oom", memory_error[0], memory_error[1]
-    near_limit = limits.memory_bytes is not None and rusage_maxrss >= 0.9 * limits.memory_bytes
-    if signum == signal.SIGKILL and near_limit:
-        return "oom", "oom_kill", "killed by SIGKILL at its memory limit"
     if replayer.manifest is not None or (not require_manifest and code == 0):
         return "ok", None, ""
+    if signum == signal.SIGXFSZ or (limits.max_file_bytes is not None and _mentions(said, _FILE_SIZE_TEXT)):
+        message = f"a file reached the job's file size limit ({limits.max_file_bytes} bytes)"
+        return "resource_limit", "file_size_limit", message
+    if line := _mentions(said, _DISK_TEXT):
+        return "disk_full", "ENOSPC", line
+    if line := _mentions(said, _MEMORY_TEXT):
+        return "oom", "MemoryError" if "MemoryError" in line else "memory_error", line
+    limit = limits.memory_bytes
+    if limit is not None and (evidence.vm_peak >= _NEAR_VM_PEAK * limit or evidence.max_rss >= _NEAR_RSS * limit):
+        how = f"died of {signal.Signals(signum).name}" if signum is not None else f"exited with status {code}"
+        if signum is None and last_error is not None:
+            how = f"failed with {last_error[0]}: {last_error[1]}"
+        return (
+            "oom",
+            "memory_limit",
+            (
+                f"ran into its memory limit of {limit} bytes (peak address space {evidence.vm_peak}, "
+                f"peak RSS {evidence.max_rss}), then {how}"
+            ),
+        )
+    if limits.max_processes is not None and (line := _mentions(said, _PROCESS_TEXT)):
+        return "resource_limit", "process_limit", f"reached its limit of {limits.max_processes} processes: {line}"
     if last_error is not None:
         return "script_error", last_error[0], last_error[1]
     if signum in _CRASH_SIGNALS:
@@ -284,6 +431,10 @@ def run(
         for key in ("engine", "freecad_version", "occt_version"):
             if key in result.hello:
                 span.set_attribute(f"cad.{key}", result.hello[key])
+        if result.peak_vm_bytes:
+            span.set_attribute("cad.subprocess.peak_vm_bytes", result.peak_vm_bytes)
+        if result.leftovers:
+            span.set_attribute("cad.subprocess.leftovers", result.leftovers)  # killed when the engine was done
         span.set_attribute("cad.telemetry.events", result.events)
         if result.dropped:
             span.set_attribute("cad.telemetry.dropped", sum(result.dropped.values()))
@@ -317,80 +468,88 @@ def _run_in_span(
         fcntl.fcntl(read_fd, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
     except OSError:
         pass  # over /proc/sys/fs/pipe-max-size or the user's quota: 64 KiB it is
+    status_r, status_w = os.pipe()
     child_env[TELEMETRY_FD_ENV] = str(write_fd)
-    stdout = open(stdout_path or os.devnull, "wb")  # noqa: SIM115 - closed below
-    stderr = open(stderr_path, "w+b") if stderr_path else subprocess.DEVNULL  # noqa: SIM115
     replayer = Replayer(tracer, span, observer, max_spans=limits.max_spans, on_drop=on_drop)
     started = time.monotonic()
-    wrapped = _with_pdeathsig(argv)
-    if wrapped is not None:
-        command, preexec = wrapped, None
-    else:
-        command, preexec = list(argv), _preexec(limits, os.getpid())
     try:
-        proc = subprocess.Popen(  # noqa: S603 - argv is the caller's, never a shell
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=stderr,
-            env=child_env,
-            cwd=cwd,
-            pass_fds=(write_fd,),
-            start_new_session=True,
-            preexec_fn=preexec,  # noqa: PLW1509 - only without setpriv
-        )
-    except OSError:
+        command = _keeper_argv(argv, limits, status_w, child_env)
+        with open(stdout_path or os.devnull, "wb") as stdout:
+            # Without a path, stderr still goes to a file, unnamed, for the tail
+            # the outcome is classified by (a MemoryError's traceback, say).
+            stderr: IO[bytes] = open(stderr_path, "w+b") if stderr_path else tempfile.TemporaryFile()  # noqa: SIM115
+            try:
+                proc = subprocess.Popen(  # noqa: S603 - argv is the caller's, never a shell
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=stdout,
+                    stderr=stderr,
+                    env=child_env,
+                    cwd=cwd,
+                    pass_fds=(write_fd, status_w),
+                    start_new_session=True,
+                )
+            except BaseException:
+                stderr.close()
+                raise
+    except BaseException:
         os.close(read_fd)
+        os.close(status_r)
         raise
     finally:
         os.close(write_fd)
-        stdout.close()
-    span.set_attribute("process.pid", proc.pid)  # known now, whatever happens next
+        os.close(status_w)
+    keeper = _Keeper(proc, status_r)
+    span.set_attribute("process.pid", proc.pid)  # known now, whatever happens next; the engine's once it runs
     journal_note(span, {"process.pid": proc.pid})  # so the span says which process, if this one dies
-    if preexec is None:
-        try:
-            _apply_limits(proc.pid, limits)
-        except ProcessLookupError:
-            pass  # already gone: _supervise reaps and classifies it
-        except BaseException:
-            _kill_group(proc.pid, signal.SIGKILL)
-            proc.wait()
-            os.close(read_fd)
-            raise
     reader = _LineReader(replayer, limits)
     try:
-        status, rusage, timed_out = _supervise(proc, read_fd, reader, limits, started)
+        status, rusage, timed_out = _supervise(keeper, span, read_fd, reader, limits, started)
     except BaseException as exc:
         replayer.close_open(type(exc).__name__)
+        stderr.close()
         raise
     finally:
         os.close(read_fd)
+        keeper.close()
     duration = time.monotonic() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)  # we reaped it ourselves
-    maxrss = rusage.ru_maxrss * 1024
-    outcome, error_type, message = _classify(timed_out, status, replayer, maxrss, limits, require_manifest)
-    replayer.close_open(outcome if outcome != "ok" else "unclosed")
-    tail = b""
-    if stderr_path:
-        assert not isinstance(stderr, int)
-        stderr.seek(max(0, os.fstat(stderr.fileno()).st_size - limits.stderr_tail_bytes))
-        tail = stderr.read()
+    if keeper.exec_errno is not None:
         stderr.close()
+        code = keeper.exec_errno
+        if not code:
+            raise OSError(f"the keeper could not start {argv[0]}: see the job's stderr")
+        raise OSError(code, os.strerror(code), argv[0])
+    stderr.seek(max(0, os.fstat(stderr.fileno()).st_size - limits.stderr_tail_bytes))
+    tail = stderr.read().decode("utf-8", "replace")
+    stderr.close()
+    report = keeper.report
+    if report:
+        # The engine's own status, and its job's CPU and peak RSS without the keeper's.
+        status = int(report["status"])
+        max_rss, cpu = int(report["maxrss"]) * 1024, float(report["cpu"])
+    else:  # the keeper itself was killed: what it reaped shows in its own usage
+        max_rss, cpu = rusage.ru_maxrss * 1024, rusage.ru_utime + rusage.ru_stime
+    vm_peak = int(report.get("vmpeak", 0))
+    evidence = _Evidence(status, timed_out, max_rss, vm_peak, tail)
+    outcome, error_type, message = _classify(evidence, replayer, limits, require_manifest)
+    replayer.close_open(outcome if outcome != "ok" else "unclosed")
     return RunResult(
         outcome=outcome,
-        pid=proc.pid,
+        pid=keeper.engine_pid or proc.pid,
         exit_code=os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
         signal=os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
         duration_s=duration,
-        peak_rss_bytes=maxrss,
-        cpu_s=rusage.ru_utime + rusage.ru_stime,
+        peak_rss_bytes=max_rss,
+        cpu_s=cpu,
         manifest=replayer.manifest if outcome == "ok" else None,
         hello=replayer.hello,
         error_type=error_type,
         error_message=message,
         dropped=replayer.dropped,
-        stderr_tail=tail.decode("utf-8", "replace"),
+        stderr_tail=tail,
         events=reader.events,
+        peak_vm_bytes=vm_peak,
+        leftovers=int(report.get("leftovers", 0)),
     )
 
 
@@ -458,62 +617,87 @@ class _LineReader:
 
 
 def _supervise(
-    proc: subprocess.Popen[bytes], read_fd: int, reader: _LineReader, limits: RunLimits, started: float
+    keeper: _Keeper, span: trace.Span, read_fd: int, reader: _LineReader, limits: RunLimits, started: float
 ) -> tuple[int, Any, bool]:
+    """Read the pipe and enforce the deadline until the keeper has exited and the pipe is read.
+
+    On timeout: SIGTERM to the engine's group, after the grace period SIGKILL
+    to every process of the job (both through the keeper), and should the
+    keeper not be done within its backstop, SIGKILL to the keeper.
+    """
     os.set_blocking(read_fd, False)
-    pidfd = os.pidfd_open(proc.pid)
     poller = select.poll()
-    poller.register(read_fd, select.POLLIN)
-    poller.register(pidfd, select.POLLIN)
+    for fd in (read_fd, keeper.pidfd, keeper.status_fd):
+        poller.register(fd, select.POLLIN)
     replayer = reader.replayer
-    deadline = started + limits.timeout_s
-    kill_at: float | None = None
-    timed_out = False
+    stage = 0  # of the escalation: 1 SIGTERM sent, 2 every process killed, 3 the keeper killed
+    due: float | None = started + limits.timeout_s  # when the next stage is
     exited: tuple[int, Any] | None = None
-    pipe_open = True
-    drain_until: float | None = None
+    status_open = pipe_open = True
+    drain_until: float | None = None  # set when a writer may have survived the keeper
     resume_read_at: float | None = None  # set while the pipe is left to fill
+    noted: list[int | None] = [None]  # the engine's pid, once noted in the span journal
     try:
-        while pipe_open:
+        while pipe_open or exited is None:
             now = time.monotonic()
             if resume_read_at is not None and (now >= resume_read_at or exited is not None):
                 poller.modify(read_fd, select.POLLIN)
                 resume_read_at = None
+            wake: float | None
             if exited is None:
-                if not timed_out and now >= deadline:
-                    timed_out = True
-                    _kill_group(proc.pid, signal.SIGTERM)
-                    kill_at = now + limits.kill_grace_s
-                if kill_at is not None and now >= kill_at:
-                    _kill_group(proc.pid, signal.SIGKILL)
-                    kill_at = None
-                wake = kill_at if kill_at is not None else (None if timed_out else deadline)
-                if resume_read_at is not None:
-                    wake = resume_read_at if wake is None else min(wake, resume_read_at)
-            else:
-                assert drain_until is not None
+                if due is not None and now >= due:
+                    stage += 1
+                    if stage == 1:
+                        keeper.terminate()
+                        due = now + limits.kill_grace_s
+                    elif stage == 2:
+                        keeper.kill()
+                        due = now + _KEEPER_BACKSTOP_S
+                    else:
+                        keeper.force_kill()
+                        due = None
+                wake = due
+            elif drain_until is not None:
                 if now >= drain_until:
                     replayer.drop("pipe_held_open")
                     break
                 wake = drain_until
+            else:
+                wake = None  # every writer is dead: the pipe ends where its data does
+            if resume_read_at is not None:
+                wake = resume_read_at if wake is None else min(wake, resume_read_at)
             timeout_ms = None if wake is None else max(0, int((wake - now) * 1000) + 1)
-            for fd, _mask in poller.poll(timeout_ms):
-                if fd == pidfd and exited is None:
-                    _pid, status, rusage = os.wait4(proc.pid, 0)
-                    exited = (status, rusage)
-                    poller.unregister(pidfd)
-                    # The leader is gone; whatever it left in its group goes too,
-                    # so no grandchild can hold the pipe (or the machine) hostage.
-                    _kill_group(proc.pid, signal.SIGKILL)
-                    drain_until = time.monotonic() + 1.0
-                elif fd == read_fd:
+            for fd, mask in poller.poll(timeout_ms):
+                if fd == keeper.status_fd and status_open:
+                    keeper.read_status()
+                    if keeper.engine_pid is not None and keeper.engine_pid != noted[0]:
+                        span.set_attribute("process.pid", keeper.engine_pid)
+                        journal_note(span, {"process.pid": keeper.engine_pid})
+                        noted[0] = keeper.engine_pid
+                    if mask & (select.POLLHUP | select.POLLERR):
+                        poller.unregister(fd)
+                        status_open = False
+                elif fd == keeper.pidfd and exited is None:
+                    exited = keeper.reap()
+                    poller.unregister(fd)
+                    if status_open:
+                        poller.unregister(keeper.status_fd)
+                        status_open = False
+                    if not keeper.swept:
+                        # The keeper was killed before it could vouch for the job's
+                        # processes: kill the engine's group, read what comes in time.
+                        if keeper.engine_pid is not None:
+                            _kill_group(keeper.engine_pid, signal.SIGKILL)
+                        drain_until = time.monotonic() + _DRAIN_S
+                elif fd == read_fd and pipe_open:
                     try:
                         chunk = os.read(read_fd, _READ_CHUNK)
                     except BlockingIOError:
                         continue
                     except OSError as exc:
                         if exc.errno != errno.EINTR:
-                            pipe_open = False
+                            pipe_open, resume_read_at = False, None
+                            poller.unregister(read_fd)
                         continue
                     if chunk:
                         reader.feed(chunk)
@@ -524,39 +708,24 @@ def _supervise(
                             poller.modify(read_fd, 0)
                             resume_read_at = time.monotonic() + limits.read_batch_s
                     else:
-                        pipe_open = False
+                        pipe_open, resume_read_at = False, None
                         poller.unregister(read_fd)
     except BaseException:
         # Celery's soft time limit (or any other exception) lands here, in the
-        # middle of poll(): the CAD process group must not outlive the task.
+        # middle of poll(): no process of the job may outlive the task.
         if exited is None:
-            _kill_group(proc.pid, signal.SIGKILL)
-            os.wait4(proc.pid, 0)
+            _stop(keeper)
         raise
-    else:
-        reader.finish()
-        if exited is None:
-            # The pipe closed first (the child closed its fd): wait for the exit,
-            # still honouring the deadline.
-            status, rusage, late = _wait_with_deadline(proc, pidfd, deadline, limits)
-            _kill_group(proc.pid, signal.SIGKILL)
-            return status, rusage, timed_out or late
-        return exited[0], exited[1], timed_out
-    finally:
-        os.close(pidfd)
+    reader.finish()
+    assert exited is not None
+    return exited[0], exited[1], stage > 0
 
 
-def _wait_with_deadline(
-    proc: subprocess.Popen[bytes], pidfd: int, deadline: float, limits: RunLimits
-) -> tuple[int, Any, bool]:
-    timed_out = False
+def _stop(keeper: _Keeper) -> None:
+    """Every process of the job killed and the keeper reaped, now, within the backstop."""
+    keeper.kill()
     poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    remaining = deadline - time.monotonic()
-    if not poller.poll(max(0, int(remaining * 1000))):
-        timed_out = True
-        _kill_group(proc.pid, signal.SIGTERM)
-        if not poller.poll(int(limits.kill_grace_s * 1000)):
-            _kill_group(proc.pid, signal.SIGKILL)
-    _pid, status, rusage = os.wait4(proc.pid, 0)
-    return status, rusage, timed_out
+    poller.register(keeper.pidfd, select.POLLIN)
+    if not poller.poll(int(_KEEPER_BACKSTOP_S * 1000)):
+        keeper.force_kill()
+    keeper.reap()

@@ -254,6 +254,65 @@ Fault = Literal[
 ]
 
 
+# -- the mesh budget -----------------------------------------------------------
+# An STL or OBJ export meshes curved faces at a fixed tolerance, so its
+# triangles, the memory to make them and the file grow with the size of the
+# curved primitives: an OCP sphere of radius 10 m, valid otherwise, runs out
+# of a 2 GiB limit. Triangles are estimated per millimetre of each curved
+# primitive's largest dimension, as FreeCAD 0.20's STL export makes them at
+# its default tolerance (the heaviest mesh export of the two engines; sphere
+# 500, torus up to 700, cone up to 160, cylinder 2, a fillet or chamfer up to
+# 200 over its part), with a floor for small ones; OCP's STL and FreeCAD's OBJ
+# mesh at 0.1 mm, ten times fewer. Booleans only keep or trim their operands'
+# faces. An export's estimate, one instance of each part in it, stays under
+# MAX_MESH_TRIANGLES: the largest sphere admitted peaks at about a third of
+# the 2 GiB a CAD process gets by default in FreeCAD's STL export, and about
+# half in OCP's, whose determinism check reads the file whole. Every
+# instance written counts toward MAX_MESH_TRIANGLES_WRITTEN: ~1 GiB of ASCII
+# STL, half the default file size limit.
+MAX_MESH_TRIANGLES = 150_000
+MAX_MESH_TRIANGLES_WRITTEN = 4_000_000
+_TRIANGLES_PER_MM = {"sphere": 500, "torus": 700, "cone": 160, "cylinder": 2, "fillet": 200, "chamfer": 200}
+_TRIANGLES_FLOOR = {
+    "sphere": 30_000,
+    "torus": 30_000,
+    "cone": 25_000,
+    "cylinder": 1_000,
+    "fillet": 1_000,
+    "chamfer": 1_000,
+}
+_COARSER_MESH = 0.1  # OCP's STL and FreeCAD's OBJ: 0.1 mm against FreeCAD's STL default
+
+
+def _extent(step: Step) -> float:
+    """A primitive's largest dimension in millimetres (0 for what is not a primitive)."""
+    if isinstance(step, Sphere):
+        return 2 * step.radius
+    if isinstance(step, Torus):
+        return 2 * (step.radius1 + step.radius2)
+    if isinstance(step, Cone):
+        return max(2 * max(step.radius1, step.radius2), step.height)
+    if isinstance(step, Cylinder):
+        return max(2 * step.radius, step.height)
+    if isinstance(step, Box):
+        return max(step.length, step.width, step.height)
+    if isinstance(step, Extrusion):
+        xs, ys = [p[0] for p in step.points], [p[1] for p in step.points]
+        return max(max(xs) - min(xs), max(ys) - min(ys), step.height)
+    return 0.0
+
+
+def _part_triangles(part: Part) -> float:
+    """Triangles an STL export of ``part`` makes at FreeCAD's default tolerance, at most."""
+    extent = max(_extent(step) for step in part.steps)
+    total = 0.0
+    for step in part.steps:
+        size = extent if step.kind in ("fillet", "chamfer") else _extent(step)
+        if step.kind in _TRIANGLES_PER_MM:
+            total += max(_TRIANGLES_PER_MM[step.kind] * size, _TRIANGLES_FLOOR[step.kind])
+    return total
+
+
 class JobSpec(_Model):
     """One CAD job. ``model_validate(data)`` raises ``ValidationError`` naming the field."""
 
@@ -327,6 +386,31 @@ class JobSpec(_Model):
                 raise ValueError(f"export {export.name!r} refers to unknown part or assembly {export.of!r}")
             if self.engine != "auto" and export.format not in ENGINE_FORMATS[self.engine]:
                 raise ValueError(f"engine {self.engine!r} cannot export {export.format!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _mesh_budget(self) -> JobSpec:
+        parts = {p.name: _part_triangles(p) for p in self.parts}
+        for export in self.exports:
+            if export.format not in ("stl", "obj"):
+                continue
+            scale = 1.0 if export.format == "stl" and self.engine != "ocp" else _COARSER_MESH
+            if export.of in parts:
+                counts = {export.of: 1}
+            else:  # the assembly: every instance is written, each part meshed once
+                assert self.assembly is not None
+                counts = {}
+                for instance in self.assembly.instances:
+                    counts[instance.part] = counts.get(instance.part, 0) + 1
+            once = scale * sum(parts[name] for name in counts)
+            written = scale * sum(parts[name] * n for name, n in counts.items())
+            if once > MAX_MESH_TRIANGLES or written > MAX_MESH_TRIANGLES_WRITTEN:
+                raise ValueError(
+                    f"export {export.name!r} ({export.format}) would mesh about {once:,.0f} triangles "
+                    f"({written:,.0f} written), over the {MAX_MESH_TRIANGLES:,} ({MAX_MESH_TRIANGLES_WRITTEN:,} "
+                    "written) a job may within the memory and file size limits: its curved primitives are too "
+                    "large for a mesh export; export STEP or BREP, or make them smaller"
+                )
         return self
 
     def formats(self) -> set[str]:

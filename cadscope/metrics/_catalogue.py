@@ -126,7 +126,9 @@ ALLOWED_LABEL_VALUES: dict[str, frozenset[str]] = {
     "validation": frozenset({"pass", "fail"}),
     "reason": frozenset({"oom", "timeout", "crash", "killed"}),
     "engine": frozenset({"freecad", "ocp"}),
-    "outcome": frozenset({"ok", "script_error", "crash", "timeout", "oom", "killed", "bad_output"}),
+    "outcome": frozenset(
+        {"ok", "script_error", "crash", "timeout", "oom", "killed", "bad_output", "resource_limit", "disk_full"}
+    ),
     "task_outcome": frozenset({"success", "failure", "retry", "rejected", "lost", "dead_letter"}),
     "compatible": frozenset({"true", "false"}),
     "provider": frozenset({"local", "openai_compatible"}),

@@ -16,7 +16,16 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 from pydantic import ValidationError
 
-from ..freecad_bridge import EngineUnavailable, JobSpec, RunLimits, discover_engines, pick_engine, run_cad_job
+from ..freecad_bridge import (
+    DEFAULT_MAX_FILE_BYTES,
+    DEFAULT_MAX_PROCESSES,
+    EngineUnavailable,
+    JobSpec,
+    RunLimits,
+    discover_engines,
+    pick_engine,
+    run_cad_job,
+)
 from ..freecad_bridge._documents import DocumentCache, DocumentError, fetch_document
 from ..metrics import ModelObservability, default_observability
 from ..tracing import job_id_var
@@ -249,7 +258,12 @@ def _run(obs: ModelObservability, spec: Any, job_id: str, started: float, attemp
                 engine=engine,
                 job_id=job_id,
                 observability=obs,
-                limits=RunLimits(timeout_s=timeout, memory_bytes=_memory_limit()),
+                limits=RunLimits(
+                    timeout_s=timeout,
+                    memory_bytes=_memory_limit(),
+                    max_file_bytes=int(os.environ.get("CADSCOPE_CAD_MAX_FILE_BYTES", DEFAULT_MAX_FILE_BYTES)),
+                    max_processes=int(os.environ.get("CADSCOPE_CAD_MAX_PROCESSES", DEFAULT_MAX_PROCESSES)),
+                ),
                 on_progress=lambda attributes: events.publish_child_event(job_id, attributes),
                 input_path=input_path,
             )
