@@ -43,7 +43,7 @@ def _cad_process(worker) -> psutil.Process:  # type: ignore[no-untyped-def]
     def find() -> psutil.Process | None:
         for process in psutil.Process(worker.proc.pid).children(recursive=True):
             try:
-                if "freecadcmd" in " ".join(process.cmdline()):
+                if process.name().startswith("freecadcmd"):  # the engine itself, not its keeper
                     return process
             except psutil.NoSuchProcess:
                 pass
