@@ -505,7 +505,8 @@ def test_an_api_of_several_server_processes_serves_counters_that_never_go_back(t
         def ready() -> list[psutil.Process]:
             children = [c for c in psutil.Process(api.pid).children() if "spawn_main" in " ".join(c.cmdline())]
             files = {p.name for p in directory.iterdir()}
-            started = [c for c in children if f"gauge_livesum_{c.pid}.db" in files]
+            # Each server process's files are named by its pid and start time.
+            started = [c for c in children if any(f.startswith(f"gauge_livesum_{c.pid}-") for f in files)]
             return started if len(started) == 3 else []
 
         servers = wait_until(ready, 60, what="three server processes")

@@ -376,18 +376,12 @@ class CompactingMultiProcessCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         with _flocked(self._lock_path(SWAP_LOCK_FILE), fcntl.LOCK_SH), self._state_lock:
-            summed: list[tuple[list[int], tuple[float, ...]]] = []
-            gauges: list[tuple[bytes, float, float, str, str]] = []
-            listing = self._listing()
-            for path, kind, identifier in listing:
-                if kind.startswith("gauge_"):
-                    rows = self._read(path, kind, identifier)
-                    mode = kind[len("gauge_") :]
-                    gauges.extend((key, value, timestamp, mode, identifier) for key, value, timestamp in rows or ())
-                    continue
-                found = self._summed_values(path, kind, identifier)
-                if found is not None:
-                    summed.append(found)
+            reported = len(self._reported)
+            listing, summed, gauges = self._read_all()
+            if len(self._reported) > reported:
+                # A file met unreadable was just counted (``on_unreadable``), in a file this scrape may
+                # have read already: read again, so the scrape that found it shows the count.
+                listing, summed, gauges = self._read_all()
             # Counters, histograms and summaries are sums over processes: each key has a slot,
             # and every file's values are added into the slots of its keys.
             totals = [0.0] * len(self._slot_keys)
@@ -400,6 +394,27 @@ class CompactingMultiProcessCollector(Collector):
             self._readers = {path: reader for path, reader in self._readers.items() if path in listed}
             self._file_slots = {path: slots for path, slots in self._file_slots.items() if path in listed}
             return self._families(totals, sorted(present), gauges)
+
+    def _read_all(
+        self,
+    ) -> tuple[
+        list[tuple[str, str, str]],
+        list[tuple[list[int], tuple[float, ...]]],
+        list[tuple[bytes, float, float, str, str]],
+    ]:
+        summed: list[tuple[list[int], tuple[float, ...]]] = []
+        gauges: list[tuple[bytes, float, float, str, str]] = []
+        listing = self._listing()
+        for path, kind, identifier in listing:
+            if kind.startswith("gauge_"):
+                rows = self._read(path, kind, identifier)
+                mode = kind[len("gauge_") :]
+                gauges.extend((key, value, timestamp, mode, identifier) for key, value, timestamp in rows or ())
+                continue
+            found = self._summed_values(path, kind, identifier)
+            if found is not None:
+                summed.append(found)
+        return listing, summed, gauges
 
     def _slots(self, keys: list[bytes], kind: str, known: list[int]) -> list[int]:
         """The slots of ``keys``, extending ``known`` (the slots of its first keys) for new ones."""
