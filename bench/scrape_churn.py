@@ -172,7 +172,8 @@ def main() -> int:
         compaction_s = default_timer() - started
         after = [timed_scrape(registry) for _ in range(args.scrapes)]
         after_text = generate_latest(registry)
-        lost = {k: v for k, v in counters(before_text).items() if counters(after_text).get(k, -1) < v * (1 - 1e-12)}
+        after_counters = counters(after_text)
+        lost = {k: v for k, v in counters(before_text).items() if after_counters.get(k, -1) < v * (1 - 1e-12)}
         assert not lost, f"compaction lost counts: {list(lost)[:3]}"
         remaining = len([n for n in os.listdir(directory) if n.endswith(".db")])
     finally:
