@@ -16,7 +16,16 @@ child side is ``freecad_bridge/child/cadscope_probe.py``, standard library only.
 
 from __future__ import annotations
 
-from ._engines import CadResult, EngineInfo, EngineUnavailable, discover_engines, pick_engine, run_cad_job
+from ._engines import (
+    CadResult,
+    EngineInfo,
+    EngineUnavailable,
+    auto_instrumentation_env,
+    child_path,
+    discover_engines,
+    pick_engine,
+    run_cad_job,
+)
 from ._runner import DEFAULT_ENV_ALLOWLIST, OUTCOMES, RunLimits, RunResult, build_env, run
 from ._schema import JobSpec, load_material_library, material_library_path
 
@@ -29,7 +38,9 @@ __all__ = [
     "JobSpec",
     "RunLimits",
     "RunResult",
+    "auto_instrumentation_env",
     "build_env",
+    "child_path",
     "discover_engines",
     "load_material_library",
     "material_library_path",

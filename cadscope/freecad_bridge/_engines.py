@@ -29,7 +29,16 @@ from ..metrics import ModelObservability, bound, default_observability
 from ._runner import RunLimits, RunResult, build_env, run
 from ._schema import ENGINE_FORMATS, JobSpec, material_library_path
 
-__all__ = ["CadResult", "EngineInfo", "EngineUnavailable", "discover_engines", "pick_engine", "run_cad_job"]
+__all__ = [
+    "CadResult",
+    "EngineInfo",
+    "EngineUnavailable",
+    "auto_instrumentation_env",
+    "child_path",
+    "discover_engines",
+    "pick_engine",
+    "run_cad_job",
+]
 
 log = logging.getLogger("cadscope.freecad_bridge")
 
@@ -44,6 +53,18 @@ _OCP_VERSION_SCRIPT = (
     f"import sys, json; sys.path.insert(0, {str(CHILD_DIR)!r}); import engine_ocp; "
     f"print({_MARK!r} + json.dumps(engine_ocp.OCPBackend().versions()))"
 )
+
+
+def child_path() -> str:
+    """The folder with cadscope's child modules: ``cadscope_child`` (the API for
+    CAD scripts), the probe, and the ``sitecustomize`` that auto-instruments."""
+    return str(CHILD_DIR)
+
+
+def auto_instrumentation_env(pythonpath: str | None = None) -> dict[str, str]:
+    """What a child's environment needs for auto-instrumentation: this folder first
+    on ``PYTHONPATH`` (then ``pythonpath``, the caller's own entries, if any)."""
+    return {"PYTHONPATH": os.pathsep.join(p for p in (str(CHILD_DIR), pythonpath) if p)}
 
 
 class EngineUnavailable(RuntimeError):
