@@ -5,6 +5,12 @@
 - ``ocp``: a Python with cadquery-ocp (``$CADSCOPE_OCP_PYTHON``, default this
   interpreter) running ``child/engine_ocp.py``. ``freecad_version="none"``.
 
+A ``script`` job runs the user's script under ``child/usercode_launch.py`` in
+either engine, a ``template`` job ``child/engine_template.py`` in FreeCAD; both
+with auto-instrumentation on (``child/sitecustomize.py`` first on
+``PYTHONPATH``), so the user's FreeCAD and OCP calls become the same spans and
+metrics as the JSON jobs' steps.
+
 Versions are asked of the engine itself, once per process, never configured.
 """
 
@@ -152,6 +158,14 @@ def pick_engine(
     raise EngineUnavailable(f"no engine for {requested!r} with formats {sorted(formats)} (have {sorted(engines)})")
 
 
+# Span names whose duration a metric records. A call past its operation's span
+# budget in auto-instrumented code arrives as a metric event of the same name,
+# with the duration as its value and the span's attributes.
+OBSERVED_SPANS = frozenset(
+    {"document.create", "document.load", "document.recompute", "occt.boolean", "occt.feature", "export"}
+)
+
+
 class ChildTelemetry:
     """Maps the child's probe spans and metric events onto the seed-003 metrics."""
 
@@ -177,7 +191,8 @@ class ChildTelemetry:
                 str(a.get("cad.document.source", "new")), str(a.get("cad.workbench", "Part")), duration_s
             )
         elif name == "document.load":
-            o.record_document_load("upload", str(a.get("cad.workbench", "Import")), duration_s)
+            source = str(a.get("cad.document.source", "upload"))
+            o.record_document_load(source, str(a.get("cad.workbench", "Import")), duration_s)
             o.record_document_load_stage("load", duration_s)
         elif name == "document.validate":
             o.record_document_load_stage("validate", duration_s)
@@ -216,6 +231,8 @@ class ChildTelemetry:
             o.record_workbench_invocation(str(a.get("workbench")))
         elif name == "workbench.compatibility":
             o.record_workbench_compatibility(str(a.get("workbench")), bool(a.get("compatible")))
+        elif name in OBSERVED_SPANS:
+            self.span_ended(name, a, value, None)
         else:
             o.metrics.telemetry_rejected.labels("unknown_metric").inc()
 
@@ -277,6 +294,13 @@ def _verify_artifacts(manifest: Mapping[str, Any], out_dir: Path) -> tuple[list[
     return verified, None
 
 
+def _missing_outputs(job: JobSpec, artifacts: list[dict[str, Any]]) -> str | None:
+    """A script job succeeds only with every output it promised, verified."""
+    written = {a["name"] for a in artifacts}
+    missing = [o.filename for o in job.outputs if o.filename not in written]
+    return f"the script did not write {', '.join(missing)}" if missing else None
+
+
 def run_cad_job(
     job: JobSpec,
     out_dir: str | os.PathLike[str],
@@ -301,21 +325,33 @@ def run_cad_job(
     work = out / ".cadscope"
     work.mkdir(parents=True, exist_ok=True)
     payload = {"job": {**job.model_dump(mode="json"), "job_id": job_id}, "material_library": material_library_path()}
-    if job.input is not None:
+    stored = job.stored_document()
+    if stored is not None:
         if input_path is None:
-            raise ValueError("a job with an input document needs input_path: the verified local copy")
+            raise ValueError(f"a job with a stored {stored.format} document needs input_path: the verified local copy")
         payload["input_path"] = str(input_path)
     (work / "job.json").write_text(json.dumps(payload))
+    argv, env, cwd = list(engine.argv), {"CADSCOPE_JOB": str(work / "job.json"), "CADSCOPE_OUT": str(out)}, work
+    if job.script is not None or job.template is not None:
+        # The user's code, auto-instrumented; the launcher owns the run's manifest.
+        launcher = "usercode_launch.py" if job.script is not None else "engine_template.py"
+        argv = [engine.argv[0], str(CHILD_DIR / launcher)]
+        (work / "parameters.json").write_text(json.dumps(job.parameters))
+        env.update(auto_instrumentation_env())
+        env.update(CADSCOPE_RUN_MODE="job", CADSCOPE_PARAMETERS=str(work / "parameters.json"))
+        if job.script is not None:
+            cwd = out  # a script writes its outputs where it stands
+    env["HOME"] = _engine_home()
     limits = limits or RunLimits(timeout_s=job.timeout_s, memory_bytes=2 << 30)
     telemetry = ChildTelemetry(obs, job.flow_type, on_progress)
     m = obs.metrics
     with obs.engine_versions(engine.freecad_version, engine.occt_version):
         v = obs.versions()
         result = run(
-            list(engine.argv),
+            argv,
             limits=limits,
-            env={"CADSCOPE_JOB": str(work / "job.json"), "CADSCOPE_OUT": str(out), "HOME": _engine_home()},
-            cwd=str(work),
+            env=env,
+            cwd=str(cwd),
             stdout_path=str(work / "stdout.log"),
             stderr_path=str(work / "stderr.log"),
             tracer_provider=tracer_provider,
@@ -333,8 +369,12 @@ def run_cad_job(
         artifacts: list[dict[str, Any]] = []
         if result.ok and result.manifest is not None:
             artifacts, problem = _verify_artifacts(result.manifest, out)
+            kind = "artifact_mismatch"
+            if problem is None and job.script is not None:
+                problem, kind = _missing_outputs(job, artifacts), "missing_output"
             if problem is not None:
-                outcome, error_type, message = "bad_output", "artifact_mismatch", problem
+                artifacts = []
+                outcome, error_type, message = "bad_output", kind, problem
                 span = trace.get_current_span()
                 span.set_attribute("error.type", "bad_output")
         m.subprocess_outcomes.labels(engine.name, outcome, *v.values()).inc()

@@ -67,7 +67,7 @@ SECURITY_VIOLATION_SEVERITY: Mapping[str, str] = MappingProxyType(
 )
 
 ALLOWED_LABEL_VALUES: dict[str, frozenset[str]] = {
-    "flow_type": frozenset({"parametric", "ai_prompt", "upload"}),
+    "flow_type": frozenset({"parametric", "ai_prompt", "upload", "script", "template"}),
     "status": frozenset({"success", "failure"}),
     "stage": frozenset(
         {"validate", "prepare", "engine", "generate", "assemble", "export", "validate_export", "collect"}

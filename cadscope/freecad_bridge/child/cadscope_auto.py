@@ -493,7 +493,6 @@ _WORKBENCH_OF_MODULE = {
     "Mesh": "Mesh",
     "MeshPart": "Mesh",
     "Import": "Import",
-    "Spreadsheet": "Spreadsheet",
 }
 
 # Recomputed document objects that carry OCCT work, as the span their recompute becomes.
@@ -1071,7 +1070,13 @@ class _Loader:
                 code = getattr(exc, "code", 1) if isinstance(exc, SystemExit) else 1
                 if code not in (None, 0):
                     _run.fail(exc)
+                # FreeCAD leaves through exit() after a SystemExit, without
+                # Python's atexit: the run ends with its script.
+                _finish_run()
             raise
+        else:
+            if self.name in self.finder.scripts:
+                _finish_run()
         finally:
             # The module keeps the loader that loaded it, as without cadscope.
             if spec is not None and spec.loader is self:
@@ -1193,11 +1198,14 @@ def bootstrap(argv=None):
         previous(kind, value, tb)
 
     sys.excepthook = excepthook
+    atexit.register(_finish_run)
 
-    def at_exit():
-        _run.root_attrs.update(
-            {"cad.auto.spans": _state.spans, "cad.auto.observed": _state.observed, "cad.auto.failures": _state.failures}
-        )
-        _run.finish()
 
-    atexit.register(at_exit)
+def _finish_run():
+    """End the run (``cadscope exec``): its root span, with the counts, then the manifest. Once."""
+    if _run.root is None or _run.finished:
+        return
+    _run.root_attrs.update(
+        {"cad.auto.spans": _state.spans, "cad.auto.observed": _state.observed, "cad.auto.failures": _state.failures}
+    )
+    _run.finish()
