@@ -142,7 +142,24 @@ class paused:
 
 
 class _SoftFailure(Exception):
-    """A call that returned a failure status instead of raising (an OCCT writer's ``False``)."""
+    """A call that reported a failure without raising (an OCCT writer's ``False``);
+    the span's ``error.type`` is the subclass's name."""
+
+
+class ExportFailed(_SoftFailure):
+    pass
+
+
+class LoadFailed(_SoftFailure):
+    pass
+
+
+class NotDone(_SoftFailure):
+    pass
+
+
+class RecomputeFailed(_SoftFailure):
+    pass
 
 
 # -- one call: a span, or an observation ------------------------------------------------------------
@@ -391,7 +408,7 @@ def _export(fmt=None, path_at=1, path_key=None, path_of=None, status=None):
         written = path(args, kwargs)
         if status is not None and not status(result):
             attrs["cad.export.ok"] = False
-            return _SoftFailure("the writer reported a failure")
+            return ExportFailed("the writer reported a failure")
         size = _size(written)
         if size is not None:
             attrs["cad.export.size_bytes"] = size
@@ -415,7 +432,7 @@ def _load(fmt=None, path_at=0, workbench="Import", status=None):
 
     def after(attrs, args, kwargs, result):
         if status is not None and not status(result):
-            return _SoftFailure("the reader reported a failure")
+            return LoadFailed("the reader reported a failure")
         size = _size(_path_arg(args, kwargs, path_at))
         if size is not None:
             attrs["cad.document.size_bytes"] = size
@@ -591,7 +608,7 @@ def _end_recompute(record, doc, result, error):
         if invalid:
             more["cad.recompute.invalid"] = len(invalid)
             more["cad.recompute.invalid_objects"] = ", ".join(invalid)[:256]
-            error = _SoftFailure("%d object(s) failed to recompute: %s" % (len(invalid), ", ".join(invalid)[:200]))
+            error = RecomputeFailed("%d object(s) failed to recompute: %s" % (len(invalid), ", ".join(invalid)[:200]))
         if record.span_id is not None:
             _probe.end(record.span_id, more, error)
         else:
@@ -904,7 +921,15 @@ def _ocp_boolean(operation):
                 count = 2
         return {"cad.boolean.operation": operation, "cad.solids_count": count}
 
-    return _Site("occt.boolean", attrs, memory=_boolean_memory)
+    return _Site("occt.boolean", attrs, after=_not_built, memory=_boolean_memory)
+
+
+def _not_built(attrs, args, kwargs, result):
+    """An OCCT algorithm reports failure by ``IsDone()``, not by raising."""
+    maker = args[0] if args else None
+    if hasattr(maker, "IsDone") and not maker.IsDone():
+        return NotDone("the algorithm is not done")
+    return None
 
 
 def _ocp_feature(feature, count_edges=False):
@@ -918,7 +943,7 @@ def _ocp_feature(feature, count_edges=False):
                 pass
         return out
 
-    return _Site("occt.feature", attrs, memory=_feature_memory)
+    return _Site("occt.feature", attrs, after=_not_built, memory=_feature_memory)
 
 
 def _ocp_status(result):
