@@ -196,6 +196,7 @@ def _span_allowed(name):
 def _begin(site, args, kwargs):
     attrs = site.attrs(args, kwargs)
     span_id = _probe.start(site.name, attrs)
+    _span_allowed(site.name)  # counted once the span exists
     if site.memory is not None:
         reset_peak_rss()
     return span_id, attrs
@@ -251,7 +252,6 @@ def _call(site, original, args, kwargs):
         _observed(site, _clock() - started, args, kwargs, result, None)
         return result
     try:
-        _span_allowed(site.name)
         span_id, attrs = _begin(site, args, kwargs)
     except Exception:  # noqa: BLE001
         _state.failures += 1
