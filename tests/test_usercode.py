@@ -475,6 +475,13 @@ def test_template_and_script_jobs_through_the_api(start_worker, start_api, engin
     tampered = _submit(api, {
         "name": "marker", "engine": "ocp", "outputs": [{"name": "x", "format": "brep"}],
         "script": {"uri": "store://scripts/marker.py", "sha256": approved}})  # fmt: skip
+    promised = _submit(api, {
+        "name": "plate", "engine": "freecad", "parameters": {"length": 40, "width": 20, "holes": 0},
+        "script": {"uri": "store://scripts/plate.py", "sha256": hashlib.sha256(PLATE_SCRIPT.encode()).hexdigest()},
+        "outputs": [{"name": "plate", "format": "step"}, {"name": "plate", "format": "stl"}]})  # fmt: skip
+    broken = _finished(api, promised)
+    assert (broken["outcome"], broken["error_type"]) == ("bad_output", "missing_output"), broken
+    assert "plate.stl" in broken["error_message"]
     body = _finished(api, good)
     assert body["status"] == "succeeded", body
     assert body["manifest"]["result"]["volume"] == pytest.approx(40 * 20 * 4 - 2 * math.pi * 4 * 4, rel=1e-6)
@@ -486,12 +493,13 @@ def test_template_and_script_jobs_through_the_api(start_worker, start_api, engin
     v = {"freecad_version": engines["freecad"].freecad_version, "occt_version": engines["freecad"].occt_version}
     assert _prom_value(text, "cadscope_security_violations_total", violation_type="checksum_mismatch",
                        severity="critical") == 1  # fmt: skip
-    # Engines ran for the two templates and the good script, never for the refused one.
+    # Engines ran for the two templates and the two good scripts, never for the refused one.
     assert sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == "cadscope_subprocess_outcomes_total") == 3  # fmt: skip
+               if s.name == "cadscope_subprocess_outcomes_total") == 4  # fmt: skip
+    assert _prom_value(text, "cadscope_subprocess_outcomes_total", engine="freecad", outcome="bad_output", **v) == 1
     assert _prom_value(text, "model_generation_completed_total", flow_type="template", status="success", **v) == 2
     assert _prom_value(text, "model_generation_completed_total", flow_type="script", status="success", **v) == 1
-    assert _prom_value(text, "model_generation_completed_total", flow_type="script", status="failure") == 1
+    assert _prom_value(text, "model_generation_completed_total", flow_type="script", status="failure", **v) == 1
     assert _prom_value(text, "occt_boolean_duration_seconds_count", operation="cut", **v) == 4  # 2 recomputes, 2 holes
     assert _prom_value(text, "freecad_recompute_duration_seconds_count", workbench="Part", **v) == 2
 
@@ -534,9 +542,16 @@ except ValueError:
 cadscope.metric("occt.memory", 123456, operation="ribs")
 cadscope.progress(phase="ribs", done=1, total=2)
 cadscope.result({"mass_kg": 1.25})
+# A program the script starts inherits neither the telemetry pipe nor its variable.
+import os, subprocess, sys
+subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('CADSCOPE_TELEMETRY_FD'), "
+                "sorted(int(f) for f in os.listdir('/proc/self/fd')))"], close_fds=False, stdout=open("fds", "w"))
 """)
     result, spans, recorder = _through_runner([sys.executable, str(script)], tmp_path)
     assert result.ok, (result.error_message, result.stderr_tail)
+    variable, fds = (tmp_path / "fds").read_text().split(" ", 1)
+    assert variable == "None" and not result.dropped
+    assert set(json.loads(fds)) <= {0, 1, 2, 3}  # the standard streams and listdir's own
     assert result.manifest == {"kind": "exec", "exports": [], "result": {"mass_kg": 1.25}}
     by_name = {s.name: s for s in spans}
     assert dict(by_name["my step_"].attributes) == {"cad.ribs": 4, "cad.volume": 1.5}
