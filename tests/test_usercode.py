@@ -703,3 +703,17 @@ def test_exec_cli_errors_are_one_line_and_non_zero(capsys, tmp_path):
         assert cli_main(argv) == status, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("cadscope exec: ") and message in err, (argv, err)
+
+
+@pytest.mark.slow
+def test_the_overhead_benchmark_runs_on_both_engines(tmp_path):
+    # A smoke run (no timing is asserted): each engine's per-call and script rows are there.
+    out = tmp_path / "results.md"
+    bench = Path(__file__).resolve().parent.parent / "bench" / "usercode_overhead.py"
+    proc = subprocess.run([sys.executable, str(bench), "--rounds", "1", "--calls", "200", "--n", "200",
+                           "--write", str(out)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = out.read_text().splitlines()
+    rows = [line.split(" | ")[0].lstrip("| ") for line in lines if " µs |" in line or " s |" in line]
+    assert rows == ["freecad", "ocp", "freecad, 9 extrusions + 1 cut per 10", "ocp, 9 extrusions + 1 cut per 10",
+                    "freecad, extrusions only (worst case)", "ocp, extrusions only (worst case)"]  # fmt: skip
