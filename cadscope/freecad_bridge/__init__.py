@@ -12,6 +12,15 @@ Usage::
 :func:`run` runs *any* argv the same way (allowlisted environment, trace
 context in ``TRACEPARENT``, own process group, limits, telemetry pipe). The
 child side is ``freecad_bridge/child/cadscope_probe.py``, standard library only.
+
+The user's own code: a ``JobSpec`` with ``script`` or ``template`` (a key in
+the document store and its sha256) runs a registered FreeCAD/OCP script or a
+parametric FCStd. With :func:`auto_instrumentation_env` in a child's
+environment (:func:`child_path` first on ``PYTHONPATH``), any Python that
+cadscope starts instruments FreeCAD's and OCP's entry points itself, and
+finds ``cadscope_child``, the API for scripts (``child/cadscope_child.py``)::
+
+    result = run(["freecadcmd", "my_macro.py"], env=auto_instrumentation_env(), observer=...)
 """
 
 from __future__ import annotations

@@ -729,16 +729,22 @@ _METH_KEYWORDS = 0x0002
 _names_kept = {}  # new ml_name buffers, alive while in use
 
 
+_mappings = []  # (low, high, writable) of this process, read again when an address is not in them
+
+
 def _writable(address):
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                bounds, perms = line.split()[:2]
-                low, high = (int(x, 16) for x in bounds.split("-"))
-                if low <= address < high:
-                    return "w" in perms
-    except (OSError, ValueError):
-        pass
+    for _attempt in range(2):
+        for low, high, writable in _mappings:
+            if low <= address < high:
+                return writable
+        try:
+            with open("/proc/self/maps") as maps:
+                _mappings[:] = [
+                    (int(bounds.split("-")[0], 16), int(bounds.split("-")[1], 16), "w" in perms)
+                    for bounds, perms in (line.split()[:2] for line in maps)
+                ]
+        except (OSError, ValueError):
+            return False
     return False
 
 
