@@ -22,7 +22,16 @@ from functools import lru_cache
 from importlib import resources
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "InputDocument",
@@ -301,10 +310,10 @@ class JobSpec(_Model):
     flow_type: Literal["parametric", "ai_prompt", "upload", "script", "template"] = "parametric"
     input: InputDocument | None = None
     engine: Literal["auto", "freecad", "ocp"] = "auto"
-    # At least one each for a job built from parts (checked below); a script job has neither.
-    parts: Annotated[list[Part], Field(max_length=100)] = []
+    # At least one each for a job built from parts (``_needed``); a script job has neither.
+    parts: Annotated[list[Part], Field(max_length=100, validate_default=True)] = []
     assembly: Assembly | None = None
-    exports: Annotated[list[Export], Field(max_length=32)] = []
+    exports: Annotated[list[Export], Field(max_length=32, validate_default=True)] = []
     # The user's own code: a registered script, or a registered FCStd template.
     script: ScriptSource | None = None
     template: TemplateSource | None = None
@@ -332,6 +341,15 @@ class JobSpec(_Model):
             return {**data, "flow_type": "upload"}
         return data
 
+    @field_validator("parts", "exports")
+    @classmethod
+    def _needed(cls, value: list[Any], info: ValidationInfo) -> list[Any]:
+        # flow_type is validated first, and set for script and template jobs (``_user_code_flow``).
+        flow, field = info.data.get("flow_type"), str(info.field_name)
+        if not value and not (flow == "script" or (flow == "template" and field == "parts")):
+            raise ValueError(f"a job needs at least one {field[:-1]}")
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _user_code_flow(cls, data: Any) -> Any:
@@ -349,10 +367,6 @@ class JobSpec(_Model):
     def _cross_references(self) -> JobSpec:
         if self.script is not None or self.template is not None or self.flow_type in ("script", "template"):
             return self._user_code()
-        if not self.parts:
-            raise ValueError("a job needs at least one part (or a script or template)")
-        if not self.exports:
-            raise ValueError("a job needs at least one export")
         if self.outputs or self.parameters:
             raise ValueError("outputs and parameters belong to script and template jobs")
         imports = [s.name for p in self.parts for s in p.steps if isinstance(s, Import)]
