@@ -609,11 +609,11 @@ def test_wrappers_pass_everything_through_and_count_only_their_own_failures(monk
     probe.flush()
     events = [_decode_event(line) for line in os.read(read_end, 1 << 20).splitlines()]
     starts = [e for e in events if e["t"] == "start"]
-    observed = [e for e in events if e["t"] == "metric" and e["n"] == "occt.boolean"]
+    observed = [e for e in events if e["t"] == "metric" and e["n"] == "occt.boolean.ns"]
     # The first three calls are spans; the next seven observations; the failure past the budget a span again.
     assert [e["n"] for e in starts] == ["occt.boolean"] * 4
     assert len(observed) == 7 and all(e["a"] == {"cad.boolean.operation": "cut", "cad.solids_count": 2}
-                                      and 0 <= e["v"] < 1 for e in observed)  # fmt: skip
+                                      and type(e["v"]) is int and 0 <= e["v"] < 10**9 for e in observed)  # fmt: skip
     failed = [e for e in events if e["t"] == "end" and e.get("s") == "error"]
     assert [(e["e"], e["m"]) for e in failed] == [("RuntimeError", "from the original")]
     assert auto.status()["observed"] == 7 and auto.status()["spans"] == 4
@@ -631,11 +631,12 @@ def test_observations_and_the_user_code_flows_reach_the_seed_metrics():
         for flow in ("script", "template"):
             telemetry = ChildTelemetry(obs, flow)
             telemetry.span_ended("cad.stage generate", {"cad.stage": "generate"}, 0.5, None)
-        # A call past its span budget arrives as a metric event named after the span.
-        telemetry.metric("occt.boolean", 0.004, {"cad.boolean.operation": "union", "cad.solids_count": 2})
-        telemetry.metric("occt.feature", 0.002, {"cad.feature": "extrude"})
-        telemetry.metric("document.load", 0.1, {"cad.document.source": "file", "cad.workbench": "Part"})
-        telemetry.metric("export", 0.01, {"cad.export.format": "STEP", "cad.export.size_bytes": 2000})
+        # A call past its span budget arrives as a metric event named after the span, in nanoseconds.
+        telemetry.metric("occt.boolean.ns", 4_000_000, {"cad.boolean.operation": "union", "cad.solids_count": 2})
+        telemetry.metric("occt.feature.ns", 2_000_000, {"cad.feature": "extrude"})
+        telemetry.metric("document.load.ns", 100_000_000, {"cad.document.source": "file", "cad.workbench": "Part"})
+        telemetry.metric("export.ns", 10_000_000, {"cad.export.format": "STEP", "cad.export.size_bytes": 2000})
+        telemetry.metric("occt.boolean", 0.004, {"cad.boolean.operation": "union"})  # not an observation
     v = {"freecad_version": "0.20.2", "occt_version": "7.6.3"}
     for flow in ("script", "template"):
         assert _sample(registry, "model_generation_stage_duration_seconds_count", flow_type=flow, stage="generate",
@@ -644,7 +645,7 @@ def test_observations_and_the_user_code_flows_reach_the_seed_metrics():
     assert _sample(registry, "occt_feature_duration_seconds_count", feature="other", **v) == 1
     assert _sample(registry, "freecad_document_load_seconds_count", source="file", workbench="Part", **v) == 1
     assert _sample(registry, "export_duration_seconds_count", format="STEP", file_size_range="lt_100kb", **v) == 1
-    assert _sample(registry, "cadscope_telemetry_events_rejected_total", reason="unknown_metric") == 0
+    assert _sample(registry, "cadscope_telemetry_events_rejected_total", reason="unknown_metric") == 1
 
 
 SCRIPT = {

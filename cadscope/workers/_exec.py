@@ -83,8 +83,8 @@ class _Recorded:
             if method == "span_ended" and args[0] in _MEASURED:
                 durations[args[0]].append(args[2])
                 spans[args[0]] += 1
-            elif method == "metric" and args[0] in _MEASURED:
-                durations[args[0]].append(args[1])
+            elif method == "metric" and args[0].endswith(".ns") and args[0][:-3] in _MEASURED:
+                durations[args[0][:-3]].append(args[1] / 1e9)
         out = {}
         for name, values in sorted(durations.items()):
             ordered = sorted(values)
@@ -118,7 +118,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry, generate_latest
 
     from ..freecad_bridge import RunLimits, auto_instrumentation_env, run
-    from ..freecad_bridge._engines import ChildTelemetry
+    from ..freecad_bridge._engines import USER_CODE_READ_BATCH_S, ChildTelemetry
     from ..metrics import Catalogue, ModelObservability, bound
     from ..tracing import setup_tracing, shutdown_tracing
     from ..tracing._waterfall import read_otlp_json, render_waterfall
@@ -160,7 +160,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
             try:
                 result = run(
                     [program, *command[1:]],
-                    limits=RunLimits(timeout_s=args.timeout),
+                    limits=RunLimits(timeout_s=args.timeout, read_batch_s=USER_CODE_READ_BATCH_S),
                     env=env,
                     cwd=os.getcwd(),
                     stdout_path=str(out / "stdout.log"),
