@@ -299,7 +299,8 @@ def main() -> None:
         raise SystemExit("no engine found (freecadcmd, or OCP in this Python)")
     lines = [
         f"\n### Auto-instrumentation of user code ({time.strftime('%Y-%m-%d')})\n",
-        f"\nMachine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}. "
+        f"\nMachine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, load "
+        f"average {os.getloadavg()[0]:.1f} at the start (a shared machine). "
         f"`python bench/usercode_overhead.py --rounds {args.rounds} --calls {args.calls}`.\n",
         "\n| engine | bare call | + observation (past the budget) | + span | + span with peak memory |\n",
         "| --- | --- | --- | --- | --- |\n",

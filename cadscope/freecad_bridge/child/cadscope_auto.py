@@ -75,7 +75,7 @@ import sys
 import time
 
 import cadscope_child
-from cadscope_probe import peak_rss_bytes, reset_peak_rss
+from cadscope_probe import OBSERVATIONS_PER_WRITE, _encode, peak_rss_bytes, reset_peak_rss
 
 __all__ = ["instrument", "note_parameter", "paused", "status", "uninstrument"]
 
@@ -175,12 +175,19 @@ class _Site:
     with ``check=True`` only checks for a failure reported without raising
     (``IsDone()``): a check runs for spans, not for each call past the budget."""
 
-    __slots__ = ("name", "timing", "attrs", "fixed", "after", "memory", "when", "label")
+    __slots__ = ("name", "timing", "attrs", "fixed", "after", "memory", "when", "label", "observing", "head", "tail")
 
     def __init__(self, name, attrs, after=None, memory=None, when=None, check=False):
         self.name = name
         self.timing = name + ".ns"  # an observation: the call's duration in integer nanoseconds
         self.fixed = attrs if isinstance(attrs, dict) and (after is None or check) else None
+        self.observing = False  # set once this span name's budget is spent
+        # The observation line around its value, for fixed attributes: '{... "v":' and ',"a":{...}}'.
+        self.head = self.tail = None
+        if self.fixed is not None:
+            line = _encode({"t": "metric", "n": self.timing, "v": 0, "a": self.fixed})
+            head, _, tail = line.partition(',"v":0,')
+            self.head, self.tail = head + ',"v":', "," + tail + "\n"
         self.attrs = (lambda args, kwargs: dict(attrs)) if isinstance(attrs, dict) else attrs
         self.after = after  # (attrs, args, kwargs, result) -> a _SoftFailure or None
         self.memory = memory  # attrs -> the occt.memory operation, or None
@@ -245,8 +252,9 @@ def _observed(site, elapsed, args, kwargs, result, error):
 def _call(site, original, args, kwargs):
     if _state.paused or (site.when is not None and not _safe_when(site, args, kwargs)):
         return original(*args, **kwargs)
-    if _state.per_name.get(site.name, 0) >= SPANS_PER_OPERATION or _state.spans >= MAX_SPANS:
-        # The common case in a loop: time the call, buffer one observation.
+    if site.observing or _budget_spent(site):
+        # The common case in a loop: time the call, buffer one observation. Its
+        # line is the site's, around the duration: no encoding, no method call.
         started = _clock()
         try:
             result = original(*args, **kwargs)
@@ -254,12 +262,14 @@ def _call(site, original, args, kwargs):
             _observed(site, _clock() - started, args, kwargs, None, exc)
             raise
         elapsed = _clock() - started
-        if site.fixed is not None and elapsed < SLOW_CALL_NS:
-            try:  # _observed's fast path, inline: a frame less on the hottest path
-                _state.observed += 1
-                _probe.observe(site.timing, elapsed, site.fixed, site)
-            except Exception:  # noqa: BLE001
-                _state.failures += 1
+        if site.head is not None and elapsed < SLOW_CALL_NS:
+            probe = _probe
+            if probe._fd is not None:
+                pending = probe._pending
+                pending.append(site.head + str(elapsed) + site.tail)
+                if len(pending) >= OBSERVATIONS_PER_WRITE:
+                    _flush(probe)
+            _state.observed += 1
         else:
             _observed(site, elapsed, args, kwargs, result, None)
         return result
@@ -278,6 +288,19 @@ def _call(site, original, args, kwargs):
 
 
 _clock = time.perf_counter_ns
+
+
+def _budget_spent(site):
+    if _state.per_name.get(site.name, 0) >= SPANS_PER_OPERATION or _state.spans >= MAX_SPANS:
+        site.observing = True
+    return site.observing
+
+
+def _flush(probe):
+    try:
+        probe.flush()
+    except Exception:  # noqa: BLE001
+        _state.failures += 1
 
 
 def _safe_when(site, args, kwargs):

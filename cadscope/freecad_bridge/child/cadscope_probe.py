@@ -165,7 +165,7 @@ class Probe:
         if self._fd is None:
             return
         if self._pending:  # buffered observations go first, in the same write
-            self._pending.append(_encode(event))
+            self._pending.append(_encode(event) + "\n")
             self.flush()
         else:
             self._write((_encode(event) + "\n").encode())
@@ -236,8 +236,8 @@ class Probe:
         _set_status(end, error)
         start = {"t": "start", "id": span_id, "p": parent or self._stack[-1], "n": name, "ts": start_ns, "a": attrs}
         pending = self._pending
-        pending.append(_encode(start))
-        pending.append(_encode(end))
+        pending.append(_encode(start) + "\n")
+        pending.append(_encode(end) + "\n")
         if len(pending) >= OBSERVATIONS_PER_WRITE:
             self.flush()
         return span_id
@@ -262,8 +262,8 @@ class Probe:
             line = _encode({"t": "metric", "n": name, "v": 0, "a": attrs})
             if key is not None and len(self._lines) < _LINE_CACHE_SIZE:
                 head, _, tail = line.partition(',"v":0,')
-                self._lines[key] = (head + ',"v":', "," + tail)
-            line = _encode({"t": "metric", "n": name, "v": value, "a": attrs})
+                self._lines[key] = (head + ',"v":', "," + tail + "\n")
+            line = _encode({"t": "metric", "n": name, "v": value, "a": attrs}) + "\n"
         else:
             line = parts[0] + repr(value) + parts[1]
         pending = self._pending
@@ -275,7 +275,7 @@ class Probe:
         pending = self._pending
         if pending:
             self._pending = []
-            self._write(("\n".join(pending) + "\n").encode())
+            self._write("".join(pending).encode())  # each line ends with its newline
 
 
 class _SpanContext:
