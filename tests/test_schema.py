@@ -61,7 +61,9 @@ def test_bad_specs_are_rejected_naming_the_field(path, value, expected):
 
 
 def test_unknown_fields_and_code_like_values_are_refused():
-    assert "Extra inputs are not permitted" in _error({**BASE, "script": "import os"})
+    assert "Extra inputs are not permitted" in _error({**BASE, "source": "import os"})
+    # ``script`` names a script an operator registered (a store key and its sha256), never source.
+    assert "valid dictionary" in _error({**BASE, "script": "import os"})
 
 
 def test_ten_thousand_booleans_are_refused():

@@ -14,11 +14,29 @@ Usage::
 context in ``TRACEPARENT``, own process group, limits, telemetry pipe), under
 a keeper process that kills whatever the job left when it ends. The child
 side is ``freecad_bridge/child/cadscope_probe.py``, standard library only.
+
+The user's own code: a ``JobSpec`` with ``script`` or ``template`` (a key in
+the document store and its sha256) runs a registered FreeCAD/OCP script or a
+parametric FCStd. With :func:`auto_instrumentation_env` in a child's
+environment (:func:`child_path` first on ``PYTHONPATH``), any Python that
+cadscope starts instruments FreeCAD's and OCP's entry points itself, and
+finds ``cadscope_child``, the API for scripts (``child/cadscope_child.py``)::
+
+    result = run(["freecadcmd", "my_macro.py"], env=auto_instrumentation_env(), observer=...)
 """
 
 from __future__ import annotations
 
-from ._engines import CadResult, EngineInfo, EngineUnavailable, discover_engines, pick_engine, run_cad_job
+from ._engines import (
+    CadResult,
+    EngineInfo,
+    EngineUnavailable,
+    auto_instrumentation_env,
+    child_path,
+    discover_engines,
+    pick_engine,
+    run_cad_job,
+)
 from ._runner import (
     DEFAULT_ENV_ALLOWLIST,
     DEFAULT_MAX_FILE_BYTES,
@@ -42,7 +60,9 @@ __all__ = [
     "JobSpec",
     "RunLimits",
     "RunResult",
+    "auto_instrumentation_env",
     "build_env",
+    "child_path",
     "discover_engines",
     "load_material_library",
     "material_library_path",

@@ -56,7 +56,7 @@ __all__ = ["DocumentCache", "DocumentError", "FetchPolicy", "fetch_document"]
 
 log = logging.getLogger("cadscope.documents")
 CHUNK = 1 << 20
-SUFFIX = {"step": ".step", "brep": ".brep", "fcstd": ".FCStd"}
+SUFFIX = {"step": ".step", "brep": ".brep", "fcstd": ".FCStd", "py": ".py"}
 
 
 class DocumentError(Exception):

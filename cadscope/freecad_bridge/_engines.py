@@ -5,11 +5,18 @@
 - ``ocp``: a Python with cadquery-ocp (``$CADSCOPE_OCP_PYTHON``, default this
   interpreter) running ``child/engine_ocp.py``. ``freecad_version="none"``.
 
+A ``script`` job runs the user's script under ``child/usercode_launch.py`` in
+either engine, a ``template`` job ``child/engine_template.py`` in FreeCAD; both
+with auto-instrumentation on (``child/sitecustomize.py`` first on
+``PYTHONPATH``), so the user's FreeCAD and OCP calls become the same spans and
+metrics as the JSON jobs' steps.
+
 Versions are asked of the engine itself, once per process, never configured.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -30,7 +37,16 @@ from ..metrics import ModelObservability, bound, default_observability
 from ._runner import RunLimits, RunResult, build_env, run
 from ._schema import ENGINE_FORMATS, JobSpec, material_library_path
 
-__all__ = ["CadResult", "EngineInfo", "EngineUnavailable", "discover_engines", "pick_engine", "run_cad_job"]
+__all__ = [
+    "CadResult",
+    "EngineInfo",
+    "EngineUnavailable",
+    "auto_instrumentation_env",
+    "child_path",
+    "discover_engines",
+    "pick_engine",
+    "run_cad_job",
+]
 
 log = logging.getLogger("cadscope.freecad_bridge")
 
@@ -45,6 +61,18 @@ _OCP_VERSION_SCRIPT = (
     f"import sys, json; sys.path.insert(0, {str(CHILD_DIR)!r}); import engine_ocp; "
     f"print({_MARK!r} + json.dumps(engine_ocp.OCPBackend().versions()))"
 )
+
+
+def child_path() -> str:
+    """The folder with cadscope's child modules: ``cadscope_child`` (the API for
+    CAD scripts), the probe, and the ``sitecustomize`` that auto-instruments."""
+    return str(CHILD_DIR)
+
+
+def auto_instrumentation_env(pythonpath: str | None = None) -> dict[str, str]:
+    """What a child's environment needs for auto-instrumentation: this folder first
+    on ``PYTHONPATH`` (then ``pythonpath``, the caller's own entries, if any)."""
+    return {"PYTHONPATH": os.pathsep.join(p for p in (str(CHILD_DIR), pythonpath) if p)}
 
 
 class EngineUnavailable(RuntimeError):
@@ -132,6 +160,22 @@ def pick_engine(
     raise EngineUnavailable(f"no engine for {requested!r} with formats {sorted(formats)} (have {sorted(engines)})")
 
 
+# Span names whose duration a metric records. A call past its operation's span
+# budget in auto-instrumented code arrives instead as a metric event named
+# ``<span name>.ns``: the span's attributes, and its duration in integer
+# nanoseconds (an integer is cheaper to write than a float, call after call).
+OBSERVED_SPANS = frozenset(
+    {"document.create", "document.load", "document.recompute", "occt.boolean", "occt.feature", "export"}
+)
+OBSERVATIONS = {name + ".ns": name for name in OBSERVED_SPANS}
+# How long the runner leaves the pipe to fill after draining it, for the user's
+# code. A loop of cheap calls writes an observation each (some 70 bytes per
+# 50 us call, 1.4 MB/s): within the default half second the pipe (1 MiB) could
+# fill and stall the loop until the next read. Reading every 50 ms leaves it
+# room twenty times over.
+USER_CODE_READ_BATCH_S = 0.05
+
+
 class ChildTelemetry:
     """Maps the child's probe spans and metric events onto the seed-003 metrics."""
 
@@ -157,7 +201,8 @@ class ChildTelemetry:
                 str(a.get("cad.document.source", "new")), str(a.get("cad.workbench", "Part")), duration_s
             )
         elif name == "document.load":
-            o.record_document_load("upload", str(a.get("cad.workbench", "Import")), duration_s)
+            source = str(a.get("cad.document.source", "upload"))
+            o.record_document_load(source, str(a.get("cad.workbench", "Import")), duration_s)
             o.record_document_load_stage("load", duration_s)
         elif name == "document.validate":
             o.record_document_load_stage("validate", duration_s)
@@ -196,6 +241,8 @@ class ChildTelemetry:
             o.record_workbench_invocation(str(a.get("workbench")))
         elif name == "workbench.compatibility":
             o.record_workbench_compatibility(str(a.get("workbench")), bool(a.get("compatible")))
+        elif name in OBSERVATIONS:
+            self.span_ended(OBSERVATIONS[name], a, value / 1e9, None)
         else:
             o.metrics.telemetry_rejected.labels("unknown_metric").inc()
 
@@ -339,6 +386,13 @@ def _not_started(message: str, error_type: str) -> RunResult:
     )
 
 
+def _missing_outputs(job: JobSpec, artifacts: list[dict[str, Any]]) -> str | None:
+    """A script job succeeds only with every output it promised, verified."""
+    written = {a["name"] for a in artifacts}
+    missing = [o.filename for o in job.outputs if o.filename not in written]
+    return f"the script did not write {', '.join(missing)}" if missing else None
+
+
 def run_cad_job(
     job: JobSpec,
     out_dir: str | os.PathLike[str],
@@ -362,23 +416,39 @@ def run_cad_job(
     out = Path(out_dir)
     work = out / ".cadscope"
     payload = {"job": {**job.model_dump(mode="json"), "job_id": job_id}, "material_library": material_library_path()}
-    if job.input is not None:
+    stored = job.stored_document()
+    if stored is not None:
         if input_path is None:
-            raise ValueError("a job with an input document needs input_path: the verified local copy")
+            raise ValueError(f"a job with a stored {stored.format} document needs input_path: the verified local copy")
         payload["input_path"] = str(input_path)
+    argv, env, cwd = list(engine.argv), {"CADSCOPE_JOB": str(work / "job.json"), "CADSCOPE_OUT": str(out)}, work
+    files = {work / "job.json": json.dumps(payload)}
+    if job.script is not None or job.template is not None:
+        # The user's code, auto-instrumented; the launcher owns the run's manifest.
+        launcher = "usercode_launch.py" if job.script is not None else "engine_template.py"
+        argv = [engine.argv[0], str(CHILD_DIR / launcher)]
+        files[work / "parameters.json"] = json.dumps(job.parameters)
+        env.update(auto_instrumentation_env())
+        env.update(CADSCOPE_RUN_MODE="job", CADSCOPE_PARAMETERS=str(work / "parameters.json"))
+        if job.script is not None:
+            cwd = out  # a script writes its outputs where it stands
+    env["HOME"] = _engine_home()
     limits = limits or RunLimits(timeout_s=job.timeout_s, memory_bytes=2 << 30)
+    if job.script is not None or job.template is not None:
+        limits = dataclasses.replace(limits, read_batch_s=min(limits.read_batch_s, USER_CODE_READ_BATCH_S))
     telemetry = ChildTelemetry(obs, job.flow_type, on_progress)
     m = obs.metrics
     with obs.engine_versions(engine.freecad_version, engine.occt_version):
         v = obs.versions()
         try:
             work.mkdir(parents=True, exist_ok=True)
-            (work / "job.json").write_text(json.dumps(payload))
+            for path, text in files.items():
+                path.write_text(text)
             result = run(
-                list(engine.argv),
+                argv,
                 limits=limits,
-                env={"CADSCOPE_JOB": str(work / "job.json"), "CADSCOPE_OUT": str(out), "HOME": _engine_home()},
-                cwd=str(work),
+                env=env,
+                cwd=str(cwd),
                 stdout_path=str(work / "stdout.log"),
                 stderr_path=str(work / "stderr.log"),
                 tracer_provider=tracer_provider,
@@ -400,8 +470,12 @@ def run_cad_job(
         artifacts: list[dict[str, Any]] = []
         if result.ok and result.manifest is not None:
             artifacts, problem = _verify_artifacts(result.manifest, out)
+            kind = "artifact_mismatch"
+            if problem is None and job.script is not None:
+                problem, kind = _missing_outputs(job, artifacts), "missing_output"
             if problem is not None:
-                outcome, error_type, message = "bad_output", "artifact_mismatch", problem
+                artifacts = []
+                outcome, error_type, message = "bad_output", kind, problem
                 span = trace.get_current_span()
                 span.set_attribute("error.type", "bad_output")
         if outcome in ("ok", "script_error", "crash", "killed", "bad_output", "disk_full") and result.pid:

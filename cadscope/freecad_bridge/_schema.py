@@ -5,19 +5,43 @@ instances in an Assembly4-style assembly (each instance attaches an LCS of its
 own to an LCS of its parent), applies materials from the shipped library, and
 exports files. Validation names the field and the reason; sizes and counts are
 bounded so that a valid job also runs within limits.
+
+Two more kinds run the user's own code, still as data: a ``script`` job names
+a FreeCAD or OCP script and a ``template`` job a parametric FCStd document,
+each one an operator registered in the worker's document store (under
+``scripts/`` or ``templates/``), pinned by its sha256 and verified before any
+engine starts. A request carries their parameters, never source.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from functools import lru_cache
 from importlib import resources
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-__all__ = ["InputDocument", "JobSpec", "load_material_library", "material_library_path"]
+__all__ = [
+    "InputDocument",
+    "JobSpec",
+    "Output",
+    "ScriptSource",
+    "TemplateSource",
+    "load_material_library",
+    "material_library_path",
+]
 
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")]
 # A file name stem: no separators, no leading dot, so nothing escapes the job's folder.
@@ -166,6 +190,36 @@ class InputDocument(_Model):
             if key.startswith("/") or ".." in key.split("/"):
                 raise ValueError("a store key must not start with '/' or contain '..'")
         return self
+
+
+class ScriptSource(InputDocument):
+    """A FreeCAD or OCP script an operator put in the document store under ``scripts/``."""
+
+    uri: Annotated[str, StringConstraints(pattern=r"^store://scripts/[A-Za-z0-9._/-]{1,240}$")]
+    format: Literal["py"] = "py"  # type: ignore[assignment]
+
+
+class TemplateSource(InputDocument):
+    """A parametric FCStd document an operator put in the document store under ``templates/``."""
+
+    uri: Annotated[str, StringConstraints(pattern=r"^store://templates/[A-Za-z0-9._/-]{1,240}$")]
+    format: Literal["fcstd"] = "fcstd"  # type: ignore[assignment]
+
+
+class Output(_Model):
+    """A file a script job must write into its output folder (``<name>.<format>``)."""
+
+    name: FileStem
+    format: Literal["step", "stl", "brep", "iges", "obj"]
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}.{self.format}"
+
+
+MAX_PARAMETER_BYTES = 64 << 10
+# A template parameter: ``Object.Property`` or ``Sheet.Cell`` (an address such as B2, or an alias).
+_TEMPLATE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\.[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 
 class Part(_Model):
@@ -317,12 +371,22 @@ class JobSpec(_Model):
     """One CAD job. ``model_validate(data)`` raises ``ValidationError`` naming the field."""
 
     name: Name
-    flow_type: Literal["parametric", "ai_prompt", "upload"] = "parametric"
+    flow_type: Literal["parametric", "ai_prompt", "upload", "script", "template"] = "parametric"
     input: InputDocument | None = None
     engine: Literal["auto", "freecad", "ocp"] = "auto"
-    parts: Annotated[list[Part], Field(min_length=1, max_length=100)]
+    # At least one each for a job built from parts (``_needed``); a script job has neither.
+    parts: Annotated[list[Part], Field(max_length=100, validate_default=True)] = []
     assembly: Assembly | None = None
-    exports: Annotated[list[Export], Field(min_length=1, max_length=32)]
+    exports: Annotated[list[Export], Field(max_length=32, validate_default=True)] = []
+    # The user's own code: a registered script, or a registered FCStd template.
+    script: ScriptSource | None = None
+    template: TemplateSource | None = None
+    # A script's parameters (any JSON, handed to it as cadscope_child.parameters()), or a
+    # template's (``{"Object.Property": value, "Sheet.Cell": value}``).
+    parameters: Annotated[dict[Annotated[str, StringConstraints(max_length=128)], JsonValue],
+                          Field(max_length=256)] = {}  # fmt: skip
+    # The files a script job must write (a template job lists ``exports``).
+    outputs: Annotated[list[Output], Field(max_length=32)] = []
     timeout_s: Annotated[float, Field(gt=0, le=3_600)] = 120.0
     # Deliberate faults for tests and the demo workload: an enum mapped to a
     # fixed action, never code; refused unless the worker has CADSCOPE_ALLOW_FAULTS=1.
@@ -341,8 +405,34 @@ class JobSpec(_Model):
             return {**data, "flow_type": "upload"}
         return data
 
+    @field_validator("parts", "exports")
+    @classmethod
+    def _needed(cls, value: list[Any], info: ValidationInfo) -> list[Any]:
+        # flow_type is validated first, and set for script and template jobs (``_user_code_flow``).
+        flow, field = info.data.get("flow_type"), str(info.field_name)
+        if not value and not (flow == "script" or (flow == "template" and field == "parts")):
+            raise ValueError(f"a job needs at least one {field[:-1]}")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _user_code_flow(cls, data: Any) -> Any:
+        # A script or template job is that flow unless it says otherwise; a
+        # template runs in FreeCAD, the only engine that reads FCStd.
+        if isinstance(data, dict):
+            kind = "script" if data.get("script") is not None else "template" if data.get("template") else None
+            if kind is not None and "flow_type" not in data:
+                data = {**data, "flow_type": kind}
+            if kind == "template" and data.get("engine", "auto") == "auto":
+                data = {**data, "engine": "freecad"}
+        return data
+
     @model_validator(mode="after")
     def _cross_references(self) -> JobSpec:
+        if self.script is not None or self.template is not None or self.flow_type in ("script", "template"):
+            return self._user_code()
+        if self.outputs or self.parameters:
+            raise ValueError("outputs and parameters belong to script and template jobs")
         imports = [s.name for p in self.parts for s in p.steps if isinstance(s, Import)]
         if imports and self.input is None:
             raise ValueError(f"step {imports[0]!r} imports a document, but the job has no input")
@@ -390,6 +480,8 @@ class JobSpec(_Model):
 
     @model_validator(mode="after")
     def _mesh_budget(self) -> JobSpec:
+        if self.script is not None or self.template is not None:
+            return self  # the user's code builds the model: nothing here to estimate
         parts = {p.name: _part_triangles(p) for p in self.parts}
         for export in self.exports:
             if export.format not in ("stl", "obj"):
@@ -413,8 +505,58 @@ class JobSpec(_Model):
                 )
         return self
 
+    def _user_code(self) -> JobSpec:
+        kind = "script" if self.script is not None else "template"
+        if self.script is not None and self.template is not None:
+            raise ValueError("a job runs a script or a template, not both")
+        if self.script is None and self.template is None:
+            raise ValueError(f"a {self.flow_type} job needs its {self.flow_type} (a store:// key and sha256)")
+        if self.flow_type != kind:
+            raise ValueError(f"a {kind} job has flow_type {kind!r}")
+        if self.parts or self.assembly is not None or self.input is not None:
+            raise ValueError(f"a {kind} job has no parts, assembly or input document: its {kind} builds the model")
+        if self.fault is not None:
+            raise ValueError(f"fault injection is for parts jobs, not {kind} jobs")
+        if len(json.dumps(self.parameters)) > MAX_PARAMETER_BYTES:
+            raise ValueError(f"parameters take at most {MAX_PARAMETER_BYTES} bytes as JSON")
+        if kind == "script":
+            if self.engine == "auto":
+                raise ValueError("a script job names its engine, 'freecad' or 'ocp': a script is written for one")
+            if not self.outputs:
+                raise ValueError("a script job lists the outputs it must write")
+            if self.exports:
+                raise ValueError("a script job lists outputs, not exports")
+            names = [o.filename for o in self.outputs]
+            if len(set(names)) != len(names):
+                raise ValueError("output file names must be unique")
+            return self
+        if self.engine != "freecad":
+            raise ValueError("a template job runs in FreeCAD (engine 'freecad')")
+        if not self.exports:
+            raise ValueError("a template job lists the exports to write after its recompute")
+        if self.outputs:
+            raise ValueError("a template job lists exports, not outputs")
+        for key, value in self.parameters.items():
+            if not _TEMPLATE_KEY.fullmatch(key):
+                raise ValueError(f"template parameter {key!r} is not 'Object.Property' or 'Sheet.Cell'")
+            if isinstance(value, str):
+                if len(value) > 256 or value.startswith("=") or any(ord(c) < 32 for c in value):
+                    raise ValueError(f"template parameter {key!r}: a string of at most 256 characters, "
+                                     "no control characters, not a formula ('=...')")  # fmt: skip
+            elif not isinstance(value, (bool, int, float)) or (isinstance(value, float) and not math.isfinite(value)):
+                raise ValueError(f"template parameter {key!r}: a number, a boolean or a string")
+        stems = [e.name + "." + e.format for e in self.exports]
+        if len(set(stems)) != len(stems):
+            raise ValueError("export file names must be unique")
+        return self
+
     def formats(self) -> set[str]:
         return {e.format for e in self.exports}
+
+    def stored_document(self) -> InputDocument | None:
+        """The document the worker fetches and verifies before the engine starts:
+        the input document, the script or the template."""
+        return self.input or self.script or self.template
 
 
 def material_library_path() -> str:

@@ -63,7 +63,7 @@ SECURITY_VIOLATION_SEVERITY: Mapping[str, str] = MappingProxyType(
 )
 
 ALLOWED_LABEL_VALUES: dict[str, frozenset[str]] = {
-    "flow_type": frozenset({"parametric", "ai_prompt", "upload"}),
+    "flow_type": frozenset({"parametric", "ai_prompt", "upload", "script", "template"}),
     "status": frozenset({"success", "failure"}),
     "stage": frozenset(
         {"validate", "prepare", "engine", "generate", "assemble", "export", "validate_export", "collect"}
@@ -98,8 +98,35 @@ ALLOWED_LABEL_VALUES: dict[str, frozenset[str]] = {
             "TopoDS_Compound",
         }
     ),
-    "operation": frozenset({"union", "cut", "common"}),
-    "feature": frozenset({"fillet", "chamfer"}),
+    "operation": frozenset({"union", "cut", "common", "section", "general_fuse"}),
+    # The seed's fillet and chamfer, and what the user's own FreeCAD/OCP code runs (Part's and
+    # PartDesign's features, as the auto-instrumentation names them).
+    "feature": frozenset(
+        {
+            "fillet",
+            "chamfer",
+            "thickness",
+            "offset",
+            "extrude",
+            "revolve",
+            "loft",
+            "sweep",
+            "pad",
+            "pocket",
+            "hole",
+            "groove",
+            "revolution",
+            "draft",
+            "linear_pattern",
+            "polar_pattern",
+            "mirrored",
+            "multi_transform",
+            "additive_pipe",
+            "additive_loft",
+            "subtractive_pipe",
+            "subtractive_loft",
+        }
+    ),
     "memory_operation": frozenset(
         {
             "boolean_union",

@@ -230,7 +230,8 @@ def _run(obs: ModelObservability, spec: Any, job_id: str, started: float, attemp
         if job.fault == "hang_unresponsive":
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})  # billiard's soft-limit signal
         input_path = None
-        if job.input is not None:
+        stored = job.stored_document()  # an input document, or the user's script or template
+        if stored is not None:
             settings = _settings()
             cache = DocumentCache(settings.document_cache or settings.data_dir / "document-cache",
                                   settings.document_cache_bytes)  # fmt: skip
@@ -238,7 +239,7 @@ def _run(obs: ModelObservability, spec: Any, job_id: str, started: float, attemp
             try:
                 with obs.observe_stage(flow_type, "prepare"):
                     input_path = fetch_document(
-                        job.input, cache=cache, store_root=settings.document_store or settings.data_dir / "store",
+                        stored, cache=cache, store_root=settings.document_store or settings.data_dir / "store",
                         observability=obs, deadline=deadline,
                         on_progress=lambda stage, ratio: events.publish(
                             job_id, "document.progress", stage=stage, ratio=round(ratio, 3)),

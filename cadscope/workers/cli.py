@@ -4,6 +4,7 @@ cadscope run [--jobs N] [--engine auto|freecad|ocp|all] [--concurrency C] [--bro
 cadscope worker [celery worker options...]
 cadscope api [--host H] [--port P] [--workers N]
 cadscope trace traces.jsonl [--job ID]
+cadscope exec [--out DIR] [--engine-name N] -- ARGV...
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import cadscope
+
+from ._exec import add_exec_parser, cmd_exec
 
 __all__ = ["main", "worker_command"]
 
@@ -606,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     trace_cmd = sub.add_parser("trace", help="draw a job's trace from an OTLP/JSON file")
     trace_cmd.add_argument("file")
     trace_cmd.add_argument("--job")
+    add_exec_parser(sub)
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "worker":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -616,6 +620,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "api":
             return cmd_api(args)
+        if args.command == "exec":
+            return cmd_exec(args)
         if argv is None:
             # `cadscope trace ... | head` closes the pipe early: exit quietly, like cat. Only
             # here: a server (the API) must get EPIPE as an error on a socket its peer closed
