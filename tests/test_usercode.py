@@ -642,7 +642,7 @@ def test_observations_and_the_user_code_flows_reach_the_seed_metrics():
         assert _sample(registry, "model_generation_stage_duration_seconds_count", flow_type=flow, stage="generate",
                        **v) == 1  # fmt: skip
     assert _sample(registry, "occt_boolean_duration_seconds_sum", operation="union", solids_range="2", **v) == 0.004
-    assert _sample(registry, "occt_feature_duration_seconds_count", feature="other", **v) == 1
+    assert _sample(registry, "occt_feature_duration_seconds_count", feature="extrude", **v) == 1
     assert _sample(registry, "freecad_document_load_seconds_count", source="file", workbench="Part", **v) == 1
     assert _sample(registry, "export_duration_seconds_count", format="STEP", file_size_range="lt_100kb", **v) == 1
     assert _sample(registry, "cadscope_telemetry_events_rejected_total", reason="unknown_metric") == 1
