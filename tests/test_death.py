@@ -79,7 +79,12 @@ def _complete_trace(receiver, trace_id: str) -> list[dict]:  # type: ignore[no-u
         runs = [s for s in mine if s["name"] == "run/cadscope.run_job"]
         return len(runs) == 2 and any(s["name"] == "cad.stage collect" for s in mine)
 
-    return [s for s in receiver.wait_for(complete, 90) if s["trace_id"] == trace_id]
+    try:
+        return [s for s in receiver.wait_for(complete, 90) if s["trace_id"] == trace_id]
+    except TimeoutError:
+        names = sorted((s["name"], s["attributes"].get("cadscope.span.recovered", False)) for s in receiver.spans
+                       if s["trace_id"] == trace_id)  # fmt: skip
+        raise AssertionError(f"the job's trace is not complete: {names}") from None
 
 
 def _assert_one_true_tree(spans: list[dict]) -> None:  # type: ignore[type-arg]

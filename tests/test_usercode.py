@@ -427,7 +427,7 @@ def _submit(api: Any, spec: dict[str, Any]) -> str:
 
 def _finished(api: Any, job_id: str) -> dict[str, Any]:
     def done() -> dict[str, Any] | None:
-        body = httpx.get(f"{api.url}/v1/jobs/{job_id}", timeout=10).json()
+        body = httpx.get(f"{api.url}/v1/jobs/{job_id}", headers=api.headers(), timeout=10).json()
         return body if body.get("state") == "finished" else None
 
     return wait_until(done, 180, interval=0.2, what=f"{job_id} finished")  # type: ignore[no-any-return]
