@@ -35,7 +35,7 @@ from opentelemetry import trace
 
 from ..metrics import ModelObservability, bound, default_observability
 from ._runner import RunLimits, RunResult, build_env, run
-from ._schema import ENGINE_FORMATS, JobSpec, material_library_path
+from ._schema import ENGINE_FORMATS, JobOptions, JobSpec, material_library_path
 
 __all__ = [
     "CadResult",
@@ -148,13 +148,21 @@ def discover_engines() -> dict[str, EngineInfo]:
 
 
 def pick_engine(
-    requested: str, engines: Mapping[str, EngineInfo] | None = None, formats: Set[str] = frozenset()
+    requested: str,
+    engines: Mapping[str, EngineInfo] | None = None,
+    formats: Set[str] = frozenset(),
+    options: JobOptions | None = None,
 ) -> EngineInfo:
-    """The engine for a job: as requested, or for ``auto`` FreeCAD first, then OCP."""
+    """The engine for a job: as requested, or for ``auto`` FreeCAD first, then OCP.
+
+    ``options`` rule out an engine that cannot honour them (FreeCAD's booleans
+    always run in parallel)."""
     engines = discover_engines() if engines is None else engines
     order = ["freecad", "ocp"] if requested == "auto" else [requested]
     for name in order:
         info = engines.get(name)
+        if options is not None and not options.parallel and name == "freecad":
+            continue
         if info is not None and formats <= info.formats:
             return info
     raise EngineUnavailable(f"no engine for {requested!r} with formats {sorted(formats)} (have {sorted(engines)})")
@@ -412,7 +420,7 @@ def run_cad_job(
     full disk: the outcome is classified and counted.
     """
     obs = observability or default_observability()
-    engine = engine or pick_engine(job.engine, formats=job.formats())
+    engine = engine or pick_engine(job.engine, formats=job.formats(), options=job.options)
     out = Path(out_dir)
     work = out / ".cadscope"
     payload = {"job": {**job.model_dump(mode="json"), "job_id": job_id}, "material_library": material_library_path()}
@@ -458,6 +466,7 @@ def run_cad_job(
                     "cad.freecad_version": engine.freecad_version,
                     "cad.occt_version": engine.occt_version,
                     "cad.job_id": job_id,
+                    **job.options.as_attributes(),
                 },
                 observer=telemetry,
                 on_drop=lambda reason: m.telemetry_rejected.labels(bound("rejected_reason", reason)).inc(),

@@ -180,7 +180,7 @@ def _run(obs: ModelObservability, spec: Any, job_id: str, started: float, attemp
     validate_start = default_timer()
     try:
         job = JobSpec.model_validate(spec)
-        engine = pick_engine(job.engine, formats=job.formats())
+        engine = pick_engine(job.engine, formats=job.formats(), options=job.options)
         problem: dict[str, Any] | None = None
     except ValidationError as exc:
         job, engine = None, None
@@ -219,6 +219,7 @@ def _run(obs: ModelObservability, spec: Any, job_id: str, started: float, attemp
                 "cad.freecad_version": engine.freecad_version,
                 "cad.occt_version": engine.occt_version,
                 "cad.job_name": job.name,
+                **job.options.as_attributes(),
             }
         )
         out_dir = _settings().data_dir / "jobs" / job_id
