@@ -117,8 +117,8 @@ def test_each_engine_applies_the_options(engines, tmp_path, engine):
     BRep mode writes manifold solids (entity 186). The spans record the options."""
     template = {**HOUSING, "exports": [*HOUSING["exports"], {"format": "step", "of": "housing", "name": "housing"}]}
     coarse = _run(_job(template, engine), engines, tmp_path / "coarse")
-    options = {"linear_deflection": 0.02, "angular_deflection": 0.1, "stl_format": "ascii", "step_schema": "AP203", "step_units": "in",
-               "iges_mode": "brep"}  # fmt: skip
+    options = {"linear_deflection": 0.02, "angular_deflection": 0.1, "stl_format": "ascii",
+               "step_schema": "AP203", "step_units": "in", "iges_mode": "brep"}  # fmt: skip
     provider, exporter = in_memory_provider()
     fine = _run(_job(template, engine, **options), engines, tmp_path / "fine", provider)
     spans = exporter.get_finished_spans
