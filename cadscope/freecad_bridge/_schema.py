@@ -406,6 +406,8 @@ class JobSpec(_Model):
     flow_type: Literal["parametric", "ai_prompt", "upload", "script", "template"] = "parametric"
     input: InputDocument | None = None
     engine: Literal["auto", "freecad", "ocp"] = "auto"
+    # The engine's OCCT version, when several run side by side (``ocp@7.9.3``); None: any.
+    occt_version: Annotated[str, StringConstraints(pattern=r"^\d{1,3}\.\d{1,3}\.\d{1,3}$")] | None = None
     # At least one each for a job built from parts (``_needed``); a script job has neither.
     parts: Annotated[list[Part], Field(max_length=100, validate_default=True)] = []
     assembly: Assembly | None = None

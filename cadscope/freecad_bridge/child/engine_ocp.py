@@ -36,12 +36,6 @@ from OCP.BRepPrimAPI import (  # noqa: E402
     BRepPrimAPI_MakeTorus,
 )
 from OCP.BRepTools import BRepTools  # noqa: E402
-from OCP.collections import (  # noqa: E402
-    IndexedMap_TopoDS_Shape_TopTools_ShapeMapHasher as TopTools_IndexedMapOfShape,
-)
-from OCP.collections import (
-    List_TopoDS_Shape as TopTools_ListOfShape,
-)
 from OCP.gp import gp_Pnt, gp_Trsf, gp_Vec  # noqa: E402
 from OCP.GProp import GProp_GProps  # noqa: E402
 from OCP.IFSelect import IFSelect_ReturnStatus  # noqa: E402
@@ -57,6 +51,16 @@ from OCP.StlAPI import StlAPI_Writer  # noqa: E402
 from OCP.TopAbs import TopAbs_EDGE, TopAbs_FACE, TopAbs_SHELL, TopAbs_SOLID, TopAbs_VERTEX  # noqa: E402
 from OCP.TopExp import TopExp  # noqa: E402
 from OCP.TopoDS import TopoDS, TopoDS_Compound, TopoDS_Shape  # noqa: E402
+
+try:  # OCP 8.0 binds OCCT's collections as templates
+    from OCP.collections import (
+        IndexedMap_TopoDS_Shape_TopTools_ShapeMapHasher as TopTools_IndexedMapOfShape,
+    )
+    from OCP.collections import (
+        List_TopoDS_Shape as TopTools_ListOfShape,
+    )
+except ImportError:  # OCP 7.x, by their OCCT names
+    from OCP.TopTools import TopTools_IndexedMapOfShape, TopTools_ListOfShape
 
 _KERNEL_RE = re.compile(r"libTKernel[^/]*\.so\.(\d+\.\d+\.\d+)")
 
