@@ -140,24 +140,30 @@ class ModelObservability:
     def observe_model_generation(
         self, flow_type: str, job_id: str, user_id: int | str | None = None
     ) -> Iterator[dict[str, Any]]:
-        """A whole flow: started/completed counters, duration, active gauge, span."""
+        """A whole flow: started/completed counters, duration, active gauge, span.
+
+        A shadow run (``role("shadow")``) gets its span only: the flow counters are what
+        the job success SLO reads, and a shadow is not a job anyone asked for."""
         m, v, flow = self.metrics, self.versions(), bound("flow_type", flow_type)
-        attributes: dict[str, Any] = {"cad.flow_type": flow, "cad.job_id": job_id}
+        counted = _role.get() == "primary"
+        attributes: dict[str, Any] = {"cad.flow_type": flow, "cad.job_id": job_id, "cad.role": _role.get()}
         if user_id is not None:
             attributes["enduser.id"] = str(user_id)
-        with _never_raise("flow start"):
-            m.generation_started.labels(flow, *v.values()).inc()
-            m.active_flows.labels(flow, *v.values()).inc()
+        if counted:
+            with _never_raise("flow start"):
+                m.generation_started.labels(flow, *v.values()).inc()
+                m.active_flows.labels(flow, *v.values()).inc()
         status = "failure"
         try:
             with self._timed_span(f"cad.flow {flow}", attributes) as outcome:
                 yield outcome
                 status = "failure" if outcome.get("failed") else "success"
         finally:
-            with _never_raise("flow end"):
-                m.active_flows.labels(flow, *v.values()).dec()
-                m.generation_completed.labels(flow, status, *v.values()).inc()
-                m.generation_duration.labels(flow, status, *v.values()).observe(outcome["duration"])
+            if counted:
+                with _never_raise("flow end"):
+                    m.active_flows.labels(flow, *v.values()).dec()
+                    m.generation_completed.labels(flow, status, *v.values()).inc()
+                    m.generation_duration.labels(flow, status, *v.values()).observe(outcome["duration"])
 
     @contextlib.contextmanager
     def observe_stage(self, flow_type: str, stage: str) -> Iterator[dict[str, Any]]:
