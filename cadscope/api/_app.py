@@ -421,6 +421,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
                     "trace_id",
                     "peak_rss_bytes",
                     "expect_failure",
+                    "role",
                 ):
                     if result.get(key) is not None:
                         body[key] = result[key]

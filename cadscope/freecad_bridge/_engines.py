@@ -487,6 +487,7 @@ def run_cad_job(
                     "cad.freecad_version": engine.freecad_version,
                     "cad.occt_version": engine.occt_version,
                     "cad.job_id": job_id,
+                    "cad.role": obs.current_role(),
                     **job.options.as_attributes(),
                 },
                 observer=telemetry,

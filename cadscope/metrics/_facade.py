@@ -104,6 +104,11 @@ class ModelObservability:
             _role.reset(token)
 
     @staticmethod
+    def current_role() -> str:
+        """``primary`` or ``shadow``: the role set by :meth:`role` (``primary`` outside it)."""
+        return _role.get()
+
+    @staticmethod
     def versions() -> dict[str, str]:
         freecad, occt = _versions.get()
         return {"freecad_version": freecad, "occt_version": occt}
