@@ -85,7 +85,7 @@ def test_compaction_keeps_every_counter_and_drops_dead_gauges(tmp_path):
         assert all(after[k] >= v for k, v in counters.items())
         boolean = ("occt_boolean_duration_seconds_count",
                    (("freecad_version", "0.20.2"), ("occt_version", "7.6.3"), ("operation", "union"),
-                    ("solids_range", "3-5")))  # fmt: skip
+                    ("role", "primary"), ("solids_range", "3-5")))  # fmt: skip
         assert after[boolean] == 3 * 14
         gauge = ("model_generation_active_flows",
                  (("flow_type", "parametric"), ("freecad_version", "0.20.2"), ("occt_version", "7.6.3")))  # fmt: skip

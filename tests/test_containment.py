@@ -71,13 +71,18 @@ def _cad_job(engine, out, spec, limits):
     return result, registry
 
 
-def _ball(engine_name: str, radius: float) -> dict:
+def _ball(engine_name: str, radius: float, **options: object) -> dict:
     return {
         "name": "ball",
         "engine": engine_name,
         "parts": [{"name": "ball", "steps": [{"kind": "sphere", "name": "s", "radius": radius}]}],
         "exports": [{"format": "stl", "of": "ball", "name": "ball"}],
+        "options": options,
     }
+
+
+# A heavy STL of a small ball: ~12,000 triangles written as ASCII (~3 MB).
+HEAVY_STL = {"linear_deflection": 0.01, "stl_format": "ascii"}
 
 
 @pytest.mark.slow
@@ -218,7 +223,7 @@ def test_an_export_past_the_file_size_limit_is_named(engines, tmp_path, engine_n
     failed write (FreeCAD ignores it and delivers a manifest), the file stops at the
     limit and the job is ``resource_limit``/``file_size_limit``, naming the file."""
     limits = RunLimits(timeout_s=120, memory_bytes=2 << 30, max_file_bytes=256 << 10)
-    result, registry = _cad_job(engines[engine_name], tmp_path / "out", _ball(engine_name, 20), limits)
+    result, registry = _cad_job(engines[engine_name], tmp_path / "out", _ball(engine_name, 20, **HEAVY_STL), limits)
     assert (result.outcome, result.error_type) == ("resource_limit", "file_size_limit"), result.error_message
     assert "ball.stl" in result.error_message
     assert (tmp_path / "out" / "ball.stl").stat().st_size == 256 << 10
@@ -251,23 +256,27 @@ def test_a_memory_error_through_run_is_oom():
 
 # Sizes at which each engine, given these limits, runs out of address space
 # while it meshes and writes an STL: OCP dies of SIGSEGV, FreeCAD's mesher gives
-# up without an exception and the job then fails on the missing file.
+# up without an exception and the job then fails on the missing file. FreeCAD's
+# mesh (~2 million triangles) is one the schema's mesh budget refuses: the
+# job is built past the schema, for the runner alone to meet the limit.
 MEMORY_CASES = {
-    "ocp": (1000, 700 << 20),
-    "freecad": (60, 250 << 20),
+    "ocp": (1000, 0.1, 700 << 20),
+    "freecad": (20_000, 0.1, 250 << 20),
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine_name", ["ocp", "freecad"])
 def test_running_into_the_memory_limit_is_oom_however_the_engine_dies(engines, tmp_path, engine_name):
-    radius, memory = MEMORY_CASES[engine_name]
-    result, registry = _cad_job(
-        engines[engine_name],
-        tmp_path / "out",
-        _ball(engine_name, radius),
-        RunLimits(timeout_s=120, memory_bytes=memory),
-    )
+    radius, deflection, memory = MEMORY_CASES[engine_name]
+    spec = _ball(engine_name, radius, linear_deflection=deflection)
+    stl = JobSpec.model_validate(_ball(engine_name, 1)).exports
+    job = JobSpec.model_validate({**spec, "exports": [{"format": "step", "of": "ball", "name": "ball"}]})
+    job = job.model_copy(update={"exports": stl})
+    registry = CollectorRegistry()
+    result = run_cad_job(job, tmp_path / "out", engine=engines[engine_name],
+                         observability=ModelObservability(Catalogue(registry)),
+                         limits=RunLimits(timeout_s=120, memory_bytes=memory))  # fmt: skip
     assert result.outcome == "oom", (result.outcome, result.error_type, result.error_message, result.run.signal)
     v = {"freecad_version": engines[engine_name].freecad_version, "occt_version": engines[engine_name].occt_version}
     labels = {"engine": engine_name, "outcome": "oom", **v}
@@ -297,14 +306,14 @@ def test_a_full_disk_is_disk_full_naming_the_path(engines, tmp_path, engine_name
     engine = engines[engine_name]
     limits = RunLimits(timeout_s=120, memory_bytes=2 << 30)
     with _small_disk(tmp_path / "disk", "1m") as disk:
-        result, registry = _cad_job(engine, disk / "job", _ball(engine_name, 20), limits)
+        result, registry = _cad_job(engine, disk / "job", _ball(engine_name, 20, **HEAVY_STL), limits)
         assert result.outcome == "disk_full", (result.outcome, result.error_type, result.error_message)
         assert f"{disk / 'job'}" in result.error_message and f"mounted at {disk}" in result.error_message
         with contextlib.suppress(OSError), open(disk / "filler", "wb") as filler:
             while True:
                 filler.write(b"\0" * 4096)
                 filler.flush()
-        result, registry = _cad_job(engine, disk / "job2", _ball(engine_name, 20), limits)
+        result, registry = _cad_job(engine, disk / "job2", _ball(engine_name, 20, **HEAVY_STL), limits)
         assert result.outcome == "disk_full", (result.outcome, result.error_type, result.error_message)
         assert f"{disk / 'job2'}" in result.error_message
         v = {"freecad_version": engine.freecad_version, "occt_version": engine.occt_version}
@@ -321,7 +330,7 @@ def test_the_schema_refuses_a_mesh_export_too_large_for_the_limits():
         JobSpec.model_validate(_ball("ocp", 10_000))
     assert "export 'ball' (stl)" in str(refused.value)
     JobSpec.model_validate({**_ball("ocp", 10_000), "exports": [{"format": "step", "of": "ball", "name": "ball"}]})
-    radius = 60  # FreeCAD's STL: ~60,000 triangles a ball, 100 instances
+    radius = 450  # ~45,000 triangles a ball at the default 0.1 mm deflection, 100 instances
     spec = {
         **_ball("auto", radius),
         "assembly": {"name": "heap", "instances": [{"name": f"b{i}", "part": "ball"} for i in range(100)]},
@@ -333,8 +342,9 @@ def test_the_schema_refuses_a_mesh_export_too_large_for_the_limits():
     JobSpec.model_validate({**spec, "exports": spec["exports"][1:]})
 
 
-# The largest sphere the mesh budget admits on each engine (to STL, the heaviest export).
-LARGEST_BALL = {"freecad": 150, "ocp": 1500}
+# The largest sphere the mesh budget admits on each engine (to STL, the heaviest export), at
+# the default deflection both engines mesh at.
+LARGEST_BALL = {"freecad": 1500, "ocp": 1500}
 
 
 @pytest.mark.slow

@@ -44,6 +44,7 @@ SEED_003 = {
     "freecad_workbench_compatibility_total": {"workbench", "compatible"},
 }
 NOT_CAD = {"ai_provider_latency_seconds"}
+ROLE_LABELLED = {name for name in SEED_003 if name.endswith("_seconds") and name not in NOT_CAD}
 
 
 def _labels_of(registry: CollectorRegistry) -> dict[str, set[str]]:
@@ -59,6 +60,8 @@ def test_every_seed_metric_exists_with_its_labels_plus_versions():
     for name, seed_labels in SEED_003.items():
         assert name in labels, name
         expected = seed_labels if name in NOT_CAD else seed_labels | {"freecad_version", "occt_version"}
+        if name in ROLE_LABELLED:  # a duration of a stage or operation: primary or shadow run
+            expected = expected | {"role"}
         assert labels[name] == expected, name
 
 
@@ -95,10 +98,18 @@ def test_helpers_record_with_engine_versions_and_bounded_labels():
     assert get("model_generation_completed_total", {"flow_type": "parametric", "status": "success", **v}) == 1
     assert get("model_generation_completed_total", {"flow_type": "other", "status": "failure", **v}) == 1
     assert get("model_generation_active_flows", {"flow_type": "parametric", **v}) == 0
-    assert get("occt_boolean_duration_seconds_count", {"operation": "union", "solids_range": "3-5", **v}) == 1
+    assert (
+        get(
+            "occt_boolean_duration_seconds_count", {"role": "primary", "operation": "union", "solids_range": "3-5", **v}
+        )
+        == 1
+    )
     assert get("a4_solver_iterations_total", {"solver": "lcs_attachment", **v}) == 250
     assert get("a4_solver_iterations_per_solve_bucket", {"solver": "lcs_attachment", "le": "200.0", **v}) == 0
-    assert get("export_duration_seconds_count", {"format": "STEP", "file_size_range": "1mb_10mb", **v}) == 1
+    assert (
+        get("export_duration_seconds_count", {"role": "primary", "format": "STEP", "file_size_range": "1mb_10mb", **v})
+        == 1
+    )
     assert get("freecad_object_created_total", {"class": "other", "workbench": "Part", **v}) == 1
     names = {s.name for s in exporter.get_finished_spans()}
     assert {"cad.flow parametric", "occt.boolean", "a4.solve", "export", "cad.flow other"} <= names

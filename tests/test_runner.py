@@ -126,8 +126,11 @@ def test_a_real_job_succeeds_with_artifacts_spans_and_metrics(engines, tmp_path,
         assert (tmp_path / "out" / artifact["name"]).stat().st_size == artifact["size"]
     v = {"freecad_version": engine.freecad_version, "occt_version": engine.occt_version}
     get = registry.get_sample_value
-    assert get("occt_boolean_duration_seconds_count", {"operation": "cut", "solids_range": "3-5", **v}) == 1
-    assert get("occt_feature_duration_seconds_count", {"feature": "fillet", **v}) == 1
+    assert (
+        get("occt_boolean_duration_seconds_count", {"role": "primary", "operation": "cut", "solids_range": "3-5", **v})
+        == 1
+    )
+    assert get("occt_feature_duration_seconds_count", {"role": "primary", "feature": "fillet", **v}) == 1
     assert get("a4_solver_iterations_total", {"solver": "lcs_attachment", **v}) == 1
     assert get("material_library_access_total", {"library": "standard", "result": "miss", **v}) == 1
     assert get("material_library_access_total", {"library": "standard", "result": "hit", **v}) == 1

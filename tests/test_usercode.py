@@ -190,17 +190,28 @@ def test_an_unchanged_freecad_script_gives_the_json_jobs_spans_and_metrics_and_t
     versions = (freecad.freecad_version, freecad.occt_version)
     registry = _recorded_metrics(recorder, versions)
     v = {"freecad_version": versions[0], "occt_version": versions[1]}
-    assert _sample(registry, "occt_boolean_duration_seconds_count", operation="cut", solids_range="2", **v) == 3
+    assert (
+        _sample(registry, "occt_boolean_duration_seconds_count", role="primary", operation="cut", solids_range="2", **v)
+        == 3
+    )
     # Failed calls are measured too, as in JSON jobs: the caught oversized fillet is the third.
-    assert _sample(registry, "occt_feature_duration_seconds_count", feature="fillet", **v) == 3
-    assert _sample(registry, "freecad_recompute_duration_seconds_count", workbench="PartDesign",
+    assert _sample(registry, "occt_feature_duration_seconds_count", role="primary", feature="fillet", **v) == 3
+    assert _sample(registry, "freecad_recompute_duration_seconds_count", role="primary", workbench="PartDesign",
                    doc_complexity="simple", **v) + _sample(registry, "freecad_recompute_duration_seconds_count",
-                   workbench="PartDesign", doc_complexity="moderate", **v) == 4  # fmt: skip
-    assert _sample(registry, "export_duration_seconds_count", format="STEP", file_size_range="lt_100kb", **v) == 2
+                   role="primary", workbench="PartDesign", doc_complexity="moderate", **v) == 4  # fmt: skip
+    assert (
+        _sample(
+            registry, "export_duration_seconds_count", role="primary", format="STEP", file_size_range="lt_100kb", **v
+        )
+        == 2
+    )
     assert _sample(registry, "occt_operation_memory_bytes_count", operation="boolean_cut", **v) == 1
     assert _sample(registry, "freecad_object_created_total", **{"class": "Part::Cut"}, workbench="Part", **v) == 1
     assert _sample(registry, "freecad_workbench_invocations_total", workbench="Mesh", **v) == 1
-    assert _sample(registry, "freecad_document_load_seconds_count", source="new", workbench="Part", **v) == 1
+    assert (
+        _sample(registry, "freecad_document_load_seconds_count", role="primary", source="new", workbench="Part", **v)
+        == 1
+    )
 
     # Through `cadscope exec`: the files, the waterfall, the collector.
     out = tmp_path / "report"
@@ -278,11 +289,22 @@ def test_an_unchanged_ocp_script_gives_the_json_jobs_spans_and_metrics_and_the_s
     versions = ("none", ocp.occt_version)
     registry = _recorded_metrics(recorder, versions)
     v = {"freecad_version": "none", "occt_version": ocp.occt_version}
-    assert _sample(registry, "occt_boolean_duration_seconds_count", operation="cut", solids_range="2", **v) == 1
-    assert _sample(registry, "occt_feature_duration_seconds_count", feature="chamfer", **v) == 1
-    assert _sample(registry, "export_duration_seconds_count", format="STL", file_size_range="100kb_1mb", **v) == 1
+    assert (
+        _sample(registry, "occt_boolean_duration_seconds_count", role="primary", operation="cut", solids_range="2", **v)
+        == 1
+    )
+    assert _sample(registry, "occt_feature_duration_seconds_count", role="primary", feature="chamfer", **v) == 1
+    assert (
+        _sample(
+            registry, "export_duration_seconds_count", role="primary", format="STL", file_size_range="100kb_1mb", **v
+        )
+        == 1
+    )
     # The STEP read back and the BREP read that failed: loads are timed either way, as in JSON jobs.
-    assert _sample(registry, "freecad_document_load_seconds_count", source="file", workbench="Import", **v) == 2
+    assert (
+        _sample(registry, "freecad_document_load_seconds_count", role="primary", source="file", workbench="Import", **v)
+        == 2
+    )
 
     cli = _exec(argv, tmp_path / "exec", tmp_path / "report")
     assert cli.returncode == 0, cli.stdout + cli.stderr
@@ -561,7 +583,8 @@ subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('CADSCOPE
     assert recorder.progress_events == [{"phase": "ribs", "done": 1, "total": 2}]
     assert ("occt.memory", 123456.0, {"operation": "ribs"}) in recorder.metrics
     registry = _recorded_metrics(recorder, ("none", "8.0.1"))
-    assert _sample(registry, "occt_boolean_duration_seconds_count", operation="union", solids_range="3-5",
+    assert _sample(registry, "occt_boolean_duration_seconds_count", role="primary", operation="union",
+                   solids_range="3-5",
                    freecad_version="none", occt_version="8.0.1") == 1  # fmt: skip
 
 
@@ -639,12 +662,24 @@ def test_observations_and_the_user_code_flows_reach_the_seed_metrics():
         telemetry.metric("occt.boolean", 0.004, {"cad.boolean.operation": "union"})  # not an observation
     v = {"freecad_version": "0.20.2", "occt_version": "7.6.3"}
     for flow in ("script", "template"):
-        assert _sample(registry, "model_generation_stage_duration_seconds_count", flow_type=flow, stage="generate",
+        assert _sample(registry, "model_generation_stage_duration_seconds_count", role="primary", flow_type=flow,
+                       stage="generate",
                        **v) == 1  # fmt: skip
-    assert _sample(registry, "occt_boolean_duration_seconds_sum", operation="union", solids_range="2", **v) == 0.004
-    assert _sample(registry, "occt_feature_duration_seconds_count", feature="extrude", **v) == 1
-    assert _sample(registry, "freecad_document_load_seconds_count", source="file", workbench="Part", **v) == 1
-    assert _sample(registry, "export_duration_seconds_count", format="STEP", file_size_range="lt_100kb", **v) == 1
+    assert (
+        _sample(registry, "occt_boolean_duration_seconds_sum", role="primary", operation="union", solids_range="2", **v)
+        == 0.004
+    )
+    assert _sample(registry, "occt_feature_duration_seconds_count", role="primary", feature="extrude", **v) == 1
+    assert (
+        _sample(registry, "freecad_document_load_seconds_count", role="primary", source="file", workbench="Part", **v)
+        == 1
+    )
+    assert (
+        _sample(
+            registry, "export_duration_seconds_count", role="primary", format="STEP", file_size_range="lt_100kb", **v
+        )
+        == 1
+    )
     assert _sample(registry, "cadscope_telemetry_events_rejected_total", reason="unknown_metric") == 1
 
 

@@ -33,8 +33,9 @@ from ..metrics import default_observability, enable_multiprocess, multiprocess_r
 from ..tracing import configure_json_logging, setup_tracing, shutdown_tracing
 from ..workers import app as celery_app
 from ..workers import configure_app, run_job
-from ..workers._config import WorkerSettings
+from ..workers._config import WorkerSettings, shadow_selected, shadow_settings
 from ..workers._progress import PROGRESS_TTL_S, TERMINAL, ProgressService, progress_store
+from ..workers._tasks import publish_shadow
 from ._health import health_score, run_checks
 from ._queue import QueueCollector
 from ._red import REDMiddleware
@@ -69,6 +70,11 @@ class ApiSettings:
     ai_synthetic_interval_s: float | None = None
     max_streams: int = 100  # event streams open at once, per server process
     stream_timeout_s: float = 3600.0
+    # Shadow runs (CADSCOPE_SHADOW_FRACTION, _QUEUE, _ENGINE): a copy of this fraction of
+    # the jobs goes to the candidate pool; its result is never the client's.
+    shadow_fraction: float = 0.0
+    shadow_queue: str | None = None
+    shadow_engine: str | None = None
 
     @classmethod
     def from_env(cls) -> ApiSettings:
@@ -85,6 +91,7 @@ class ApiSettings:
             prometheus_url=os.environ.get("CADSCOPE_PROMETHEUS_URL") or None,
             ai_synthetic_interval_s=float(os.environ.get("CADSCOPE_AI_SYNTHETIC_INTERVAL_S", "0")) or None,
             max_streams=int(os.environ.get("CADSCOPE_API_MAX_STREAMS", "100")),
+            **shadow_settings(os.environ),
         )
 
 
@@ -260,10 +267,20 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         payload: dict[str, Any] = known["payload"]
         extra: dict[str, Any] = known.get("extra") or {}
 
+        shadowed = shadow_selected(job_id, settings.shadow_fraction)
+
         def publish() -> None:
             # No retries behind the client's back; the client retries with its key.
-            run_job.apply_async(args=[payload], kwargs={"job_id": job_id}, task_id=job_id, queue=settings.queue,
+            kwargs: dict[str, Any] = {"job_id": job_id, **({"shadowed": True} if shadowed else {})}
+            run_job.apply_async(args=[payload], kwargs=kwargs, task_id=job_id, queue=settings.queue,
                                 retry=False)  # fmt: skip
+            if shadowed:
+                assert settings.shadow_engine is not None and settings.shadow_queue is not None
+                try:
+                    publish_shadow(payload, job_id, settings.shadow_engine, settings.shadow_queue,
+                                   span.get_span_context())  # fmt: skip
+                except Exception:  # noqa: BLE001 - a shadow never fails its primary
+                    log.warning("shadow not published", extra={"job_id": job_id}, exc_info=True)
 
         try:
             await asyncio.wait_for(run_in_threadpool(publish), timeout=settings.publish_timeout_s)
@@ -404,6 +421,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
                     "trace_id",
                     "peak_rss_bytes",
                     "expect_failure",
+                    "role",
                 ):
                     if result.get(key) is not None:
                         body[key] = result[key]

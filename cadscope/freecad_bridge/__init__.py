@@ -47,7 +47,7 @@ from ._runner import (
     build_env,
     run,
 )
-from ._schema import JobSpec, load_material_library, material_library_path
+from ._schema import JobOptions, JobSpec, load_material_library, material_library_path
 
 __all__ = [
     "DEFAULT_ENV_ALLOWLIST",
@@ -57,6 +57,7 @@ __all__ = [
     "CadResult",
     "EngineInfo",
     "EngineUnavailable",
+    "JobOptions",
     "JobSpec",
     "RunLimits",
     "RunResult",

@@ -4,6 +4,10 @@
   ``child/engine_freecad.py`` in FreeCAD's own Python.
 - ``ocp``: a Python with cadquery-ocp (``$CADSCOPE_OCP_PYTHON``, default this
   interpreter) running ``child/engine_ocp.py``. ``freecad_version="none"``.
+- more OCP engines side by side: ``$CADSCOPE_OCP_PYTHONS``, comma-separated
+  interpreter paths, each asked for its OCCT version and listed as
+  ``ocp@<occt_version>`` (the default one too), so an OCCT upgrade runs the
+  same engine code on two versions.
 
 A ``script`` job runs the user's script under ``child/usercode_launch.py`` in
 either engine, a ``template`` job ``child/engine_template.py`` in FreeCAD; both
@@ -35,7 +39,7 @@ from opentelemetry import trace
 
 from ..metrics import ModelObservability, bound, default_observability
 from ._runner import RunLimits, RunResult, build_env, run
-from ._schema import ENGINE_FORMATS, JobSpec, material_library_path
+from ._schema import ENGINE_FORMATS, JobOptions, JobSpec, material_library_path
 
 __all__ = [
     "CadResult",
@@ -90,6 +94,11 @@ class EngineInfo:
     def as_dict(self) -> dict[str, Any]:
         return {"engine": self.name, "freecad_version": self.freecad_version, "occt_version": self.occt_version}
 
+    @property
+    def pool(self) -> str:
+        """``<engine>@<occt_version>``: the engine pool (queue, pinned workers) it serves."""
+        return f"{self.name}@{self.occt_version}"
+
 
 def _ask_versions(argv: list[str]) -> dict[str, str] | None:
     try:
@@ -134,30 +143,48 @@ def discover_engines() -> dict[str, EngineInfo]:
                 versions["occt_version"],
                 frozenset(ENGINE_FORMATS["freecad"]),
             )
-    python = os.environ.get("CADSCOPE_OCP_PYTHON", sys.executable)
-    versions = _ask_versions([python, "-c", _OCP_VERSION_SCRIPT])
-    if versions:
-        engines["ocp"] = EngineInfo(
+    default = os.environ.get("CADSCOPE_OCP_PYTHON", sys.executable)
+    more = [p.strip() for p in os.environ.get("CADSCOPE_OCP_PYTHONS", "").split(",") if p.strip()]
+    for python in dict.fromkeys([default, *more]):
+        versions = _ask_versions([python, "-c", _OCP_VERSION_SCRIPT])
+        if not versions:
+            log.warning("no OCP engine in %s", python)
+            continue
+        info = EngineInfo(
             "ocp",
             (python, str(CHILD_DIR / "engine_ocp.py")),
             versions["freecad_version"],
             versions["occt_version"],
             frozenset(ENGINE_FORMATS["ocp"]),
         )
+        engines.setdefault("ocp", info)  # the default interpreter, else the first that works
+        engines.setdefault(info.pool, info)
+    if "freecad" in engines:
+        engines.setdefault(engines["freecad"].pool, engines["freecad"])
     return engines
 
 
 def pick_engine(
-    requested: str, engines: Mapping[str, EngineInfo] | None = None, formats: Set[str] = frozenset()
+    requested: str,
+    engines: Mapping[str, EngineInfo] | None = None,
+    formats: Set[str] = frozenset(),
+    options: JobOptions | None = None,
+    occt_version: str | None = None,
 ) -> EngineInfo:
-    """The engine for a job: as requested, or for ``auto`` FreeCAD first, then OCP."""
+    """The engine for a job: as requested, or for ``auto`` FreeCAD first, then OCP.
+
+    ``occt_version`` picks that version's pool (``ocp@7.9.3``); ``options`` rule
+    out an engine that cannot honour them (FreeCAD's booleans always run in parallel)."""
     engines = discover_engines() if engines is None else engines
     order = ["freecad", "ocp"] if requested == "auto" else [requested]
     for name in order:
-        info = engines.get(name)
+        info = engines.get(name if occt_version is None else f"{name}@{occt_version}")
+        if options is not None and not options.parallel and name == "freecad":
+            continue
         if info is not None and formats <= info.formats:
             return info
-    raise EngineUnavailable(f"no engine for {requested!r} with formats {sorted(formats)} (have {sorted(engines)})")
+    wanted = requested if occt_version is None else f"{requested}@{occt_version}"
+    raise EngineUnavailable(f"no engine for {wanted!r} with formats {sorted(formats)} (have {sorted(engines)})")
 
 
 # Span names whose duration a metric records. A call past its operation's span
@@ -412,7 +439,9 @@ def run_cad_job(
     full disk: the outcome is classified and counted.
     """
     obs = observability or default_observability()
-    engine = engine or pick_engine(job.engine, formats=job.formats())
+    engine = engine or pick_engine(
+        job.engine, formats=job.formats(), options=job.options, occt_version=job.occt_version
+    )
     out = Path(out_dir)
     work = out / ".cadscope"
     payload = {"job": {**job.model_dump(mode="json"), "job_id": job_id}, "material_library": material_library_path()}
@@ -458,6 +487,8 @@ def run_cad_job(
                     "cad.freecad_version": engine.freecad_version,
                     "cad.occt_version": engine.occt_version,
                     "cad.job_id": job_id,
+                    "cad.role": obs.current_role(),
+                    **job.options.as_attributes(),
                 },
                 observer=telemetry,
                 on_drop=lambda reason: m.telemetry_rejected.labels(bound("rejected_reason", reason)).inc(),

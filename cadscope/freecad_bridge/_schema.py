@@ -36,6 +36,7 @@ from pydantic import (
 __all__ = [
     "InputDocument",
     "JobSpec",
+    "JobOptions",
     "Output",
     "ScriptSource",
     "TemplateSource",
@@ -303,25 +304,55 @@ class Export(_Model):
     validate_determinism: bool = True
 
 
+class JobOptions(_Model):
+    """Every parameter that changes the work, one default shared by both engines.
+
+    Two engines (or two versions of one) compared on the same job do the same
+    work only if they mesh, write and fuse the same way: each engine applies
+    these itself, and the manifest and the spans record them (``options``).
+    """
+
+    # Tessellation (STL and OBJ exports): the chord height in millimetres, or a
+    # fraction of each edge's size when ``relative``; the angle in radians.
+    linear_deflection: Annotated[float, Field(ge=0.001, le=100, allow_inf_nan=False)] = 0.1
+    angular_deflection: Annotated[float, Field(ge=0.01, le=1.5, allow_inf_nan=False)] = 0.5
+    relative: bool = False
+    stl_format: Literal["binary", "ascii"] = "binary"
+    step_schema: Literal["AP203", "AP214", "AP242"] = "AP214"
+    step_units: Literal["mm", "m", "in"] = "mm"
+    # ``faces``: trimmed surfaces (IGES 144, read everywhere); ``brep``: a manifold solid (IGES 186).
+    iges_mode: Literal["faces", "brep"] = "faces"
+    iges_units: Literal["mm", "m", "in"] = "mm"
+    # Boolean operations: OCCT's fuzzy value in millimetres (0: exact) and its parallel mode
+    # (FreeCAD's booleans always run in parallel: a serial boolean runs on OCP only).
+    fuzzy_value: Annotated[float, Field(ge=0, le=10, allow_inf_nan=False)] = 0.0
+    parallel: bool = True
+
+    def as_attributes(self) -> dict[str, str | float | bool]:
+        """The options as span attributes (``cad.option.<name>``)."""
+        return {f"cad.option.{key}": value for key, value in self.model_dump().items()}
+
+
 Fault = Literal[
     "raise", "segfault", "hang", "hang_unresponsive", "memory", "no_manifest", "kill_worker", "hang_in_export"
 ]
 
 
 # -- the mesh budget -----------------------------------------------------------
-# An STL or OBJ export meshes curved faces at a fixed tolerance, so its
-# triangles, the memory to make them and the file grow with the size of the
-# curved primitives: an OCP sphere of radius 10 m, valid otherwise, runs out
-# of a 2 GiB limit. Triangles are estimated per millimetre of each curved
-# primitive's largest dimension, as FreeCAD 0.20's STL export makes them at
-# its default tolerance (the heaviest mesh export of the two engines; sphere
-# 500, torus up to 700, cone up to 160, cylinder 2, a fillet or chamfer up to
-# 200 over its part), with a floor for small ones; OCP's STL and FreeCAD's OBJ
-# mesh at 0.1 mm, ten times fewer. Booleans only keep or trim their operands'
-# faces. An export's estimate, one instance of each part in it, stays under
-# MAX_MESH_TRIANGLES: the largest sphere admitted peaks at about a third of
-# the 2 GiB a CAD process gets by default in FreeCAD's STL export, and about
-# half in OCP's, whose determinism check reads the file whole. Every
+# An STL or OBJ export meshes curved faces at the job's linear deflection, so
+# its triangles, the memory to make them and the file grow with the size of
+# the curved primitives and shrink with the deflection: an OCP sphere of
+# radius 10 m, valid otherwise, runs out of a 2 GiB limit at 0.1 mm.
+# Triangles are estimated per millimetre of each curved primitive's largest
+# dimension at a deflection of 0.01 mm (sphere 500, torus up to 700, cone up
+# to 160, cylinder 2, a fillet or chamfer up to 200 over its part), with a
+# floor for small ones, and scaled by 0.01 mm over the job's deflection
+# (triangles of a doubly curved face go as the inverse of the deflection: the
+# scale is exact for spheres and tori, generous for the rest). A relative
+# deflection is taken against the part's largest dimension. Booleans only keep
+# or trim their operands' faces. An export's estimate, one instance of each
+# part in it, stays under MAX_MESH_TRIANGLES: the largest sphere admitted
+# peaks at about a third of the 2 GiB a CAD process gets by default. Every
 # instance written counts toward MAX_MESH_TRIANGLES_WRITTEN: ~1 GiB of ASCII
 # STL, half the default file size limit.
 MAX_MESH_TRIANGLES = 150_000
@@ -335,7 +366,7 @@ _TRIANGLES_FLOOR = {
     "fillet": 1_000,
     "chamfer": 1_000,
 }
-_COARSER_MESH = 0.1  # OCP's STL and FreeCAD's OBJ: 0.1 mm against FreeCAD's STL default
+_TABLE_DEFLECTION = 0.01  # millimetres: the deflection the table above counts triangles at
 
 
 def _extent(step: Step) -> float:
@@ -356,15 +387,16 @@ def _extent(step: Step) -> float:
     return 0.0
 
 
-def _part_triangles(part: Part) -> float:
-    """Triangles an STL export of ``part`` makes at FreeCAD's default tolerance, at most."""
+def _part_triangles(part: Part, options: JobOptions) -> float:
+    """Triangles a mesh export of ``part`` makes at the job's deflection, at most."""
     extent = max(_extent(step) for step in part.steps)
+    deflection = options.linear_deflection * (max(extent, 1.0) if options.relative else 1.0)
     total = 0.0
     for step in part.steps:
         size = extent if step.kind in ("fillet", "chamfer") else _extent(step)
         if step.kind in _TRIANGLES_PER_MM:
             total += max(_TRIANGLES_PER_MM[step.kind] * size, _TRIANGLES_FLOOR[step.kind])
-    return total
+    return total * _TABLE_DEFLECTION / deflection
 
 
 class JobSpec(_Model):
@@ -374,6 +406,8 @@ class JobSpec(_Model):
     flow_type: Literal["parametric", "ai_prompt", "upload", "script", "template"] = "parametric"
     input: InputDocument | None = None
     engine: Literal["auto", "freecad", "ocp"] = "auto"
+    # The engine's OCCT version, when several run side by side (``ocp@7.9.3``); None: any.
+    occt_version: Annotated[str, StringConstraints(pattern=r"^\d{1,3}\.\d{1,3}\.\d{1,3}$")] | None = None
     # At least one each for a job built from parts (``_needed``); a script job has neither.
     parts: Annotated[list[Part], Field(max_length=100, validate_default=True)] = []
     assembly: Assembly | None = None
@@ -388,6 +422,8 @@ class JobSpec(_Model):
     # The files a script job must write (a template job lists ``exports``).
     outputs: Annotated[list[Output], Field(max_length=32)] = []
     timeout_s: Annotated[float, Field(gt=0, le=3_600)] = 120.0
+    # What changes the work (tessellation, file formats, booleans): the same on every engine.
+    options: JobOptions = JobOptions()
     # Deliberate faults for tests and the demo workload: an enum mapped to a
     # fixed action, never code; refused unless the worker has CADSCOPE_ALLOW_FAULTS=1.
     # ``hang_unresponsive``: the CAD process hangs and the pool process stops
@@ -433,6 +469,8 @@ class JobSpec(_Model):
             return self._user_code()
         if self.outputs or self.parameters:
             raise ValueError("outputs and parameters belong to script and template jobs")
+        if self.engine == "freecad" and not self.options.parallel:
+            raise ValueError("engine 'freecad' runs booleans in parallel only: options.parallel=false needs 'ocp'")
         imports = [s.name for p in self.parts for s in p.steps if isinstance(s, Import)]
         if imports and self.input is None:
             raise ValueError(f"step {imports[0]!r} imports a document, but the job has no input")
@@ -482,11 +520,10 @@ class JobSpec(_Model):
     def _mesh_budget(self) -> JobSpec:
         if self.script is not None or self.template is not None:
             return self  # the user's code builds the model: nothing here to estimate
-        parts = {p.name: _part_triangles(p) for p in self.parts}
+        parts = {p.name: _part_triangles(p, self.options) for p in self.parts}
         for export in self.exports:
             if export.format not in ("stl", "obj"):
                 continue
-            scale = 1.0 if export.format == "stl" and self.engine != "ocp" else _COARSER_MESH
             if export.of in parts:
                 counts = {export.of: 1}
             else:  # the assembly: every instance is written, each part meshed once
@@ -494,14 +531,16 @@ class JobSpec(_Model):
                 counts = {}
                 for instance in self.assembly.instances:
                     counts[instance.part] = counts.get(instance.part, 0) + 1
-            once = scale * sum(parts[name] for name in counts)
-            written = scale * sum(parts[name] * n for name, n in counts.items())
+            once = sum(parts[name] for name in counts)
+            written = sum(parts[name] * n for name, n in counts.items())
             if once > MAX_MESH_TRIANGLES or written > MAX_MESH_TRIANGLES_WRITTEN:
                 raise ValueError(
                     f"export {export.name!r} ({export.format}) would mesh about {once:,.0f} triangles "
                     f"({written:,.0f} written), over the {MAX_MESH_TRIANGLES:,} ({MAX_MESH_TRIANGLES_WRITTEN:,} "
                     "written) a job may within the memory and file size limits: its curved primitives are too "
-                    "large for a mesh export; export STEP or BREP, or make them smaller"
+                    "large for a mesh export at a linear deflection of "
+                    f"{self.options.linear_deflection:g}{'' if self.options.relative else ' mm'}; export STEP or "
+                    "BREP, make them smaller, or mesh coarser (options.linear_deflection)"
                 )
         return self
 

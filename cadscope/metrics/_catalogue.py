@@ -15,6 +15,7 @@ from types import MappingProxyType
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = [
+    "ROLES",
     "ALLOWED_LABEL_VALUES",
     "Catalogue",
     "VERSION_LABELS",
@@ -27,6 +28,7 @@ __all__ = [
 ]
 
 VERSION_LABELS = ("freecad_version", "occt_version")
+ROLES = ("primary", "shadow")
 OTHER = "other"
 
 # -- buckets, each with its reason ----------------------------------------------
@@ -257,6 +259,8 @@ class Catalogue:
 
     def __init__(self, registry: CollectorRegistry | None = REGISTRY) -> None:
         v = VERSION_LABELS
+        # Stage and operation durations also say whether the job was a primary or a shadow run.
+        vr = (*VERSION_LABELS, "role")
         r = registry
 
         def counter(name: str, doc: str, labels: tuple[str, ...]) -> Counter:
@@ -281,7 +285,7 @@ class Catalogue:
         self.stage_duration = histogram(
             "model_generation_stage_duration_seconds",
             "Wall time of one stage of a flow.",
-            ("flow_type", "stage", *v),
+            ("flow_type", "stage", *vr),
             FLOW_BUCKETS,
         )
         self.active_flows = Gauge(
@@ -334,13 +338,13 @@ class Catalogue:
         self.document_load = histogram(
             "freecad_document_load_seconds",
             "Time to create or load a document.",
-            ("source", "workbench", *v),
+            ("source", "workbench", *vr),
             FAST_BUCKETS,
         )
         self.recompute = histogram(
             "freecad_recompute_duration_seconds",
             "Document recompute time.",
-            ("workbench", "doc_complexity", *v),
+            ("workbench", "doc_complexity", *vr),
             FAST_BUCKETS,
         )
         self.object_created = counter(
@@ -350,11 +354,14 @@ class Catalogue:
         self.occt_boolean = histogram(
             "occt_boolean_duration_seconds",
             "Duration of one OCCT boolean.",
-            ("operation", "solids_range", *v),
+            ("operation", "solids_range", *vr),
             OCCT_OP_BUCKETS,
         )
         self.occt_feature = histogram(
-            "occt_feature_duration_seconds", "Duration of one OCCT fillet or chamfer.", ("feature", *v), OCCT_OP_BUCKETS
+            "occt_feature_duration_seconds",
+            "Duration of one OCCT fillet or chamfer.",
+            ("feature", *vr),
+            OCCT_OP_BUCKETS,
         )
         self.occt_memory = histogram(
             "occt_operation_memory_bytes",
@@ -364,12 +371,12 @@ class Catalogue:
         )
         # Assembly4
         self.a4_solve = histogram(
-            "a4_constraint_solve_duration_seconds", "Assembly4 placement solve time.", ("solver", *v), SOLVER_BUCKETS
+            "a4_constraint_solve_duration_seconds", "Assembly4 placement solve time.", ("solver", *vr), SOLVER_BUCKETS
         )
         self.a4_lcs = histogram(
             "a4_lcs_resolution_duration_seconds",
             "Time to resolve local coordinate systems.",
-            ("lcs_count_range", *v),
+            ("lcs_count_range", *vr),
             SOLVER_BUCKETS,
         )
         self.a4_iterations_total = counter(
@@ -388,24 +395,24 @@ class Catalogue:
         self.material_property = histogram(
             "material_property_apply_duration_seconds",
             "Time to apply a material property.",
-            ("property", *v),
+            ("property", *vr),
             FAST_BUCKETS,
         )
         self.material_appearance = histogram(
             "material_appearance_apply_duration_seconds",
             "Time to apply a material appearance.",
-            ("appearance_type", *v),
+            ("appearance_type", *vr),
             FAST_BUCKETS,
         )
         # Topology and export
         self.topology_hash = histogram(
-            "topology_hash_compute_duration_seconds", "Time to compute a topology hash.", ("scope", *v), FAST_BUCKETS
+            "topology_hash_compute_duration_seconds", "Time to compute a topology hash.", ("scope", *vr), FAST_BUCKETS
         )
         self.export_validation = counter(
             "deterministic_export_validation", "Exports written twice and compared.", ("format", "result", *v)
         )
         self.export_duration = histogram(
-            "export_duration_seconds", "Time to export one file.", ("format", "file_size_range", *v), EXPORT_BUCKETS
+            "export_duration_seconds", "Time to export one file.", ("format", "file_size_range", *vr), EXPORT_BUCKETS
         )
         # Workbenches
         self.workbench_invocations = counter(

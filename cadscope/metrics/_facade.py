@@ -26,6 +26,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from ._catalogue import (
     ALLOWED_LABEL_VALUES,
+    ROLES,
     SECURITY_VIOLATION_SEVERITY,
     Catalogue,
     bound,
@@ -43,6 +44,8 @@ log = logging.getLogger("cadscope.metrics")
 _versions: contextvars.ContextVar[tuple[str, str]] = contextvars.ContextVar(
     "cadscope_engine_versions", default=("unknown", "unknown")
 )
+# "primary" or "shadow": the role label of stage and operation durations.
+_role: contextvars.ContextVar[str] = contextvars.ContextVar("cadscope_role", default="primary")
 
 
 class _never_raise:  # lower case, as contextlib.suppress: read as a with statement
@@ -89,6 +92,23 @@ class ModelObservability:
             _versions.reset(token)
 
     @staticmethod
+    @contextlib.contextmanager
+    def role(role: str) -> Iterator[None]:
+        """Label the stage and operation durations recorded in the block ``primary`` or ``shadow``."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+        token = _role.set(role)
+        try:
+            yield
+        finally:
+            _role.reset(token)
+
+    @staticmethod
+    def current_role() -> str:
+        """``primary`` or ``shadow``: the role set by :meth:`role` (``primary`` outside it)."""
+        return _role.get()
+
+    @staticmethod
     def versions() -> dict[str, str]:
         freecad, occt = _versions.get()
         return {"freecad_version": freecad, "occt_version": occt}
@@ -125,24 +145,30 @@ class ModelObservability:
     def observe_model_generation(
         self, flow_type: str, job_id: str, user_id: int | str | None = None
     ) -> Iterator[dict[str, Any]]:
-        """A whole flow: started/completed counters, duration, active gauge, span."""
+        """A whole flow: started/completed counters, duration, active gauge, span.
+
+        A shadow run (``role("shadow")``) gets its span only: the flow counters are what
+        the job success SLO reads, and a shadow is not a job anyone asked for."""
         m, v, flow = self.metrics, self.versions(), bound("flow_type", flow_type)
-        attributes: dict[str, Any] = {"cad.flow_type": flow, "cad.job_id": job_id}
+        counted = _role.get() == "primary"
+        attributes: dict[str, Any] = {"cad.flow_type": flow, "cad.job_id": job_id, "cad.role": _role.get()}
         if user_id is not None:
             attributes["enduser.id"] = str(user_id)
-        with _never_raise("flow start"):
-            m.generation_started.labels(flow, *v.values()).inc()
-            m.active_flows.labels(flow, *v.values()).inc()
+        if counted:
+            with _never_raise("flow start"):
+                m.generation_started.labels(flow, *v.values()).inc()
+                m.active_flows.labels(flow, *v.values()).inc()
         status = "failure"
         try:
             with self._timed_span(f"cad.flow {flow}", attributes) as outcome:
                 yield outcome
                 status = "failure" if outcome.get("failed") else "success"
         finally:
-            with _never_raise("flow end"):
-                m.active_flows.labels(flow, *v.values()).dec()
-                m.generation_completed.labels(flow, status, *v.values()).inc()
-                m.generation_duration.labels(flow, status, *v.values()).observe(outcome["duration"])
+            if counted:
+                with _never_raise("flow end"):
+                    m.active_flows.labels(flow, *v.values()).dec()
+                    m.generation_completed.labels(flow, status, *v.values()).inc()
+                    m.generation_duration.labels(flow, status, *v.values()).observe(outcome["duration"])
 
     @contextlib.contextmanager
     def observe_stage(self, flow_type: str, stage: str) -> Iterator[dict[str, Any]]:
@@ -155,7 +181,7 @@ class ModelObservability:
     def record_stage(self, flow_type: str, stage: str, duration_seconds: float) -> None:
         with _never_raise("stage"):
             self.metrics.stage_duration.labels(
-                bound("flow_type", flow_type), bound("stage", stage), *_versions.get()
+                bound("flow_type", flow_type), bound("stage", stage), *_versions.get(), _role.get()
             ).observe(duration_seconds)
 
     # -- documents -----------------------------------------------------------------
@@ -183,13 +209,13 @@ class ModelObservability:
     def record_document_load(self, source: str, workbench: str, duration_seconds: float) -> None:
         with _never_raise("document load"):
             self.metrics.document_load.labels(
-                bound("source", source), bound("workbench", workbench), *_versions.get()
+                bound("source", source), bound("workbench", workbench), *_versions.get(), _role.get()
             ).observe(duration_seconds)
 
     def record_recompute(self, workbench: str, object_count: int, duration_seconds: float) -> None:
         with _never_raise("recompute"):
             self.metrics.recompute.labels(
-                bound("workbench", workbench), doc_complexity(int(object_count)), *_versions.get()
+                bound("workbench", workbench), doc_complexity(int(object_count)), *_versions.get(), _role.get()
             ).observe(duration_seconds)
 
     def record_object_created(self, cls: str, workbench: str, count: float = 1) -> None:
@@ -213,7 +239,7 @@ class ModelObservability:
     def record_occt_boolean(self, operation: str, solids_count: int, duration_seconds: float) -> None:
         with _never_raise("boolean"):
             self.metrics.occt_boolean.labels(
-                bound("operation", operation), solids_range(int(solids_count)), *_versions.get()
+                bound("operation", operation), solids_range(int(solids_count)), *_versions.get(), _role.get()
             ).observe(duration_seconds)
 
     @contextlib.contextmanager
@@ -227,7 +253,9 @@ class ModelObservability:
 
     def record_occt_feature(self, feature: str, duration_seconds: float) -> None:
         with _never_raise("feature"):
-            self.metrics.occt_feature.labels(bound("feature", feature), *_versions.get()).observe(duration_seconds)
+            self.metrics.occt_feature.labels(bound("feature", feature), *_versions.get(), _role.get()).observe(
+                duration_seconds
+            )
 
     def record_occt_memory(self, operation: str, memory_bytes: float) -> None:
         with _never_raise("memory"):
@@ -261,7 +289,7 @@ class ModelObservability:
     def record_assembly4_solve(self, solver_type: str, duration_seconds: float, iterations: float | None) -> None:
         with _never_raise("a4 solve"):
             solver, v = bound("solver", solver_type), _versions.get()
-            self.metrics.a4_solve.labels(solver, *v).observe(duration_seconds)
+            self.metrics.a4_solve.labels(solver, *v, _role.get()).observe(duration_seconds)
             if iterations is not None:
                 self.record_assembly4_iterations(solver_type, iterations)
 
@@ -273,7 +301,9 @@ class ModelObservability:
 
     def record_lcs_resolution(self, lcs_count: int, duration_seconds: float) -> None:
         with _never_raise("lcs"):
-            self.metrics.a4_lcs.labels(lcs_count_range(int(lcs_count)), *_versions.get()).observe(duration_seconds)
+            self.metrics.a4_lcs.labels(lcs_count_range(int(lcs_count)), *_versions.get(), _role.get()).observe(
+                duration_seconds
+            )
 
     # -- materials ---------------------------------------------------------------------------
 
@@ -297,21 +327,23 @@ class ModelObservability:
 
     def record_material_property(self, property_type: str, duration_seconds: float) -> None:
         with _never_raise("material property"):
-            self.metrics.material_property.labels(bound("property", property_type), *_versions.get()).observe(
-                duration_seconds
-            )
+            self.metrics.material_property.labels(
+                bound("property", property_type), *_versions.get(), _role.get()
+            ).observe(duration_seconds)
 
     def record_material_appearance(self, appearance_type: str, duration_seconds: float) -> None:
         with _never_raise("material appearance"):
             self.metrics.material_appearance.labels(
-                bound("appearance_type", appearance_type), *_versions.get()
+                bound("appearance_type", appearance_type), *_versions.get(), _role.get()
             ).observe(duration_seconds)
 
     # -- topology and export -----------------------------------------------------------------
 
     def record_topology_hash(self, scope: str, duration_seconds: float) -> None:
         with _never_raise("topology hash"):
-            self.metrics.topology_hash.labels(bound("scope", scope), *_versions.get()).observe(duration_seconds)
+            self.metrics.topology_hash.labels(bound("scope", scope), *_versions.get(), _role.get()).observe(
+                duration_seconds
+            )
 
     @contextlib.contextmanager
     def observe_export(self, format: str, file_size: int | None = None) -> Iterator[dict[str, Any]]:  # noqa: A002
@@ -327,7 +359,7 @@ class ModelObservability:
     def record_export(self, format: str, file_size: int, duration_seconds: float) -> None:  # noqa: A002
         with _never_raise("export"):
             self.metrics.export_duration.labels(
-                bound("format", format.upper()), file_size_range(int(file_size)), *_versions.get()
+                bound("format", format.upper()), file_size_range(int(file_size)), *_versions.get(), _role.get()
             ).observe(duration_seconds)
 
     def record_export_validation(self, format: str, result: str, file_size: int | None = None) -> None:  # noqa: A002

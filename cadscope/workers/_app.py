@@ -177,7 +177,7 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     server, _thread = serve_metrics(registry, settings.metrics_port, settings.metrics_addr)
     engines = discover_engines()
     node = getattr(sender, "hostname", None) or f"worker@{socket.gethostname()}"
-    info = {"node": node, "pid": os.getpid(), "engines": [e.as_dict() for e in engines.values()],
+    info = {"node": node, "pid": os.getpid(), "engines": [e.as_dict() for e in dict.fromkeys(engines.values())],
             "concurrency": getattr(sender, "concurrency", None)}  # fmt: skip
     Heartbeat(progress().store, node, info).start()
     _freeze_heap()  # last: what the pool forks with

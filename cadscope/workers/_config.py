@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EMBEDDED", "WorkerSettings", "broker_settings"]
+__all__ = ["EMBEDDED", "WorkerSettings", "broker_settings", "parse_engine", "shadow_selected", "shadow_settings"]
+
+_VERSION = re.compile(r"^\d{1,3}\.\d{1,3}\.\d{1,3}$")
 
 EMBEDDED = "embedded"
 
@@ -29,9 +34,16 @@ class WorkerSettings:
     document_store: Path | None = None  # store:// keys resolve here; default data_dir/store
     document_cache: Path | None = None  # verified input documents; default data_dir/document-cache
     document_cache_bytes: int = 1 << 30
+    # The engine pool this worker serves (``ocp@7.9.3``, ``freecad``): it runs no other engine.
+    engine: str | None = None
+    # Shadow runs: this fraction of the primary jobs this worker runs (and that no API
+    # shadowed already) is also sent to the candidate pool's queue, as shadow jobs.
+    shadow_fraction: float = 0.0
+    shadow_queue: str | None = None
+    shadow_engine: str | None = None  # the candidate, ENGINE[@OCCT_VERSION]
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> WorkerSettings:
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> WorkerSettings:
         env = os.environ if environ is None else environ
         data = Path(env.get("CADSCOPE_DATA_DIR", os.path.abspath("cadscope-data")))
         hard = int(env.get("CADSCOPE_TASK_TIME_LIMIT", "900"))
@@ -58,7 +70,38 @@ class WorkerSettings:
             document_store=Path(env.get("CADSCOPE_DOCUMENT_STORE", str(data / "store"))),
             document_cache=Path(env.get("CADSCOPE_DOCUMENT_CACHE", str(data / "document-cache"))),
             document_cache_bytes=int(env.get("CADSCOPE_DOCUMENT_CACHE_BYTES", str(1 << 30))),
+            engine=env.get("CADSCOPE_ENGINE") or None,
+            **shadow_settings(env),
         )
+
+
+def parse_engine(text: str) -> tuple[str, str | None]:
+    """``ENGINE[@OCCT_VERSION]`` as (engine, version or None); ValueError naming what is wrong."""
+    name, _, version = text.partition("@")
+    if name not in ("freecad", "ocp") or (version and not _VERSION.fullmatch(version)):
+        raise ValueError(f"an engine is freecad or ocp, optionally @OCCT_VERSION (ocp@7.9.3), not {text!r}")
+    return name, version or None
+
+
+def shadow_settings(env: Mapping[str, str]) -> dict[str, Any]:
+    """``CADSCOPE_SHADOW_FRACTION`` (0 to 1, default 0), ``CADSCOPE_SHADOW_QUEUE`` (the candidate
+    pool's queue) and ``CADSCOPE_SHADOW_ENGINE`` (the candidate): read by the API and the worker."""
+    fraction = float(env.get("CADSCOPE_SHADOW_FRACTION", "0") or 0)
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"CADSCOPE_SHADOW_FRACTION ({fraction}) must be between 0 and 1")
+    queue, engine = env.get("CADSCOPE_SHADOW_QUEUE") or None, env.get("CADSCOPE_SHADOW_ENGINE") or None
+    if fraction > 0 and not (queue and engine):
+        raise ValueError("CADSCOPE_SHADOW_FRACTION > 0 needs CADSCOPE_SHADOW_QUEUE and CADSCOPE_SHADOW_ENGINE")
+    if engine:
+        parse_engine(engine)
+    return {"shadow_fraction": fraction, "shadow_queue": queue, "shadow_engine": engine}
+
+
+def shadow_selected(job_id: str, fraction: float) -> bool:
+    """Whether ``job_id`` is shadowed at ``fraction``: decided by its id, so a retry decides the same."""
+    if fraction <= 0:
+        return False
+    return int(hashlib.sha256(job_id.encode()).hexdigest()[:8], 16) < fraction * 0x1_0000_0000
 
 
 def broker_settings(broker_url: str | None, data_dir: Path) -> dict[str, Any]:

@@ -13,7 +13,8 @@ from typing import Any
 
 from celery import Task
 from opentelemetry import trace
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, Status, StatusCode
 from pydantic import ValidationError
 
 from ..freecad_bridge import (
@@ -30,10 +31,10 @@ from ..freecad_bridge._documents import DocumentCache, DocumentError, fetch_docu
 from ..metrics import ModelObservability, default_observability
 from ..tracing import job_id_var
 from ._app import PUBLISHED_AT_HEADER, app, progress
-from ._config import WorkerSettings
+from ._config import WorkerSettings, parse_engine, shadow_selected
 from ._progress import claim_run
 
-__all__ = ["TASK_NAME", "run_job"]
+__all__ = ["TASK_NAME", "publish_shadow", "run_job", "shadow_spec"]
 
 log = logging.getLogger("cadscope.workers")
 
@@ -74,10 +75,68 @@ def _failure(job_id: str, outcome: str, error_type: str, message: str, **extra: 
     }
 
 
+def shadow_spec(spec: dict[str, Any], candidate: str) -> dict[str, Any]:
+    """The primary's job spec for the candidate engine (``ENGINE[@OCCT_VERSION]``)."""
+    from ._workload import for_engine
+
+    name, version = parse_engine(candidate)
+    return {**for_engine(spec, name), "occt_version": version}
+
+
+def publish_shadow(spec: Any, job_id: str, candidate: str, queue: str, primary: trace.SpanContext | None) -> str:
+    """Send a shadow of job ``job_id`` to the candidate pool's ``queue``; return its job id.
+
+    The shadow is a trace of its own, linked to the primary's (a span link, not a
+    parent: its duration is not part of the primary's journey), and its result is
+    kept under its own id (``<job_id>-shadow``), never the primary's."""
+    shadow_id = f"{job_id[:56]}-shadow"
+    tracer = trace.get_tracer("cadscope.workers")
+    links: list[Link] = []
+    traceparent = None
+    if primary is not None and primary.is_valid:
+        links.append(Link(primary, {"cad.role": "primary"}))
+        traceparent = f"00-{primary.trace_id:032x}-{primary.span_id:016x}-{int(primary.trace_flags):02x}"
+    with tracer.start_as_current_span("cad.shadow publish", context=Context(), links=links) as span:
+        span.set_attributes({"cad.role": "shadow", "cad.job_id": shadow_id, "cad.primary_job_id": job_id})
+        run_job.apply_async(
+            args=[shadow_spec(spec, candidate) if isinstance(spec, dict) else spec],
+            kwargs={"job_id": shadow_id, "role": "shadow", "primary_traceparent": traceparent},
+            task_id=shadow_id, queue=queue, retry=False,
+        )  # fmt: skip
+    return shadow_id
+
+
 @app.task(name=TASK_NAME, bind=True)
-def run_job(self: Task, spec: Any, job_id: str | None = None) -> dict[str, Any]:
+def run_job(
+    self: Task,
+    spec: Any,
+    job_id: str | None = None,
+    role: str = "primary",
+    primary_traceparent: str | None = None,
+    shadowed: bool = False,
+) -> dict[str, Any]:
     """Run one CAD job. Returns a JSON result; a failed job is a result with
-    ``status="failed"`` and a classified ``outcome``, not a task exception."""
+    ``status="failed"`` and a classified ``outcome``, not a task exception.
+
+    ``role="shadow"``: a copy of a primary job on a candidate engine, linked to the
+    primary's trace (``primary_traceparent``); ``shadowed``: an API already sent
+    this primary's shadow, so the worker's own shadow fraction leaves it alone."""
+    role = "shadow" if role == "shadow" else "primary"
+    with default_observability().role(role):
+        result = _run_task(self, spec, job_id, role, primary_traceparent)
+    settings = _settings()
+    primary_id = result.get("job_id") if isinstance(result, dict) else None
+    if role == "primary" and not shadowed and primary_id and shadow_selected(primary_id, settings.shadow_fraction):
+        assert settings.shadow_engine is not None and settings.shadow_queue is not None  # checked at start-up
+        try:
+            publish_shadow(spec, primary_id, settings.shadow_engine, settings.shadow_queue,
+                           trace.get_current_span().get_span_context())  # fmt: skip
+        except Exception:  # noqa: BLE001 - a shadow never fails its primary
+            log.warning("shadow not published", exc_info=True)
+    return result
+
+
+def _run_task(self: Task, spec: Any, job_id: str | None, role: str, primary_traceparent: str | None) -> dict[str, Any]:
     started = default_timer()
     obs = default_observability()
     m = obs.metrics
@@ -93,6 +152,10 @@ def run_job(self: Task, spec: Any, job_id: str | None = None) -> dict[str, Any]:
         m.task_queue_wait.labels(TASK_NAME).observe(max(time.time() - published, 0.0))
     span = trace.get_current_span()
     span.set_attribute("cad.job_id", job_id)
+    span.set_attribute("cad.role", role)
+    primary = _span_context(primary_traceparent)
+    if primary is not None:
+        span.add_link(primary, {"cad.role": "primary"})
     span.set_attribute("process.pid", os.getpid())  # which pool process ran it (the resource is the worker's)
     dead, attempt = _count_delivery(job_id, span)
     if dead is not None:
@@ -102,6 +165,7 @@ def run_job(self: Task, spec: Any, job_id: str | None = None) -> dict[str, Any]:
         return dead
     try:
         result = _run(obs, spec, job_id, started, attempt)
+        result["role"] = role
     except Exception as exc:
         m.task_finished(TASK_NAME, "failure", max(default_timer() - started, 0))
         progress().finish(job_id, status="failed", outcome="task_error", error_type=type(exc).__name__)
@@ -180,7 +244,7 @@ def _run(obs: ModelObservability, spec: Any, job_id: str, started: float, attemp
     validate_start = default_timer()
     try:
         job = JobSpec.model_validate(spec)
-        engine = pick_engine(job.engine, formats=job.formats())
+        engine = pick_engine(job.engine, _served_engines(), job.formats(), job.options, job.occt_version)
         problem: dict[str, Any] | None = None
     except ValidationError as exc:
         job, engine = None, None
@@ -219,6 +283,7 @@ def _run(obs: ModelObservability, spec: Any, job_id: str, started: float, attemp
                 "cad.freecad_version": engine.freecad_version,
                 "cad.occt_version": engine.occt_version,
                 "cad.job_name": job.name,
+                **job.options.as_attributes(),
             }
         )
         out_dir = _settings().data_dir / "jobs" / job_id
@@ -295,6 +360,17 @@ def _run(obs: ModelObservability, spec: Any, job_id: str, started: float, attemp
         else:
             log.info("job succeeded", extra={"engine": engine.name, "artifacts": len(cad.artifacts)})
         return result
+
+
+def _served_engines() -> dict[str, Any]:
+    """The engines this worker runs: all it found, or only the pool it is pinned to (``CADSCOPE_ENGINE``)."""
+    engines = discover_engines()
+    pinned = _settings().engine
+    if pinned is None:
+        return dict(engines)
+    name, version = parse_engine(pinned)
+    info = engines.get(name if version is None else f"{name}@{version}")
+    return {} if info is None else {name: info, info.pool: info}
 
 
 def _memory_limit() -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-__all__ = ["TEMPLATES", "workload"]
+__all__ = ["TEMPLATES", "for_engine", "workload"]
 
 
 def _hole(name: str, x: float, y: float, radius: float = 2.5, height: float = 8) -> dict[str, Any]:
@@ -204,18 +204,25 @@ CRASH: dict[str, Any] = {
 TEMPLATES = [PLATE, ASSEMBLY, GRID, FILLET_TOO_BIG, HOUSING, PROFILE, CRASH]
 
 
-def workload(count: int, engines: list[str]) -> list[dict[str, Any]]:
+def for_engine(spec: dict[str, Any], engine: str) -> dict[str, Any]:
+    """``spec`` for ``engine``: OBJ is a FreeCAD (Mesh workbench) export, OCP writes STL instead."""
+    spec = {**copy.deepcopy(spec), "engine": engine}
+    if engine == "ocp" and isinstance(spec.get("exports"), list):
+        for export in spec["exports"]:
+            if isinstance(export, dict) and export.get("format") == "obj":
+                export["format"] = "stl"
+    return spec
+
+
+def workload(count: int, engines: list[str], occt_version: str | None = None) -> list[dict[str, Any]]:
     """``count`` job specs cycling through the templates; with several engines,
-    each template runs on each engine in turn so versions can be compared."""
+    each template runs on each engine in turn so versions can be compared.
+    ``occt_version`` pins the engine's OCCT version (``ocp@7.9.3``)."""
     jobs = []
     for index in range(count):
-        spec = copy.deepcopy(TEMPLATES[(index // len(engines)) % len(TEMPLATES)])
         engine = engines[index % len(engines)]
-        spec["engine"] = engine
-        if engine == "ocp":
-            # OBJ is a FreeCAD (Mesh workbench) export; OCP writes STL instead.
-            for export in spec["exports"]:
-                if export["format"] == "obj":
-                    export["format"] = "stl"
+        spec = for_engine(TEMPLATES[(index // len(engines)) % len(TEMPLATES)], engine)
+        if occt_version is not None:
+            spec["occt_version"] = occt_version
         jobs.append(spec)
     return jobs

@@ -1,6 +1,7 @@
 """``cadscope``: run the whole pipeline on one machine, run a worker, read a trace.
 
 cadscope run [--jobs N] [--engine auto|freecad|ocp|all] [--concurrency C] [--broker URL] [--out DIR]
+cadscope run --baseline ENGINE[@OCCT_VERSION] --candidate ENGINE[@OCCT_VERSION] [--jobs N] [--out DIR]
 cadscope worker [celery worker options...]
 cadscope api [--host H] [--port P] [--workers N]
 cadscope trace traces.jsonl [--job ID]
@@ -21,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections import Counter, defaultdict
@@ -173,6 +175,21 @@ def _pick_engines(choice: str) -> list[str]:
     return engines
 
 
+def _pool(text: str, option: str) -> tuple[str, str | None]:
+    """An ``ENGINE[@OCCT_VERSION]`` that exists on this host, as (engine, version or None)."""
+    from ..freecad_bridge import discover_engines
+    from ._config import parse_engine
+
+    try:
+        name, version = parse_engine(text)
+    except ValueError as exc:
+        raise CliError(f"{option}: {exc}") from None
+    found = discover_engines()
+    if (name if version is None else f"{name}@{version}") not in found:
+        raise CliError(f"{option} {text}: no such engine here (found: {', '.join(sorted(found)) or 'none'})")
+    return name, version
+
+
 def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -225,7 +242,12 @@ class _Api:
         return str(self._call("POST", "/v1/jobs", spec)["job_id"])
 
     def status(self, job_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/v1/jobs/{job_id}")
+        try:
+            return self._call("GET", f"/v1/jobs/{job_id}")
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:  # a shadow job its worker has not taken yet
+                return {"job_id": job_id, "state": "unknown"}
+            raise
 
 
 class _Stop(Exception):
@@ -242,9 +264,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ._config import EMBEDDED, broker_settings
 
     embedded = broker in (EMBEDDED, "filesystem://")
+    if (args.baseline is None) != (args.candidate is None):
+        raise CliError("--baseline and --candidate go together")
+    if args.baseline is not None:
+        baseline = _pool(args.baseline, "--baseline")
+        _pool(args.candidate, "--candidate")
+        engines = [baseline[0]]
+    else:
+        engines = _pick_engines(args.engine)
     if not embedded:
         check_broker(broker)
-    engines = _pick_engines(args.engine)
     if out.exists() and not args.keep_out:
         # Only what a previous run wrote: --out may be a folder with other files.
         for name in (
@@ -256,7 +285,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             "traces.jsonl",
             "metrics.prom",
             "summary.json",
+            "results.jsonl",
+            "metrics-candidate.prom",
             "worker.log",
+            "candidate-worker.log",
+            "metrics-candidate",
             "api.log",
         ):
             target = out / name
@@ -283,24 +316,45 @@ def cmd_run(args: argparse.Namespace) -> int:
     from . import _workload
 
     where = "embedded broker (kombu filesystem transport, no server)" if embedded else redacted_url(broker)
-    print(f"cadscope run: {args.jobs} jobs on {', '.join(engines)} via {where}; output in {out}", file=sys.stderr)
+    on = ", ".join(engines) if args.baseline is None else f"{args.baseline}, shadowed on {args.candidate}"
+    print(f"cadscope run: {args.jobs} jobs on {on} via {where}; output in {out}", file=sys.stderr)
 
     token = uuid.uuid4().hex
     api_port = args.api_port or _free_port()
     api_url = f"http://127.0.0.1:{api_port}"
     api_env = {k: v for k, v in env.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     api_env.update({"CADSCOPE_API_TOKEN": token, "CADSCOPE_QUEUE": queue})
-    log = out / "worker.log"
+    workers_env = [(queue, env, out / "worker.log", ready)]
+    if args.baseline is not None:
+        # Two pools, a worker pinned to each: the baseline's takes the jobs, the API sends
+        # every job's shadow to the candidate's queue.
+        shadow_queue = f"{queue}-candidate"
+        candidate_ready = out / f".ready-{run_id}-candidate"
+        candidate_env = {**env, "CADSCOPE_ENGINE": args.candidate, "CADSCOPE_READY_FILE": str(candidate_ready),
+                         "PROMETHEUS_MULTIPROC_DIR": str(out / "metrics-candidate"),
+                         "CADSCOPE_METRICS_PORT": str(_free_port())}  # fmt: skip
+        env["CADSCOPE_ENGINE"] = args.baseline
+        api_env.update({"CADSCOPE_SHADOW_FRACTION": "1", "CADSCOPE_SHADOW_QUEUE": shadow_queue,
+                        "CADSCOPE_SHADOW_ENGINE": args.candidate})  # fmt: skip
+        workers_env.append((shadow_queue, candidate_env, out / "candidate-worker.log", candidate_ready))
     # SIGTERM (a service manager, `kill`) stops the run as Ctrl-C does: the API and the
     # worker are stopped and the summary is written, rather than leaving both running.
     previous_term = signal.signal(signal.SIGTERM, _raise_stop)
     # The children run in the output folder, not the user's: Celery puts its working
     # folder on sys.path, where a folder named ``cadscope`` (a clone, seen from its
     # parent folder) would shadow the installed package.
-    worker = subprocess.Popen(  # noqa: S603
-        worker_command(queue, args.concurrency), stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
-        stdin=subprocess.DEVNULL, cwd=out,
-    )  # fmt: skip
+    pool_workers = [
+        subprocess.Popen(  # noqa: S603
+            worker_command(name, args.concurrency),
+            stdout=path.open("wb"),
+            stderr=subprocess.STDOUT,
+            env=environ,
+            stdin=subprocess.DEVNULL,
+            cwd=out,
+        )  # fmt: skip
+        for name, environ, path, _ready in workers_env
+    ]
+    worker = pool_workers[0]
     api = subprocess.Popen(  # noqa: S603
         [sys.executable, "-P", "-m", "cadscope.workers.cli", "api", "--port", str(api_port)],
         stdout=(out / "api.log").open("wb"), stderr=subprocess.STDOUT, env=api_env, stdin=subprocess.DEVNULL,
@@ -308,17 +362,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     results: dict[str, dict[str, Any]] = {}
     expected_failures: dict[str, bool] = {}
-    specs = _workload.workload(args.jobs, engines)
+    specs = _workload.workload(args.jobs, engines, None if args.baseline is None else baseline[1])
     pending: dict[str, dict[str, Any]] = {}
+    names: dict[str, str] = {}  # job id -> workload job name
     interrupted = ""
     try:
-        _wait_for(ready, worker, 90, log)
+        for proc, (_name, _environ, path, ready_path) in zip(pool_workers, workers_env, strict=True):
+            _wait_for(ready_path, proc, 90, path)
         _wait_http(f"{api_url}/health/live", api, 60, out / "api.log")
         client = _Api(api_url, token)
         for spec in specs:
             job_id = client.submit(spec)
             pending[job_id] = spec
+            names[job_id] = spec["name"]
             expected_failures[job_id] = bool(spec.get("expect_failure"))
+            if args.baseline is not None:
+                shadow_id = f"{job_id[:56]}-shadow"
+                pending[shadow_id] = spec
+                names[shadow_id] = spec["name"]
+                expected_failures[shadow_id] = bool(spec.get("expect_failure"))
         outcomes: Counter[str] = Counter()
         stages_done: dict[str, set[str]] = {}  # per job: the stages it has finished
         shown = ""
@@ -332,7 +394,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     outcomes[body.get("outcome") or "unknown"] += 1
                     del pending[job_id]
             line = _progress_line(
-                len(results), len(specs), outcomes, Counter(s for v in stages_done.values() for s in v)
+                len(results), len(names), outcomes, Counter(s for v in stages_done.values() for s in v)
             )
             if line != shown:
                 sys.stderr.write("\r" + line)
@@ -342,6 +404,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         sys.stderr.write("\n")
         metrics_text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).read()  # noqa: S310
         (out / "metrics.prom").write_bytes(metrics_text)
+        if len(workers_env) > 1:  # the candidate pool's worker: its own exposition
+            port = workers_env[1][1]["CADSCOPE_METRICS_PORT"]
+            candidate_text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read()  # noqa: S310
+            (out / "metrics-candidate.prom").write_bytes(candidate_text)
         if args.keep_serving:
             print(
                 f"serving: API {api_url} (Authorization: Bearer {token}), API metrics {api_url}/metrics, "
@@ -359,7 +425,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         # A second signal while stopping must not cut the stop short.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        for proc in (api, worker):  # the API first: nothing new reaches the worker
+        for proc in (api, *pool_workers):  # the API first: nothing new reaches the workers
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)  # warm shutdown: children flush their spans
                 try:
@@ -375,6 +441,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             results[job_id] = {"job_id": job_id, "status": "failed", "outcome": outcome, "error_message": message}
     summary = _summarise(results, expected_failures, out / "traces.jsonl", specs)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _write_results(out / "results.jsonl", results, names)
     _print_summary(summary, sys.stdout)
     unexpected = summary["jobs"]["unexpected_failures"]
     if unexpected:
@@ -382,6 +449,46 @@ def cmd_run(args: argparse.Namespace) -> int:
     if interrupted and pending:
         return 130 if interrupted == "SIGINT" else 143
     return 1 if unexpected else 0
+
+
+def _write_results(path: Path, results: dict[str, dict[str, Any]], names: dict[str, str]) -> None:
+    """``results.jsonl``: a line per job, primary and shadow, with its engine and its manifest."""
+    with path.open("w") as lines:
+        for job_id, result in results.items():
+            engine = result.get("engine") or {}
+            record = {
+                "job_id": job_id,
+                "name": names.get(job_id),
+                "engine": engine.get("engine"),
+                "freecad_version": engine.get("freecad_version"),
+                "occt_version": engine.get("occt_version"),
+                "role": result.get("role") or ("shadow" if job_id.endswith("-shadow") else "primary"),
+                "outcome": result.get("outcome"),
+                "manifest": result.get("manifest"),
+            }
+            lines.write(json.dumps(record) + "\n")
+
+
+def _engine_labels(results: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """A column name per job: the engine's, or with its OCCT version (``ocp@7.9.3``) where two
+    versions of one engine ran, and ``/shadow`` where one pool ran both roles."""
+
+    def parts(result: dict[str, Any]) -> tuple[str, str, str]:
+        engine = result.get("engine") or {}
+        role = result.get("role") or "primary"
+        return str(engine.get("engine", "unknown")), str(engine.get("occt_version", "?")), str(role)
+
+    combos = {parts(r) for r in results.values()}
+    by_name = {name for name, _, _ in combos}
+    pools = {(name, version) for name, version, _ in combos}
+    labels = {}
+    for job_id, result in results.items():
+        name, version, role = parts(result)
+        label = name if len(by_name) == len(pools) else f"{name}@{version}"
+        if len(pools) < len(combos) and role == "shadow":
+            label += "/shadow"
+        labels[job_id] = label
+    return labels
 
 
 def _summarise(
@@ -393,9 +500,10 @@ def _summarise(
     stage_times: dict[tuple[str, str], list[float]] = defaultdict(list)
     engine_of: dict[str, tuple[str, str, str]] = {}
     succeeded = failed = expected_failures = unexpected = unexpected_successes = 0
+    labels = _engine_labels(results)
     for job_id, result in results.items():
         engine = result.get("engine") or {}
-        key = (engine.get("engine", "unknown"), engine.get("freecad_version", "?"), engine.get("occt_version", "?"))
+        key = (labels[job_id], engine.get("freecad_version", "?"), engine.get("occt_version", "?"))
         engine_of[job_id] = key
         row = by_engine.setdefault(
             key,
@@ -600,6 +708,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--api-port", type=_port, default=0, help="API port (default: a free one)")
     run.add_argument("--keep-serving", action="store_true", help="leave the worker and /metrics up afterwards")
     run.add_argument("--keep-out", action="store_true", help="do not clear a previous run's output first")
+    run.add_argument(
+        "--baseline",
+        metavar="ENGINE[@OCCT_VERSION]",
+        help="run the workload on this engine as primary (with --candidate; e.g. ocp@8.0.1)",
+    )
+    run.add_argument("--candidate", metavar="ENGINE[@OCCT_VERSION]",
+                     help="and every job again on this engine as a shadow run, into the same --out")  # fmt: skip
     sub.add_parser("worker", help="start a prefork Celery worker (other options go to celery worker)")
     api = sub.add_parser("api", help="serve the HTTP API (uvicorn); token from CADSCOPE_API_TOKEN[_FILE]")
     api.add_argument("--host", default="127.0.0.1")

@@ -29,7 +29,7 @@ import re
 
 from cadscope_probe import peak_rss_bytes, reset_peak_rss
 
-__all__ = ["JobError", "run_job"]
+__all__ = ["DEFAULT_OPTIONS", "JobError", "effective_options", "mesh_facets", "run_job"]
 
 PRIMITIVES = ("box", "cylinder", "sphere", "cone", "torus", "extrusion")
 EXPORT_EXT = {"step": "step", "stl": "stl", "brep": "brep", "iges": "iges", "obj": "obj"}
@@ -45,6 +45,53 @@ _STAMPS = (
 
 class JobError(Exception):
     """The job cannot be carried out as specified (a user error, not a crash)."""
+
+
+# -- work options: what changes the work, the same on every engine --------------
+# The defaults are the job schema's (``JobOptions``): a job the worker validated
+# carries all of them; a bare child run (``cadscope exec``, a test) gets these.
+DEFAULT_OPTIONS = {
+    "linear_deflection": 0.1,
+    "angular_deflection": 0.5,
+    "relative": False,
+    "stl_format": "binary",
+    "step_schema": "AP214",
+    "step_units": "mm",
+    "iges_mode": "faces",
+    "iges_units": "mm",
+    "fuzzy_value": 0.0,
+    "parallel": True,
+}
+# OCCT's names (``write.step.schema``, ``write.step.unit``, ``write.iges.unit``) for the schema's.
+STEP_SCHEMAS = {"AP203": "AP203", "AP214": "AP214IS", "AP242": "AP242DIS"}
+STEP_UNITS = {"mm": "MM", "m": "M", "in": "INCH"}
+IGES_UNITS = {"mm": "MM", "m": "M", "in": "IN"}
+
+
+def effective_options(options):
+    """The job's options over the defaults: what the engine applies and the manifest records."""
+    merged = dict(DEFAULT_OPTIONS)
+    merged.update({k: v for k, v in (options or {}).items() if k in DEFAULT_OPTIONS})
+    return merged
+
+
+def mesh_facets(path, fmt):
+    """Facets (triangles) in a written STL (binary or ASCII) or OBJ file, read from the file itself."""
+    if fmt == "stl":
+        size = os.path.getsize(path)
+        with open(path, "rb") as handle:
+            head = handle.read(84)
+            if len(head) == 84:
+                count = int.from_bytes(head[80:84], "little")
+                if size == 84 + 50 * count:
+                    return count
+            handle.seek(0)
+            return sum(1 for line in handle if line.lstrip().startswith(b"facet "))
+    if fmt == "obj":
+        with open(path, "rb") as handle:
+            # A polygon of n corners is n - 2 triangles.
+            return sum(len(line.split()) - 3 for line in handle if line.startswith(b"f "))
+    return None
 
 
 # -- placements: 3x4 row-major matrices, pure Python -------------------------
@@ -349,6 +396,7 @@ def _export(backend, probe, job, out_dir, targets):
             size = os.path.getsize(path)
             span["cad.export.size_bytes"] = size
             _memory(span, "export_" + fmt, probe)
+        facets = mesh_facets(path, fmt)  # after the export span: reading the file is not exporting
         probe.progress(kind="export", phase="exported", format=fmt, done=index + 1, total=total)
         artifacts.append(
             {
@@ -358,6 +406,7 @@ def _export(backend, probe, job, out_dir, targets):
                 "size": size,
                 "sha256": sha256_file(path),
                 "validate": export.get("validate_determinism", True),
+                "facets": facets,
             }
         )
     return artifacts
@@ -384,8 +433,22 @@ def _validate_exports(backend, probe, out_dir, targets, artifacts):
     os.rmdir(scratch)
 
 
+def measure_geometry(backend, targets, artifacts):
+    """Per part (and the assembly): mass properties, validity and topology counts; per mesh
+    artifact: its facets. What two runs of one job compare to say they built the same thing."""
+    parts = {}
+    for name, shape in targets.items():
+        measured = backend.geometry(shape)
+        measured["valid"] = bool(backend.is_valid(shape))
+        parts[name] = measured
+    meshes = {a["name"]: {"facets": a["facets"]} for a in artifacts if a.get("facets") is not None}
+    return {"parts": parts, "meshes": meshes}
+
+
 def run_job(job, backend, probe, out_dir, material_library, document=None):
     """Run ``job`` with ``backend``, emitting probe events; return the manifest."""
+    options = effective_options(job.get("options"))
+    backend.set_options(options)
     probe.hello(engine=backend.engine, **backend.versions())
     for workbench, compatible in backend.workbenches().items():
         probe.metric("workbench.compatibility", 1, workbench=workbench, compatible=compatible)
@@ -428,6 +491,13 @@ def run_job(job, backend, probe, out_dir, material_library, document=None):
     with probe.span("cad.stage validate_export", {"cad.stage": "validate_export"}):
         _validate_exports(backend, probe, out_dir, targets, artifacts)
 
+    # Outside the stages, so that measuring does not weigh on what is compared.
+    with probe.span("geometry.measure", {"cad.geometry.targets": len(targets)}):
+        geometry = measure_geometry(backend, targets, artifacts)
+    for artifact in artifacts:
+        if artifact.get("facets") is None:
+            artifact.pop("facets", None)
+
     manifest = {
         "job_id": job.get("job_id"),
         "engine": backend.engine,
@@ -435,6 +505,8 @@ def run_job(job, backend, probe, out_dir, material_library, document=None):
         "parts": part_info,
         "assembly": assembly_info,
         "artifacts": artifacts,
+        "options": options,
+        "geometry": geometry,
         "peak_rss_bytes": peak_rss_bytes(),
     }
     probe.result(manifest)

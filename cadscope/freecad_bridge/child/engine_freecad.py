@@ -5,9 +5,11 @@ document's recompute is real FreeCAD work; booleans and features are OCCT
 calls through ``Part.TopoShape`` whose results become ``Part::Feature`` objects.
 """
 
+import ctypes
 import importlib.util
 import json
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -26,6 +28,40 @@ _CLASSES = {
 }
 
 
+class _ExchangeSettings:
+    """OCCT's data exchange settings (``Interface_Static``) in this process.
+
+    FreeCAD 0.20 reads its STEP and IGES preferences once, when Part loads, and
+    has no Python call to change them: the job's schema, units and IGES mode
+    are set where FreeCAD's own ``exportStep``/``exportIges`` read them, through
+    OCCT's public C++ entry points in the library FreeCAD itself loaded.
+    """
+
+    def __init__(self):
+        path = None
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                match = re.search(r"(/\S*libTKXSBase\S*\.so[.0-9]*)", line)
+                if match:
+                    path = match.group(1)
+                    break
+        if path is None:
+            raise cadscope_job.JobError("OCCT's data exchange library is not loaded in FreeCAD")
+        library = ctypes.CDLL(path)
+        self._set_text = library._ZN16Interface_Static7SetCValEPKcS1_
+        self._set_text.argtypes, self._set_text.restype = [ctypes.c_char_p, ctypes.c_char_p], ctypes.c_bool
+        self._set_int = library._ZN16Interface_Static7SetIValEPKci
+        self._set_int.argtypes, self._set_int.restype = [ctypes.c_char_p, ctypes.c_int], ctypes.c_bool
+
+    def text(self, name, value):
+        if not self._set_text(name.encode(), value.encode()):
+            raise cadscope_job.JobError("OCCT refused %s=%s" % (name, value))
+
+    def integer(self, name, value):
+        if not self._set_int(name.encode(), int(value)):
+            raise cadscope_job.JobError("OCCT refused %s=%s" % (name, value))
+
+
 def _matrix(m):
     return FreeCAD.Matrix(*(m[0] + m[1] + m[2] + [0.0, 0.0, 0.0, 1.0]))
 
@@ -37,6 +73,20 @@ class FreeCADBackend:
     def __init__(self):
         self.doc = None
         self._objects = {}
+        self._exchange = None
+        self.options = cadscope_job.effective_options(None)
+
+    def set_options(self, options):
+        """The job's work options (``cadscope_job.effective_options``), for every later call."""
+        if not options["parallel"]:
+            # Part.Shape's multi-operand booleans always ask OCCT to run in parallel.
+            raise cadscope_job.JobError("FreeCAD runs booleans in parallel only (options.parallel=false: use OCP)")
+        self.options = options
+
+    def exchange(self):
+        if self._exchange is None:
+            self._exchange = _ExchangeSettings()
+        return self._exchange
 
     def versions(self):
         major, minor, patch = FreeCAD.Version()[:3]
@@ -125,11 +175,12 @@ class FreeCADBackend:
 
     def boolean(self, operation, shapes):
         base, tools = shapes[0], shapes[1:]
+        fuzzy = self.options["fuzzy_value"]  # 0: exact, as OCCT's default
         if operation == "union":
-            return base.fuse(tools)
+            return base.fuse(tools, fuzzy)
         if operation == "cut":
-            return base.cut(tools)
-        return base.common(tools)
+            return base.cut(tools, fuzzy)
+        return base.common(tools, fuzzy)
 
     def feature(self, kind, shape, size, edges):
         selected = [shape.Edges[i] for i in edges]
@@ -145,6 +196,27 @@ class FreeCADBackend:
             "volume": shape.Volume,
             "area": shape.Area,
             "solids": len(shape.Solids),
+            "faces": len(shape.Faces),
+            "edges": len(shape.Edges),
+            "vertices": len(shape.Vertexes),
+        }
+
+    def geometry(self, shape):
+        """The contract's geometry of one shape (validity is asked separately)."""
+        box = shape.BoundBox
+        solids = shape.Solids
+        mass = sum(s.Volume for s in solids)
+        if solids and mass > 0:
+            centre = [sum(s.Volume * getattr(s.CenterOfMass, axis) for s in solids) / mass for axis in "xyz"]
+        else:
+            centre = [0.0, 0.0, 0.0]
+        return {
+            "volume": shape.Volume,
+            "area": shape.Area,
+            "bbox": [box.XMin, box.YMin, box.ZMin, box.XMax, box.YMax, box.ZMax],
+            "center_of_mass": centre,
+            "solids": len(solids),
+            "shells": len(shape.Shells),
             "faces": len(shape.Faces),
             "edges": len(shape.Edges),
             "vertices": len(shape.Vertexes),
@@ -184,20 +256,36 @@ class FreeCADBackend:
         return Part.makeCompound(shapes)
 
     def export(self, shape, fmt, path):
+        options = self.options
         if fmt == "step":
+            exchange = self.exchange()
+            exchange.text("write.step.schema", cadscope_job.STEP_SCHEMAS[options["step_schema"]])
+            exchange.text("write.step.unit", cadscope_job.STEP_UNITS[options["step_units"]])
             shape.exportStep(path)
         elif fmt == "brep":
             shape.exportBrep(path)
         elif fmt == "iges":
+            exchange = self.exchange()
+            exchange.integer("write.iges.brep.mode", 1 if options["iges_mode"] == "brep" else 0)
+            exchange.text("write.iges.unit", cadscope_job.IGES_UNITS[options["iges_units"]])
             shape.exportIges(path)
-        elif fmt == "stl":
-            shape.exportStl(path)
-        elif fmt == "obj":
+        elif fmt in ("stl", "obj"):
+            # Not Shape.exportStl: it meshes at a tolerance of its own. MeshPart meshes as
+            # the OCP engine does (OCCT's incremental mesh at the job's deflections).
             import Mesh
             import MeshPart
 
-            mesh = MeshPart.meshFromShape(Shape=shape, LinearDeflection=0.1, AngularDeflection=0.5)
-            Mesh.Mesh(mesh).write(path)
+            mesh = MeshPart.meshFromShape(
+                Shape=shape,
+                LinearDeflection=options["linear_deflection"],
+                AngularDeflection=options["angular_deflection"],
+                Relative=bool(options["relative"]),
+            )
+            if mesh.CountFacets == 0 and shape.Faces:
+                # The mesher gives up without an exception (out of memory, among others).
+                raise cadscope_job.JobError("FreeCAD's mesher made no facet of %d faces" % len(shape.Faces))
+            kind = "OBJ" if fmt == "obj" else "AST" if options["stl_format"] == "ascii" else "STL"
+            Mesh.Mesh(mesh).write(path, kind)
         else:
             raise cadscope_job.JobError("format %r not supported by FreeCAD engine" % fmt)
 

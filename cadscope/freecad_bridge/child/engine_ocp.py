@@ -36,21 +36,31 @@ from OCP.BRepPrimAPI import (  # noqa: E402
     BRepPrimAPI_MakeTorus,
 )
 from OCP.BRepTools import BRepTools  # noqa: E402
-from OCP.collections import (  # noqa: E402
-    IndexedMap_TopoDS_Shape_TopTools_ShapeMapHasher as TopTools_IndexedMapOfShape,
-)
-from OCP.collections import (
-    List_TopoDS_Shape as TopTools_ListOfShape,
-)
 from OCP.gp import gp_Pnt, gp_Trsf, gp_Vec  # noqa: E402
 from OCP.GProp import GProp_GProps  # noqa: E402
 from OCP.IFSelect import IFSelect_ReturnStatus  # noqa: E402
-from OCP.IGESControl import IGESControl_Writer  # noqa: E402
-from OCP.STEPControl import STEPControl_AsIs, STEPControl_Reader, STEPControl_Writer  # noqa: E402
+from OCP.IGESControl import IGESControl_Controller, IGESControl_Writer  # noqa: E402
+from OCP.Interface import Interface_Static  # noqa: E402
+from OCP.STEPControl import (  # noqa: E402
+    STEPControl_AsIs,
+    STEPControl_Controller,
+    STEPControl_Reader,
+    STEPControl_Writer,
+)
 from OCP.StlAPI import StlAPI_Writer  # noqa: E402
-from OCP.TopAbs import TopAbs_EDGE, TopAbs_FACE, TopAbs_SOLID, TopAbs_VERTEX  # noqa: E402
+from OCP.TopAbs import TopAbs_EDGE, TopAbs_FACE, TopAbs_SHELL, TopAbs_SOLID, TopAbs_VERTEX  # noqa: E402
 from OCP.TopExp import TopExp  # noqa: E402
 from OCP.TopoDS import TopoDS, TopoDS_Compound, TopoDS_Shape  # noqa: E402
+
+try:  # OCP 8.0 binds OCCT's collections as templates
+    from OCP.collections import (
+        IndexedMap_TopoDS_Shape_TopTools_ShapeMapHasher as TopTools_IndexedMapOfShape,
+    )
+    from OCP.collections import (
+        List_TopoDS_Shape as TopTools_ListOfShape,
+    )
+except ImportError:  # OCP 7.x, by their OCCT names
+    from OCP.TopTools import TopTools_IndexedMapOfShape, TopTools_ListOfShape
 
 _KERNEL_RE = re.compile(r"libTKernel[^/]*\.so\.(\d+\.\d+\.\d+)")
 
@@ -92,6 +102,11 @@ class OCPBackend:
         self._objects = 0
         self._props = {}
         self._versions = {"freecad_version": "none", "occt_version": occt_version()}
+        self.options = cadscope_job.effective_options(None)
+
+    def set_options(self, options):
+        """The job's work options (``cadscope_job.effective_options``), for every later call."""
+        self.options = options
 
     def versions(self):
         return dict(self._versions)
@@ -156,6 +171,9 @@ class OCPBackend:
 
     def boolean(self, operation, shapes):
         algo = {"union": BRepAlgoAPI_Fuse, "cut": BRepAlgoAPI_Cut, "common": BRepAlgoAPI_Common}[operation]()
+        algo.SetRunParallel(bool(self.options["parallel"]))
+        if self.options["fuzzy_value"] > 0:
+            algo.SetFuzzyValue(self.options["fuzzy_value"])
         algo.SetArguments(_tools(shapes[:1]))
         algo.SetTools(_tools(shapes[1:]))
         algo.Build()
@@ -192,6 +210,28 @@ class OCPBackend:
             "volume": volume.Mass(),
             "area": area.Mass(),
             "solids": len(_indexed(shape, TopAbs_SOLID)),
+            "faces": len(_indexed(shape, TopAbs_FACE)),
+            "edges": len(_indexed(shape, TopAbs_EDGE)),
+            "vertices": len(_indexed(shape, TopAbs_VERTEX)),
+        }
+
+    def geometry(self, shape):
+        """The contract's geometry of one shape (validity is asked separately)."""
+        volume, area = GProp_GProps(), GProp_GProps()
+        BRepGProp.VolumeProperties_s(shape, volume)
+        BRepGProp.SurfaceProperties_s(shape, area)
+        box = Bnd_Box()
+        BRepBndLib.Add_s(shape, box, False)
+        box.SetGap(0.0)  # as FreeCAD's BoundBox: no tolerance margin
+        lo, hi = box.CornerMin(), box.CornerMax()
+        centre = volume.CentreOfMass()
+        return {
+            "volume": volume.Mass(),
+            "area": area.Mass(),
+            "bbox": [lo.X(), lo.Y(), lo.Z(), hi.X(), hi.Y(), hi.Z()],
+            "center_of_mass": [centre.X(), centre.Y(), centre.Z()],
+            "solids": len(_indexed(shape, TopAbs_SOLID)),
+            "shells": len(_indexed(shape, TopAbs_SHELL)),
             "faces": len(_indexed(shape, TopAbs_FACE)),
             "edges": len(_indexed(shape, TopAbs_EDGE)),
             "vertices": len(_indexed(shape, TopAbs_VERTEX)),
@@ -247,20 +287,34 @@ class OCPBackend:
         return compound
 
     def export(self, shape, fmt, path):
+        options = self.options
         if fmt == "step":
+            STEPControl_Controller.Init_s()
+            Interface_Static.SetCVal_s("write.step.schema", cadscope_job.STEP_SCHEMAS[options["step_schema"]])
+            Interface_Static.SetCVal_s("write.step.unit", cadscope_job.STEP_UNITS[options["step_units"]])
             writer = STEPControl_Writer()
             writer.Transfer(shape, STEPControl_AsIs)
             ok = writer.Write(path) == IFSelect_ReturnStatus.IFSelect_RetDone
         elif fmt == "brep":
             ok = BRepTools.Write_s(shape, path)
         elif fmt == "iges":
-            writer = IGESControl_Writer()
+            IGESControl_Controller.Init_s()
+            mode = 1 if options["iges_mode"] == "brep" else 0
+            Interface_Static.SetIVal_s("write.iges.brep.mode", mode)
+            writer = IGESControl_Writer(cadscope_job.IGES_UNITS[options["iges_units"]], mode)
             writer.AddShape(shape)
             writer.ComputeModel()
             ok = writer.Write(path)
         elif fmt == "stl":
-            BRepMesh_IncrementalMesh(shape, 0.1, False, 0.5, True)
-            ok = StlAPI_Writer().Write(shape, path)
+            # As FreeCAD's MeshPart meshes: the shape's old triangulation dropped, then one
+            # incremental mesh, not in parallel.
+            BRepTools.Clean_s(shape)
+            BRepMesh_IncrementalMesh(
+                shape, options["linear_deflection"], bool(options["relative"]), options["angular_deflection"], False
+            )
+            writer = StlAPI_Writer()
+            writer.ASCIIMode = options["stl_format"] == "ascii"
+            ok = writer.Write(shape, path)
         else:
             raise cadscope_job.JobError("format %r not supported by the OCP engine" % fmt)
         if not ok:
