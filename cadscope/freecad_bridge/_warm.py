@@ -2,7 +2,7 @@
 
 A :class:`WarmPool` (started once per worker host, by the worker's main
 process) runs ``child/cadscope_warm.py`` in each engine: FreeCAD's
-``freecadcmd`` with ``FreeCAD, Part, Import, Mesh, MeshPart`` imported, and
+``freecadcmd`` with ``FreeCAD`` and ``Part`` imported, and
 OCP's Python with the OCP modules ``engine_ocp.py`` imports. Each listens on a
 Unix socket in the pool's directory (``$CADSCOPE_WARM_DIR``, which the pool
 exports so that the processes it forks find it). The runner
@@ -44,8 +44,12 @@ __all__ = ["WARM_DIR_ENV", "WarmPool", "WarmStart", "request_warm", "warm_socket
 WARM_DIR_ENV = "CADSCOPE_WARM_DIR"
 CHILD_DIR = Path(__file__).resolve().parent / "child"
 _SERVER = CHILD_DIR / "cadscope_warm.py"
-# What each engine's fork server imports: the modules its job scripts import at their start.
-_FREECAD_PRELOAD = "FreeCAD,Part,Import,Mesh,MeshPart"
+# What each engine's fork server imports: exactly the modules its job scripts import at
+# their start, no more. Importing a module can change what later calls do: FreeCAD's
+# ``Import`` applies the user's STEP preferences to OCCT when it loads (the schema of
+# every STEP file ``Part`` writes after it), so a preloaded ``Import`` would make a
+# warm job write other files than a cold one.
+_FREECAD_PRELOAD = "FreeCAD,Part"
 # How long a runner waits for a fork server's successor (a recycle) before it starts cold.
 SUCCESSOR_WAIT_S = 5.0
 # A fork server answers at once: it only forks. Past this it is stuck, and the job starts cold.
@@ -99,8 +103,8 @@ def request_warm(
     """Ask the fork server at ``path`` to start ``argv``; the start, or why it could not.
 
     ``fds``: the telemetry pipe's write end, the keeper's status pipe, stdout,
-    stderr. A refusal because the server is being recycled is retried until its
-    successor answers, within ``successor_wait_s``.
+    stderr. A refusal because the server is being recycled, or a dead server's
+    socket, is retried until its successor answers, within ``successor_wait_s``.
     """
     request = json.dumps(
         {
@@ -131,8 +135,10 @@ def _try_once(path: str, request: bytes, fds: Sequence[int]) -> WarmStart | str:
         sock.settimeout(_REPLY_S)
         try:
             sock.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError):
-            return "unavailable"
+        except FileNotFoundError:
+            return "no_server"  # never started here, or its engine cannot run warm: no wait
+        except ConnectionRefusedError:
+            return "unavailable"  # the fork server died: its successor is on its way
         socket.send_fds(sock, [request], [*fds, own])
         data, got, _flags, _addr = socket.recv_fds(sock, _MAX_REPLY, 1)
     except OSError:
@@ -202,7 +208,9 @@ class WarmPool:
 
     ``engines``: name -> (executable, versions dict with ``freecad_version`` and
     ``occt_version``). ``metrics``: a :class:`~cadscope.metrics.Catalogue` for
-    recycles and the fork servers' RSS (none: not counted).
+    recycles and the fork servers' RSS (none: not counted). The fork servers
+    start with the environment a cold engine gets (the allowlist, FreeCAD's
+    private HOME), updated with ``env``.
     """
 
     def __init__(
@@ -300,9 +308,13 @@ class WarmPool:
     def _launch(self, name: str) -> _Server | None:
         executable, versions = self.engines[name]
         control_r, control_w = os.pipe()
+        # The environment a cold engine starts with: what an engine reads at its start
+        # (the locale, FreeCAD's user settings under HOME) must be the same.
+        from ._engines import _engine_home
+        from ._runner import build_env
+
         env = {
-            "PATH": os.environ.get("PATH", os.defpath),
-            "HOME": self.env.get("HOME", os.environ.get("HOME", "/")),
+            **build_env(extra={"HOME": _engine_home()}),
             **self.env,
             "CADSCOPE_WARM_SOCKET": self.socket_path(name),
             "CADSCOPE_WARM_EXE": executable,

@@ -286,6 +286,7 @@ class Server:
                 stream.flush()  # nothing of this process's output may be written twice
             except Exception:  # noqa: BLE001
                 pass
+        _contain._LIBC.fflush(None)  # nor of the engine's (C stdio, and C++ streams synced with it)
         started = time.monotonic()
         try:
             pid = os.fork()
