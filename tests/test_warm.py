@@ -448,3 +448,44 @@ def test_no_fork_server_outlives_its_pool(engines):
     assert all(pid is not None and not _alive(pid) for pid in pids)
     assert not os.path.exists(directory)
     assert os.environ.get(WARM_DIR_ENV) != directory
+
+
+# -- the worker ----------------------------------------------------------------------------------
+
+
+def _fork_servers_of(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid and b"cadscope_warm.py" in cmdline and _alive(int(entry)):
+                found.append(int(entry))
+    return found
+
+
+def test_the_worker_runs_jobs_warm_and_stops_its_fork_servers(producer, start_worker, otlp_receiver, engines):
+    from .test_pipeline import SMALL, _submit, _worker_env
+
+    worker = start_worker(env=_worker_env(otlp_receiver), concurrency=2)
+    servers = _fork_servers_of(worker.proc.pid)
+    assert len(servers) == 2, servers  # FreeCAD's and OCP's, children of the worker's main process
+    submitted = {name: _submit(producer, {**SMALL, "engine": name}, worker.queue) for name in ("freecad", "ocp")}
+    for name, (_job_id, trace_id, handle) in submitted.items():
+        assert handle.get(timeout=180)["status"] == "succeeded"
+
+        def subprocess_span(spans, trace_id=trace_id, name=name):
+            return [s for s in spans if s["trace_id"] == trace_id and s["name"] == f"cad.subprocess {name}"]
+
+        (span,) = subprocess_span(otlp_receiver.wait_for(subprocess_span, timeout=60))
+        assert span["attributes"]["cad.start"] == "warm"
+        assert span["attributes"]["cad.warm.server_pid"] in servers
+    text = worker.scrape()
+    for name in ("freecad", "ocp"):
+        assert re.search(rf'^cadscope_warm_hits_total{{engine="{name}",[^}}]*}} 1\.0$', text, re.M), name
+        assert re.search(rf'^cadscope_warm_process_rss_bytes{{engine="{name}",[^}}]*}} [1-9]', text, re.M), name
+    assert worker.stop() == 0
+    assert not [pid for pid in servers if _alive(pid)]
