@@ -10,6 +10,11 @@ Usage::
                      # | resource_limit | disk_full
     result.artifacts # [{"name", "format", "size", "sha256", "deterministic"}]
 
+Warm engines: a :class:`WarmPool` keeps a fork server per engine (FreeCAD's
+and OCP's modules imported, nothing else), and :func:`run_cad_job` forks each
+job from it unless ``CADSCOPE_WARM=0`` or the job says ``cold_start``; see
+``docs/warm.md``.
+
 :func:`run` runs *any* argv the same way (allowlisted environment, trace
 context in ``TRACEPARENT``, own process group, limits, telemetry pipe), under
 a keeper process that kills whatever the job left when it ends. The child
@@ -48,6 +53,7 @@ from ._runner import (
     run,
 )
 from ._schema import JobOptions, JobSpec, load_material_library, material_library_path
+from ._warm import WarmPool
 
 __all__ = [
     "DEFAULT_ENV_ALLOWLIST",
@@ -61,6 +67,7 @@ __all__ = [
     "JobSpec",
     "RunLimits",
     "RunResult",
+    "WarmPool",
     "auto_instrumentation_env",
     "build_env",
     "child_path",

@@ -37,28 +37,23 @@ exit; whether the sweep finished (every process of the job reaped).
 
 from __future__ import annotations
 
-# The C modules under ``signal`` and ``ctypes``: their Python wrappers (enum,
-# struct) would double what the keeper adds to a job's start.
-import _signal as signal
+import ctypes
 import os
 import resource
 import select
+import signal
 import sys
 import time
 
-try:
-    import _ctypes
+TYPE_CHECKING = False  # typing's own costs the keeper's start an import
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
-    _PRCTL = _ctypes.dlsym(_ctypes.dlopen(None), "prctl")  # type: ignore[arg-type]  # None: the process itself
+_LIBC = ctypes.CDLL(None, use_errno=True)  # None: the process itself (libc is mapped)
 
-    def prctl(option: int, value: int) -> int:
-        return int(_ctypes.call_function(_PRCTL, (option, value, 0, 0, 0)))
 
-except (ImportError, AttributeError):  # an interpreter without these: the public wrapper
-    import ctypes
-
-    def prctl(option: int, value: int) -> int:
-        return int(ctypes.CDLL(None).prctl(option, value, 0, 0, 0))
+def prctl(option: int, value: int) -> int:
+    return int(_LIBC.prctl(option, value, 0, 0, 0))
 
 
 PR_SET_PDEATHSIG = 1
@@ -149,10 +144,22 @@ def _vm_peak(pid: int) -> int:
     return 0
 
 
+class JobReady(BaseException):  # noqa: N818 - not an error: the way out of the keeper's code
+    """Raised in a warm job's process once it is set up: its caller runs the job's code.
+
+    A ``BaseException``, so no ``except Exception`` between the keeper and the
+    fork server's top level can stop it."""
+
+
 class Keeper:
-    def __init__(self, options: Options, keep_fds: tuple[int, ...] = ()) -> None:
+    """Starts the engine (``launch``: exec) and keeps it. ``parent_fd``: a pidfd
+    of the process the job belongs to, when that process is not the keeper's
+    parent (a keeper forked by a warm fork server)."""
+
+    def __init__(self, options: Options, keep_fds: tuple[int, ...] = (), parent_fd: int | None = None) -> None:
         self.options = options
         self.keep_fds = keep_fds
+        self.parent_fd = parent_fd
         self.pid = os.getpid()
         self.engine = 0
         self.status: int | None = None
@@ -179,19 +186,18 @@ class Keeper:
             if uid != 0:
                 total = _user_tasks(uid) + self.options.processes
                 self.options.limits[resource.RLIMIT_NPROC] = total
-        with open("/proc/self/environ", "rb") as handle:
-            environ = handle.read().split(b"\0")
-        env = dict(item.split(b"=", 1) for item in environ if b"=" in item)
+        env = self.environment()
         ready_r, ready_w = os.pipe()  # close-on-exec: EOF means the exec happened
         engine = os.fork()
         if engine == 0:
             os.close(ready_r)
-            self._exec(env, ready_w)  # never returns
+            self._exec(env, ready_w)  # returns only by JobReady, in a warm job's process
+            os._exit(127)
         os.close(ready_w)
         self.engine = engine
         # The engine has its inherited fds (the telemetry pipe); the keeper keeps
         # none of them, so a pipe's end is where its data ends once the job is reaped.
-        _close_all_but({0, 1, 2, ready_r, self.options.status_fd, *self.keep_fds})
+        _close_all_but({0, 1, 2, ready_r, self.options.status_fd, *self.keep_fds, *self.kept_fds()})
         failure = os.read(ready_r, 16)
         os.close(ready_r)
         if failure:
@@ -200,6 +206,21 @@ class Keeper:
             return False
         self.report(f"started pid={engine}")
         return True
+
+    def environment(self) -> dict[bytes, bytes]:
+        """The engine's environment: the keeper's own, as the runner gave it."""
+        with open("/proc/self/environ", "rb") as handle:
+            environ = handle.read().split(b"\0")
+        return dict(item.split(b"=", 1) for item in environ if b"=" in item)
+
+    def kept_fds(self) -> tuple[int, ...]:
+        """Fds the keeper keeps open once the engine runs, beyond its own."""
+        return (self.parent_fd,) if self.parent_fd is not None else ()
+
+    def launch(self, env: dict[bytes, bytes], ready_w: int) -> None:
+        """In the engine's process, set up: become the engine (exec; ``ready_w``
+        is close-on-exec, so its end tells the keeper the exec happened)."""
+        os.execve(self.options.argv[0], self.options.argv, env)
 
     def _exec(self, env: dict[bytes, bytes], ready_w: int) -> None:
         """In the forked child: its own group, death with the keeper, limits, exec."""
@@ -215,7 +236,9 @@ class Keeper:
                 # RLIMIT_CPU: the soft limit sends SIGXCPU, the hard one a second later SIGKILL.
                 hard = value + 1 if which == resource.RLIMIT_CPU else value
                 resource.setrlimit(which, (value, hard))
-            os.execve(self.options.argv[0], self.options.argv, env)
+            self.launch(env, ready_w)
+        except JobReady:
+            raise
         except OSError as exc:
             os.write(ready_w, str(exc.errno or 0).encode())
         except BaseException:
@@ -230,11 +253,15 @@ class Keeper:
         poller = select.poll()
         poller.register(wakeup, select.POLLIN)
         poller.register(engine_fd, select.POLLIN)
-        try:
-            parent_fd = os.pidfd_open(self.options.parent)
-        except OSError:
-            parent_fd = -1
-        if parent_fd < 0 or os.getppid() != self.options.parent:
+        if self.parent_fd is not None:
+            parent_fd, parent_ok = self.parent_fd, True
+        else:
+            try:
+                parent_fd = os.pidfd_open(self.options.parent)
+            except OSError:
+                parent_fd = -1
+            parent_ok = parent_fd >= 0 and os.getppid() == self.options.parent
+        if not parent_ok:
             self.kill_all()  # the runner died before the keeper could watch it
             return
         poller.register(parent_fd, select.POLLIN)
@@ -332,12 +359,19 @@ class Keeper:
 def main(argv: list[str]) -> None:
     options = Options(argv)
     os.set_inheritable(options.status_fd, False)
+    keep(lambda keep_fds: Keeper(options, keep_fds=keep_fds))
+
+
+def keep(make: Callable[[tuple[int, ...]], Keeper]) -> None:
+    """Start a keeper (``make(its own fds)``), keep its job to the end, exit as the engine did.
+
+    Never returns in the keeper; in a warm job's process, raises ``JobReady``."""
     wakeup_r, wakeup_w = os.pipe()
     os.set_blocking(wakeup_w, False)
     signal.set_wakeup_fd(wakeup_w)
     for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGCHLD):
         signal.signal(signum, lambda *_: None)  # the wakeup fd carries them to the loop
-    keeper = Keeper(options, keep_fds=(wakeup_r, wakeup_w))
+    keeper = make((wakeup_r, wakeup_w))
     if not keeper.start():
         os._exit(127)
     try:

@@ -40,6 +40,7 @@ from opentelemetry import trace
 from ..metrics import ModelObservability, bound, default_observability
 from ._runner import RunLimits, RunResult, build_env, run
 from ._schema import ENGINE_FORMATS, JobOptions, JobSpec, material_library_path
+from ._warm import warm_socket_path
 
 __all__ = [
     "CadResult",
@@ -420,6 +421,17 @@ def _missing_outputs(job: JobSpec, artifacts: list[dict[str, Any]]) -> str | Non
     return f"the script did not write {', '.join(missing)}" if missing else None
 
 
+def warm_choice(engine: EngineInfo, job: JobSpec) -> tuple[str | None, str | None]:
+    """The warm engine's socket for this job, or None and why it starts cold:
+    ``disabled`` (``CADSCOPE_WARM=0``), ``job_option`` (``cold_start``), ``no_server``."""
+    if os.environ.get("CADSCOPE_WARM", "1") == "0":
+        return None, "disabled"
+    if job.cold_start:
+        return None, "job_option"
+    path = warm_socket_path(engine.name, engine.argv[0])
+    return (path, None) if path is not None else (None, "no_server")
+
+
 def run_cad_job(
     job: JobSpec,
     out_dir: str | os.PathLike[str],
@@ -467,6 +479,19 @@ def run_cad_job(
         limits = dataclasses.replace(limits, read_batch_s=min(limits.read_batch_s, USER_CODE_READ_BATCH_S))
     telemetry = ChildTelemetry(obs, job.flow_type, on_progress)
     m = obs.metrics
+    warm, cold_reason = warm_choice(engine, job)
+    attributes = {
+        "cad.engine": engine.name,
+        "cad.freecad_version": engine.freecad_version,
+        "cad.occt_version": engine.occt_version,
+        "cad.job_id": job_id,
+        "cad.role": obs.current_role(),
+        **job.options.as_attributes(),
+    }
+    if cold_reason is not None:
+        attributes["cad.start.reason"] = cold_reason
+    # freecadcmd runs a script as a module named after its file; python as __main__.
+    run_name = Path(argv[1]).stem if engine.name == "freecad" else "__main__"
     with obs.engine_versions(engine.freecad_version, engine.occt_version):
         v = obs.versions()
         try:
@@ -482,15 +507,10 @@ def run_cad_job(
                 stderr_path=str(work / "stderr.log"),
                 tracer_provider=tracer_provider,
                 span_name=f"cad.subprocess {engine.name}",
-                attributes={
-                    "cad.engine": engine.name,
-                    "cad.freecad_version": engine.freecad_version,
-                    "cad.occt_version": engine.occt_version,
-                    "cad.job_id": job_id,
-                    "cad.role": obs.current_role(),
-                    **job.options.as_attributes(),
-                },
+                attributes=attributes,
                 observer=telemetry,
+                warm=warm,
+                run_name=run_name,
                 on_drop=lambda reason: m.telemetry_rejected.labels(bound("rejected_reason", reason)).inc(),
             )
         except OSError as exc:
@@ -498,6 +518,13 @@ def run_cad_job(
                 raise
             result = _not_started(f"{_disk_full_message(out)}: {exc.strerror}", errno.errorcode[exc.errno])
         outcome, error_type, message = result.outcome, result.error_type, result.error_message
+        if result.start == "warm":
+            m.warm_hits.labels(engine.name, *v.values()).inc()
+            if result.warm.get("server_rss_bytes"):
+                m.warm_process_rss.labels(engine.name, *v.values()).set(result.warm["server_rss_bytes"])
+        else:
+            reason = result.cold_reason or cold_reason or "other"
+            m.cold_starts.labels(engine.name, bound("cold_start_reason", reason), *v.values()).inc()
         artifacts: list[dict[str, Any]] = []
         if result.ok and result.manifest is not None:
             artifacts, problem = _verify_artifacts(result.manifest, out)

@@ -51,6 +51,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from ..tracing import inject_into_env, journal_note, pinnable_tracer
 from ._replay import EventObserver, Replayer
+from ._warm import WarmStart, read_exit, request_warm
 
 __all__ = [
     "DEFAULT_ENV_ALLOWLIST",
@@ -178,6 +179,10 @@ class RunResult:
     events: int = 0  # telemetry lines the child wrote, dropped ones included
     peak_vm_bytes: int = 0  # the engine's peak address space, sampled (VmPeak)
     leftovers: int = 0  # processes of the job still alive at the engine's exit, then killed
+    start: str = "cold"  # warm: forked by a warm engine; cold: a fresh engine process
+    cold_reason: str | None = None  # why a job asked to start warm started cold
+    start_s: float = 0.0  # from the request to the job's code about to run
+    warm: dict[str, Any] = field(default_factory=dict)  # the fork server: pid, forks, rss, fork_s
 
     @property
     def ok(self) -> bool:
@@ -233,10 +238,12 @@ class _Keeper:
 
     def __init__(self, proc: subprocess.Popen[bytes], status_fd: int) -> None:
         self.proc = proc
+        self.pid = proc.pid
         self.pidfd = os.pidfd_open(proc.pid)
         self.status_fd = status_fd
         os.set_blocking(status_fd, False)
         self.engine_pid: int | None = None
+        self.started_at: float | None = None  # when the engine was running
         self.report: dict[str, str] = {}
         self.exec_errno: int | None = None
         self._buffer = b""
@@ -256,6 +263,7 @@ class _Keeper:
                 fields = dict(item.partition("=")[::2] for item in rest.split())
                 if kind == "started":
                     self.engine_pid = int(fields["pid"])
+                    self.started_at = time.monotonic()
                 elif kind == "failed":
                     self.exec_errno = int(fields.get("errno", "0"))
                 elif kind == "ended":
@@ -295,6 +303,48 @@ class _Keeper:
     def close(self) -> None:
         os.close(self.pidfd)
         os.close(self.status_fd)
+
+
+class _NoUsage:
+    """The resource usage of a keeper that is not this process's child: unknown."""
+
+    ru_maxrss = 0
+    ru_utime = 0.0
+    ru_stime = 0.0
+
+
+class _WarmKeeper(_Keeper):
+    """A keeper a warm engine forked: watched through the pidfd it sent, signalled through
+    it, its wait status from the fork server that reaped it."""
+
+    def __init__(self, start: WarmStart, status_fd: int) -> None:
+        self.start = start
+        self.pid = start.keeper_pid
+        self.pidfd = start.pidfd
+        self.status_fd = status_fd
+        os.set_blocking(status_fd, False)
+        self.engine_pid = None
+        self.started_at = None
+        self.report = {}
+        self.exec_errno = None
+        self._buffer = b""
+
+    def _signal(self, sig: int) -> None:
+        try:
+            signal.pidfd_send_signal(self.pidfd, sig)
+        except ProcessLookupError:
+            pass
+
+    def reap(self) -> tuple[int, Any]:
+        status = read_exit(self.start)
+        self.read_status()
+        if status is None:  # the fork server is gone: the keeper's report, or a death by SIGKILL
+            status = int(self.report["status"]) if self.report else signal.SIGKILL
+        return status, _NoUsage()
+
+    def close(self) -> None:
+        super().close()
+        self.start.sock.close()
 
 
 @dataclass(frozen=True)
@@ -385,8 +435,15 @@ def run(
     on_drop: Callable[[str], None] | None = None,
     require_manifest: bool = True,
     record_argv: bool = False,
+    warm: str | None = None,
+    run_name: str = "__main__",
 ) -> RunResult:
     """Run ``argv`` contained and traced; never raises for the child's failures.
+
+    ``warm``: the socket of a warm engine (a fork server of ``argv[0]``) to fork
+    the job from instead of starting ``argv[0]``; ``argv[1]`` is then the script
+    it runs (as module ``run_name``). Should the warm engine be unavailable or
+    refuse, the job starts cold (``RunResult.cold_reason`` says why).
 
     ``env`` is added to the allowlisted environment (``env_allowlist`` keys of
     ``os.environ``); the trace context and the telemetry fd are added last.
@@ -414,6 +471,8 @@ def run(
                 observer,
                 on_drop,
                 require_manifest,
+                warm,
+                run_name,
             )
         except BaseException as exc:
             span.record_exception(exc)
@@ -426,6 +485,12 @@ def run(
         if result.signal is not None:
             span.set_attribute("process.exit.signal", result.signal)
         span.set_attribute("cad.subprocess.outcome", result.outcome)
+        span.set_attribute("cad.start", result.start)
+        span.set_attribute("cad.subprocess.start_s", round(result.start_s, 6))
+        if result.cold_reason is not None:
+            span.set_attribute("cad.start.reason", result.cold_reason)
+        for key, value in result.warm.items():
+            span.set_attribute(f"cad.warm.{key}", value)
         span.set_attribute("cad.subprocess.peak_rss_bytes", result.peak_rss_bytes)
         span.set_attribute("cad.subprocess.cpu_seconds", round(result.cpu_s, 6))
         for key in ("engine", "freecad_version", "occt_version"):
@@ -458,6 +523,8 @@ def _run_in_span(
     observer: EventObserver | None,
     on_drop: Callable[[str], None] | None,
     require_manifest: bool,
+    warm: str | None,
+    run_name: str,
 ) -> RunResult:
     child_env = build_env(env_allowlist, env)
     inject_into_env(child_env, trace.set_span_in_context(span, otel_context.get_current()))
@@ -472,23 +539,32 @@ def _run_in_span(
     child_env[TELEMETRY_FD_ENV] = str(write_fd)
     replayer = Replayer(tracer, span, observer, max_spans=limits.max_spans, on_drop=on_drop)
     started = time.monotonic()
+    warm_start: WarmStart | str | None = None
     try:
         command = _keeper_argv(argv, limits, status_w, child_env)
         with open(stdout_path or os.devnull, "wb") as stdout:
             # Without a path, stderr still goes to a file, unnamed, for the tail
             # the outcome is classified by (a MemoryError's traceback, say).
             stderr: IO[bytes] = open(stderr_path, "w+b") if stderr_path else tempfile.TemporaryFile()  # noqa: SIM115
-            try:
-                proc = subprocess.Popen(  # noqa: S603 - argv is the caller's, never a shell
-                    command,
-                    stdin=subprocess.DEVNULL,
-                    stdout=stdout,
-                    stderr=stderr,
-                    env=child_env,
-                    cwd=cwd,
-                    pass_fds=(write_fd, status_w),
-                    start_new_session=True,
+            if warm is not None:
+                fds = (write_fd, status_w, stdout.fileno(), stderr.fileno())
+                warm_start = request_warm(
+                    warm, command[command.index("--") + 1 :], child_env, cwd, _warm_limits(limits), fds, run_name
                 )
+            try:
+                if isinstance(warm_start, WarmStart):
+                    proc = None
+                else:
+                    proc = subprocess.Popen(  # noqa: S603 - argv is the caller's, never a shell
+                        command,
+                        stdin=subprocess.DEVNULL,
+                        stdout=stdout,
+                        stderr=stderr,
+                        env=child_env,
+                        cwd=cwd,
+                        pass_fds=(write_fd, status_w),
+                        start_new_session=True,
+                    )
             except BaseException:
                 stderr.close()
                 raise
@@ -499,9 +575,14 @@ def _run_in_span(
     finally:
         os.close(write_fd)
         os.close(status_w)
-    keeper = _Keeper(proc, status_r)
-    span.set_attribute("process.pid", proc.pid)  # known now, whatever happens next; the engine's once it runs
-    journal_note(span, {"process.pid": proc.pid})  # so the span says which process, if this one dies
+    keeper: _Keeper
+    if isinstance(warm_start, WarmStart):
+        keeper = _WarmKeeper(warm_start, status_r)
+    else:
+        assert proc is not None
+        keeper = _Keeper(proc, status_r)
+    span.set_attribute("process.pid", keeper.pid)  # known now, whatever happens next; the engine's once it runs
+    journal_note(span, {"process.pid": keeper.pid})  # so the span says which process, if this one dies
     reader = _LineReader(replayer, limits)
     try:
         status, rusage, timed_out = _supervise(keeper, span, read_fd, reader, limits, started)
@@ -535,7 +616,7 @@ def _run_in_span(
     replayer.close_open(outcome if outcome != "ok" else "unclosed")
     return RunResult(
         outcome=outcome,
-        pid=keeper.engine_pid or proc.pid,
+        pid=keeper.engine_pid or keeper.pid,
         exit_code=os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
         signal=os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
         duration_s=duration,
@@ -550,7 +631,30 @@ def _run_in_span(
         events=reader.events,
         peak_vm_bytes=vm_peak,
         leftovers=int(report.get("leftovers", 0)),
+        start="warm" if isinstance(warm_start, WarmStart) else "cold",
+        cold_reason=warm_start if isinstance(warm_start, str) else None,
+        start_s=(keeper.started_at - started) if keeper.started_at is not None else 0.0,
+        warm=(
+            {
+                "server_pid": warm_start.server_pid,
+                "forks": warm_start.forks,
+                "server_rss_bytes": warm_start.server_rss,
+                "fork_s": round(warm_start.fork_s, 6),
+            }
+            if isinstance(warm_start, WarmStart)
+            else {}
+        ),
     )
+
+
+def _warm_limits(limits: RunLimits) -> dict[str, int | None]:
+    """The limits a warm engine's keeper sets, as the cold keeper's options name them."""
+    return {
+        "memory": limits.memory_bytes,
+        "cpu": limits.cpu_seconds,
+        "file-size": limits.max_file_bytes,
+        "processes": limits.max_processes,
+    }
 
 
 class _LineReader:

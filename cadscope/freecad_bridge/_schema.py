@@ -432,6 +432,8 @@ class JobSpec(_Model):
     # delivery only (a later one runs the job plainly): a job to kill mid-way and see redelivered.
     fault: Fault | None = None
     expect_failure: bool = False
+    # Start a fresh engine process for this job instead of forking a warm engine.
+    cold_start: bool = False
 
     @model_validator(mode="before")
     @classmethod

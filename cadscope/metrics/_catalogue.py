@@ -184,6 +184,24 @@ ALLOWED_LABEL_VALUES: dict[str, frozenset[str]] = {
     "metrics_file_action": frozenset({"left_out", "moved_aside"}),
     "accumulator_outcome": frozenset({"repaired", "previous", "lost"}),
     "fallback_reason": frozenset({"disk_full"}),
+    # Why a job started a fresh engine process instead of forking a warm one.
+    "cold_start_reason": frozenset(
+        {
+            "disabled",
+            "job_option",
+            "no_server",
+            "unavailable",
+            "max_forks",
+            "rss",
+            "engine_changed",
+            "threads",
+            "server_error",
+            "fork_failed",
+            "bad_request",
+        }
+    ),  # fmt: skip
+    # Why a warm engine was replaced.
+    "recycle_reason": frozenset({"max_forks", "rss", "engine_changed", "threads", "crash"}),
     "journal_error": frozenset({"disk_full", "io_error", "too_large"}),
     "duplicate_reason": frozenset({"finished", "running"}),
     "recovery_cause": frozenset(
@@ -505,6 +523,28 @@ class Catalogue:
             "cadscope_telemetry_spans_recovered",
             "Spans a dead process left open, ended at its death and exported by a survivor, by cause.",
             ("cause",),
+        )
+        # Warm engines
+        self.warm_hits = counter(
+            "cadscope_warm_hits", "Jobs forked from a warm engine (no engine start-up).", ("engine", *v)
+        )
+        self.cold_starts = counter(
+            "cadscope_cold_starts",
+            "Jobs that started a fresh engine process, by reason (disabled, job_option, no_server, or why the "
+            "warm engine could not serve: unavailable, max_forks, rss, engine_changed, ...).",
+            ("engine", "reason", *v),
+        )
+        self.warm_recycles = counter(
+            "cadscope_warm_recycles",
+            "Warm engines replaced, by reason: max_forks, rss, engine_changed, threads, crash.",
+            ("engine", "reason", *v),
+        )
+        self.warm_process_rss = Gauge(
+            "cadscope_warm_process_rss_bytes",
+            "Resident memory of the warm engine (fork server), as it last reported it.",
+            ("engine", *v),
+            registry=r,
+            multiprocess_mode="livemostrecent",
         )
         self.task_runtime = histogram(
             "cadscope_task_runtime_seconds",

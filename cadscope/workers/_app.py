@@ -28,7 +28,7 @@ from typing import Any
 
 from celery import Celery, signals
 
-from ..freecad_bridge import discover_engines
+from ..freecad_bridge import WarmPool, discover_engines
 from ..metrics import (
     Catalogue,
     DirectoryInUse,
@@ -176,6 +176,7 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     )
     server, _thread = serve_metrics(registry, settings.metrics_port, settings.metrics_addr)
     engines = discover_engines()
+    _start_warm_engines(engines, observability)
     node = getattr(sender, "hostname", None) or f"worker@{socket.gethostname()}"
     info = {"node": node, "pid": os.getpid(), "engines": [e.as_dict() for e in dict.fromkeys(engines.values())],
             "concurrency": getattr(sender, "concurrency", None)}  # fmt: skip
@@ -188,6 +189,41 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
             "engines": {name: info.as_dict() for name, info in engines.items()},
         },
     )
+
+
+_warm: dict[str, WarmPool] = {}
+# A fork server serves this many jobs, or grows by this much, before it is replaced.
+DEFAULT_WARM_MAX_FORKS = 1000
+DEFAULT_WARM_MAX_RSS_GROWTH_MB = 64
+
+
+def _start_warm_engines(engines: Any, observability: Any) -> None:
+    """One fork server per engine for the whole host, unless ``CADSCOPE_WARM=0``; its
+    directory reaches the pool processes through the environment they inherit."""
+    if os.environ.get("CADSCOPE_WARM", "1") == "0":
+        return
+    try:
+        max_forks = int(os.environ.get("CADSCOPE_WARM_MAX_FORKS", DEFAULT_WARM_MAX_FORKS))
+        growth = int(os.environ.get("CADSCOPE_WARM_MAX_RSS_GROWTH_MB", DEFAULT_WARM_MAX_RSS_GROWTH_MB)) << 20
+        pool = WarmPool(
+            {name: (info.argv[0], info.as_dict()) for name, info in engines.items()},
+            max_forks=max_forks,
+            max_rss_growth=growth,
+            metrics=observability.metrics,
+        )
+    except ValueError as exc:
+        print(f"cadscope worker: CADSCOPE_WARM_*: {exc}", file=sys.stderr, flush=True)
+        os._exit(78)
+    pool.start()
+    _warm["pool"] = pool
+    log.info("warm engines", extra={"servers": sorted(pool.servers), "unavailable": pool.unavailable})
+
+
+@signals.worker_shutdown.connect
+def _on_worker_shutdown(**_: Any) -> None:
+    pool = _warm.pop("pool", None)
+    if pool is not None:
+        pool.stop()
 
 
 @signals.worker_ready.connect

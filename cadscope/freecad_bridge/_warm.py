@@ -1,0 +1,504 @@
+"""Warm engines: one fork server per engine executable, so a job skips the engine's start-up.
+
+A :class:`WarmPool` (started once per worker host, by the worker's main
+process) runs ``child/cadscope_warm.py`` in each engine: FreeCAD's
+``freecadcmd`` with ``FreeCAD`` and ``Part`` imported, and
+OCP's Python with the OCP modules ``engine_ocp.py`` imports. Each listens on a
+Unix socket in the pool's directory (``$CADSCOPE_WARM_DIR``, which the pool
+exports so that the processes it forks find it). The runner
+(:func:`~cadscope.freecad_bridge.run` with ``warm=``) sends a job's argv,
+environment, working directory and limits with its fds; the fork server forks
+a keeper, the keeper forks the job's process, and everything the runner
+promises for a cold job holds (see ``docs/warm.md``).
+
+The pool replaces a fork server that asks for it (after ``max_forks`` forks,
+RSS grown past ``max_rss_growth`` bytes, the engine executable changed on
+disk, a thread in it) or that died: the successor binds a temporary path and
+renames it over the old one, so a runner connects to one or the other.
+Recycles are counted (``cadscope_warm_recycles_total``, by reason).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..metrics import bound, bound_version
+
+__all__ = ["WARM_DIR_ENV", "WarmPool", "WarmStart", "request_warm", "warm_socket_path"]
+
+WARM_DIR_ENV = "CADSCOPE_WARM_DIR"
+CHILD_DIR = Path(__file__).resolve().parent / "child"
+_SERVER = CHILD_DIR / "cadscope_warm.py"
+# What each engine's fork server imports: exactly the modules its job scripts import at
+# their start, no more. Importing a module can change what later calls do: FreeCAD's
+# ``Import`` applies the user's STEP preferences to OCCT when it loads (the schema of
+# every STEP file ``Part`` writes after it), so a preloaded ``Import`` would make a
+# warm job write other files than a cold one.
+_FREECAD_PRELOAD = "FreeCAD,Part"
+# How long a runner waits for a fork server's successor (a recycle) before it starts cold.
+SUCCESSOR_WAIT_S = 5.0
+# A fork server answers at once: it only forks. Past this it is stuck, and the job starts cold.
+_REPLY_S = 10.0
+# How long the owner waits for a fork server to import its engine.
+_START_S = 60.0
+_MAX_REPLY = 1 << 16
+
+# The owner's supervisor thread and the processes the owner forks (the worker's
+# pool) both write metrics; a fork while the thread holds prometheus_client's
+# value lock would leave the child deadlocked. The thread writes under this lock,
+# and a fork waits for it.
+_METRICS_LOCK = threading.Lock()
+os.register_at_fork(
+    before=_METRICS_LOCK.acquire, after_in_parent=_METRICS_LOCK.release, after_in_child=_METRICS_LOCK.release
+)
+
+
+def warm_socket_path(engine: str, executable: str, directory: str | None = None) -> str | None:
+    """Where the fork server of ``engine`` run by ``executable`` listens (None: no pool here)."""
+    directory = directory or os.environ.get(WARM_DIR_ENV)
+    if not directory:
+        return None
+    digest = hashlib.sha256(os.path.realpath(executable).encode()).hexdigest()[:12]
+    return os.path.join(directory, f"{engine}-{digest}.sock")
+
+
+@dataclass
+class WarmStart:
+    """A job's keeper, forked by a fork server."""
+
+    sock: socket.socket
+    keeper_pid: int
+    pidfd: int
+    fork_s: float
+    server_pid: int
+    forks: int
+    server_rss: int
+
+
+def request_warm(
+    path: str,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    cwd: str | None,
+    limits: Mapping[str, int | None],
+    fds: Sequence[int],
+    run_name: str,
+    successor_wait_s: float = SUCCESSOR_WAIT_S,
+) -> WarmStart | str:
+    """Ask the fork server at ``path`` to start ``argv``; the start, or why it could not.
+
+    ``fds``: the telemetry pipe's write end, the keeper's status pipe, stdout,
+    stderr. A refusal because the server is being recycled, or a dead server's
+    socket, is retried until its successor answers, within ``successor_wait_s``.
+    """
+    request = json.dumps(
+        {
+            "argv": list(argv),
+            "env": dict(env),
+            "cwd": cwd,
+            "limits": dict(limits),
+            "parent": os.getpid(),
+            "run_name": run_name,
+        }  # fmt: skip
+    ).encode()
+    deadline = time.monotonic() + successor_wait_s
+    while True:
+        reason = _try_once(path, request, fds)
+        if isinstance(reason, WarmStart):
+            return reason
+        if reason not in ("unavailable", "max_forks", "rss", "engine_changed", "threads") or (
+            time.monotonic() >= deadline
+        ):
+            return reason
+        time.sleep(0.05)  # a successor binds its path within its engine's import time
+
+
+def _try_once(path: str, request: bytes, fds: Sequence[int]) -> WarmStart | str:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    own = os.pidfd_open(os.getpid())
+    try:
+        sock.settimeout(_REPLY_S)
+        try:
+            sock.connect(path)
+        except FileNotFoundError:
+            return "no_server"  # never started here, or its engine cannot run warm: no wait
+        except ConnectionRefusedError:
+            return "unavailable"  # the fork server died: its successor is on its way
+        socket.send_fds(sock, [request], [*fds, own])
+        data, got, _flags, _addr = socket.recv_fds(sock, _MAX_REPLY, 1)
+    except OSError:
+        sock.close()
+        return "server_error"
+    finally:
+        os.close(own)
+    try:
+        reply = json.loads(data) if data else {"refused": "server_error"}
+    except ValueError:
+        reply = {"refused": "server_error"}
+    if "keeper" not in reply or len(got) != 1:
+        for fd in got:
+            os.close(fd)
+        sock.close()
+        return str(reply.get("refused", "server_error"))
+    return WarmStart(
+        sock=sock,
+        keeper_pid=int(reply["keeper"]),
+        pidfd=got[0],
+        fork_s=float(reply.get("fork_s", 0.0)),
+        server_pid=int(reply.get("server", 0)),
+        forks=int(reply.get("forks", 0)),
+        server_rss=int(reply.get("rss", 0)),
+    )
+
+
+def read_exit(start: WarmStart, timeout_s: float = 5.0) -> int | None:
+    """The keeper's wait status, as its fork server reaped it (None: the server is gone)."""
+    start.sock.settimeout(timeout_s)
+    try:
+        data = start.sock.recv(_MAX_REPLY)
+        return int(json.loads(data)["exit"]) if data else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _versions(versions: Mapping[str, str]) -> tuple[str, str]:
+    return bound_version(versions.get("freecad_version", "none")), bound_version(versions.get("occt_version", "none"))
+
+
+def _identity(path: str) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@dataclass
+class _Server:
+    engine: str
+    executable: str
+    versions: dict[str, str]
+    proc: subprocess.Popen[bytes]
+    control: int
+    pidfd: int
+    path: str
+    buffer: bytes = b""
+    ready: bool = False
+    retiring: str | None = None
+    rss: int = 0
+    forks: int = 0
+    identity: tuple[int, int, int] = (0, 0, 0)
+    lines: list[str] = field(default_factory=list)
+
+
+class WarmPool:
+    """The fork servers of one worker host, kept alive and recycled by a thread of their owner.
+
+    ``engines``: name -> (executable, versions dict with ``freecad_version`` and
+    ``occt_version``). ``metrics``: a :class:`~cadscope.metrics.Catalogue` for
+    recycles and the fork servers' RSS (none: not counted). The fork servers
+    start with the environment a cold engine gets (the allowlist, FreeCAD's
+    private HOME), updated with ``env``.
+    """
+
+    def __init__(
+        self,
+        engines: Mapping[str, tuple[str, Mapping[str, str]]],
+        *,
+        directory: str | None = None,
+        max_forks: int = 1000,
+        max_rss_growth: int = 64 << 20,
+        metrics: Any = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        if max_forks < 1 or max_rss_growth < 1:
+            raise ValueError("max_forks and max_rss_growth must be positive")
+        unknown = set(engines) - {"freecad", "ocp"}
+        if unknown:
+            raise ValueError(f"no warm engine named {sorted(unknown)}")
+        self.engines = {name: (exe, dict(v)) for name, (exe, v) in engines.items()}
+        self._own_dir = directory is None
+        self.directory = directory or tempfile.mkdtemp(prefix="cadscope-warm-")
+        self.max_forks = max_forks
+        self.max_rss_growth = max_rss_growth
+        self.metrics = metrics
+        self.env = dict(env or {})
+        self.servers: dict[str, _Server] = {}
+        self.retired: list[_Server] = []
+        self.recycles: list[tuple[str, str]] = []  # (engine, reason), in order
+        self.unavailable: dict[str, str] = {}  # engine -> why it has no fork server
+        self._lock = threading.Lock()
+        self._stop_r, self._stop_w = os.pipe()
+        self._thread: threading.Thread | None = None
+
+    # -- life ---------------------------------------------------------------
+
+    def start(self, wait_s: float = _START_S) -> WarmPool:
+        """Start every fork server, wait until each is ready (or failed), export the directory."""
+        for name in self.engines:
+            self._launch(name)
+        deadline = time.monotonic() + wait_s
+        while any(not s.ready for s in self.servers.values()) and time.monotonic() < deadline:
+            self._step(0.1)
+        for name, server in list(self.servers.items()):
+            if not server.ready:
+                self._stop_server(server)
+                del self.servers[name]
+                self.unavailable.setdefault(name, "start_failed")
+        os.environ[WARM_DIR_ENV] = self.directory
+        self._thread = threading.Thread(target=self._supervise, name="cadscope-warm", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop every fork server (jobs in flight finish: their keepers are their own)."""
+        if self._thread is not None:
+            os.write(self._stop_w, b"x")
+            self._thread.join(10)
+            self._thread = None
+        with self._lock:
+            for server in [*self.servers.values(), *self.retired]:
+                self._stop_server(server)
+            self.servers.clear()
+            self.retired.clear()
+        if os.environ.get(WARM_DIR_ENV) == self.directory:
+            del os.environ[WARM_DIR_ENV]
+        if self._own_dir:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> WarmPool:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def socket_path(self, engine: str) -> str:
+        path = warm_socket_path(engine, self.engines[engine][0], self.directory)
+        assert path is not None
+        return path
+
+    def server_pid(self, engine: str) -> int | None:
+        with self._lock:
+            server = self.servers.get(engine)
+            return server.proc.pid if server is not None and server.ready else None
+
+    def wait_for(self, predicate: Callable[[], bool], timeout_s: float = 30.0) -> bool:
+        """Poll ``predicate`` until it holds or the deadline passes (for tests and the bench)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(0.02)
+        return predicate()
+
+    # -- fork servers ---------------------------------------------------------
+
+    def _launch(self, name: str) -> _Server | None:
+        executable, versions = self.engines[name]
+        control_r, control_w = os.pipe()
+        # The environment a cold engine starts with: what an engine reads at its start
+        # (the locale, FreeCAD's user settings under HOME) must be the same.
+        from ._engines import _engine_home
+        from ._runner import build_env
+
+        env = {
+            **build_env(extra={"HOME": _engine_home()}),
+            **self.env,
+            "CADSCOPE_WARM_SOCKET": self.socket_path(name),
+            "CADSCOPE_WARM_EXE": executable,
+            "CADSCOPE_WARM_CONTROL_FD": str(control_w),
+            "CADSCOPE_WARM_PARENT": str(os.getpid()),
+            "CADSCOPE_WARM_MAX_FORKS": str(self.max_forks),
+            "CADSCOPE_WARM_MAX_RSS_GROWTH": str(self.max_rss_growth),
+        }
+        if name == "freecad":
+            env["CADSCOPE_WARM_PRELOAD"] = _FREECAD_PRELOAD
+        else:
+            env["CADSCOPE_WARM_PRELOAD_FROM"] = str(CHILD_DIR / "engine_ocp.py")
+        try:
+            identity = _identity(executable)
+            proc = subprocess.Popen(  # noqa: S603 - the engine's own executable and our script
+                [executable, str(_SERVER)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=env,
+                cwd=self.directory,
+                pass_fds=(control_w,),
+                start_new_session=True,
+            )
+        except OSError:
+            os.close(control_r)
+            os.close(control_w)
+            self.unavailable[name] = "start_failed"
+            return None
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(control_w)
+        os.set_blocking(control_r, False)
+        server = _Server(name, executable, versions, proc, control_r, os.pidfd_open(proc.pid), "", identity=identity)
+        server.path = self.socket_path(name)
+        self.servers[name] = server
+        self.unavailable.pop(name, None)
+        return server
+
+    @staticmethod
+    def _stop_server(server: _Server) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(server.pidfd, signal.SIGTERM)
+        try:
+            server.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(server.pidfd, signal.SIGKILL)
+            server.proc.wait()
+        for fd in (server.control, server.pidfd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _count(self, server: _Server, reason: str) -> None:
+        self.recycles.append((server.engine, reason))
+        if self.metrics is not None:
+            v = server.versions
+            with _METRICS_LOCK:
+                self.metrics.warm_recycles.labels(server.engine, bound("recycle_reason", reason), *_versions(v)).inc()
+
+    def _set_rss(self, server: _Server) -> None:
+        if self.metrics is not None:
+            v = server.versions
+            with _METRICS_LOCK:
+                self.metrics.warm_process_rss.labels(server.engine, *_versions(v)).set(server.rss)
+
+    def _supervise(self) -> None:
+        while True:
+            try:
+                stop = self._step(None)
+            except Exception:  # noqa: BLE001 - the pool's thread must outlive any one surprise
+                stop = False
+                time.sleep(0.1)
+            if stop:
+                return
+
+    def _step(self, timeout_s: float | None) -> bool:
+        """One round: read the fork servers' lines, replace the retiring and the dead."""
+        with self._lock:
+            servers = [*self.servers.values(), *self.retired]
+        poller = select.poll()
+        poller.register(self._stop_r, select.POLLIN)
+        by_fd: dict[int, _Server] = {}
+        for server in servers:
+            for fd in (server.control, server.pidfd):
+                poller.register(fd, select.POLLIN)
+                by_fd[fd] = server
+        events = poller.poll(None if timeout_s is None else int(timeout_s * 1000))
+        for fd, _mask in events:
+            if fd == self._stop_r:
+                return True
+            server = by_fd[fd]
+            if fd == server.control:
+                self._read_lines(server)
+            elif server.proc.poll() is not None:
+                self._read_lines(server)
+                self._gone(server)
+        return False
+
+    def _read_lines(self, server: _Server) -> None:
+        while True:
+            try:
+                chunk = os.read(server.control, 4096)
+            except (BlockingIOError, OSError):
+                return
+            if not chunk:
+                return
+            server.buffer += chunk
+            *lines, server.buffer = server.buffer.split(b"\n")
+            for raw in lines:
+                line = raw.decode("ascii", "replace")
+                server.lines.append(line)
+                kind, _, rest = line.partition(" ")
+                fields = dict(item.partition("=")[::2] for item in rest.split())
+                if kind == "ready":
+                    server.ready = True
+                    server.rss = int(fields.get("rss", 0))
+                    self._set_rss(server)
+                elif kind == "forked":
+                    server.forks = int(fields.get("n", 0))
+                    server.rss = int(fields.get("rss", 0))
+                    self._set_rss(server)
+                elif kind == "retire":
+                    self._retire(server, fields.get("reason", "other"))
+
+    def _retire(self, server: _Server, reason: str) -> None:
+        if server.retiring is not None:
+            return
+        server.retiring = reason
+        self._count(server, reason)
+        if reason == "threads" and not server.ready:
+            # The engine starts a thread when imported: it cannot be forked safely, ever.
+            self.unavailable[server.engine] = "threads"
+            return
+        with self._lock:
+            if self.servers.get(server.engine) is server:
+                del self.servers[server.engine]
+                self.retired.append(server)
+                self._launch(server.engine)
+        # The old one stops accepting once its successor holds the path (or at once if
+        # none could start), and exits when its last job's keeper is reaped.
+        threading.Thread(target=self._retire_when_replaced, args=(server,), daemon=True).start()
+
+    def _retire_when_replaced(self, server: _Server) -> None:
+        successor = self.servers.get(server.engine)
+        deadline = time.monotonic() + _START_S
+        while successor is not None and not successor.ready and time.monotonic() < deadline:
+            if successor.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        with contextlib.suppress(ProcessLookupError, OSError):
+            signal.pidfd_send_signal(server.pidfd, signal.SIGTERM)
+
+    def _gone(self, server: _Server) -> None:
+        """A fork server exited: reaped, and replaced unless it was retiring or the pool is stopping."""
+        server.proc.wait()
+        with self._lock:
+            if server in self.retired:
+                self.retired.remove(server)
+                replace = False
+            else:
+                replace = self.servers.get(server.engine) is server
+                if replace:
+                    del self.servers[server.engine]
+        for fd in (server.control, server.pidfd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if not replace:
+            return
+        if not server.ready:
+            self.unavailable[server.engine] = (
+                "threads" if any(line.startswith("retire reason=threads") for line in server.lines) else "start_failed"
+            )
+            return
+        self._count(server, "crash")
+        with self._lock:
+            self._launch(server.engine)
+
+
+@contextlib.contextmanager
+def warm_pool(engines: Mapping[str, tuple[str, Mapping[str, str]]], **kwargs: Any) -> Iterator[WarmPool]:
+    """A started :class:`WarmPool`, stopped on exit."""
+    pool = WarmPool(engines, **kwargs).start()
+    try:
+        yield pool
+    finally:
+        pool.stop()
