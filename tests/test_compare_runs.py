@@ -49,13 +49,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return root / "base", root / "slow"
 
 
-def _split(run: Path, into: tuple[Path, Path], seed: int) -> None:
-    """Deal the run's jobs at random into two folders, half of each workload job name to each
-    (the same mix of work on both sides), every span with its trace."""
-    lines = (run / "traces.jsonl").read_text().splitlines()
+def _split(requests: list[dict], into: tuple[Path, Path], seed: int) -> None:
+    """Deal a run's jobs (its parsed trace lines) at random into two folders, half of each workload
+    job name to each (the same mix of work on both sides), every span with its trace."""
     names: dict[str, str] = {}
-    for line in lines:
-        for resource in json.loads(line)["resourceSpans"]:
+    for request in requests:
+        for resource in request["resourceSpans"]:
             for scope in resource["scopeSpans"]:
                 for span in scope["spans"]:
                     for attribute in span.get("attributes", []):
@@ -67,19 +66,16 @@ def _split(run: Path, into: tuple[Path, Path], seed: int) -> None:
         traces = sorted(t for t, n in names.items() if n == name)
         rng.shuffle(traces)
         first.update(traces[: len(traces) // 2])
-    for folder in into:
+    for index, folder in enumerate(into):
         folder.mkdir(parents=True, exist_ok=True)
-    outputs = [(into[0] / "traces.jsonl").open("w"), (into[1] / "traces.jsonl").open("w")]
-    for line in lines:
-        request = json.loads(line)
-        for index, out in enumerate(outputs):
-            part = json.loads(line)
-            for resource, original in zip(part["resourceSpans"], request["resourceSpans"], strict=True):
-                for scope, original_scope in zip(resource["scopeSpans"], original["scopeSpans"], strict=True):
-                    scope["spans"] = [s for s in original_scope["spans"] if (s["traceId"] in first) == (index == 0)]
-            out.write(json.dumps(part) + "\n")
-    for out in outputs:
-        out.close()
+        with (folder / "traces.jsonl").open("w") as out:
+            for request in requests:
+                part = {"resourceSpans": [
+                    {**resource, "scopeSpans": [
+                        {**scope, "spans": [s for s in scope["spans"] if (s["traceId"] in first) == (index == 0)]}
+                        for scope in resource["scopeSpans"]]}
+                    for resource in request["resourceSpans"]]}  # fmt: skip
+                out.write(json.dumps(part) + "\n")
 
 
 @pytest.mark.slow
@@ -102,12 +98,15 @@ def test_a_planted_regression_is_flagged_on_that_operation_only(runs, tmp_path, 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_a_run_against_itself_flags_nothing(runs, tmp_path, capsys):
+    """Ten random halvings of each run, compared: no verdict of slower or faster, exit status 0."""
     flagged, statuses, rejections, comparisons = [], [], 0, 0
     for run in runs:
-        for seed in range(20):
+        requests = [json.loads(line) for line in (run / "traces.jsonl").read_text().splitlines() if line.strip()]
+        for seed in range(10):
             halves = (tmp_path / f"{run.name}-{seed}-a", tmp_path / f"{run.name}-{seed}-b")
-            _split(run, halves, seed)
+            _split(requests, halves, seed)
             report_file = tmp_path / f"{run.name}-{seed}.json"
             status = main(["compare", str(halves[0]), str(halves[1]), "--min-samples", "5", "--json", str(report_file)])
             capsys.readouterr()

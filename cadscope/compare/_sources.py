@@ -163,8 +163,12 @@ def _matches(selector: Selector, labels: Mapping[str, str]) -> bool:
 # -- traces ---------------------------------------------------------------------------------------------
 
 
+# The span attributes a comparison reads: what names a feature, and what labels a job.
+_WANTED = frozenset({*_TRACE_KEYS, _OUTCOME_ATTRIBUTE, "cad.job_id", "cad.stage", *_SPLIT_OPERATIONS.values()})
+
+
 def _spans(path: Path) -> Iterator[tuple[str, str, int, int, dict[str, Any]]]:
-    """(trace id, name, start ns, end ns, attributes) of every span, one line at a time."""
+    """(trace id, name, start ns, end ns, the attributes a comparison reads) of every span, a line at a time."""
     with path.open() as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():
@@ -176,11 +180,13 @@ def _spans(path: Path) -> Iterator[tuple[str, str, int, int, dict[str, Any]]]:
                         for span in scope_spans.get("spans", ()):
                             attributes = {}
                             for item in span.get("attributes", ()):
-                                value = item.get("value", {})
-                                for kind in ("stringValue", "intValue", "doubleValue", "boolValue"):
-                                    if kind in value:
-                                        attributes[item["key"]] = value[kind]
-                                        break
+                                key = item["key"]
+                                if key in _WANTED:
+                                    value = item.get("value", {})
+                                    for kind in ("stringValue", "intValue", "doubleValue", "boolValue"):
+                                        if kind in value:
+                                            attributes[key] = value[kind]
+                                            break
                             yield (
                                 span["traceId"],
                                 span["name"],
@@ -195,43 +201,59 @@ def _spans(path: Path) -> Iterator[tuple[str, str, int, int, dict[str, Any]]]:
 def read_traces(path: Path, sides: list[SideData]) -> None:
     """Fill each side's raw durations, outcomes and versions from an OTLP/JSON file.
 
-    Two passes over the file, so memory holds the durations and one label set per
-    trace, never the spans: the first learns each trace's engine, versions, role and
-    outcome, the second files each span's duration under its side and feature.
+    One pass, holding the durations and not the spans. A trace's side is known once its
+    ``cad.subprocess`` span (which carries the job's engine, versions, role and outcome) is
+    read; the durations of its spans read before that wait with the trace, and a trace whose
+    subprocess span never came is settled at the end with the labels its other spans gave.
     """
-    traces: dict[str, dict[str, str]] = {}
-    for trace_id, _name, _start, _end, attributes in _spans(path):
+    resolved: dict[str, tuple[SideData, ...]] = {}
+    labels_of: dict[str, dict[str, str]] = {}
+    waiting: dict[str, list[tuple[str, float]]] = {}
+    # One tuple per distinct label set: traces share them rather than hold their own.
+    shared: dict[tuple[tuple[str, str], ...], tuple[SideData, ...]] = {}
+
+    def settle(trace_id: str) -> None:
+        labels = labels_of.pop(trace_id, {})
+        matching: tuple[SideData, ...] = ()
+        if "job" in labels:
+            key = tuple(sorted((k, v) for k, v in labels.items() if k != "job"))
+            matching = shared.get(key, ())
+            if key not in shared:
+                matching = shared[key] = tuple(side for side in sides if _matches(side.selector, labels))
+            for side in matching:
+                side.outcomes[labels.get("outcome", "unknown")] += 1
+                side.versions.add(
+                    (labels.get("engine", "?"), labels.get("freecad_version", "?"), labels.get("occt_version", "?"))
+                )
+        resolved[trace_id] = matching
+        for feature, seconds in waiting.pop(trace_id, ()):
+            for side in matching:
+                side.raw.setdefault(feature, array("d")).append(seconds)
+
+    for trace_id, name, start, end, attributes in _spans(path):
+        feature = feature_of_span(name, attributes)
+        matching = resolved.get(trace_id)
+        if matching is not None:
+            if feature is not None:
+                for side in matching:
+                    side.raw.setdefault(feature, array("d")).append(max(end - start, 0) / 1e9)
+            continue
         found = {_TRACE_KEYS[k]: str(v) for k, v in attributes.items() if k in _TRACE_KEYS}
         if _OUTCOME_ATTRIBUTE in attributes:
             found["outcome"] = str(attributes[_OUTCOME_ATTRIBUTE])
         if "cad.job_id" in attributes:
             found["job"] = str(attributes["cad.job_id"])
         if found:
-            labels = traces.setdefault(trace_id, {})
+            labels = labels_of.setdefault(trace_id, {})
             for key, value in found.items():
                 labels.setdefault(key, value)
-    chosen: dict[str, list[SideData]] = {}
-    for trace_id, labels in traces.items():
-        if "job" not in labels:
-            continue
-        matching = [side for side in sides if _matches(side.selector, labels)]
-        if matching:
-            chosen[trace_id] = matching
-            for side in matching:
-                side.outcomes[labels.get("outcome", "unknown")] += 1
-                side.versions.add(
-                    (labels.get("engine", "?"), labels.get("freecad_version", "?"), labels.get("occt_version", "?"))
-                )
-    for trace_id, name, start, end, attributes in _spans(path):
-        matching = chosen.get(trace_id, [])
-        if not matching:
-            continue
-        feature = feature_of_span(name, attributes)
-        if feature is None:
-            continue
-        seconds = max(end - start, 0) / 1e9
-        for side in matching:
-            side.raw.setdefault(feature, array("d")).append(seconds)
+        if feature is not None:
+            waiting.setdefault(trace_id, []).append((feature, max(end - start, 0) / 1e9))
+        if _OUTCOME_ATTRIBUTE in attributes:
+            settle(trace_id)
+    for trace_id in list(labels_of) + list(waiting):
+        if trace_id not in resolved:
+            settle(trace_id)
     for side in sides:
         side.source = "traces"
 
