@@ -281,6 +281,9 @@ def test_the_candidate_failing_more_often_fails_the_comparison(tmp_path, capsys)
         (["compare", "{run}", "--baseline", "engine=freecad", "--candidate", "engine=ocp"], "nothing matches"),
         (["compare", "{run}/nowhere", "{run}"], "no such folder"),
         (["compare", "{run}", "{run}", "--ratio", "0.5"], "--ratio must be above 1"),
+        (["compare", "{run}/unreadable", "{run}"], "holds neither traces.jsonl nor metrics.prom"),
+        (["compare", "{run}/binary", "{run}"], "is not text"),
+        (["compare", "{run}/garbage", "{run}"], "is not OTLP/JSON"),
         (["compare", "--prometheus", "http://127.0.0.1:1", "--baseline", "engine=a", "--candidate", "engine=b"],
          "no engine label"),
         (["compare", "--prometheus", "http://127.0.0.1:1", "--baseline", "occt_version=1", "--candidate",
@@ -291,6 +294,12 @@ def test_the_candidate_failing_more_often_fails_the_comparison(tmp_path, capsys)
 )  # fmt: skip
 def test_usage_and_input_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
     _write_run(tmp_path / "run", [("ocp", "8.0.1", 1.0)] * 3, seed=6)
+    (tmp_path / "run" / "unreadable").mkdir()
+    (tmp_path / "run" / "unreadable" / "traces.jsonl").mkdir()  # a folder where the file should be
+    (tmp_path / "run" / "garbage").mkdir()
+    (tmp_path / "run" / "garbage" / "traces.jsonl").write_text('{"resourceSpans": [{"scopeSpans": [{"spans": [{}]}]}]}')
+    (tmp_path / "run" / "binary").mkdir()
+    (tmp_path / "run" / "binary" / "traces.jsonl").write_bytes(b"\xff\xfe\x00garbage")
     assert main([a.replace("{run}", str(tmp_path / "run")) for a in argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and err.startswith("cadscope compare: "), err

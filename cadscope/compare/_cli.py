@@ -120,6 +120,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     except (_UsageError, SourceError) as exc:
         print(f"cadscope compare: {exc}", file=sys.stderr)
         return 2
+    except UnicodeDecodeError as exc:
+        print(f"cadscope compare: an input file is not text ({exc.reason})", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"cadscope compare: cannot read {exc.filename or 'an input'}: {exc.strerror}", file=sys.stderr)
+        return 2
     render_table(report, sys.stdout)
     return 1 if report.failed else 0
 
