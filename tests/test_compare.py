@@ -141,6 +141,19 @@ def test_rate_difference_interval_is_newcombes():
     assert low < 0 < high
 
 
+def test_ks_p_values_are_adjusted_for_the_features_judged_holm():
+    from cadscope.compare._report import FeatureResult, _holm
+
+    def feature(p: float, n: int = 50) -> FeatureResult:
+        return FeatureResult("f", "operation", "raw", n, n, ks=_stats.KSResult(0.5, p))
+
+    features = [feature(0.04), feature(0.01), feature(0.03), feature(0.001, n=3)]
+    _holm(features, compare.Thresholds())
+    # Sorted 0.01, 0.03, 0.04 of three judged: 3 x 0.01, 2 x 0.03, then no less than that.
+    assert [f.ks_p_adjusted for f in features[:3]] == pytest.approx([0.06, 0.03, 0.06])
+    assert math.isnan(features[3].ks_p_adjusted)  # too few observations: not judged, not counted
+
+
 # -- geometry -------------------------------------------------------------------------------------------
 
 

@@ -45,6 +45,7 @@ def _row(f: FeatureResult) -> list[str]:
         _ratio(f.ratio_p95, f.ratio_p95_ci),
         "-" if math.isnan(f.ks.statistic) else f"{f.ks.statistic:.3f}",
         "-" if math.isnan(f.ks.p_value) else f"{f.ks.p_value:.3g}",
+        "-" if math.isnan(f.ks_p_adjusted) else f"{f.ks_p_adjusted:.3g}",
         "-" if math.isnan(f.psi) else f"{f.psi:.3f} {psi_band(f.psi)}",
         f.verdict + (" (buckets)" if f.method == "buckets" else ""),
     ]
@@ -58,6 +59,7 @@ _HEADER = [
     "p95 ratio [95% CI]",
     "KS D",
     "KS p",
+    "KS p Holm",
     "PSI",
     "verdict",
 ]
@@ -163,7 +165,8 @@ def render_html(report: Report, out: TextIO) -> None:
         parts.append(f"<tr class='{cls}'>" + "".join(f"<td>{e(c)}</td>" for c in _row(f)) + "</tr>")
     parts.append("</table>")
     parts.append(
-        f"<p>Slower: KS p &lt; {report.thresholds.alpha:g} and a p50 or p95 ratio of at least "
+        f"<p>Slower: KS p (Holm-adjusted over the features judged) &lt; {report.thresholds.alpha:g} and a p50 or "
+        "p95 ratio of at least "
         f"{report.thresholds.ratio:g} whose {report.thresholds.confidence:.0%} bootstrap interval is above 1; "
         f"no verdict under {report.thresholds.min_samples} observations a side. "
         "PSI bands: &lt; 0.1 none, 0.1-0.2 moderate, &ge; 0.2 significant.</p>"

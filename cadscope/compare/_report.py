@@ -45,6 +45,8 @@ class FeatureResult:
     ratio_p95: float = math.nan
     ratio_p95_ci: tuple[float, float] = (math.nan, math.nan)
     ks: _stats.KSResult = _stats.KSResult(math.nan, math.nan)
+    # The KS p-value adjusted for the number of features judged in the comparison (Holm).
+    ks_p_adjusted: float = math.nan
     psi: float = math.nan
     verdict: str = "too few"  # slower, faster, different, same, too few
     # What the plots draw: sorted raw durations, or bucket bounds and cumulative shares.
@@ -110,6 +112,7 @@ class Report:
                 "ks_test": {
                     "statistic": _num(f.ks.statistic),
                     "p_value": _num(f.ks.p_value),
+                    "p_value_adjusted": _num(f.ks_p_adjusted),
                     "drift_detected": ks_drift,
                 },
                 "psi": {"psi": _num(f.psi), "drift_level": band, "drift_detected": band != "none"},
@@ -179,7 +182,7 @@ def _kind(feature: str) -> str:
 def _verdict(result: FeatureResult, t: Thresholds) -> str:
     if min(result.n_baseline, result.n_candidate) < t.min_samples:
         return "too few"
-    if not result.ks.p_value < t.alpha:
+    if not result.ks_p_adjusted < t.alpha:
         return "same"
     pairs = ((result.ratio_p50, result.ratio_p50_ci), (result.ratio_p95, result.ratio_p95_ci))
     if any(ratio >= t.ratio and low > 1 for ratio, (low, _high) in pairs):
@@ -187,6 +190,20 @@ def _verdict(result: FeatureResult, t: Thresholds) -> str:
     if any(ratio <= 1 / t.ratio and high < 1 for ratio, (_low, high) in pairs):
         return "faster"
     return "different"
+
+
+def _holm(features: list[FeatureResult], t: Thresholds) -> None:
+    """Holm's step-down adjustment of the KS p-values of the features with enough observations
+    for a verdict: a comparison of twenty features is one chance of a false alarm at ``alpha``,
+    not twenty."""
+    judged = sorted(
+        (f for f in features if min(f.n_baseline, f.n_candidate) >= t.min_samples and not math.isnan(f.ks.p_value)),
+        key=lambda f: f.ks.p_value,
+    )
+    running = 0.0
+    for rank, result in enumerate(judged):
+        running = max(running, min(1.0, (len(judged) - rank) * result.ks.p_value))
+        result.ks_p_adjusted = running
 
 
 def _ratio(a: float, b: float) -> float:
@@ -205,7 +222,6 @@ def _feature_raw(feature: str, base: np.ndarray, cand: np.ndarray, t: Thresholds
         r.ratio_p95_ci = _stats.ratio_interval_raw(base, cand, 0.95, confidence=t.confidence, seed=t.seed + 1)
         r.ks = _stats.ks_raw(base, cand)
         r.psi = _stats.psi_raw(base, cand)
-    r.verdict = _verdict(r, t)
     r.plot = {"baseline": base, "candidate": cand}
     return r
 
@@ -225,7 +241,6 @@ def _feature_buckets(feature: str, base: _stats.Buckets, cand: _stats.Buckets, t
         r.ratio_p95_ci = _stats.ratio_interval_buckets(base, cand, 0.95, confidence=t.confidence, seed=t.seed + 1)
         r.ks = _stats.ks_buckets(base, cand)
         r.psi = _stats.psi_buckets(base, cand)
-    r.verdict = _verdict(r, t)
     r.plot = {"bounds": base.bounds, "baseline": base.cumulative, "candidate": cand.cumulative}
     return r
 
@@ -251,6 +266,9 @@ def compare_sides(
             features.append(_feature_raw(feature, base, cand, t))
         elif feature in baseline.buckets and feature in candidate.buckets:
             features.append(_feature_buckets(feature, baseline.buckets[feature], candidate.buckets[feature], t))
+    _holm(features, t)
+    for result in features:
+        result.verdict = _verdict(result, t)
     outcomes = []
     n_base, n_cand = sum(baseline.outcomes.values()), sum(candidate.outcomes.values())
     for outcome in sorted(set(baseline.outcomes) | set(candidate.outcomes)):
