@@ -55,6 +55,10 @@ THRESHOLDS = {
     "min_flows": 20,  # finished flows per flow type and version pair (per window for the burn rates)
     "min_provider_calls": 20,  # calls to one AI provider in 5 m
     "min_requests": 50,  # API requests on the routes the ratio counts, in 5 m
+    # A version's stage p95 this many times the fleet baseline version's, for 30 m, from at least
+    # min_version_samples stages on each side in 30 m: slower than the version the fleet trusts.
+    "version_p95_ratio": 1.25,
+    "min_version_samples": 20,
 }
 VERSIONS = ("freecad_version", "occt_version")
 V = ", ".join(VERSIONS)
@@ -102,6 +106,67 @@ RECORDING_RULES = [
      "expr": f"sum(increase(model_generation_completed_total[{window}]))"}
     for window in SLO_LONG_WINDOWS
 ]  # fmt: skip
+
+
+# -- version comparison: per-version p95 over 30 m, and the fleet's baseline version -----------
+# Each series also carries ``version`` ("<freecad_version>/<occt_version>"): one value per pair, what
+# the dashboard's baseline and candidate variables choose from.
+VERSION_WINDOW = "30m"
+STAGE_P95 = "cadscope:version_stage_duration_seconds:p95_30m"
+STAGE_COUNT = "cadscope:version_stage_duration_seconds:count_30m"
+OPERATION_P95 = "cadscope:version_operation_duration_seconds:p95_30m"
+OPERATION_COUNT = "cadscope:version_operation_duration_seconds:count_30m"
+BASELINE_VERSION = "cadscope:fleet_baseline_version:flows_1h"
+BASELINE_STAGE_P95 = "cadscope:fleet_baseline_stage_duration_seconds:p95_30m"
+BASELINE_STAGE_COUNT = "cadscope:fleet_baseline_stage_duration_seconds:count_30m"
+# Operation histograms, each under one ``operation`` label: (metric, label that splits it or "", name).
+OPERATIONS = (
+    ("occt_boolean_duration_seconds", "operation", "occt.boolean"),
+    ("occt_feature_duration_seconds", "feature", "occt.feature"),
+    ("export_duration_seconds", "format", "export"),
+    ("freecad_document_load_seconds", "", "document.load"),
+    ("freecad_recompute_duration_seconds", "", "document.recompute"),
+    ("topology_hash_compute_duration_seconds", "", "topology.hash"),
+    ("a4_constraint_solve_duration_seconds", "", "a4.solve"),
+    ("material_property_apply_duration_seconds", "", "material.apply_property"),
+)
+
+
+def _versioned(expr: str) -> str:
+    return f'label_join({expr}, "version", "/", "freecad_version", "occt_version")'
+
+
+def _as_operation(selector: str, split: str, name: str) -> str:
+    """A series' ``operation`` label: ``occt.boolean:cut`` from the boolean's own label, or the name alone."""
+    if split:
+        return f'label_replace({selector}, "operation", "{name}:$1", "{split}", "(.*)")'
+    return f'label_replace({selector}, "operation", "{name}", "", "")'
+
+
+VERSION_RULES = [
+    {"record": STAGE_P95, "expr": _versioned(
+        f"histogram_quantile(0.95, sum by (le, stage, {V}) "
+        f"(rate(model_generation_stage_duration_seconds_bucket[{VERSION_WINDOW}])))")},
+    {"record": STAGE_COUNT, "expr": _versioned(
+        f"sum by (stage, {V}) (increase(model_generation_stage_duration_seconds_count[{VERSION_WINDOW}]))")},
+    # One rule a record: every operation histogram, each under its own operation values, joined by "or".
+    {"record": OPERATION_P95, "expr": " or ".join(_versioned(
+        f"histogram_quantile(0.95, sum by (le, operation, {V}) "
+        f"({_as_operation(f'rate({metric}_bucket[{VERSION_WINDOW}])', split, name)}))")
+        for metric, split, name in OPERATIONS)},
+    {"record": OPERATION_COUNT, "expr": " or ".join(_versioned(
+        f"sum by (operation, {V}) ({_as_operation(f'increase({metric}_count[{VERSION_WINDOW}])', split, name)})")
+        for metric, split, name in OPERATIONS)},
+    # The fleet's baseline: the version pair that ran the most primary flows in the last hour
+    # (shadow runs on a candidate never make it the baseline).
+    {"record": BASELINE_VERSION, "expr": _versioned(
+        f'topk(1, sum by ({V}) (increase(model_generation_completed_total{{role!="shadow"}}[1h])))')},
+    {"record": BASELINE_STAGE_P95,
+     "expr": f"max by (stage) ({STAGE_P95} and on ({V}) {BASELINE_VERSION})"},
+    {"record": BASELINE_STAGE_COUNT,
+     "expr": f"max by (stage) ({STAGE_COUNT} and on ({V}) {BASELINE_VERSION})"},
+]  # fmt: skip
+VERSION_RATIO = f"{STAGE_P95} / on (stage) group_left () {BASELINE_STAGE_P95}"
 
 
 @dataclass
@@ -228,6 +293,35 @@ ERROR_RATIO = (
     f" / sum by (instance) (rate(http_requests_total{{{USER_ROUTES}}}[5m]))"
 )
 USER_REQUESTS_5M = f"sum by (instance) (increase(http_requests_total{{{USER_ROUTES}}}[5m]))"
+
+
+def stage_histogram(versions: str, low: float, high: float, per_min: float, minutes: int = 80) -> list[dict[str, str]]:
+    """A stage's histogram on one version pair: ``per_min`` observations a minute, all in (low, high]."""
+    labels = f'flow_type="parametric", stage="generate", {versions}'
+    rising = f"0+{per_min:g}x{minutes}"
+    return [
+        series(f'model_generation_stage_duration_seconds_bucket{{{labels}, le="{low:g}"}}', f"0x{minutes}"),
+        series(f'model_generation_stage_duration_seconds_bucket{{{labels}, le="{high:g}"}}', rising),
+        series(f'model_generation_stage_duration_seconds_bucket{{{labels}, le="+Inf"}}', rising),
+        series(f"model_generation_stage_duration_seconds_count{{{labels}}}", rising),
+    ]
+
+
+# The fleet runs OCCT 7.9.3 (ten flows a minute); 8.0.1 is the candidate.
+BASE_V = 'freecad_version="none", occt_version="7.9.3"'
+CAND_V = 'freecad_version="none", occt_version="8.0.1"'
+MIN_VERSION_SAMPLES = THRESHOLDS["min_version_samples"]
+
+
+def version_case(cand_low: float, cand_high: float, cand_per_min: float) -> list[dict[str, str]]:
+    """The baseline's generate stage in (0.25, 0.5] (p95 0.4875 s), the candidate's where the case puts it."""
+    return [
+        series(f'model_generation_completed_total{{flow_type="parametric", {BASE_V}, status="success"}}', "0+10x80"),
+        series(f'model_generation_completed_total{{flow_type="parametric", {CAND_V}, status="success"}}',
+               f"0+{cand_per_min:g}x80"),
+        *stage_histogram(BASE_V, 0.25, 0.5, 10),
+        *stage_histogram(CAND_V, cand_low, cand_high, cand_per_min),
+    ]  # fmt: skip
 
 
 def burn(pairs: tuple[tuple[float, str, str], ...]) -> str:
@@ -499,6 +593,31 @@ ALERTS = [
         labels={"instance": "w:9808", "violation_type": "checksum_mismatch"}, value_text="1", eval_time="3m",
     ),
     Alert(
+        "VersionStageSlowerThanBaseline",
+        f"({VERSION_RATIO}) > {THRESHOLDS['version_p95_ratio']:g}"
+        f" and on (stage, {V}) {STAGE_COUNT} >= {MIN_VERSION_SAMPLES:g}"
+        f" and on (stage) {BASELINE_STAGE_COUNT} >= {MIN_VERSION_SAMPLES:g}",
+        "warning", "Stage {{ $labels.stage }} slower on FreeCAD {{ $labels.freecad_version }} / OCCT "
+        "{{ $labels.occt_version }} than on the fleet's baseline version",
+        "The P95 of the {{ $labels.stage }} stage on FreeCAD {{ $labels.freecad_version }} / OCCT "
+        "{{ $labels.occt_version }} has been {{ printf \"%.2f\" $value }} times the fleet baseline version's for "
+        f"30 m (threshold {THRESHOLDS['version_p95_ratio']:g}, from at least {MIN_VERSION_SAMPLES} stages on each "
+        "side in 30 m). The baseline is the version pair that ran the most primary flows in the last hour. "
+        "Get a verdict per operation: cadscope compare --prometheus.",
+        "version-regression", for_="30m", eval_time="75m",
+        # 8.0.1's generate stage in (0.5, 1]: p95 0.975 s, twice the baseline's 0.4875 s.
+        above=version_case(0.5, 1, 1),
+        # ... in (0.25, 0.5] like the baseline: the same p95.
+        below=version_case(0.25, 0.5, 1),
+        labels={"stage": "generate", "freecad_version": "none", "occt_version": "8.0.1", "version": "none/8.0.1"},
+        value_text="2.00",
+        # Twice as slow, but from 15 stages in 30 m: too few to say.
+        quiet=version_case(0.5, 1, 0.5),
+        # (to a thousandth: histogram_quantile's arithmetic leaves the last bit of 2 behind)
+        ratio="round(" + VERSION_RATIO.replace(STAGE_P95, STAGE_P95 + '{occt_version="8.0.1"}', 1) + ", 0.001)",
+        quiet_value=2,
+    ),
+    Alert(
         "JobSLOBurnRateFast",
         burn(((14.4, "1h", "5m"), (6, "6h", "30m"))),
         "critical", "Job success SLO burning fast",
@@ -534,6 +653,7 @@ def rules() -> dict[str, Any]:
     return {
         "groups": [
             {"name": "cadscope-recording", "interval": "30s", "rules": RECORDING_RULES},
+            {"name": "cadscope-versions", "interval": "30s", "rules": VERSION_RULES},
             {"name": "cadscope-alerts", "rules": [alert.rule() for alert in ALERTS]},
         ]
     }
@@ -716,12 +836,39 @@ PANELS: list[dict[str, Any]] = [
     {"title": "Active Alerts", "type": "table", "unit": "short", "versions": False,
      "description": "Alerts pending or firing now.",
      "targets": [q("sum by (alertname, alertstate, severity) (ALERTS)", "", format="table", instant=True)]},
+    # Two chosen version pairs side by side ("versions": "pair": the $baseline and $candidate variables).
+    {"title": "Version comparison", "type": "row", "versions": False, "targets": []},
+    {"title": "Stage P95: baseline and candidate", "unit": "s", "versions": "pair",
+     "description": "P95 of each stage over 30 m on the two chosen version pairs.",
+     "targets": [
+        q(f'{STAGE_P95}{{version="$baseline"}}', "{{stage}} baseline {{version}}"),
+        q(f'{STAGE_P95}{{version="$candidate"}}', "{{stage}} candidate {{version}}")]},
+    {"title": "Stage P95 ratio: candidate / baseline", "unit": "short", "versions": "pair",
+     "description": f"Above 1 the candidate is slower. VersionStageSlowerThanBaseline fires at "
+                    f"{THRESHOLDS['version_p95_ratio']:g} against the fleet's baseline version, for 30 m.",
+     "targets": [
+        q(f'{STAGE_P95}{{version="$candidate"}} / ignoring (version, {V}) {STAGE_P95}{{version="$baseline"}}',
+          "{{stage}}")]},
+    {"title": "Operation P95 ratio: candidate / baseline", "unit": "short", "versions": "pair",
+     "description": "The same per OCCT and FreeCAD operation: which operation made a stage slower.",
+     "targets": [
+        q(f'{OPERATION_P95}{{version="$candidate"}} / ignoring (version, {V}) {OPERATION_P95}{{version="$baseline"}}',
+          "{{operation}}")]},
+    {"title": "Samples in 30 m: baseline and candidate", "unit": "short", "versions": "pair",
+     "description": f"Stages measured in the P95s' window. Below {MIN_VERSION_SAMPLES} a side, a ratio says little "
+                    "and the alert stays silent.",
+     "targets": [
+        q(f'{STAGE_COUNT}{{version="$baseline"}}', "{{stage}} baseline {{version}}"),
+        q(f'{STAGE_COUNT}{{version="$candidate"}}', "{{stage}} candidate {{version}}")]},
 ]  # fmt: skip
 
 
 def _panel(index: int, spec: dict[str, Any], y: int) -> dict[str, Any]:
     datasource = {"type": "prometheus", "uid": "prometheus"}
     kind = spec.get("type", "timeseries")
+    if kind == "row":
+        return {"id": index + 1, "type": "row", "title": spec["title"], "collapsed": False, "panels": [],
+                "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}, "targets": []}  # fmt: skip
     panel: dict[str, Any] = {
         "id": index + 1, "type": kind, "title": spec["title"], "description": spec.get("description", ""),
         "datasource": datasource,
@@ -750,7 +897,24 @@ def dashboard() -> dict[str, Any]:
             "multi": True, "current": {"text": "All", "value": "$__all"}, "refresh": 2, "sort": 1,
         }  # fmt: skip
 
-    panels = [_panel(index, spec, 8 * (index // 2)) for index, spec in enumerate(PANELS)]
+    def pair(name: str, description: str) -> dict[str, Any]:
+        query = f"label_values({STAGE_P95}, version)"
+        return {
+            "name": name, "label": name, "description": description, "type": "query",
+            "datasource": {"type": "prometheus", "uid": "prometheus"}, "query": {"query": query, "refId": name},
+            "definition": query, "includeAll": False, "multi": False, "refresh": 2, "sort": 1,
+        }  # fmt: skip
+
+    panels, y, column = [], 0, 0
+    for index, spec in enumerate(PANELS):
+        if spec.get("type") == "row":  # a row starts on a line of its own
+            y, column = y + (8 if column else 0), 0
+            panels.append(_panel(index, spec, y))
+            y += 1
+            continue
+        panels.append(_panel(index, spec, y))
+        panels[-1]["gridPos"]["x"] = 12 * column
+        y, column = (y + 8, 0) if column or spec.get("type") == "table" else (y, 1)
     return {
         "uid": "cadscope-model-generation", "title": "cadscope: model generation (FreeCAD / OCCT)",
         "tags": ["cadscope", "freecad", "occt"], "timezone": "utc", "schemaVersion": 39, "version": 1,
@@ -759,6 +923,8 @@ def dashboard() -> dict[str, Any]:
             variable("freecad_version", "label_values(model_generation_started_total, freecad_version)"),
             variable("occt_version", 'label_values(model_generation_started_total{freecad_version=~"$freecad_version"}, occt_version)'),
             variable("flow_type", "label_values(model_generation_started_total, flow_type)"),
+            pair("baseline", "The version pair to compare against (FreeCAD/OCCT)."),
+            pair("candidate", "The version pair under test (FreeCAD/OCCT)."),
         ]},
         "panels": panels,
     }  # fmt: skip

@@ -294,7 +294,8 @@ def _metric_names(expr: str) -> set[str]:
     expr = re.sub(r"\{[^}]*\}", "", expr)  # selectors out
     expr = re.sub(r"\[[^\]]*\]", "", expr)  # ranges out
     words = set(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", expr))
-    keywords = {"sum", "by", "rate", "increase", "histogram_quantile", "and", "or", "absent", "le", "max", "without"}
+    keywords = {"sum", "by", "rate", "increase", "histogram_quantile", "and", "or", "absent", "le", "max", "without",
+                "label_join", "label_replace", "topk", "on", "ignoring", "group_left", "round"}  # fmt: skip
     return {w for w in words if w not in keywords and ("_" in w or w == "up")}
 
 
@@ -308,8 +309,9 @@ def _exported_names() -> set[str]:
 
 def test_every_query_names_only_metrics_the_code_exports():
     exported = _exported_names()
-    recorded = {r["record"] for r in generate.RECORDING_RULES}
-    exprs = [r["expr"] for r in generate.RECORDING_RULES] + [a.expr for a in generate.ALERTS]
+    rules = generate.RECORDING_RULES + generate.VERSION_RULES
+    recorded = {r["record"] for r in rules}
+    exprs = [r["expr"] for r in rules] + [a.expr for a in generate.ALERTS]
     exprs += [t["expr"] for p in generate.PANELS for t in p["targets"]]
     for expr in exprs:
         for name in _metric_names(expr) - recorded - LABELS:
@@ -327,10 +329,11 @@ def test_dashboard_has_the_seed_panels_variables_and_version_legends():
     board = json.loads(BOARD.read_text())
     titles = [p["title"] for p in board["panels"]]
     assert titles[:16] == SEED_PANELS and SEED_002_PANELS <= set(titles[16:])
-    assert [v["name"] for v in board["templating"]["list"]] == ["freecad_version", "occt_version", "flow_type"]
+    variables = ["freecad_version", "occt_version", "flow_type", "baseline", "candidate"]
+    assert [v["name"] for v in board["templating"]["list"]] == variables
     for panel, spec_ in zip(board["panels"], generate.PANELS, strict=True):
         for target in panel["targets"]:
-            if spec_.get("versions", True):
+            if spec_.get("versions", True) is True:
                 assert "$freecad_version" in target["expr"] and "$occt_version" in target["expr"], panel["title"]
                 assert "{{freecad_version}}" in target["legendFormat"] and "{{occt_version}}" in target["legendFormat"]
     flow_panels = [p for p in board["panels"] if "model_generation" in json.dumps(p["targets"])]
@@ -355,6 +358,18 @@ def test_dashboard_has_the_seed_panels_variables_and_version_legends():
     assert _unit(resources, by_metric["cadscope_subprocess_peak_memory_bytes_bucket"]["refId"]) == "bytes"
     assert _unit(resources, by_metric["freecad_worker_restarts_total"]["refId"]) == "short"
     # Seed 002: the latency panel shows what HighRequestLatency counts; the alerts table, pending and firing.
+    # The version comparison row: each of its panels reads both chosen version pairs.
+    row = titles.index("Version comparison")
+    assert board["panels"][row]["type"] == "row"
+    pair_panels = [
+        p for p, spec_ in zip(board["panels"], generate.PANELS, strict=True) if spec_.get("versions") == "pair"
+    ]
+    assert pair_panels == board["panels"][row + 1 :] and len(pair_panels) == 4
+    for panel in pair_panels:
+        exprs = " ".join(t["expr"] for t in panel["targets"])
+        assert '"$baseline"' in exprs and '"$candidate"' in exprs, panel["title"]
+    ratios = [t["expr"] for p in pair_panels for t in p["targets"] if " / " in t["expr"]]
+    assert {generate.STAGE_P95, generate.OPERATION_P95} <= {r.split("{")[0] for r in ratios}
     latency = panels["API Latency"]
     assert any(generate.SHORT_ROUTES in t["expr"] for t in latency["targets"])
     assert panels["Active Alerts"]["targets"][0]["expr"].endswith("(ALERTS)")
@@ -738,13 +753,21 @@ def test_dashboards_and_alerts_against_a_real_prometheus(  # type: ignore[no-unt
         }
         assert ("0.20.2", "7.6.3") in pairs and any(f == "none" and o.startswith("8.0") for f, o in pairs)
         board = json.loads(BOARD.read_text())
+        # The version comparison row's variables: the versions the recording rules list (OCCT 7.6.3 first).
+        wait_until(lambda: len(query(f"group by (version) ({generate.STAGE_P95})")) >= 2, 90, interval=1,
+                   what="per-version recording rules")  # fmt: skip
+        chosen = sorted(r["metric"]["version"] for r in query(f"group by (version) ({generate.STAGE_P95})"))
+        chosen.sort(key=lambda version: not version.endswith("/7.6.3"))
         empty, unfiltered = [], []
         for panel, spec_ in zip(board["panels"], generate.PANELS, strict=True):
-            for freecad, occt in sorted(pairs) if spec_.get("versions", True) else [("", "")]:
+            versions = spec_.get("versions", True)
+            for freecad, occt in sorted(pairs) if versions is True else [("", "")]:
                 for target in panel["targets"]:
                     # As Grafana formats a regex variable: dots escaped for PromQL's string syntax.
                     expr = (
                         target["expr"]
+                        .replace("$baseline", chosen[0])
+                        .replace("$candidate", chosen[1])
                         .replace("$freecad_version", freecad.replace(".", "\\\\."))
                         .replace("$occt_version", occt.replace(".", "\\\\."))
                         .replace("$flow_type", ".*")
@@ -767,9 +790,40 @@ def test_dashboards_and_alerts_against_a_real_prometheus(  # type: ignore[no-unt
             query(alert.expr)  # evaluates without error (status success is asserted)
         rules = httpx.get(f"{url}/api/v1/rules", timeout=10).json()["data"]["groups"]
         assert all(r["health"] == "ok" for g in rules for r in g["rules"]), rules
+        # The fleet's baseline is one version pair: the one that ran the most flows.
+        assert len(query(generate.BASELINE_VERSION)) == 1
+        _compare_from_prometheus(url, query, tmp_path, sorted(pairs))
     finally:
         prometheus.terminate()
         prometheus.wait(30)
+
+
+def _compare_from_prometheus(url: str, query, tmp_path: Path, pairs: list[tuple[str, str]]) -> None:  # type: ignore[no-untyped-def]
+    """``cadscope compare --prometheus`` on the histograms this Prometheus scraped: the sizes and
+    quantiles it reports are the ones PromQL computes from the same buckets."""
+    from cadscope.workers.cli import main
+
+    occt = {o for _, o in pairs}
+    base, cand = "7.6.3", next(o for o in sorted(occt) if o.startswith("8.0"))
+    report_file = tmp_path / "compare.json"
+    argv = ["compare", "--prometheus", url, "--baseline", f'occt_version="{base}"',
+            "--candidate", f'occt_version="{cand}"', "--range", "15m", "--json", str(report_file)]  # fmt: skip
+    assert main(argv) in (0, 1)
+    report = json.loads(report_file.read_text())
+    features = report["features"]
+    assert {"flow", "stage:generate", "occt.boolean[cut]", "export[step]"} <= set(features)
+    assert all(f["method"] == "buckets" for f in features.values())
+    for version, side in ((base, "reference"), (cand, "current")):
+        assert report[side]["source"] == "prometheus" and report[side]["jobs"] > 0
+        selector = f'occt_version="{version}", operation="cut"'
+        # histogram_quantile over the same increase(): the report's p95 and count are PromQL's.
+        count = query(f"sum(increase(occt_boolean_duration_seconds_count{{{selector}}}[15m]))")
+        p95 = query(
+            f"histogram_quantile(0.95, sum by (le) (increase(occt_boolean_duration_seconds_bucket{{{selector}}}[15m])))"
+        )
+        cut = features["occt.boolean[cut]"]
+        assert cut[f"{side}_size"] == round(float(count[0]["value"][1]))
+        assert cut["p95_s"][side] == pytest.approx(float(p95[0]["value"][1]), rel=1e-6)
 
 
 def _ready(url: str) -> bool:

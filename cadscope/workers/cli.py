@@ -6,6 +6,7 @@ cadscope worker [celery worker options...]
 cadscope api [--host H] [--port P] [--workers N]
 cadscope trace traces.jsonl [--job ID]
 cadscope exec [--out DIR] [--engine-name N] -- ARGV...
+cadscope compare RUN_DIR --baseline SELECTOR --candidate SELECTOR | BASE_DIR CAND_DIR | --prometheus URL ...
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any
 
 import cadscope
 
+from ..compare._cli import add_compare_parser, cmd_compare
 from ._exec import add_exec_parser, cmd_exec
 
 __all__ = ["main", "worker_command"]
@@ -725,6 +727,7 @@ def main(argv: list[str] | None = None) -> int:
     trace_cmd.add_argument("file")
     trace_cmd.add_argument("--job")
     add_exec_parser(sub)
+    add_compare_parser(sub)
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "worker":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -737,6 +740,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_api(args)
         if args.command == "exec":
             return cmd_exec(args)
+        if args.command == "compare":
+            return cmd_compare(args)
         if argv is None:
             # `cadscope trace ... | head` closes the pipe early: exit quietly, like cat. Only
             # here: a server (the API) must get EPIPE as an error on a socket its peer closed

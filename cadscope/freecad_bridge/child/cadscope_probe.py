@@ -56,6 +56,33 @@ def _parse_traceparent(value):
     return trace_id, span_id
 
 
+# -- test fault: slower operations -----------------------------------------------------------
+# ``CADSCOPE_TEST_SLOWDOWN="occt.boolean=3,export=2"`` stretches every span of those names
+# (opened with ``span()``) to that many times its real duration, by sleeping before it ends:
+# a regression of known size on one operation, for the tests of ``cadscope compare``. The
+# worker never passes this variable (the child's environment is an allowlist): only a wrapper
+# that starts the engine itself sets it.
+def _parse_slowdown(text):
+    factors = {}
+    for item in (text or "").split(","):
+        name, _, factor = item.partition("=")
+        try:
+            if name.strip() and float(factor) > 1:
+                factors[name.strip()] = float(factor)
+        except ValueError:
+            pass
+    return factors
+
+
+_SLOWDOWN = _parse_slowdown(os.environ.get("CADSCOPE_TEST_SLOWDOWN"))
+
+
+def _stretch(name, started):
+    factor = _SLOWDOWN.get(name)
+    if factor:
+        time.sleep(max(time.perf_counter() - started, 0.0) * (factor - 1))
+
+
 class _ProcFiles:
     """``/proc/self/status`` and ``/proc/self/clear_refs``, opened once per process.
 
@@ -279,7 +306,7 @@ class Probe:
 
 
 class _SpanContext:
-    __slots__ = ("_probe", "_span")
+    __slots__ = ("_probe", "_span", "_started")
 
     def __init__(self, probe, name, attrs):
         self._probe = probe
@@ -301,10 +328,13 @@ class _SpanContext:
             }
         )
         probe._stack.append(span.span_id)
+        self._started = time.perf_counter()
         return span
 
     def __exit__(self, exc_type, exc, tb):
         probe, span = self._probe, self._span
+        if _SLOWDOWN:
+            _stretch(span.name, self._started)
         end = {"t": "end", "id": span.span_id, "ts": time.time_ns(), "a": dict(span)}
         if exc_type is None:
             end["s"] = "ok"
