@@ -5,6 +5,7 @@ cadscope worker [celery worker options...]
 cadscope api [--host H] [--port P] [--workers N]
 cadscope trace traces.jsonl [--job ID]
 cadscope exec [--out DIR] [--engine-name N] -- ARGV...
+cadscope doctor [--broker URL] [--timeout S]
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 
 import cadscope
 
+from ._doctor import add_doctor_parser, cmd_doctor
 from ._exec import add_exec_parser, cmd_exec
 
 __all__ = ["main", "worker_command"]
@@ -589,7 +591,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="cadscope", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"cadscope {cadscope.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the whole pipeline on this machine on a built-in workload")
+    examples = argparse.RawDescriptionHelpFormatter
+    run = sub.add_parser("run", help="run the whole pipeline on this machine on a built-in workload",
+                         formatter_class=examples, epilog="example:\n  cadscope run --jobs 14 --engine all --out "
+                         "cadscope-out\n  cadscope run --broker redis://127.0.0.1:6379/0 --keep-serving")  # fmt: skip
     run.add_argument("--jobs", type=_positive_int, default=14)
     run.add_argument("--engine", choices=["auto", "freecad", "ocp", "all"], default="all")
     run.add_argument("--concurrency", type=_positive_int, default=2)
@@ -600,16 +605,23 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--api-port", type=_port, default=0, help="API port (default: a free one)")
     run.add_argument("--keep-serving", action="store_true", help="leave the worker and /metrics up afterwards")
     run.add_argument("--keep-out", action="store_true", help="do not clear a previous run's output first")
-    sub.add_parser("worker", help="start a prefork Celery worker (other options go to celery worker)")
-    api = sub.add_parser("api", help="serve the HTTP API (uvicorn); token from CADSCOPE_API_TOKEN[_FILE]")
+    sub.add_parser("worker", help="start a prefork Celery worker (other options go to celery worker)",
+                   formatter_class=examples, epilog="example:\n  CELERY_BROKER_URL=redis://127.0.0.1:6379/0 "
+                   "cadscope worker -Q cadscope --concurrency 4")  # fmt: skip
+    api = sub.add_parser("api", help="serve the HTTP API (uvicorn); token from CADSCOPE_API_TOKEN[_FILE]",
+                         formatter_class=examples, epilog="example:\n  CADSCOPE_API_TOKEN=$(openssl rand -hex 16) "
+                         "cadscope api --host 0.0.0.0 --port 8000 --workers 2")  # fmt: skip
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=_port, default=8000)
     api.add_argument("--workers", type=_positive_int, default=1)
     api.add_argument("--log-level", default="warning")
-    trace_cmd = sub.add_parser("trace", help="draw a job's trace from an OTLP/JSON file")
+    trace_cmd = sub.add_parser("trace", help="draw a job's trace from an OTLP/JSON file", formatter_class=examples,
+                               epilog="example:\n  cadscope trace cadscope-out/traces.jsonl            (list the jobs)"
+                               "\n  cadscope trace cadscope-out/traces.jsonl --job ID   (draw one)")  # fmt: skip
     trace_cmd.add_argument("file")
     trace_cmd.add_argument("--job")
     add_exec_parser(sub)
+    add_doctor_parser(sub)
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "worker":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -622,6 +634,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_api(args)
         if args.command == "exec":
             return cmd_exec(args)
+        if args.command == "doctor":
+            return cmd_doctor(args)
         if argv is None:
             # `cadscope trace ... | head` closes the pipe early: exit quietly, like cat. Only
             # here: a server (the API) must get EPIPE as an error on a socket its peer closed
