@@ -16,7 +16,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TextIO
+from typing import Any, Literal, TextIO
 
 __all__ = ["Check", "add_doctor_parser", "cmd_doctor", "run_checks"]
 
@@ -159,7 +159,7 @@ def run_checks(broker: str | None = None, timeout_s: float = 3.0) -> list[Check]
     return [*_engines(), _broker(broker, timeout_s), _token(), _metrics(), _traces()]
 
 
-def add_doctor_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_doctor_parser(sub: Any) -> None:
     doctor = sub.add_parser(
         "doctor",
         help="check this machine: engines, broker, API token, where metrics and traces go",
