@@ -47,6 +47,7 @@ def _check_run(out: Path, jobs: int, proc: subprocess.CompletedProcess[str]) -> 
     assert ("freecad", "0.20.2", "7.6.3") in pairs and any(p[0] == "ocp" and p[1] == "none" for p in pairs)
     assert sum(e["jobs"] for e in summary["engines"]) == jobs
     assert summary["stages"]["occt.boolean"]["freecad"]["count"] >= 1
+    assert not list(out.glob(".ready-*")), "the worker's ready marker is removed with the run"
 
     with (out / "traces.jsonl").open() as lines:
         by_job = traces_by_job(read_otlp_json(lines))

@@ -263,6 +263,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         ):
             target = out / name
             shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+        for stale in out.glob(".ready-*"):  # a worker's ready marker that a killed run left behind
+            stale.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     run_id = uuid.uuid4().hex[:8]
     queue = f"cadscope-run-{run_id}"
@@ -369,6 +371,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+        ready.unlink(missing_ok=True)  # the worker removes it at its shutdown; not if it was killed
         signal.signal(signal.SIGTERM, previous_term)
     for job_id in pending:
         if job_id not in results:
