@@ -47,6 +47,7 @@ def _check_run(out: Path, jobs: int, proc: subprocess.CompletedProcess[str]) -> 
     assert ("freecad", "0.20.2", "7.6.3") in pairs and any(p[0] == "ocp" and p[1] == "none" for p in pairs)
     assert sum(e["jobs"] for e in summary["engines"]) == jobs
     assert summary["stages"]["occt.boolean"]["freecad"]["count"] >= 1
+    assert not list(out.glob(".ready-*")), "the worker's ready marker is removed with the run"
 
     with (out / "traces.jsonl").open() as lines:
         by_job = traces_by_job(read_otlp_json(lines))
@@ -157,27 +158,47 @@ def _one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> st
     return lines[0]
 
 
-def test_mistakes_are_one_clear_line_and_a_non_zero_exit(tmp_path):
+def _in_process(capsys, monkeypatch, *args: str, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    """``cadscope ARGS`` in this process, as a finished process: for mistakes refused before
+    anything starts (a subprocess each costs seconds of interpreter and Celery start-up)."""
+    for key, value in (env or {}).items():
+        monkeypatch.setenv(key, value)
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
+def test_mistakes_are_one_clear_line_and_a_non_zero_exit(tmp_path, capsys, monkeypatch):
     not_json = tmp_path / "notes.txt"
     not_json.write_text("these are notes\n")
     other_json = tmp_path / "other.json"
     other_json.write_text("[1, 2, 3]\n")
-    _one_line_error(_cadscope("trace", str(tmp_path / "missing.jsonl")), "no such file", "missing.jsonl")
-    _one_line_error(_cadscope("trace", str(tmp_path)), "is a folder")
-    _one_line_error(_cadscope("trace", str(not_json)), "notes.txt", "not JSON")
-    _one_line_error(_cadscope("trace", str(other_json)), "not OTLP/JSON")
+
+    def cadscope(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return _in_process(capsys, monkeypatch, *args, env=env)  # type: ignore[no-any-return]
+
+    _one_line_error(cadscope("trace", str(tmp_path / "missing.jsonl")), "no such file", "missing.jsonl")
+    _one_line_error(cadscope("trace", str(tmp_path)), "is a folder")
+    _one_line_error(cadscope("trace", str(not_json)), "notes.txt", "not JSON")
+    _one_line_error(cadscope("trace", str(other_json)), "not OTLP/JSON")
+    # `api` and `worker` in processes of their own: a mistake that slipped through would start a
+    # server, or replace this process with a worker.
     no_token = {"CADSCOPE_API_TOKEN": "", "CADSCOPE_API_TOKEN_FILE": "", "CADSCOPE_API_ALLOW_ANONYMOUS": ""}
     _one_line_error(_cadscope("api", "--port", "1", env=no_token, timeout=60), "CADSCOPE_API_TOKEN")
     _one_line_error(_cadscope("api", env={"CADSCOPE_API_TOKEN_FILE": str(tmp_path / "nope")}, timeout=60), "nope")
     bad = {"CELERY_BROKER_URL": "ftp://broker:21"}
     _one_line_error(_cadscope("api", env={**bad, "CADSCOPE_API_TOKEN": "t"}, timeout=60), "unknown broker scheme")
     _one_line_error(_cadscope("worker", env=bad, timeout=60), "unknown broker scheme")
-    _one_line_error(_cadscope("run", "--broker", "ftp://broker:21", "--out", str(tmp_path / "o"), timeout=60),
+    _one_line_error(cadscope("run", "--broker", "ftp://broker:21", "--out", str(tmp_path / "o")),
                     "unknown broker scheme", "ftp://broker:21")  # fmt: skip
-    _one_line_error(_cadscope("run", "--broker", "kafka://broker:9092", "--out", str(tmp_path / "o"), timeout=60),
+    _one_line_error(cadscope("run", "--broker", "kafka://broker:9092", "--out", str(tmp_path / "o")),
                     "kafka://broker:9092")  # fmt: skip
     for flag, value in (("--jobs", "-3"), ("--jobs", "0"), ("--concurrency", "-1"), ("--timeout", "-5")):
-        _one_line_error(_cadscope("run", flag, value, "--out", str(tmp_path / "o"), timeout=60), flag)
+        _one_line_error(cadscope("run", flag, value, "--out", str(tmp_path / "o")), flag)
     assert not (tmp_path / "o").exists()  # refused before anything was started or written
 
 

@@ -56,8 +56,8 @@ def _identifier_files(path) -> set[str]:
 
 
 def test_compaction_keeps_every_counter_and_drops_dead_gauges(tmp_path):
-    for _ in range(12):
-        assert _spawn(tmp_path).wait() == 0
+    dead = [_spawn(tmp_path) for _ in range(12)]  # side by side: each writes files of its own
+    assert [proc.wait() for proc in dead] == [0] * 12
     live = _spawn(tmp_path, linger=60)
     assert live.stdout.readline().strip() == "ready"
     zombie = _spawn(tmp_path)
@@ -92,8 +92,8 @@ def test_compaction_keeps_every_counter_and_drops_dead_gauges(tmp_path):
         assert before[gauge] == 14 and after[gauge] == 1  # dead processes' gauges are gone
 
         zombie.wait()
-        for _ in range(3):
-            assert _spawn(tmp_path).wait() == 0
+        later = [_spawn(tmp_path) for _ in range(3)]
+        assert [proc.wait() for proc in later] == [0] * 3
         collector.compact()
         again = _samples(registry)
         assert again[boolean] == 3 * 17

@@ -195,7 +195,7 @@ def test_hung_job_is_killed_as_a_group_at_its_timeout(tmp_path):
     started = time.monotonic()
     result = run(["/bin/sh", str(script)], limits=RunLimits(timeout_s=1, kill_grace_s=0.5))
     assert result.outcome == "timeout"
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 60  # killed at its timeout, not after its 300 s sleeps (however loaded)
     assert _group_gone(result.pid)
 
 
@@ -209,9 +209,9 @@ def test_a_grandchild_holding_the_pipe_cannot_keep_the_runner_waiting(tmp_path):
         os.write(fd, b'{"t":"result","a":{"artifacts":[]}}\\n')
     """)
     started = time.monotonic()
-    result = run([sys.executable, "-c", code], limits=RunLimits(timeout_s=30))
+    result = run([sys.executable, "-c", code], limits=RunLimits(timeout_s=120))
     assert result.outcome == "ok"
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 60  # not kept waiting by the grandchild's 300 s, nor to the timeout
     assert _group_gone(result.pid)
 
 
@@ -229,10 +229,10 @@ def test_events_are_read_in_batches_and_the_childs_exit_ends_the_wait(tmp_path):
     """)
     recorder = Recorder()
     started = time.monotonic()
-    result = run([sys.executable, "-c", code], limits=RunLimits(timeout_s=60, read_batch_s=30), observer=recorder)
+    result = run([sys.executable, "-c", code], limits=RunLimits(timeout_s=300, read_batch_s=200), observer=recorder)
     assert result.outcome == "ok"
     assert [event["done"] for event in recorder.progress_events] == [0, 1, 2]
-    assert time.monotonic() - started < 10  # liveness against the 30 s window, not a speed target
+    assert time.monotonic() - started < 60  # liveness against the 200 s window, not a speed target
 
 
 def test_a_burst_larger_than_the_pipe_is_read_whole(tmp_path):
@@ -392,7 +392,7 @@ def test_an_exception_inside_the_runner_kills_the_group_and_ends_spans_with_erro
     finally:
         signal_module.alarm(0)
         signal_module.signal(signal_module.SIGALRM, previous)
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 60  # the soft limit at 2 s, not the child's 300 s sleep
     spans = {s.name: s for s in exporter.get_finished_spans()}
     sub = spans["cad.subprocess"]
     assert sub.status.status_code is StatusCode.ERROR and sub.attributes["error.type"].endswith("SoftTimeLimitExceeded")

@@ -29,6 +29,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..ai import AllProvidersFailed, ProviderChain, SyntheticCheck, chain_from_env
 from ..freecad_bridge import JobSpec
+from ..freecad_bridge.schema_docs import openapi_job_schema, shipped_job_schema
 from ..metrics import default_observability, enable_multiprocess, multiprocess_registry
 from ..tracing import configure_json_logging, setup_tracing, shutdown_tracing
 from ..workers import app as celery_app
@@ -327,7 +328,12 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
                                    "type": "json_too_deep"}])  # fmt: skip
         return data
 
-    @app.post("/v1/jobs", status_code=202, dependencies=[Depends(authorised)])
+    # The body is read and validated by hand (bounded size and depth first); the OpenAPI page
+    # still shows the job's schema, from the same models.
+    job_body, job_components = openapi_job_schema()
+
+    @app.post("/v1/jobs", status_code=202, dependencies=[Depends(authorised)], openapi_extra={
+        "requestBody": {"required": True, "content": {"application/json": {"schema": job_body}}}})  # fmt: skip
     async def submit(request: Request) -> JSONResponse:
         data = await read_json(request)
         if isinstance(data, JSONResponse):
@@ -341,6 +347,21 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             return spec.model_dump(mode="json"), {}
 
         return await enqueue(request, _fingerprint(data), build)
+
+    @app.get("/v1/schema/job")
+    async def job_schema() -> JSONResponse:
+        """The JSON Schema of a job (``POST /v1/jobs``'s body), as shipped in the package."""
+        return JSONResponse(shipped_job_schema(), media_type="application/schema+json")
+
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = default_openapi()
+            document.setdefault("components", {}).setdefault("schemas", {}).update(job_components)
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.post("/v1/prompts", status_code=202, dependencies=[Depends(authorised)])
     async def submit_prompt(request: Request) -> JSONResponse:

@@ -235,6 +235,20 @@ def _on_worker_ready(**_: Any) -> None:
         path.write_text(str(os.getpid()))
 
 
+@signals.worker_shutdown.connect
+def _on_worker_shutdown(**_: Any) -> None:
+    # The ready file says a worker is up: it leaves with the worker that wrote it (a
+    # later worker on the same file has written its own pid there).
+    ready_file = WorkerSettings.from_env().ready_file
+    if ready_file:
+        path = Path(ready_file)
+        try:
+            if path.read_text() == str(os.getpid()):
+                path.unlink()
+        except OSError:
+            pass
+
+
 @signals.worker_process_init.connect
 def _on_worker_process_init(**_: Any) -> None:
     configure_json_logging("cadscope-worker")

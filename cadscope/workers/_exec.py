@@ -48,6 +48,7 @@ def add_exec_parser(sub: Any) -> None:
         help="run one command (freecadcmd my_macro.py, python my_ocp_script.py) traced and auto-instrumented",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  cadscope exec --out traced -- freecadcmd my_part.py\n  cadscope trace traced/traces.jsonl",
     )
     parser.add_argument("--out", default="cadscope-exec", help="folder for traces.jsonl, metrics.prom, summary.json")
     parser.add_argument("--engine-name", help="engine label (default: freecad for freecadcmd, else the program)")

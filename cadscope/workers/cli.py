@@ -7,6 +7,7 @@ cadscope api [--host H] [--port P] [--workers N]
 cadscope trace traces.jsonl [--job ID]
 cadscope exec [--out DIR] [--engine-name N] -- ARGV...
 cadscope compare RUN_DIR --baseline SELECTOR --candidate SELECTOR | BASE_DIR CAND_DIR | --prometheus URL ...
+cadscope doctor [--broker URL] [--timeout S]
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any
 import cadscope
 
 from ..compare._cli import add_compare_parser, cmd_compare
+from ._doctor import add_doctor_parser, cmd_doctor
 from ._exec import add_exec_parser, cmd_exec
 
 __all__ = ["main", "worker_command"]
@@ -296,6 +298,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         ):
             target = out / name
             shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+        for stale in out.glob(".ready-*"):  # a worker's ready marker that a killed run left behind
+            stale.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     run_id = uuid.uuid4().hex[:8]
     queue = f"cadscope-run-{run_id}"
@@ -435,6 +439,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+        ready.unlink(missing_ok=True)  # the worker removes it at its shutdown; not if it was killed
         signal.signal(signal.SIGTERM, previous_term)
     for job_id in pending:
         if job_id not in results:
@@ -699,7 +704,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="cadscope", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"cadscope {cadscope.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the whole pipeline on this machine on a built-in workload")
+    examples = argparse.RawDescriptionHelpFormatter
+    run = sub.add_parser("run", help="run the whole pipeline on this machine on a built-in workload",
+                         formatter_class=examples, epilog="example:\n  cadscope run --jobs 14 --engine all --out "
+                         "cadscope-out\n  cadscope run --broker redis://127.0.0.1:6379/0 --keep-serving")  # fmt: skip
     run.add_argument("--jobs", type=_positive_int, default=14)
     run.add_argument("--engine", choices=["auto", "freecad", "ocp", "all"], default="all")
     run.add_argument("--concurrency", type=_positive_int, default=2)
@@ -717,17 +725,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     run.add_argument("--candidate", metavar="ENGINE[@OCCT_VERSION]",
                      help="and every job again on this engine as a shadow run, into the same --out")  # fmt: skip
-    sub.add_parser("worker", help="start a prefork Celery worker (other options go to celery worker)")
-    api = sub.add_parser("api", help="serve the HTTP API (uvicorn); token from CADSCOPE_API_TOKEN[_FILE]")
+    sub.add_parser("worker", help="start a prefork Celery worker (other options go to celery worker)",
+                   formatter_class=examples, epilog="example:\n  CELERY_BROKER_URL=redis://127.0.0.1:6379/0 "
+                   "cadscope worker -Q cadscope --concurrency 4")  # fmt: skip
+    api = sub.add_parser("api", help="serve the HTTP API (uvicorn); token from CADSCOPE_API_TOKEN[_FILE]",
+                         formatter_class=examples, epilog="example:\n  CADSCOPE_API_TOKEN=$(openssl rand -hex 16) "
+                         "cadscope api --host 0.0.0.0 --port 8000 --workers 2")  # fmt: skip
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=_port, default=8000)
     api.add_argument("--workers", type=_positive_int, default=1)
     api.add_argument("--log-level", default="warning")
-    trace_cmd = sub.add_parser("trace", help="draw a job's trace from an OTLP/JSON file")
+    trace_cmd = sub.add_parser("trace", help="draw a job's trace from an OTLP/JSON file", formatter_class=examples,
+                               epilog="example:\n  cadscope trace cadscope-out/traces.jsonl            (list the jobs)"
+                               "\n  cadscope trace cadscope-out/traces.jsonl --job ID   (draw one)")  # fmt: skip
     trace_cmd.add_argument("file")
     trace_cmd.add_argument("--job")
     add_exec_parser(sub)
     add_compare_parser(sub)
+    add_doctor_parser(sub)
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "worker":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -742,6 +757,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_exec(args)
         if args.command == "compare":
             return cmd_compare(args)
+        if args.command == "doctor":
+            return cmd_doctor(args)
         if argv is None:
             # `cadscope trace ... | head` closes the pipe early: exit quietly, like cat. Only
             # here: a server (the API) must get EPIPE as an error on a socket its peer closed
