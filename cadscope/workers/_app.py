@@ -220,7 +220,7 @@ def _start_warm_engines(engines: Any, observability: Any) -> None:
 
 
 @signals.worker_shutdown.connect
-def _on_worker_shutdown(**_: Any) -> None:
+def _stop_warm_engines(**_: Any) -> None:
     pool = _warm.pop("pool", None)
     if pool is not None:
         pool.stop()
