@@ -328,7 +328,7 @@ def test_a_folder_with_metrics_only_is_compared_from_its_buckets(tmp_path, capsy
         registry = CollectorRegistry()
         catalogue = Catalogue(registry)
         for value in rng.lognormal(-3.5, 0.4, 200) * factor:
-            catalogue.occt_boolean.labels("cut", "2-5", "none", "8.0.1").observe(value)
+            catalogue.occt_boolean.labels("cut", "2-5", "none", "8.0.1", "primary").observe(value)
         (tmp_path / name).mkdir()
         (tmp_path / name / "metrics.prom").write_bytes(generate_latest(registry))
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--json", str(tmp_path / "r.json")]) == 1
