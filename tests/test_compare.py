@@ -158,7 +158,9 @@ def test_ks_p_values_are_adjusted_for_the_features_judged_holm():
 
 
 def _manifest(volume: float = 18534.2, facets: int = 2924, options: dict | None = None) -> dict:
-    """A result manifest in the shape the engines deliver (geometry and options blocks)."""
+    """A result manifest with the ``geometry`` and ``options`` blocks the engines deliver, written by
+    hand: these tests choose the differences, and ``results.jsonl`` lines carry it as ``cadscope run``
+    writes them (job_id, name, engine, versions, role, outcome, manifest)."""
     return {
         "options": options or {"linear_deflection": 0.1, "angular_deflection": 0.5, "stl_format": "binary"},
         "geometry": {

@@ -816,14 +816,14 @@ def _compare_from_prometheus(url: str, query, tmp_path: Path, pairs: list[tuple[
     for version, side in ((base, "reference"), (cand, "current")):
         assert report[side]["source"] == "prometheus" and report[side]["jobs"] > 0
         selector = f'occt_version="{version}", operation="cut"'
-        # histogram_quantile over the same increase(): the report's p95 and count are PromQL's.
+        # histogram_quantile over the same increase(): the report's p95 and count are PromQL's. Asked a
+        # moment later, increase() extrapolates over a slightly different stretch: equal within that.
         count = query(f"sum(increase(occt_boolean_duration_seconds_count{{{selector}}}[15m]))")
-        p95 = query(
-            f"histogram_quantile(0.95, sum by (le) (increase(occt_boolean_duration_seconds_bucket{{{selector}}}[15m])))"
-        )
+        buckets = f"sum by (le) (increase(occt_boolean_duration_seconds_bucket{{{selector}}}[15m]))"
+        p95 = query(f"histogram_quantile(0.95, {buckets})")
         cut = features["occt.boolean[cut]"]
-        assert cut[f"{side}_size"] == round(float(count[0]["value"][1]))
-        assert cut["p95_s"][side] == pytest.approx(float(p95[0]["value"][1]), rel=1e-6)
+        assert cut[f"{side}_size"] == pytest.approx(float(count[0]["value"][1]), abs=1, rel=0.05)
+        assert cut["p95_s"][side] == pytest.approx(float(p95[0]["value"][1]), rel=1e-3)
 
 
 def _ready(url: str) -> bool:
