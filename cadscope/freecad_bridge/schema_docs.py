@@ -75,7 +75,9 @@ NOTES: dict[str, str] = {
         "A deliberate failure, for tests and demonstrations; refused unless the worker runs with "
         "`CADSCOPE_ALLOW_FAULTS=1`."
     ),
-    "JobSpec.expect_failure": "Marks a job that is meant to fail (the demo workload's); it changes nothing else.",
+    "JobSpec.expect_failure": (
+        "Marks a job that is meant to fail (the demo workload's); echoed in its status, it changes nothing else."
+    ),
     "Part.name": "The part's name, used by exports and assembly instances.",
     "Part.steps": "Operations in order; a step refers only to steps before it, by name.",
     "Part.result": "The step whose shape is the part (default: the last step).",
@@ -93,7 +95,10 @@ NOTES: dict[str, str] = {
     "Export.format": "The file format; OCP writes `step`, `stl`, `brep` and `iges`, FreeCAD `obj` too.",
     "Export.of": "A part or the assembly.",
     "Export.name": "The file name without extension (`<name>.<format>`).",
-    "Export.validate_determinism": "Export twice and compare the files (timestamps aside): the manifest says if equal.",
+    "Export.validate_determinism": (
+        "Export a second time and compare the two files (timestamps aside); the artifact's `deterministic` "
+        "says whether they matched."
+    ),
     "Output.name": "The file name without extension.",
     "Output.format": "The file format.",
     "InputDocument.uri": (
