@@ -18,7 +18,7 @@ pipe). Figures: the paired differences, keeper minus setpriv, in wall time
 and in CPU time (the process and everything it reaped), medians with 95 %
 bootstrap intervals, and the CPU difference over the job's own CPU time.
 
-    python bench/containment_cost.py [--runs 30] [--write bench/RESULTS.md]
+    python bench/containment_cost.py [--runs 30] [--write FILE]
 """
 
 from __future__ import annotations

@@ -133,7 +133,9 @@ def main() -> int:
     parser.add_argument("--write")
     args = parser.parse_args()
     _template, files, entries = make_template(args.version_pairs)
-    sleepers = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"]) for _ in range(args.live)]
+    # The sleepers die with this process, however it ends (a killed benchmark leaves none behind).
+    sleeper = "import ctypes, signal, time; ctypes.CDLL(None).prctl(1, signal.SIGKILL); time.sleep(3600)"
+    sleepers = [subprocess.Popen([sys.executable, "-c", sleeper]) for _ in range(args.live)]
     directory = tempfile.mkdtemp(prefix="scrape-churn-")
     try:
         live = []

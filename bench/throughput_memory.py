@@ -1,4 +1,4 @@
-"""Throughput and memory of a real cadscope worker (issue 7, figures 5 and 6).
+"""Throughput and memory of a real cadscope worker.
 
 Throughput: the workload's succeeding templates (plate, assembly, grid,
 housing, profile) on one engine, run (a) by a bare loop of the same CAD
@@ -17,7 +17,7 @@ process and of each pool process is read after 10 jobs and at checkpoints up
 to N (default 1,000). Pool processes live as long as Celery lets them (no
 ``--max-tasks-per-child``): growth shows up instead of being recycled away.
 
-    python bench/throughput_memory.py [--jobs 20] [--rounds 3] [--memory-jobs 1000] [--write bench/RESULTS.md]
+    python bench/throughput_memory.py [--jobs 20] [--rounds 3] [--memory-jobs 1000] [--write FILE]
 """
 
 from __future__ import annotations

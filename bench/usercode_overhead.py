@@ -27,7 +27,7 @@
   ``uninstrument()`` instead charges the type caches it invalidates, and the
   collector runs its allocations start, to the instrumented side.)
 
-    python bench/usercode_overhead.py [--rounds 5] [--calls 10000] [--write bench/RESULTS.md]
+    python bench/usercode_overhead.py [--rounds 5] [--calls 10000] [--write FILE]
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ def test_scrape_churn_runs_and_compaction_keeps_every_count(tmp_path):
     assert proc.returncode in (0, 1), proc.stdout + proc.stderr
     results = out.read_text()
     assert "| **scrape after compaction** (" in results and "| longest swap" in results
-    assert _processes_running("import time; time.sleep(3600)") == []
+    assert _processes_running("time.sleep(3600)") == []
 
 
 def test_task_overhead_runs_every_stack_and_leaves_no_worker_behind(tmp_path, redis_server):

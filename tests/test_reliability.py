@@ -302,8 +302,8 @@ def _dropped_in_files(metrics_dir: Path) -> dict[str, float]:
 def test_a_down_or_hanging_collector_costs_counted_spans_never_job_time(client, start_worker, otlp_receiver, engines):
     """Scenario 8. The exporter's deadline is 90 s: a job or a shutdown that
     waited on it would take at least that long (the bounds below leave a loaded
-    machine room below it). Latency ratios against a live
-    collector are printed (and recorded in bench/RESULTS.md), not asserted."""
+    machine room below it). Latency ratios against a live collector are
+    printed, not asserted."""
     import socket
 
     with socket.socket() as probe:  # a port nothing listens on: a collector that is down

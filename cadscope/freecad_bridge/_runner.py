@@ -121,7 +121,7 @@ def _decode_event(line: bytes) -> Any:
     bytes first guesses the encoding and matches whitespace before and after
     the value with regular expressions, which on a short line costs as much as
     the parse: 2.3 us a line against 1.1 here, over the standard job's
-    126-byte lines (bench/RESULTS.md, "Replay"). Raises ValueError for
+    126-byte lines. Raises ValueError for
     anything that is not exactly one JSON value in UTF-8, as ``json.loads``
     would (RecursionError for a value nested too deep)."""
     text = line.decode().strip(" \t\r")

@@ -50,7 +50,7 @@ class _never_raise:  # lower case, as contextlib.suppress: read as a with statem
 
     A class, not a ``@contextmanager`` generator: the worker records every
     operation a CAD child reports through it, and the generator cost 0.8 us a
-    call against 0.3 here (bench/RESULTS.md, "Replay")."""
+    call against 0.3 when measured."""
 
     __slots__ = ("what",)
 

@@ -109,6 +109,8 @@ def _plain(attributes: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 _journals: weakref.WeakSet[SpanJournal] = weakref.WeakSet()
+# One encoder for every line: json.dumps with options builds a new one a call.
+_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 
 def journal_note(span: trace.Span, attributes: Mapping[str, Any]) -> None:
@@ -219,7 +221,7 @@ class SpanJournal(SpanProcessor):
             "sc": scope.name if scope is not None else "",
             "sv": (scope.version or "") if scope is not None else "",
         }
-        return b"+" + json.dumps(record, separators=(",", ":"), default=str).encode() + b"\n"
+        return b"+" + _encode(record).encode() + b"\n"
 
     def note(self, span: trace.Span, attributes: Mapping[str, Any]) -> None:
         """Record attributes set on an open span after its start (a CAD child's pid), so a
@@ -227,13 +229,7 @@ class SpanJournal(SpanProcessor):
         context = span.get_span_context()
         if not context.trace_flags.sampled:
             return
-        line = (
-            b"="
-            + json.dumps(
-                {"s": format(context.span_id, "016x"), "a": _plain(attributes)}, separators=(",", ":"), default=str
-            ).encode()
-            + b"\n"
-        )
+        line = b"=" + _encode({"s": format(context.span_id, "016x"), "a": _plain(attributes)}).encode() + b"\n"
         try:
             with self._lock:
                 if context.span_id not in self._open:
