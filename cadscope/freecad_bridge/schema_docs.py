@@ -277,7 +277,7 @@ def _field_bounds(s: dict[str, Any]) -> str:
     found = _bounds(s)
     for option in s.get("anyOf", []):
         found += _bounds(option)
-    items = s.get("prefixItems", [])
+    items = s.get("prefixItems") or s.get("items", {}).get("prefixItems", [])  # a tuple, or a list of tuples
     each = {", ".join(_bounds(i)) for i in items}
     if len(each) == 1 and "" not in each:
         found.append("each " + each.pop())
