@@ -121,6 +121,9 @@ def draw(panels: list[Panel], out: Path, *, board: Path = BOARD, title: str = ""
     import matplotlib.pyplot as plt
 
     layout = [spec["gridPos"] for spec in json.loads(board.read_text())["panels"]]
+    # One time axis for every panel, as on the dashboard: minutes since the first sample of any.
+    origin = min((t[0] for p in panels for _, t, _ in p.series if t), default=0.0)
+    span = (max((t[-1] for p in panels for _, t, _ in p.series if t), default=origin + 60) - origin) / 60
     rows = max(g["y"] + g["h"] for g in layout)
     figure = plt.figure(figsize=(20, rows * 0.42), facecolor="#111217")
     grid = figure.add_gridspec(rows, 24, hspace=0.4, wspace=0.4, left=0.02, right=0.99, top=0.985, bottom=0.01)
@@ -136,9 +139,11 @@ def draw(panels: list[Panel], out: Path, *, board: Path = BOARD, title: str = ""
         if panel.kind == "table":
             _table(axes, panel)
         elif panel.kind == "heatmap":
-            _heatmap(axes, panel)
+            _heatmap(axes, panel, origin)
         else:
-            _lines(axes, panel)
+            _lines(axes, panel, origin)
+        if panel.kind != "table" and panel.has_data:
+            axes.set_xlim(0, span)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=dpi, facecolor=figure.get_facecolor())
     plt.close(figure)
@@ -148,10 +153,9 @@ def _no_data(axes: Any) -> None:
     axes.text(0.5, 0.5, "No data", color="#8e8e8e", ha="center", va="center", transform=axes.transAxes)
 
 
-def _lines(axes: Any, panel: Panel) -> None:
+def _lines(axes: Any, panel: Panel, origin: float) -> None:
     if not panel.has_data:
         return _no_data(axes)
-    origin = min(t[0] for _, t, _ in panel.series if t)
     for legend, times, values in panel.series[:12]:
         axes.plot([(t - origin) / 60 for t in times], values, linewidth=1.4, label=legend[:60])
     axes.set_xlabel("minutes", color="#8e8e8e", fontsize=8)
@@ -159,14 +163,13 @@ def _lines(axes: Any, panel: Panel) -> None:
     axes.grid(color="#2c3235", linewidth=0.5)
 
 
-def _heatmap(axes: Any, panel: Panel) -> None:
+def _heatmap(axes: Any, panel: Panel, origin: float) -> None:
     import numpy
 
     if not panel.has_data:
         return _no_data(axes)
     buckets = sorted((math.inf if legend == "+Inf" else float(legend), times, values)
                      for legend, times, values in panel.series)  # fmt: skip
-    origin = min(t[0] for _, t, _ in buckets)
     columns = sorted({t for _, times, _ in buckets for t in times})
     rows = []
     for _, times, values in buckets:
@@ -346,6 +349,7 @@ def record_run(workdir: Path, *, jobs: int = 14, log: Any = None) -> tuple[str, 
         again = [s for s in workload(2 * len(TEMPLATES), ["freecad", "ocp"]) if not s.get("expect_failure")]
         failing = [{**copy.deepcopy(t), "engine": "freecad"} for t in (FILLET_TOO_BIG, CRASH) for _ in range(8)]
         ids = [submit("/v1/jobs", spec) for spec in again + failing]
+        ids += [submit("/v1/prompts", {"prompt": PROMPT, "engine": e}) for e in ("freecad", "ocp")]
         for job_id in ids:
             _wait(lambda job_id=job_id: finished(job_id), 300, f"job {job_id}")
 

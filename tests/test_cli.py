@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import json
 import os
@@ -187,12 +188,19 @@ def test_mistakes_are_one_clear_line_and_a_non_zero_exit(tmp_path, capsys, monke
     _one_line_error(cadscope("trace", str(other_json)), "not OTLP/JSON")
     # `api` and `worker` in processes of their own: a mistake that slipped through would start a
     # server, or replace this process with a worker.
+    # Side by side: each spends its time starting an interpreter.
     no_token = {"CADSCOPE_API_TOKEN": "", "CADSCOPE_API_TOKEN_FILE": "", "CADSCOPE_API_ALLOW_ANONYMOUS": ""}
-    _one_line_error(_cadscope("api", "--port", "1", env=no_token, timeout=60), "CADSCOPE_API_TOKEN")
-    _one_line_error(_cadscope("api", env={"CADSCOPE_API_TOKEN_FILE": str(tmp_path / "nope")}, timeout=60), "nope")
     bad = {"CELERY_BROKER_URL": "ftp://broker:21"}
-    _one_line_error(_cadscope("api", env={**bad, "CADSCOPE_API_TOKEN": "t"}, timeout=60), "unknown broker scheme")
-    _one_line_error(_cadscope("worker", env=bad, timeout=60), "unknown broker scheme")
+    cases = [
+        (("api", "--port", "1"), no_token, ("CADSCOPE_API_TOKEN",)),
+        (("api",), {"CADSCOPE_API_TOKEN_FILE": str(tmp_path / "nope")}, ("nope",)),
+        (("api",), {**bad, "CADSCOPE_API_TOKEN": "t"}, ("unknown broker scheme",)),
+        (("worker",), bad, ("unknown broker scheme",)),
+    ]
+    with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
+        done = [pool.submit(_cadscope, *args, env=env, timeout=120) for args, env, _ in cases]
+    for future, (_, _, needles) in zip(done, cases, strict=True):
+        _one_line_error(future.result(), *needles)
     _one_line_error(cadscope("run", "--broker", "ftp://broker:21", "--out", str(tmp_path / "o")),
                     "unknown broker scheme", "ftp://broker:21")  # fmt: skip
     _one_line_error(cadscope("run", "--broker", "kafka://broker:9092", "--out", str(tmp_path / "o")),

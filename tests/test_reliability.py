@@ -300,16 +300,17 @@ def _dropped_in_files(metrics_dir: Path) -> dict[str, float]:
 
 
 def test_a_down_or_hanging_collector_costs_counted_spans_never_job_time(client, start_worker, otlp_receiver, engines):
-    """Scenario 8. The exporter's deadline is 20 s: a job or a shutdown that
-    waited on it would take at least that long. Latency ratios against a live
-    collector are printed, not asserted."""
+    """Scenario 8. The exporter's deadline is 90 s: a job or a shutdown that
+    waited on it would take at least that long (the bounds below leave a loaded
+    machine room below it). Latency ratios against a live collector are
+    printed, not asserted."""
     import socket
 
     with socket.socket() as probe:  # a port nothing listens on: a collector that is down
         probe.bind(("127.0.0.1", 0))
         down = f"http://127.0.0.1:{probe.getsockname()[1]}"
     hanging = _HangingCollector()
-    otel = {"OTEL_EXPORTER_OTLP_INSECURE": "true", "OTEL_EXPORTER_OTLP_TIMEOUT": "20",
+    otel = {"OTEL_EXPORTER_OTLP_INSECURE": "true", "OTEL_EXPORTER_OTLP_TIMEOUT": "90",
             "OTEL_BSP_MAX_QUEUE_SIZE": "48", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "8"}  # fmt: skip
     latency: dict[str, list[float]] = {}
     accounted: dict[str, float] = {}
@@ -328,9 +329,9 @@ def test_a_down_or_hanging_collector_costs_counted_spans_never_job_time(client, 
             dropped = _dropped_in_files(Path(worker.env["PROMETHEUS_MULTIPROC_DIR"]))
             print(f"{mode}: median job {sorted(latency[mode])[3]:.3f} s, shutdown {shutdown_s:.1f} s, "
                   f"dropped {dropped}")  # fmt: skip
-            # The pool child's flush is bounded at 5 s; the exporter's deadline is 20 s.
-            assert shutdown_s < 15, f"{mode}: shutdown took {shutdown_s:.1f} s"
-            assert max(latency[mode]) < 10, f"{mode}: a job waited on the exporter: {latency[mode]}"
+            # The pool child's flush is bounded at 5 s; the exporter's deadline is 90 s.
+            assert shutdown_s < 60, f"{mode}: shutdown took {shutdown_s:.1f} s"
+            assert max(latency[mode]) < 60, f"{mode}: a job waited on the exporter: {latency[mode]}"
             if mode == "live":
                 assert sum(dropped.values()) == 0, dropped
             else:
@@ -362,10 +363,10 @@ def test_celery_hard_time_limit_takes_the_cad_process_group_with_the_pool_child(
     with pytest.raises(Exception) as failed:  # noqa: PT011 - the worker's TimeLimitExceeded, re-raised
         handle.get(timeout=60)
     assert type(failed.value).__name__ == "TimeLimitExceeded", repr(failed.value)
-    assert time.monotonic() - started < 30, "the hard limit, not a later timeout, ended the job"
+    assert time.monotonic() - started < 60, "the hard limit, not the job's 120 s timeout, ended the job"
     wait_until(lambda: not pool_child.is_running() or pool_child.status() == psutil.STATUS_ZOMBIE, 10,
                what="pool child gone")  # fmt: skip
-    wait_until(lambda: not cad.is_running() or cad.status() == psutil.STATUS_ZOMBIE, 2, what="CAD process gone")
+    wait_until(lambda: not cad.is_running() or cad.status() == psutil.STATUS_ZOMBIE, 30, what="CAD process gone")
     assert "Hard time limit (4s) exceeded" in worker.log.read_text()
     assert run_job.apply_async(args=[TINY], queue=worker.queue).get(timeout=60)["status"] == "succeeded"
 

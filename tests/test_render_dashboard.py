@@ -39,6 +39,9 @@ def test_every_panel_is_drawn_with_data_from_a_real_run(tmp_path, engines):
     board = json.loads(render_dashboard.BOARD.read_text())
     assert [p.title for p in panels] == [p["title"] for p in board["panels"]]
     assert [p.title for p in panels if not p.has_data] == []
+    # A heatmap of increases shows cells only where something happened within the window.
+    heatmaps = [p for p in panels if p.kind == "heatmap"]
+    assert heatmaps and all(any(v > 0 for _, _, values in p.series for v in values) for p in heatmaps)
     # Both version pairs on the version-split panels, as Grafana's legend would show them.
     legends = " ".join(legend for p in panels for legend, _, _ in p.series)
     assert "FreeCAD 0.20.2 / OCCT 7.6.3" in legends and "FreeCAD none / OCCT 8.0" in legends

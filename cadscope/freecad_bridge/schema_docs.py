@@ -75,7 +75,9 @@ NOTES: dict[str, str] = {
         "A deliberate failure, for tests and demonstrations; refused unless the worker runs with "
         "`CADSCOPE_ALLOW_FAULTS=1`."
     ),
-    "JobSpec.expect_failure": "Marks a job that is meant to fail (the demo workload's); it changes nothing else.",
+    "JobSpec.expect_failure": (
+        "Marks a job that is meant to fail (the demo workload's); echoed in its status, it changes nothing else."
+    ),
     "Part.name": "The part's name, used by exports and assembly instances.",
     "Part.steps": "Operations in order; a step refers only to steps before it, by name.",
     "Part.result": "The step whose shape is the part (default: the last step).",
@@ -93,7 +95,10 @@ NOTES: dict[str, str] = {
     "Export.format": "The file format; OCP writes `step`, `stl`, `brep` and `iges`, FreeCAD `obj` too.",
     "Export.of": "A part or the assembly.",
     "Export.name": "The file name without extension (`<name>.<format>`).",
-    "Export.validate_determinism": "Export twice and compare the files (timestamps aside): the manifest says if equal.",
+    "Export.validate_determinism": (
+        "Export a second time and compare the two files (timestamps aside); the artifact's `deterministic` "
+        "says whether they matched."
+    ),
     "Output.name": "The file name without extension.",
     "Output.format": "The file format.",
     "InputDocument.uri": (
@@ -272,7 +277,7 @@ def _field_bounds(s: dict[str, Any]) -> str:
     found = _bounds(s)
     for option in s.get("anyOf", []):
         found += _bounds(option)
-    items = s.get("prefixItems", [])
+    items = s.get("prefixItems") or s.get("items", {}).get("prefixItems", [])  # a tuple, or a list of tuples
     each = {", ".join(_bounds(i)) for i in items}
     if len(each) == 1 and "" not in each:
         found.append("each " + each.pop())
@@ -334,7 +339,14 @@ def render_reference(examples: Path | None = None) -> str:
         "",
         "The answer (202) gives the job's `job_id`, its `status_url` and its `events_url` (a",
         "server-sent event stream). Send an `Idempotency-Key` header to retry a submission safely: the",
-        "same key gets the same job.",
+        "same key gets the same job. Then follow it, and fetch what it wrote:",
+        "",
+        "```sh",
+        'curl -s -H "Authorization: Bearer $CADSCOPE_API_TOKEN" http://127.0.0.1:8000/v1/jobs/JOB_ID',
+        'curl -N -H "Authorization: Bearer $CADSCOPE_API_TOKEN" http://127.0.0.1:8000/v1/jobs/JOB_ID/events',
+        'curl -O -H "Authorization: Bearer $CADSCOPE_API_TOKEN" \\',
+        "     http://127.0.0.1:8000/v1/jobs/JOB_ID/artifacts/plate.step",
+        "```",
         "",
         "The JSON Schema of a job is served by the API at `GET /v1/schema/job`, is the request body",
         "of `POST /v1/jobs` on the API's OpenAPI page (`/docs`), and ships in the package as",
@@ -361,8 +373,8 @@ def render_reference(examples: Path | None = None) -> str:
         "`$CADSCOPE_DATA_DIR/store`; scripts under `scripts/`, templates under `templates/`) and give",
         "users its `store://` key and sha256 (`sha256sum FILE`). The worker checks the sha256 before",
         "any engine starts; a mismatch is refused as a security violation. The examples' files are in",
-        "`examples/store/`: run a worker with `CADSCOPE_DOCUMENT_STORE=examples/store` to submit them",
-        "as they are.",
+        "`examples/store/`: run the workers with `CADSCOPE_DOCUMENT_STORE=$PWD/examples/store` (an",
+        "absolute path) to submit the examples as they are.",
         "",
     ]
     for filename, kind, what in EXAMPLES:
