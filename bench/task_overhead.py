@@ -168,6 +168,9 @@ def run_round(mode: str, tasks: int, broker: str, endpoint: str, concurrency: in
             worker.terminate()
             worker.wait(60)
     done = left_at_start
+    if done < tasks // 2:
+        raise RuntimeError(f"{mode}: {tasks - done} of {tasks} tasks ran before the clock started; "
+                           "this machine is too busy for the round to be timed (raise --tasks)")  # fmt: skip
     used = _Cpu(*(b - a for a, b in zip(cpu0, cpu1, strict=True)))
     pool = used.pool_task + used.pool_other
     return Round(

@@ -24,6 +24,7 @@ import uuid
 import psutil
 import pytest
 
+from cadscope.tracing import read_journal
 from cadscope.workers import run_job
 from cadscope.workers._workload import PLATE
 
@@ -137,6 +138,7 @@ def test_a_killed_pool_process_leaves_one_connected_trace_with_true_times(
     handle, trace_id = _submit(producer, worker.queue)
     # A first batch out, the job's ancestors still open; late: every export done, the child hanging.
     _exported(otlp_receiver, trace_id, marker, len(HANGING["exports"]) if marker == "export" else 1)
+    _journaled(worker, child_open)
     cad = _cad_process(worker)
     pool = _pool_process_of(worker, cad)
     died = time.time_ns()
@@ -155,6 +157,19 @@ def test_a_killed_pool_process_leaves_one_connected_trace_with_true_times(
     assert re.search(r'^cadscope_telemetry_spans_recovered_total\{cause="(SIGKILL|worker_lost)"\} [1-9]', text, re.M)
 
 
+def _journaled(worker, names: set[str]) -> None:  # type: ignore[no-untyped-def]
+    """Wait until the worker's journals hold ``names`` open: a span with no child is journaled once
+    it has been open for the journal's delay (a shorter one, lost at a death, is not promised)."""
+
+    def open_names() -> set[str]:
+        found: set[str] = set()
+        for path in (worker.data_dir / "journal").glob("journal_*.log"):
+            found |= {span["n"] for span in read_journal(str(path))[1]}
+        return found
+
+    wait_until(lambda: names <= open_names(), 30, what=f"{sorted(names)} journaled")
+
+
 def test_a_worker_killed_whole_is_closed_by_the_next_one_on_its_data_directory(
     producer, start_worker, otlp_receiver, engines
 ):
@@ -163,6 +178,7 @@ def test_a_worker_killed_whole_is_closed_by_the_next_one_on_its_data_directory(
     first = start_worker(env={**_otlp(otlp_receiver), **limits}, concurrency=1)
     handle, trace_id = _submit(producer, first.queue)
     _exported(otlp_receiver, trace_id, "export", len(HANGING["exports"]))
+    _journaled(first, {"cad.stage export", "fault.inject"})
     cad = _cad_process(first)
     everyone = [psutil.Process(first.proc.pid), *psutil.Process(first.proc.pid).children(recursive=True)]
     died = time.time_ns()

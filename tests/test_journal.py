@@ -46,7 +46,7 @@ def test_open_spans_are_journaled_with_their_updates_and_forgotten_when_they_end
 
 
 def test_the_journal_is_bounded_by_the_spans_open(tmp_path):
-    journal = SpanJournal(str(tmp_path), max_bytes=20_000)
+    journal = SpanJournal(str(tmp_path), max_bytes=20_000, delay_s=0)  # every span written as it starts
     provider, _ = in_memory_provider()
     provider.add_span_processor(journal)
     tracer = provider.get_tracer("t")
@@ -56,6 +56,50 @@ def test_the_journal_is_bounded_by_the_spans_open(tmp_path):
         [path] = _journal_files(tmp_path)
         assert os.path.getsize(tmp_path / path) < 30_000  # rewritten with what is open, again and again
         assert [s["n"] for s in read_journal(str(tmp_path / path))[1]] == ["outer"]
+
+
+def test_a_span_that_ends_soon_with_no_child_never_reaches_the_file(tmp_path):
+    journal = SpanJournal(str(tmp_path), delay_s=3600)
+    provider, _ = in_memory_provider()
+    provider.add_span_processor(journal)
+    tracer = provider.get_tracer("t")
+    for _ in range(100):
+        tracer.start_span("run/bench.noop").end()
+    assert _journal_files(tmp_path) == []
+    journal.shutdown()
+
+
+def test_a_parent_is_journaled_before_any_child_of_it_can_end_and_the_rest_once_open_long_enough(tmp_path):
+    """A child can be exported while its parent is open: the parent must be in the journal by then, or a
+    death would leave the child an orphan. A childless span is journaled by the journal's thread once
+    open ``delay_s`` (forced here with ``flush``; the thread is the same call on a timer)."""
+    journal = SpanJournal(str(tmp_path), delay_s=3600)
+    provider, _ = in_memory_provider()
+    provider.add_span_processor(journal)
+    tracer = provider.get_tracer("t")
+    with tracer.start_as_current_span("run/cadscope.run_job"):
+        with tracer.start_as_current_span("cad.flow parametric"):
+            [path] = _journal_files(tmp_path)
+            assert [s["n"] for s in read_journal(str(tmp_path / path))[1]] == ["run/cadscope.run_job"]
+            with tracer.start_as_current_span("cad.stage engine"):
+                open_now = [s["n"] for s in read_journal(str(tmp_path / path))[1]]
+                assert open_now == ["run/cadscope.run_job", "cad.flow parametric"]
+                journal.flush()
+                open_now = [s["n"] for s in read_journal(str(tmp_path / path))[1]]
+                assert open_now == ["run/cadscope.run_job", "cad.flow parametric", "cad.stage engine"]
+    assert read_journal(str(tmp_path / path))[1] == []
+    journal.shutdown()
+
+
+def test_the_journals_thread_writes_a_span_open_past_the_delay(tmp_path):
+    journal = SpanJournal(str(tmp_path), delay_s=0.05)
+    provider, _ = in_memory_provider()
+    provider.add_span_processor(journal)
+    with provider.get_tracer("t").start_as_current_span("cad.subprocess freecad"):
+        wait_until(lambda: _journal_files(tmp_path), 30)
+        [path] = _journal_files(tmp_path)
+        assert [s["n"] for s in read_journal(str(tmp_path / path))[1]] == ["cad.subprocess freecad"]
+    journal.shutdown()
 
 
 def test_unsampled_spans_are_not_journaled(tmp_path):
@@ -75,7 +119,7 @@ def test_a_full_disk_degrades_the_journal_counted_never_the_job(tmp_path):
         pytest.fail(f"this test needs to mount a tmpfs (root): {done.stderr.decode().strip()}")
     try:
         errors: list[str] = []
-        journal = SpanJournal(str(mount / "journal"), on_error=errors.append)
+        journal = SpanJournal(str(mount / "journal"), on_error=errors.append, delay_s=0)
         provider, exporter = in_memory_provider()
         provider.add_span_processor(journal)
         tracer = provider.get_tracer("t")

@@ -6,14 +6,24 @@ span, the flow and stage spans, the CAD subprocess span and the CAD child's
 spans it was replaying. Their children, exported on the processor's
 schedule, are then orphans in the trace, and the killed attempt is missing.
 
-:class:`SpanJournal` is a span processor: on ``on_start`` it appends the
-span's ids, parent, name, kind, start time and attributes to a file of this
-process's own (``journal_<pid>-<start ticks>.log``), and on ``on_end`` a line
-that ends it. Appends go straight to the kernel (``os.write`` on an
-``O_APPEND`` file), so they survive the process's death; the file is bounded
-(rewritten with only the open spans when it grows past ``max_bytes``); a
-write that fails (a full disk) is counted and the job goes on: only that
-span's recovery is lost. Spans that are not sampled are not journaled.
+:class:`SpanJournal` is a span processor: it appends an open span's ids,
+parent, name, kind, start time and attributes to a file of this process's own
+(``journal_<pid>-<start ticks>.log``), and a line that ends it when it ends.
+Appends go straight to the kernel (``os.write`` on an ``O_APPEND`` file), so
+they survive the process's death; the file is bounded (rewritten with only the
+open spans when it grows past ``max_bytes``); a write that fails (a full disk)
+is counted and the job goes on: only that span's recovery is lost. Spans that
+are not sampled are not journaled.
+
+Most spans end within milliseconds (a short task, an OCCT call), and a span
+that ended needs no journal. A span is therefore written once it has been open
+for ``delay_s`` (a thread of the journal's looks every ``delay_s``), or at
+once when a child of it starts: a child can end and be exported while its
+parent is open, so a parent is in the journal before any child can be
+exported, and a death leaves no orphan. A span that ends sooner, with no child
+started, never reaches the file. What a death within ``delay_s`` of a
+childless span's start loses is that span alone; ``delay_s=0`` journals every
+span as it starts.
 
 :class:`JournalReaper` runs in a survivor (the worker's main process). It
 watches every journal's process (a pidfd each) and, when one dies, exports
@@ -55,6 +65,8 @@ log = logging.getLogger(__name__)
 _JOURNAL = re.compile(r"^journal_([0-9]+(?:-[0-9]+)?)\.log$")
 HEARTBEAT = "heartbeat"
 MAX_ATTRIBUTES = 64
+# A span is journaled once open this long (or when a child of it starts): most spans end sooner.
+DEFAULT_DELAY_S = 0.5
 MAX_STRING = 1024
 ErrorCallback = Callable[[str], None]
 
@@ -134,24 +146,31 @@ class SpanJournal(SpanProcessor):
         owner: str | None = None,
         max_bytes: int = 4 << 20,
         on_error: ErrorCallback | None = None,
+        delay_s: float = DEFAULT_DELAY_S,
     ) -> None:
         self.directory = os.path.abspath(directory)
         self.owner = owner
         self.max_bytes = max_bytes
         self.on_error = on_error
+        self.delay_s = delay_s
         self._lock = threading.Lock()
         self._pid = -1
         self._fd = -1
-        self._open: dict[int, bytes] = {}  # span id -> its start line
+        self._open: dict[int, bytes] = {}  # span id -> its start line (written)
+        self._pending: dict[int, tuple[float, Span]] = {}  # span id -> (monotonic start, span), not yet written
         self._written = 0
         self._failing = False
+        self._flusher_pid = -1
+        self._stopped = threading.Event()
         os.register_at_fork(after_in_child=self._forked)
         _journals.add(self)
 
     def _forked(self) -> None:
-        # The parent's open spans and file are the parent's: a child journals its own.
+        # The parent's open spans, file and thread are the parent's: a child journals its own.
         self._lock = threading.Lock()
-        self._pid, self._fd, self._open, self._written = -1, -1, {}, 0
+        self._pid, self._fd, self._open, self._pending, self._written = -1, -1, {}, {}, 0
+        self._flusher_pid = -1
+        self._stopped = threading.Event()
 
     @property
     def path(self) -> str:
@@ -181,6 +200,26 @@ class SpanJournal(SpanProcessor):
                 self.on_error(reason)
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        context = span.get_span_context()
+        if not context.trace_flags.sampled:
+            return
+        parent = span.parent
+        try:
+            with self._lock:
+                if parent is not None and parent.span_id in self._pending:
+                    # The child can end and be exported while its parent is open: the parent first.
+                    self._write_pending(parent.span_id)
+                if self.delay_s > 0:
+                    self._pending[context.span_id] = (time.monotonic(), span)
+                    if self._flusher_pid != os.getpid():
+                        self._start_flusher()
+                else:
+                    self._journal(span)
+        except OSError as exc:
+            self._failed(exc)
+
+    def _journal(self, span: Span) -> None:
+        """Write ``span``'s start line (the lock held)."""
         try:
             line = self._start_line(span)
         except Exception:  # noqa: BLE001 - a span processor must never fail the span it is told about
@@ -188,16 +227,36 @@ class SpanJournal(SpanProcessor):
             return
         if line is None:
             return
+        self._ensure_file()
+        self._open[span.get_span_context().span_id] = line
+        self._write(line)
+        self._failing = False
+        if self._written > self.max_bytes:
+            self._rewrite()
+
+    def _write_pending(self, span_id: int) -> None:
+        entry = self._pending.pop(span_id, None)
+        if entry is not None:
+            self._journal(entry[1])
+
+    def flush(self, older_than_s: float = 0.0) -> None:
+        """Journal now the open spans started at least ``older_than_s`` ago that are not yet."""
+        cutoff = time.monotonic() - older_than_s
         try:
             with self._lock:
-                self._ensure_file()
-                self._open[span.get_span_context().span_id] = line
-                self._write(line)
-                self._failing = False
-                if self._written > self.max_bytes:
-                    self._rewrite()
+                for span_id in [key for key, (started, _) in self._pending.items() if started <= cutoff]:
+                    self._write_pending(span_id)  # in the order they started: parents first
         except OSError as exc:
             self._failed(exc)
+
+    def _start_flusher(self) -> None:
+        self._flusher_pid = os.getpid()
+        threading.Thread(target=self._flush_loop, name="cadscope-span-journal", daemon=True).start()
+
+    def _flush_loop(self) -> None:
+        stopped, pid = self._stopped, os.getpid()
+        while not stopped.wait(self.delay_s) and os.getpid() == pid:
+            self.flush(self.delay_s)
 
     @staticmethod
     def _start_line(span: Span) -> bytes | None:
@@ -232,6 +291,7 @@ class SpanJournal(SpanProcessor):
         line = b"=" + _encode({"s": format(context.span_id, "016x"), "a": _plain(attributes)}).encode() + b"\n"
         try:
             with self._lock:
+                self._write_pending(context.span_id)
                 if context.span_id not in self._open:
                     return
                 self._ensure_file()
@@ -246,6 +306,8 @@ class SpanJournal(SpanProcessor):
             return
         try:
             with self._lock:
+                if self._pending.pop(context.span_id, None) is not None:
+                    return  # never written: nothing to take back
                 if self._open.pop(context.span_id, None) is None or self._pid != os.getpid():
                     return
                 self._write(b"-" + format(context.span_id, "016x").encode() + b"\n")
@@ -272,6 +334,7 @@ class SpanJournal(SpanProcessor):
 
     def shutdown(self) -> None:
         """Close this process's journal; removed when no span is left open in it."""
+        self._stopped.set()
         with self._lock:
             if self._pid != os.getpid() or self._fd < 0:
                 return
