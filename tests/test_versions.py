@@ -54,6 +54,7 @@ def test_the_shadow_fraction_selects_by_job_id():
     assert [shadow_selected(i, 0.25) for i in ids[:100]] == [shadow_selected(i, 0.25) for i in ids[:100]]
 
 
+@pytest.mark.slow  # asks the engines for their versions
 def test_run_refuses_half_a_comparison_and_unknown_engines(capsys, tmp_path):
     assert main(["run", "--baseline", "ocp", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == "cadscope run: --baseline and --candidate go together"
@@ -154,3 +155,20 @@ def test_run_baseline_and_candidate_through_real_workers(ocp_793, tmp_path, redi
     subprocesses = [_attributes(s) for s in spans if s["name"].startswith("cad.subprocess")]
     assert sorted((a["cad.role"], a["cad.occt_version"]) for a in subprocesses) == [
         ("primary", "7.9.3"), ("primary", "7.9.3"), ("shadow", "8.0.1"), ("shadow", "8.0.1")]  # fmt: skip
+
+
+def _manifest(volume: float = 100.0, faces: int = 6, facets: int = 1000) -> dict:  # type: ignore[type-arg]
+    part = {"volume": volume, "area": 60.0, "bbox": [0, 0, 0, 1, 2, 3], "center_of_mass": [0.5, 1, 1.5],
+            "valid": True, "solids": 1, "shells": 1, "faces": faces, "edges": 12, "vertices": 8}  # fmt: skip
+    return {"geometry": {"parts": {"p": part}, "meshes": {"p.stl": {"facets": facets}}}}
+
+
+def test_geometry_differences_hold_to_the_stated_tolerances():
+    """The same within tolerance is no difference; a volume, a topology count or a mesh
+    beyond it is named."""
+    from cadscope.workers._tasks import geometry_differences
+
+    assert geometry_differences(_manifest(), _manifest(volume=100.00001, facets=1040)) == []
+    assert geometry_differences(_manifest(), _manifest(volume=100.1)) == ["p.volume 100 != 100.1"]
+    assert geometry_differences(_manifest(), _manifest(faces=7)) == ["p.faces 6 != 7"]
+    assert geometry_differences(_manifest(), _manifest(facets=1200)) == ["p.stl.facets 1000 != 1200"]
