@@ -104,6 +104,7 @@ def _attributes(span: dict) -> dict:  # type: ignore[type-arg]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_run_baseline_and_candidate_through_real_workers(ocp_793, tmp_path, redis_url):
     """``cadscope run --baseline ocp@7.9.3 --candidate ocp@8.0.1``: two prefork workers, each
     pinned to its pool, the API shadowing every job. results.jsonl holds each job twice, the
@@ -142,6 +143,11 @@ def test_run_baseline_and_candidate_through_real_workers(ocp_793, tmp_path, redi
     assert booleans and {(s["occt_version"], s["role"]) for s in booleans} == {("8.0.1", "shadow")}
     assert {s["occt_version"] for s in _samples(primary_text, "model_generation_completed_total")} == {"7.9.3"}
     assert _samples(shadow_text, "model_generation_completed_total") == []  # never counted against the SLO
+    # Compared as the later of each pair completes (whichever worker that is): OCCT 7.9.3 and 8.0.1
+    # build the same geometry for these jobs.
+    compared = [f for text in (primary_text, shadow_text) for f in text_string_to_metric_families(text)
+                if f.name == "cadscope_shadow_comparisons"]  # fmt: skip
+    assert {s.labels["result"] for f in compared for s in f.samples if s.value} <= {"match"}
 
     spans = _spans(out / "traces.jsonl")
     tasks = [s for s in spans if s["name"] == "run/cadscope.run_job"]
