@@ -178,3 +178,34 @@ def test_geometry_differences_hold_to_the_stated_tolerances():
     assert geometry_differences(_manifest(), _manifest(volume=100.1)) == ["p.volume 100 != 100.1"]
     assert geometry_differences(_manifest(), _manifest(faces=7)) == ["p.faces 6 != 7"]
     assert geometry_differences(_manifest(), _manifest(facets=1200)) == ["p.stl.facets 1000 != 1200"]
+
+
+@pytest.mark.slow
+def test_a_worker_shadows_the_jobs_it_runs_on_a_pinned_candidate_pool(producer, start_worker, engines):
+    """A worker with a shadow fraction of 1, pinned to FreeCAD, sends every primary it runs
+    (straight from the broker, no API) to the OCP pool's queue; the OCP worker runs the shadow
+    under its own id, on its own engine, and compares it with the primary. A pinned worker
+    refuses a job for another engine."""
+    from cadscope.workers import run_job
+    from cadscope.workers._workload import PLATE
+
+    candidate = start_worker(env={"CADSCOPE_ENGINE": "ocp"}, concurrency=1)
+    primary = start_worker(
+        env={"CADSCOPE_ENGINE": "freecad", "CADSCOPE_SHADOW_FRACTION": "1",
+             "CADSCOPE_SHADOW_QUEUE": candidate.queue, "CADSCOPE_SHADOW_ENGINE": "ocp"},
+        concurrency=1,
+    )  # fmt: skip
+    job_id = f"job-{os.urandom(5).hex()}"
+    first = run_job.apply_async(args=[{**PLATE, "engine": "freecad"}], kwargs={"job_id": job_id}, task_id=job_id,
+                                queue=primary.queue).get(timeout=240)  # fmt: skip
+    assert (first["status"], first["role"], first["engine"]["engine"]) == ("succeeded", "primary", "freecad")
+    shadow = run_job.AsyncResult(f"{job_id}-shadow").get(timeout=240)
+    assert (shadow["status"], shadow["role"], shadow["engine"]["engine"]) == ("succeeded", "shadow", "ocp")
+    assert shadow["manifest"]["geometry"]["parts"]["plate"]["volume"] == pytest.approx(
+        first["manifest"]["geometry"]["parts"]["plate"]["volume"], rel=1e-6)  # fmt: skip
+    text = candidate.scrape()
+    compared = {s.labels["result"]: s.value for f in text_string_to_metric_families(text)
+                if f.name == "cadscope_shadow_comparisons" for s in f.samples}  # fmt: skip
+    assert compared == {"match": 1.0}
+    refused = run_job.apply_async(args=[{**PLATE, "engine": "ocp"}], queue=primary.queue).get(timeout=120)
+    assert (refused["status"], refused["error_type"]) == ("failed", "engine_unavailable")
