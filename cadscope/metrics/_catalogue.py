@@ -455,6 +455,12 @@ class Catalogue:
         self.subprocess_cpu = counter(
             "cadscope_subprocess_cpu_seconds", "CPU time (user + system) of CAD subprocesses (wait4).", ("engine", *v)
         )
+        self.shadow_comparisons = counter(
+            "cadscope_shadow_comparisons",
+            "Shadow runs compared with their primary as the later of the two completes, by result "
+            "(match, geometry_mismatch, outcome_mismatch); versions are the shadow's.",
+            ("result", *v),
+        )
         self.telemetry_rejected = counter(
             "cadscope_telemetry_events_rejected", "Child telemetry events dropped, by reason.", ("reason",)
         )

@@ -124,6 +124,11 @@ def run_job(
     role = "shadow" if role == "shadow" else "primary"
     with default_observability().role(role):
         result = _run_task(self, spec, job_id, role, primary_traceparent)
+    if isinstance(result, dict) and (role == "shadow" or shadowed):
+        try:
+            _compare_with_twin(result, role)
+        except Exception:  # noqa: BLE001 - a comparison never fails the job
+            log.warning("shadow comparison failed", exc_info=True)
     settings = _settings()
     primary_id = result.get("job_id") if isinstance(result, dict) else None
     if role == "primary" and not shadowed and primary_id and shadow_selected(primary_id, settings.shadow_fraction):
@@ -360,6 +365,66 @@ def _run(obs: ModelObservability, spec: Any, job_id: str, started: float, attemp
         else:
             log.info("job succeeded", extra={"engine": engine.name, "artifacts": len(cad.artifacts)})
         return result
+
+
+# What "the same geometry" means between a primary and its shadow.
+GEOMETRY_TOLERANCES = {"volume_rel": 1e-6, "area_rel": 1e-6, "position_abs": 1e-3, "facets_rel": 0.05}
+
+
+def geometry_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """How two manifests' geometry differs beyond ``GEOMETRY_TOLERANCES`` (empty: the same)."""
+    t = GEOMETRY_TOLERANCES
+    found: list[str] = []
+    parts_a, parts_b = (a.get("geometry") or {}).get("parts") or {}, (b.get("geometry") or {}).get("parts") or {}
+    if set(parts_a) != set(parts_b):
+        return [f"parts differ: {sorted(set(parts_a) ^ set(parts_b))}"]
+    for name, x in parts_a.items():
+        y = parts_b[name]
+        for key, rel in (("volume", t["volume_rel"]), ("area", t["area_rel"])):
+            if abs(x[key] - y[key]) > rel * max(abs(x[key]), abs(y[key]), 1e-9):
+                found.append(f"{name}.{key} {x[key]:.6g} != {y[key]:.6g}")
+        for key in ("bbox", "center_of_mass"):
+            if any(abs(p - q) > t["position_abs"] for p, q in zip(x[key], y[key], strict=True)):
+                found.append(f"{name}.{key} {x[key]} != {y[key]}")
+        found += [f"{name}.{k} {x[k]} != {y[k]}" for k in ("valid", "solids", "shells", "faces", "edges", "vertices")
+                  if x[k] != y[k]]  # fmt: skip
+    meshes_a, meshes_b = (a.get("geometry") or {}).get("meshes") or {}, (b.get("geometry") or {}).get("meshes") or {}
+    for name in set(meshes_a) & set(meshes_b):
+        p, q = meshes_a[name]["facets"], meshes_b[name]["facets"]
+        if abs(p - q) > t["facets_rel"] * max(p, q):
+            found.append(f"{name}.facets {p} != {q}")
+    return found
+
+
+def _compare_with_twin(result: dict[str, Any], role: str) -> None:
+    """Compare a shadow with its primary once both are done, whichever finishes last."""
+    job_id = str(result.get("job_id") or "")
+    twin_id = job_id.removesuffix("-shadow") if role == "shadow" else f"{job_id[:56]}-shadow"
+    handle = run_job.AsyncResult(twin_id)
+    if not handle.ready():
+        return  # the twin compares when it completes
+    twin = handle.result
+    if not isinstance(twin, dict):
+        return
+    primary, shadow = (twin, result) if role == "shadow" else (result, twin)
+    if primary.get("outcome") != shadow.get("outcome"):
+        verdict, differences = "outcome_mismatch", [f"outcome {primary.get('outcome')} != {shadow.get('outcome')}"]
+    elif primary.get("manifest") and shadow.get("manifest"):
+        differences = geometry_differences(primary["manifest"], shadow["manifest"])
+        verdict = "geometry_mismatch" if differences else "match"
+    else:
+        verdict, differences = "match", []
+    span = trace.get_current_span()
+    span.set_attribute("cad.shadow.comparison", verdict)
+    if differences:
+        span.set_attribute("cad.shadow.differences", differences[:20])
+    engine = shadow.get("engine") or {}
+    obs = default_observability()
+    with obs.engine_versions(str(engine.get("freecad_version")), str(engine.get("occt_version"))):
+        obs.metrics.shadow_comparisons.labels(verdict, *obs.versions().values()).inc()
+    progress().publish(primary.get("job_id") or twin_id, "shadow.compared", result=verdict,
+                       differences=differences[:20])  # fmt: skip
+    log.info("shadow compared", extra={"result": verdict, "differences": len(differences)})
 
 
 def _served_engines() -> dict[str, Any]:

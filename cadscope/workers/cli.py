@@ -389,6 +389,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 expected_failures[shadow_id] = bool(spec.get("expect_failure"))
         outcomes: Counter[str] = Counter()
         stages_done: dict[str, set[str]] = {}  # per job: the stages it has finished
+        finished_at: dict[str, float] = {}
         shown = ""
         deadline = time.monotonic() + args.timeout
         while pending and time.monotonic() < deadline:
@@ -396,6 +397,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                 body = client.status(job_id)
                 stages_done[job_id] = {s["stage"] for s in body.get("stages", [])}
                 if body.get("state") == "finished":
+                    # The job's last event can come a moment before its result is stored: wait
+                    # for the result (its engine) a little before taking the job without it.
+                    seen = finished_at.setdefault(job_id, time.monotonic())
+                    if "engine" not in body and body.get("status") == "succeeded" and time.monotonic() - seen < 10:
+                        continue
                     results[job_id] = {**body, "stages": body.get("timings") or {}}
                     outcomes[body.get("outcome") or "unknown"] += 1
                     del pending[job_id]

@@ -14,8 +14,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+# Mesh and MeshPart load with the engine, as the OCP engine loads its STL writer:
+# loading the Mesh workbench takes longer than meshing a small part, and is no
+# part of an export.
 import cadscope_job  # noqa: E402
 import FreeCAD  # noqa: E402  (FreeCAD's Python only)
+import Mesh  # noqa: E402
+import MeshPart  # noqa: E402
 import Part  # noqa: E402
 
 _CLASSES = {
@@ -272,9 +277,6 @@ class FreeCADBackend:
         elif fmt in ("stl", "obj"):
             # Not Shape.exportStl: it meshes at a tolerance of its own. MeshPart meshes as
             # the OCP engine does (OCCT's incremental mesh at the job's deflections).
-            import Mesh
-            import MeshPart
-
             mesh = MeshPart.meshFromShape(
                 Shape=shape,
                 LinearDeflection=options["linear_deflection"],
