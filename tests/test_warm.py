@@ -407,6 +407,7 @@ def test_a_fork_server_is_replaced_after_n_forks_and_after_its_crash(engines, tm
         # A fork server killed outright: counted, replaced, and the next job still warm.
         os.kill(third["server_pid"], signal.SIGKILL)
         wait_until(lambda: ("ocp", "crash") in small.recycles, 30, what="the crash noticed")
+        wait_until(lambda: small.server_pid("ocp") not in (None, third["server_pid"]), 60, what="the successor")
         after = _brep_job(engine, tmp_path / "after-crash")
         assert (after.outcome, after.run.start) == ("ok", "warm")
         assert after.run.warm["server_pid"] != third["server_pid"]
@@ -427,6 +428,10 @@ def test_a_fork_server_is_replaced_when_its_engine_executable_changes(engines, t
         before = _brep_job(engine, tmp_path / "before")
         stat = wrapper.stat()
         os.utime(wrapper, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+        # The pool looks at the executable every second and replaces the server before a job comes.
+        wait_until(lambda: pool.recycles, 30, what="the change noticed")
+        wait_until(lambda: pool.server_pid("ocp") not in (None, before.run.warm["server_pid"]), 60,
+                   what="the successor")  # fmt: skip
         after = _brep_job(engine, tmp_path / "after")
         assert [(r.outcome, r.run.start) for r in (before, after)] == [("ok", "warm")] * 2
         assert before.run.warm["server_pid"] != after.run.warm["server_pid"]
@@ -462,7 +467,7 @@ def _fork_servers_of(pid: int) -> list[int]:
                 ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
             except (OSError, IndexError, ValueError):
                 continue
-            if ppid == pid and b"cadscope_warm.py" in cmdline and _alive(int(entry)):
+            if ppid == pid and cmdline.startswith(b"cadscope-warm\0") and _alive(int(entry)):
                 found.append(int(entry))
     return found
 
@@ -489,3 +494,43 @@ def test_the_worker_runs_jobs_warm_and_stops_its_fork_servers(producer, start_wo
         assert re.search(rf'^cadscope_warm_process_rss_bytes{{engine="{name}",[^}}]*}} [1-9]', text, re.M), name
     assert worker.stop() == 0
     assert not [pid for pid in servers if _alive(pid)]
+
+
+_RUNNER = """
+import sys
+from cadscope.freecad_bridge import RunLimits, run
+exe, script, socket_path = sys.argv[1:4]
+run([exe, script], warm=socket_path, run_name="hang", require_manifest=False, limits=RunLimits(timeout_s=300))
+"""
+_HANG = """
+import os, subprocess, time
+child = subprocess.Popen(["/bin/sleep", "300"], start_new_session=True)
+open({pidfile!r}, "w").write("%d %d" % (os.getpid(), child.pid))
+time.sleep(300)
+"""
+
+
+@pytest.mark.parametrize("engine_name", ["freecad", "ocp"])
+def test_a_warm_jobs_processes_die_with_the_process_that_started_it(engines, pool, tmp_path, engine_name):
+    """The process running ``run()`` (a pool process, here a Python of the test's own) is SIGKILLed
+    while its warm job and the job's own child run: both die, and the fork server lives on."""
+    import sys
+
+    pidfile = tmp_path / "pids"
+    script = tmp_path / "hang.py"
+    script.write_text(_HANG.format(pidfile=str(pidfile)))
+    runner = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-c", _RUNNER, engines[engine_name].argv[0], str(script), pool.socket_path(engine_name)],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    try:
+        wait_until(lambda: pidfile.exists() and pidfile.read_text().count(" ") == 1, 60, what="the job running")
+        job, grandchild = map(int, pidfile.read_text().split())
+        assert _alive(job) and _alive(grandchild)
+        runner.kill()
+        runner.wait(10)
+        wait_until(lambda: not _alive(job) and not _alive(grandchild), 10, what="the job's processes gone")
+    finally:
+        runner.kill()
+        runner.wait()
+    assert _alive(pool.server_pid(engine_name))
