@@ -534,3 +534,44 @@ def test_a_warm_jobs_processes_die_with_the_process_that_started_it(engines, poo
         runner.kill()
         runner.wait()
     assert _alive(pool.server_pid(engine_name))
+
+
+_SPAN_THEN_HANG = """
+import json, os, time
+fd = int(os.environ["CADSCOPE_TELEMETRY_FD"])
+tp = os.environ["TRACEPARENT"].split("-")
+os.write(fd, (json.dumps({"t": "start", "id": "ab" * 8, "p": tp[2], "n": "occt.boolean",
+                          "ts": time.time_ns(), "a": {}}) + "\\n").encode())
+time.sleep(300)
+"""
+
+
+def test_an_exception_inside_the_runner_kills_a_warm_job_and_ends_its_spans(engines, pool, tmp_path):
+    """Celery's soft time limit raised inside poll() (here by SIGALRM): the warm job's group dies,
+    its open span ends as ERROR, and the fork server is untouched."""
+    from opentelemetry.trace import StatusCode
+
+    class SoftTimeLimitExceeded(Exception):
+        pass
+
+    def on_alarm(*_: object) -> None:
+        raise SoftTimeLimitExceeded()
+
+    script = tmp_path / "hang.py"
+    script.write_text(_SPAN_THEN_HANG)
+    provider, exporter = in_memory_provider()
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(3)
+    try:
+        with pytest.raises(SoftTimeLimitExceeded):
+            run([engines["ocp"].argv[0], str(script)], warm=pool.socket_path("ocp"), limits=RunLimits(timeout_s=60),
+                tracer_provider=provider)  # fmt: skip
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    sub = spans["cad.subprocess"]
+    assert sub.status.status_code is StatusCode.ERROR and sub.attributes["error.type"].endswith("SoftTimeLimitExceeded")
+    assert spans["occt.boolean"].attributes["error.type"] == "SoftTimeLimitExceeded"
+    wait_until(lambda: not _alive(sub.attributes["process.pid"]), 5, what="the warm job gone")
+    assert _alive(pool.server_pid("ocp"))
