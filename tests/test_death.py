@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from pathlib import Path
 
 import psutil
 import pytest
@@ -54,10 +55,17 @@ def _cad_process(worker) -> psutil.Process:  # type: ignore[no-untyped-def]
 
 
 def _pool_process_of(worker, cad: psutil.Process) -> psutil.Process:  # type: ignore[no-untyped-def]
-    """The pool process (a child of the worker's main process) that runs ``cad``."""
-    for pool in psutil.Process(worker.proc.pid).children():
+    """The pool process (a child of the worker's main process) that runs ``cad``: its ancestor for a
+    cold job; for a warm one (forked by a fork server) the process its keeper holds a pidfd of."""
+    pools = [p for p in psutil.Process(worker.proc.pid).children() if p.name() != "cadscope-warm"]  # not a fork server
+    for pool in pools:
         if cad.pid in {p.pid for p in pool.children(recursive=True)}:
             return pool
+    for keeper in (cad, cad.parent()):  # ``cad`` may be the keeper itself
+        for info in Path(f"/proc/{keeper.pid}/fdinfo").iterdir():
+            for line in info.read_text().splitlines():
+                if line.startswith("Pid:") and int(line.split()[1]) in {p.pid for p in pools}:
+                    return psutil.Process(int(line.split()[1]))
     raise AssertionError("no pool process runs the CAD process")
 
 

@@ -20,6 +20,7 @@ from cadscope.workers import app, configure_app, run_job
 from cadscope.workers._workload import ASSEMBLY, PLATE
 
 from .conftest import corrupt_metrics_file, wait_until
+from .test_death import _pool_process_of
 
 pytestmark = pytest.mark.slow
 
@@ -359,7 +360,7 @@ def test_celery_hard_time_limit_takes_the_cad_process_group_with_the_pool_child(
     started = time.monotonic()
     handle = run_job.apply_async(args=[hung], queue=worker.queue, soft_time_limit=2, time_limit=4)
     cad = wait_until(lambda: _cad_processes(worker), 60, what="the CAD process")[0]
-    pool_child = cad.parent()
+    pool_child = _pool_process_of(worker, cad)
     with pytest.raises(Exception) as failed:  # noqa: PT011 - the worker's TimeLimitExceeded, re-raised
         handle.get(timeout=60)
     assert type(failed.value).__name__ == "TimeLimitExceeded", repr(failed.value)

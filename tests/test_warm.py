@@ -407,6 +407,7 @@ def test_a_fork_server_is_replaced_after_n_forks_and_after_its_crash(engines, tm
         # A fork server killed outright: counted, replaced, and the next job still warm.
         os.kill(third["server_pid"], signal.SIGKILL)
         wait_until(lambda: ("ocp", "crash") in small.recycles, 30, what="the crash noticed")
+        wait_until(lambda: small.server_pid("ocp") not in (None, third["server_pid"]), 60, what="the successor")
         after = _brep_job(engine, tmp_path / "after-crash")
         assert (after.outcome, after.run.start) == ("ok", "warm")
         assert after.run.warm["server_pid"] != third["server_pid"]
@@ -427,6 +428,10 @@ def test_a_fork_server_is_replaced_when_its_engine_executable_changes(engines, t
         before = _brep_job(engine, tmp_path / "before")
         stat = wrapper.stat()
         os.utime(wrapper, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+        # The pool looks at the executable every second and replaces the server before a job comes.
+        wait_until(lambda: pool.recycles, 30, what="the change noticed")
+        wait_until(lambda: pool.server_pid("ocp") not in (None, before.run.warm["server_pid"]), 60,
+                   what="the successor")  # fmt: skip
         after = _brep_job(engine, tmp_path / "after")
         assert [(r.outcome, r.run.start) for r in (before, after)] == [("ok", "warm")] * 2
         assert before.run.warm["server_pid"] != after.run.warm["server_pid"]
@@ -462,7 +467,7 @@ def _fork_servers_of(pid: int) -> list[int]:
                 ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
             except (OSError, IndexError, ValueError):
                 continue
-            if ppid == pid and b"cadscope_warm.py" in cmdline and _alive(int(entry)):
+            if ppid == pid and cmdline.startswith(b"cadscope-warm\0") and _alive(int(entry)):
                 found.append(int(entry))
     return found
 
@@ -489,3 +494,84 @@ def test_the_worker_runs_jobs_warm_and_stops_its_fork_servers(producer, start_wo
         assert re.search(rf'^cadscope_warm_process_rss_bytes{{engine="{name}",[^}}]*}} [1-9]', text, re.M), name
     assert worker.stop() == 0
     assert not [pid for pid in servers if _alive(pid)]
+
+
+_RUNNER = """
+import sys
+from cadscope.freecad_bridge import RunLimits, run
+exe, script, socket_path = sys.argv[1:4]
+run([exe, script], warm=socket_path, run_name="hang", require_manifest=False, limits=RunLimits(timeout_s=300))
+"""
+_HANG = """
+import os, subprocess, time
+child = subprocess.Popen(["/bin/sleep", "300"], start_new_session=True)
+open({pidfile!r}, "w").write("%d %d" % (os.getpid(), child.pid))
+time.sleep(300)
+"""
+
+
+@pytest.mark.parametrize("engine_name", ["freecad", "ocp"])
+def test_a_warm_jobs_processes_die_with_the_process_that_started_it(engines, pool, tmp_path, engine_name):
+    """The process running ``run()`` (a pool process, here a Python of the test's own) is SIGKILLed
+    while its warm job and the job's own child run: both die, and the fork server lives on."""
+    import sys
+
+    pidfile = tmp_path / "pids"
+    script = tmp_path / "hang.py"
+    script.write_text(_HANG.format(pidfile=str(pidfile)))
+    runner = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-c", _RUNNER, engines[engine_name].argv[0], str(script), pool.socket_path(engine_name)],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    try:
+        wait_until(lambda: pidfile.exists() and pidfile.read_text().count(" ") == 1, 60, what="the job running")
+        job, grandchild = map(int, pidfile.read_text().split())
+        assert _alive(job) and _alive(grandchild)
+        runner.kill()
+        runner.wait(10)
+        wait_until(lambda: not _alive(job) and not _alive(grandchild), 10, what="the job's processes gone")
+    finally:
+        runner.kill()
+        runner.wait()
+    assert _alive(pool.server_pid(engine_name))
+
+
+_SPAN_THEN_HANG = """
+import json, os, time
+fd = int(os.environ["CADSCOPE_TELEMETRY_FD"])
+tp = os.environ["TRACEPARENT"].split("-")
+os.write(fd, (json.dumps({"t": "start", "id": "ab" * 8, "p": tp[2], "n": "occt.boolean",
+                          "ts": time.time_ns(), "a": {}}) + "\\n").encode())
+time.sleep(300)
+"""
+
+
+def test_an_exception_inside_the_runner_kills_a_warm_job_and_ends_its_spans(engines, pool, tmp_path):
+    """Celery's soft time limit raised inside poll() (here by SIGALRM): the warm job's group dies,
+    its open span ends as ERROR, and the fork server is untouched."""
+    from opentelemetry.trace import StatusCode
+
+    class SoftTimeLimitExceeded(Exception):
+        pass
+
+    def on_alarm(*_: object) -> None:
+        raise SoftTimeLimitExceeded()
+
+    script = tmp_path / "hang.py"
+    script.write_text(_SPAN_THEN_HANG)
+    provider, exporter = in_memory_provider()
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(3)
+    try:
+        with pytest.raises(SoftTimeLimitExceeded):
+            run([engines["ocp"].argv[0], str(script)], warm=pool.socket_path("ocp"), limits=RunLimits(timeout_s=60),
+                tracer_provider=provider)  # fmt: skip
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    sub = spans["cad.subprocess"]
+    assert sub.status.status_code is StatusCode.ERROR and sub.attributes["error.type"].endswith("SoftTimeLimitExceeded")
+    assert spans["occt.boolean"].attributes["error.type"] == "SoftTimeLimitExceeded"
+    wait_until(lambda: not _alive(sub.attributes["process.pid"]), 5, what="the warm job gone")
+    assert _alive(pool.server_pid("ocp"))

@@ -13,8 +13,10 @@ promises for a cold job holds (see ``docs/warm.md``).
 
 The pool replaces a fork server that asks for it (after ``max_forks`` forks,
 RSS grown past ``max_rss_growth`` bytes, the engine executable changed on
-disk, a thread in it) or that died: the successor binds a temporary path and
-renames it over the old one, so a runner connects to one or the other.
+disk, a thread in it) or that died, and looks at the engine executables every
+second so that a changed engine is replaced before a job finds it: the
+successor binds a temporary path and renames it over the old one, so a runner
+connects to one or the other.
 Recycles are counted (``cadscope_warm_recycles_total``, by reason).
 """
 
@@ -57,6 +59,8 @@ _REPLY_S = 10.0
 # How long the owner waits for a fork server to import its engine.
 _START_S = 60.0
 _MAX_REPLY = 1 << 16
+# How often the pool looks at the engine executables on disk.
+_CHECK_S = 1.0
 
 # The owner's supervisor thread and the processes the owner forks (the worker's
 # pool) both write metrics; a fork while the thread holds prometheus_client's
@@ -318,6 +322,7 @@ class WarmPool:
             **self.env,
             "CADSCOPE_WARM_SOCKET": self.socket_path(name),
             "CADSCOPE_WARM_EXE": executable,
+            "CADSCOPE_WARM_NAME": name,
             "CADSCOPE_WARM_CONTROL_FD": str(control_w),
             "CADSCOPE_WARM_PARENT": str(os.getpid()),
             "CADSCOPE_WARM_MAX_FORKS": str(self.max_forks),
@@ -384,12 +389,27 @@ class WarmPool:
     def _supervise(self) -> None:
         while True:
             try:
-                stop = self._step(None)
+                stop = self._step(_CHECK_S)
+                self._check_engines()
             except Exception:  # noqa: BLE001 - the pool's thread must outlive any one surprise
                 stop = False
                 time.sleep(0.1)
             if stop:
                 return
+
+    def _check_engines(self) -> None:
+        """Replace a fork server whose engine executable changed on disk, before a job finds out."""
+        with self._lock:
+            servers = list(self.servers.values())
+        for server in servers:
+            if not server.ready or server.retiring is not None:
+                continue
+            try:
+                changed = _identity(server.executable) != server.identity
+            except OSError:
+                changed = True
+            if changed:
+                self._retire(server, "engine_changed")
 
     def _step(self, timeout_s: float | None) -> bool:
         """One round: read the fork servers' lines, replace the retiring and the dead."""

@@ -12,7 +12,9 @@ files to open):
   ``CADSCOPE_WARM_PRELOAD_FROM``: a script whose top-level ``import`` and
   ``from ... import`` of ``OCP`` modules are imported;
 - ``CADSCOPE_WARM_EXE``: the engine executable, whose identity (inode, size,
-  modification time) is checked before every fork;
+  modification time) is checked before every fork; ``CADSCOPE_WARM_NAME``:
+  the engine's name, in the server's title (``ps``: ``cadscope-warm freecad``;
+  its keepers ``cadscope-keeper -- ARGV``, its jobs their own ``ARGV``);
 - ``CADSCOPE_WARM_CONTROL_FD``: a pipe to its owner, one line each:
   ``ready rss=B``, ``forked n=N rss=B``, ``retire reason=R``;
 - ``CADSCOPE_WARM_PARENT``, ``CADSCOPE_WARM_MAX_FORKS``,
@@ -60,6 +62,7 @@ sys.path.append(os.path.dirname(_HERE))  # _contain, the keeper: appended, so no
 import _contain  # noqa: E402
 
 _MAX_MESSAGE = 1 << 18
+_PR_SET_NAME = 15
 _FDS = 5
 _REQUEST_TIMEOUT_S = 5.0
 
@@ -67,6 +70,31 @@ _REQUEST_TIMEOUT_S = 5.0
 def _rss_bytes():
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _set_title(name, argv):
+    """This process's name (``comm``) and command line as ``ps`` and ``/proc`` show them.
+
+    The command line is rewritten in place, within the memory the kernel gave
+    it at exec (``arg_start`` to ``arg_end``), as ``setproctitle`` does; a
+    longer one is cut. A process forked from the server then shows its job's
+    script, not the server's."""
+    import ctypes
+
+    try:
+        if name:
+            _contain._LIBC.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+        if argv:
+            with open("/proc/self/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+            start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (fields 48 and 49)
+            size = end - start
+            data = b"\0".join(a.encode() for a in argv) + b"\0"
+            data = data[: size - 1] + b"\0" if len(data) > size else data.ljust(size, b"\0")
+            if start and size > 0:
+                ctypes.memmove(start, data, size)
+    except (OSError, ValueError, IndexError):
+        pass  # a title is for people: the job runs without it
 
 
 def _threads():
@@ -140,6 +168,7 @@ class _WarmKeeper(_contain.Keeper):
         # As the interpreter does at its start: the script's folder, then PYTHONPATH.
         extra = [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         sys.path[0:0] = [os.path.dirname(os.path.abspath(script)), *extra]
+        _set_title(os.path.basename(request["argv"][0]), request["argv"])
         raise _contain.JobReady(request)
 
 
@@ -148,6 +177,7 @@ class Server:
         env = os.environ
         self.path = env["CADSCOPE_WARM_SOCKET"]
         self.exe = env["CADSCOPE_WARM_EXE"]
+        self.name = env.get("CADSCOPE_WARM_NAME", "engine")
         self.control = int(env["CADSCOPE_WARM_CONTROL_FD"])
         self.parent = int(env["CADSCOPE_WARM_PARENT"])
         self.max_forks = int(env.get("CADSCOPE_WARM_MAX_FORKS", "0")) or None
@@ -189,6 +219,7 @@ class Server:
             if name.startswith("CADSCOPE_WARM_"):
                 del os.environ[name]
         self.preload()
+        _set_title("cadscope-warm", ["cadscope-warm", self.name])
         self.engine_fds = {int(fd) for fd in os.listdir("/proc/self/fd")} - {0, 1, 2, self.control}
         self.engine_fds = {fd for fd in self.engine_fds if _is_open(fd)}
         if _threads() != 1:
@@ -339,6 +370,7 @@ class Server:
             self.keepers.clear()
             _contain._close_all_but({0, 1, 2, *self.engine_fds, *fds.values()})
             os.setsid()
+            _set_title("cadscope-keep", ["cadscope-keeper", "--", *request["argv"]])
             limits = request.get("limits") or {}
             argv = ["--parent", str(int(request.get("parent", 0))), "--status-fd", str(fds["status"])]
             for option in ("memory", "cpu", "file-size", "processes"):
