@@ -72,6 +72,12 @@ os.register_at_fork(
 )
 
 
+def _kind(name: str) -> str:
+    """The engine of a pool's name: ``ocp`` of ``ocp@8.0.1`` (engines side by side are keyed by
+    pool; a socket is named by the engine and its executable, which tell them apart)."""
+    return name.split("@", 1)[0]
+
+
 def warm_socket_path(engine: str, executable: str, directory: str | None = None) -> str | None:
     """Where the fork server of ``engine`` run by ``executable`` listens (None: no pool here)."""
     directory = directory or os.environ.get(WARM_DIR_ENV)
@@ -210,7 +216,7 @@ class _Server:
 class WarmPool:
     """The fork servers of one worker host, kept alive and recycled by a thread of their owner.
 
-    ``engines``: name -> (executable, versions dict with ``freecad_version`` and
+    ``engines``: engine or pool name (``ocp``, ``ocp@8.0.1``) -> (executable, versions dict with ``freecad_version`` and
     ``occt_version``). ``metrics``: a :class:`~cadscope.metrics.Catalogue` for
     recycles and the fork servers' RSS (none: not counted). The fork servers
     start with the environment a cold engine gets (the allowlist, FreeCAD's
@@ -229,7 +235,7 @@ class WarmPool:
     ) -> None:
         if max_forks < 1 or max_rss_growth < 1:
             raise ValueError("max_forks and max_rss_growth must be positive")
-        unknown = set(engines) - {"freecad", "ocp"}
+        unknown = {name for name in engines if _kind(name) not in ("freecad", "ocp")}
         if unknown:
             raise ValueError(f"no warm engine named {sorted(unknown)}")
         self.engines = {name: (exe, dict(v)) for name, (exe, v) in engines.items()}
@@ -289,7 +295,7 @@ class WarmPool:
         self.stop()
 
     def socket_path(self, engine: str) -> str:
-        path = warm_socket_path(engine, self.engines[engine][0], self.directory)
+        path = warm_socket_path(_kind(engine), self.engines[engine][0], self.directory)
         assert path is not None
         return path
 
@@ -328,7 +334,7 @@ class WarmPool:
             "CADSCOPE_WARM_MAX_FORKS": str(self.max_forks),
             "CADSCOPE_WARM_MAX_RSS_GROWTH": str(self.max_rss_growth),
         }
-        if name == "freecad":
+        if _kind(name) == "freecad":
             env["CADSCOPE_WARM_PRELOAD"] = _FREECAD_PRELOAD
         else:
             env["CADSCOPE_WARM_PRELOAD_FROM"] = str(CHILD_DIR / "engine_ocp.py")
@@ -378,13 +384,14 @@ class WarmPool:
         if self.metrics is not None:
             v = server.versions
             with _METRICS_LOCK:
-                self.metrics.warm_recycles.labels(server.engine, bound("recycle_reason", reason), *_versions(v)).inc()
+                reason_label = bound("recycle_reason", reason)
+                self.metrics.warm_recycles.labels(_kind(server.engine), reason_label, *_versions(v)).inc()
 
     def _set_rss(self, server: _Server) -> None:
         if self.metrics is not None:
             v = server.versions
             with _METRICS_LOCK:
-                self.metrics.warm_process_rss.labels(server.engine, *_versions(v)).set(server.rss)
+                self.metrics.warm_process_rss.labels(_kind(server.engine), *_versions(v)).set(server.rss)
 
     def _supervise(self) -> None:
         while True:
