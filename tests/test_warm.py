@@ -575,3 +575,22 @@ def test_an_exception_inside_the_runner_kills_a_warm_job_and_ends_its_spans(engi
     assert spans["occt.boolean"].attributes["error.type"] == "SoftTimeLimitExceeded"
     wait_until(lambda: not _alive(sub.attributes["process.pid"]), 5, what="the warm job gone")
     assert _alive(pool.server_pid("ocp"))
+
+
+@pytest.mark.bench
+def test_the_warm_engines_benchmark_runs(tmp_path):
+    """A smoke run of ``bench/warm_engines.py`` (no timing is asserted): its tables are written."""
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "results.md"
+    proc = subprocess.run(  # noqa: S603
+        [sys.executable, str(repo / "bench" / "warm_engines.py"), "--pairs", "1", "--skip", "throughput",
+         "--memory-jobs", "10", "--write", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=repo / "bench",
+        env={**os.environ, "PYTHONPATH": str(repo)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = out.read_text()
+    assert "| freecad | standard (plate, STEP + STL) |" in text and "| ocp | plate, STEP only |" in text
+    assert "| 10 | " in text and "growth since 10 jobs" in text

@@ -3,7 +3,9 @@
 Standard library only, run by the worker's own interpreter
 (``python -I -S -c "...; _contain.main(sys.argv[1:])" OPTIONS -- ARGV``, or
 ``python -I -S _contain.py OPTIONS -- ARGV``), never imported by the worker.
-It stays for the whole job and
+A warm engine's fork server (``child/cadscope_warm.py``) imports it and forks
+the same keeper for each job, whose engine is then a fork set up for the job
+(``Keeper.launch``) instead of an exec. It stays for the whole job and
 
 - marks itself a child subreaper (``PR_SET_CHILD_SUBREAPER``): a process the
   engine starts stays in the keeper's subtree, even one that calls

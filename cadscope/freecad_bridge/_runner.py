@@ -13,6 +13,11 @@
   it. The runner starts the keeper with ``vfork()``, as ``subprocess`` does
   without a ``preexec_fn``; a ``preexec_fn`` would force a full ``fork()`` of
   the worker.
+- Or, with ``warm=``, a warm engine (``_warm.py``) forks the keeper and the
+  keeper forks the engine's process, set up for the job before its code
+  runs; the runner watches and signals the keeper through a pidfd, and gets
+  its wait status from the fork server. Should the warm engine not answer,
+  the job starts cold, and says why.
 - The engine has its own process group; on timeout it gets SIGTERM, then,
   after a grace period, the whole job SIGKILL. Stdin closed; the engine's
   peak memory from ``wait4()``'s ``ru_maxrss``, its peak address space
