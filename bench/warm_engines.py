@@ -224,7 +224,7 @@ def main() -> int:
     parser.add_argument("--skip", action="append", default=[], choices=["latency", "throughput", "memory"])
     parser.add_argument("--write")
     args = parser.parse_args()
-    engines = dict(discover_engines())
+    engines = {name: info for name, info in discover_engines().items() if "@" not in name}  # one per kind
     lines = [f"\n### Warm engines ({time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, "
              f"Python {platform.python_version()})\n"]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:

@@ -51,6 +51,7 @@ def _versions(engines: Any) -> dict[str, tuple[str, dict[str, str]]]:
     return {
         name: (info.argv[0], {"freecad_version": info.freecad_version, "occt_version": info.occt_version})
         for name, info in engines.items()
+        if "@" not in name  # the default engine of each kind; "ocp@8.0.1" names the same one
     }
 
 

@@ -50,8 +50,9 @@ _SERVER = CHILD_DIR / "cadscope_warm.py"
 # their start, no more. Importing a module can change what later calls do: FreeCAD's
 # ``Import`` applies the user's STEP preferences to OCCT when it loads (the schema of
 # every STEP file ``Part`` writes after it), so a preloaded ``Import`` would make a
-# warm job write other files than a cold one.
-_FREECAD_PRELOAD = "FreeCAD,Part"
+# warm job write other files than a cold one. ``engine_freecad.py`` loads Mesh and MeshPart at
+# its start (its STL exports mesh with them).
+_FREECAD_PRELOAD = "FreeCAD,Part,Mesh,MeshPart"
 # How long a runner waits for a fork server's successor (a recycle) before it starts cold.
 SUCCESSOR_WAIT_S = 5.0
 # A fork server answers at once: it only forks. Past this it is stuck, and the job starts cold.

@@ -206,7 +206,8 @@ def _start_warm_engines(engines: Any, observability: Any) -> None:
         max_forks = int(os.environ.get("CADSCOPE_WARM_MAX_FORKS", DEFAULT_WARM_MAX_FORKS))
         growth = int(os.environ.get("CADSCOPE_WARM_MAX_RSS_GROWTH_MB", DEFAULT_WARM_MAX_RSS_GROWTH_MB)) << 20
         pool = WarmPool(
-            {name: (info.argv[0], info.as_dict()) for name, info in engines.items()},
+            # One per engine pool: discovery also names each kind's default engine ("ocp").
+            {info.pool: (info.argv[0], info.as_dict()) for info in engines.values()},
             max_forks=max_forks,
             max_rss_growth=growth,
             metrics=observability.metrics,
