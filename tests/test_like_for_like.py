@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
-from cadscope.freecad_bridge import JobOptions, JobSpec, pick_engine, run_cad_job
+from cadscope.freecad_bridge import EngineInfo, JobOptions, JobSpec, pick_engine, run_cad_job
 from cadscope.metrics import ModelObservability
 from cadscope.metrics._catalogue import Catalogue
 from cadscope.tracing.testing import in_memory_provider
@@ -50,8 +50,13 @@ def test_the_options_have_one_default_and_are_bounded():
         assert "options" in str(refused.value)
 
 
-def test_a_serial_boolean_is_refused_on_freecad_and_routed_to_ocp(engines):
+def test_a_serial_boolean_is_refused_on_freecad_and_routed_to_ocp():
     """FreeCAD's booleans always run in parallel: ``parallel=false`` names OCP or is refused."""
+    formats = frozenset({"step", "stl", "brep", "iges"})
+    engines = {
+        "freecad": EngineInfo("freecad", ("freecadcmd",), "0.20.2", "7.6.3", formats | {"obj"}),
+        "ocp": EngineInfo("ocp", ("python",), "none", "8.0.1", formats),
+    }
     with pytest.raises(ValidationError, match="parallel"):
         _job(PLATE, "freecad", parallel=False)
     job = _job(PLATE, "auto", parallel=False)
