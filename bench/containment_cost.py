@@ -114,6 +114,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-contain-"))
     try:
         for name, engine in sorted(discover_engines().items()):
+            if "@" in name:
+                continue  # a pool name of an engine listed under its kind too
             out = work / name
             (out / ".cadscope").mkdir(parents=True)
             job = out / ".cadscope" / "job.json"

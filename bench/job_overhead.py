@@ -139,7 +139,7 @@ def main() -> int:
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     parser.add_argument("--write", help="append a results section to this Markdown file")
     args = parser.parse_args()
-    engines = discover_engines()
+    engines = {name: info for name, info in discover_engines().items() if "@" not in name}  # one per kind
     metrics_dir = tempfile.mkdtemp(prefix="bench-metrics-")
     with contextlib.ExitStack() as stack:
         # Telemetry on: spans to a collector in another process, metrics in multiprocess files.

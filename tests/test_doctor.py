@@ -70,8 +70,8 @@ def test_real_engines_a_broker_that_answers_a_token_never_printed(redis_url, eng
     lines = _lines(result)
     freecad, ocp = engines["freecad"], engines["ocp"]
     assert lines["engine"] == [
-        f"ok freecad: FreeCAD {freecad.freecad_version}, OCCT {freecad.occt_version} ({freecad.argv[0]})",
-        f"ok ocp: OCCT {ocp.occt_version} ({ocp.argv[0]})",
+        f"ok {freecad.pool}: FreeCAD {freecad.freecad_version}, OCCT {freecad.occt_version} ({freecad.argv[0]})",
+        f"ok {ocp.pool}: OCCT {ocp.occt_version} ({ocp.argv[0]})",
     ]
     assert lines["broker"] == [f"ok {redis_url} answers"]
     assert lines["token"] == ["ok API token set (CADSCOPE_API_TOKEN)"]

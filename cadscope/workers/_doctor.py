@@ -43,12 +43,12 @@ def _engines() -> list[Check]:
         "ocp": "OCP not importable by the engine's Python (pip install 'cadscope[ocp]', or set CADSCOPE_OCP_PYTHON)",
     }
     for name in ("freecad", "ocp"):
-        info = found.get(name)
-        if info is None:
+        if name not in found:
             checks.append(Check("warn", "engine", f"{name}: {hints[name]}"))
-            continue
+    # Every engine pool (several OCP interpreters may run side by side), each once.
+    for pool, info in sorted({info.pool: info for info in found.values()}.items()):
         versions = f"FreeCAD {info.freecad_version}, " if info.freecad_version != "none" else ""
-        checks.append(Check("ok", "engine", f"{name}: {versions}OCCT {info.occt_version} ({info.argv[0]})"))
+        checks.append(Check("ok", "engine", f"{pool}: {versions}OCCT {info.occt_version} ({info.argv[0]})"))
     if not found:
         checks.append(Check("fail", "engine", "no CAD engine found: a worker cannot run a job"))
     return checks
