@@ -66,14 +66,32 @@ class Panel:
 
     @property
     def has_data(self) -> bool:
+        if self.kind == "row":
+            return True  # a row is a heading: it has nothing to show
         return bool(self.rows) or any(any(math.isfinite(v) for v in values) for _, _, values in self.series)
 
 
-def _expr(expr: str, rate_interval: str, range_s: int) -> str:
-    # As Grafana fills them with every variable set to "All" (its allValue, .*).
+# The version comparison row's two variables: versions the per-version recording rule lists.
+VERSIONS_QUERY = "group by (version) (cadscope:version_stage_duration_seconds:p95_30m)"
+
+
+def _expr(expr: str, rate_interval: str, range_s: int, chosen: tuple[str, str] = ("", "")) -> str:
+    # As Grafana fills them with every variable set to "All" (its allValue, .*), and the version
+    # comparison row's two with the versions chosen.
     for name in ("freecad_version", "occt_version", "flow_type"):
         expr = expr.replace(f"${name}", ".*")
+    expr = expr.replace("$baseline", chosen[0]).replace("$candidate", chosen[1])
     return expr.replace("$__rate_interval", rate_interval).replace("$__range", f"{range_s}s")
+
+
+def choose_versions(versions: list[str]) -> tuple[str, str]:
+    """The baseline and the candidate for the version row: the oldest OCCT first (``fc/occt`` labels)."""
+
+    def key(version: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in re.findall(r"\d+", version.rsplit("/", 1)[-1]))
+
+    ordered = sorted(versions, key=key)
+    return (ordered[0], ordered[-1]) if ordered else ("", "")
 
 
 def _legend(template: str, labels: dict[str, str]) -> str:
@@ -96,10 +114,13 @@ def query_panels(
                 raise RuntimeError(f"Prometheus refused {params.get('query')!r}: {body.get('error')}")
             return list(body["data"]["result"])
 
+        chosen = choose_versions(
+            [r["metric"].get("version", "") for r in get("/api/v1/query", query=VERSIONS_QUERY, time=end)]
+        )
         for spec in json.loads(board.read_text())["panels"]:
             panel = Panel(spec["title"], spec["type"])
             for target in spec["targets"]:
-                expr = _expr(target["expr"], rate_interval, int(end - start))
+                expr = _expr(target["expr"], rate_interval, int(end - start), chosen)
                 if spec["type"] == "table":
                     for result in get("/api/v1/query", query=expr, time=end):
                         panel.rows.append({**result["metric"], "value": result["value"][1]})
@@ -130,6 +151,10 @@ def draw(panels: list[Panel], out: Path, *, board: Path = BOARD, title: str = ""
     if title:
         figure.suptitle(title, color="#d8d9da", fontsize=15, y=0.997)
     for panel, pos in zip(panels, layout, strict=True):
+        if panel.kind == "row":
+            figure.text(0.02 + 0.97 * pos["x"] / 24, 0.985 - 0.975 * (pos["y"] + 0.5) / rows, panel.title,
+                        color="#d8d9da", fontsize=14, weight="bold", va="center")  # fmt: skip
+            continue
         axes = figure.add_subplot(grid[pos["y"] + 1 : pos["y"] + pos["h"], pos["x"] : pos["x"] + pos["w"]])
         axes.set_facecolor("#181b1f")
         axes.set_title(panel.title, color="#d8d9da", fontsize=12, loc="left")
@@ -358,6 +383,8 @@ def record_run(workdir: Path, *, jobs: int = 14, log: Any = None) -> tuple[str, 
             return bool(alerts)
 
         _wait(alerting, 90, "an alert pending")
+        _wait(lambda: len(httpx.get(f"{url}/api/v1/query", params={"query": VERSIONS_QUERY}, timeout=10)
+                          .json()["data"]["result"]) >= 2, 90, "the per-version recording rules")  # fmt: skip
         time.sleep(3)  # the last scrapes
         return url, start, time.time(), stop
     except BaseException:
