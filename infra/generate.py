@@ -28,23 +28,22 @@ RUNBOOKS = "https://github.com/cadscope/cadscope/blob/main/docs/runbooks"
 
 GiB = 1 << 30
 THRESHOLDS = {
-    "failure_ratio": 0.10,  # seed 003: > 10 % of flows fail over 5 m
-    "worker_restarts_per_s": 0.1,  # seed 003: > 0.1 CAD process restarts per second
-    "ai_error_ratio": 0.10,  # seed 003: > 10 % provider errors
-    "generation_p95_s": 300,  # seed 003: P95 of a flow > 5 minutes
-    "boolean_p95_s": 30,  # seed 003: P95 of an OCCT boolean > 30 s
-    # Seed 003's "> 1.5 GB" is read as 1.5 GiB (1,610,612,736 bytes), in the units the seed
-    # itself counts memory in where it writes a number ("memory_bytes=536870912  # 512MB"), the
-    # units of the memory histogram's other boundaries (32 MiB ... 8 GiB) and of what an operator
-    # compares it with (ps and top, Docker's "1.5g", Kubernetes' "1.5Gi"). Read as 1.5e9 bytes, a
-    # process at 1.45 GiB would alert though it is below 1.5 GB as the seed counts.
+    "failure_ratio": 0.10,  # > 10 % of flows fail over 5 m
+    "worker_restarts_per_s": 0.1,  # > 0.1 CAD process restarts per second
+    "ai_error_ratio": 0.10,  # > 10 % provider errors
+    "generation_p95_s": 300,  # P95 of a flow > 5 minutes
+    "boolean_p95_s": 30,  # P95 of an OCCT boolean > 30 s
+    # "> 1.5 GB" is read as 1.5 GiB (1,610,612,736 bytes): the units of the memory histogram's
+    # other boundaries (32 MiB ... 8 GiB) and of what an operator compares it with (ps and top,
+    # Docker's "1.5g", Kubernetes' "1.5Gi"). Read as 1.5e9 bytes, a process at 1.45 GiB would
+    # alert though it is below 1.5 GB as those tools count.
     "occt_memory_bytes": 1.5 * GiB,
-    "a4_solve_p95_s": 15,  # seed 003: P95 of an Assembly4 solve > 15 s
-    "a4_iterations_p95": 200,  # seed 003: P95 of solver iterations > 200
-    "http_latency_avg_s": 0.5,  # seed 002: mean request latency > 500 ms
-    "http_error_ratio": 0.05,  # seed 002: > 5 % 5xx
-    "ai_latency_p95_s": 30,  # seed 004: provider latency > 30 s
-    "ai_rate_limit_remaining": 0.10,  # seed 004: < 10 % of the provider's rate limit left
+    "a4_solve_p95_s": 15,  # P95 of an Assembly4 solve > 15 s
+    "a4_iterations_p95": 200,  # P95 of solver iterations > 200
+    "http_latency_avg_s": 0.5,  # mean request latency > 500 ms
+    "http_error_ratio": 0.05,  # > 5 % 5xx
+    "ai_latency_p95_s": 30,  # provider latency > 30 s
+    "ai_rate_limit_remaining": 0.10,  # < 10 % of the provider's rate limit left
     "spans_dropped_per_s": 0,  # any span the collector never got, sustained for 10 m
     "queue_messages": 50,  # backlog: more than 50 jobs waiting for 10 minutes
     "slo_success": 0.99,  # 99 % of flows succeed (28-day SLO); burn rates per the SRE workbook
@@ -710,7 +709,7 @@ def rule_tests() -> dict[str, Any]:
     return {"rule_files": ["../rules/cadscope.rules.yml"], "evaluation_interval": "1m", "tests": tests}
 
 
-# -- the dashboard: seed 003's 16 panels, then seed 002's API panels ------------------------
+# -- the dashboard: the CAD fleet's 16 panels, then the API's ------------------------
 
 SEL = 'freecad_version=~"$freecad_version", occt_version=~"$occt_version"'
 FSEL = f'flow_type=~"$flow_type", {SEL}'
@@ -806,7 +805,7 @@ PANELS: list[dict[str, Any]] = [
           "CAD peak memory p95 {{engine}} " + LEGEND_V),
         q(f"sum by (reason, {V}) (increase(freecad_worker_restarts_total{{{SEL}}}{RATE}))",
           "restarts ({{reason}}) " + LEGEND_V)]},
-    # Seed 002: the API.
+    # The API.
     {"title": "API Request Rate", "unit": "reqps", "versions": False,
      "description": "Requests per second by route (monitoring routes left out).",
      "targets": [

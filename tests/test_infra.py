@@ -82,7 +82,7 @@ LABELS = {
     "__rate_interval",
     "__range",
 }
-SEED_PANELS = [  # seed 003's 16 panels, in its order
+CAD_PANELS = [  # the CAD fleet's 16 panels, in their order
     "Model Generation Success Rate",
     "P95 Latencies by Flow",
     "Active Flows",
@@ -100,7 +100,7 @@ SEED_PANELS = [  # seed 003's 16 panels, in its order
     "Workbench Usage",
     "Worker Resources",
 ]
-SEED_002_PANELS = {"API Request Rate", "API Latency", "API Errors", "Active Alerts"}
+API_PANELS = {"API Request Rate", "API Latency", "API Errors", "Active Alerts"}
 BOARD = INFRA / "grafana" / "dashboards" / "cadscope-model-generation.json"
 
 
@@ -145,7 +145,7 @@ def test_promtool_checks_and_unit_tests_every_alert():
             assert cases[2]["promql_expr_test"][0]["exp_samples"], alert
         else:
             assert fires == [True, False], alert
-    seed = {
+    required = {
         "ModelGenerationHighFailureRate",
         "FreeCADWorkerFailure",
         "AIProviderHighErrorRate",
@@ -158,11 +158,11 @@ def test_promtool_checks_and_unit_tests_every_alert():
         "HighErrorRate",
         "InstanceDown",
     }
-    assert seed <= set(alerts)
+    assert required <= set(alerts)
 
 
-def test_the_memory_alert_reads_the_seeds_1_5_gb_in_its_units_on_a_real_bucket_boundary():
-    """Seed 003 counts memory in binary units (``536870912  # 512MB``): 1.5 GB is 1.5 GiB, and
+def test_the_memory_alert_reads_1_5_gb_in_binary_units_on_a_real_bucket_boundary():
+    """Memory is counted in binary units, as ps, Docker and Kubernetes count it: 1.5 GB is 1.5 GiB, and
     the alert's ``le`` is a boundary the memory histogram really exposes."""
     assert generate.THRESHOLDS["occt_memory_bytes"] == 1536 * 2**20
     registry = CollectorRegistry()
@@ -325,10 +325,10 @@ def _unit(panel: dict[str, Any], ref_id: str) -> str:
     return str(panel["fieldConfig"]["defaults"]["unit"])
 
 
-def test_dashboard_has_the_seed_panels_variables_and_version_legends():
+def test_dashboard_has_the_fleet_panels_variables_and_version_legends():
     board = json.loads(BOARD.read_text())
     titles = [p["title"] for p in board["panels"]]
-    assert titles[:16] == SEED_PANELS and SEED_002_PANELS <= set(titles[16:])
+    assert titles[:16] == CAD_PANELS and API_PANELS <= set(titles[16:])
     variables = ["freecad_version", "occt_version", "flow_type", "baseline", "candidate"]
     assert [v["name"] for v in board["templating"]["list"]] == variables
     for panel, spec_ in zip(board["panels"], generate.PANELS, strict=True):
@@ -357,7 +357,7 @@ def test_dashboard_has_the_seed_panels_variables_and_version_legends():
     assert "cadscope_subprocess_cpu_seconds_total" in by_metric
     assert _unit(resources, by_metric["cadscope_subprocess_peak_memory_bytes_bucket"]["refId"]) == "bytes"
     assert _unit(resources, by_metric["freecad_worker_restarts_total"]["refId"]) == "short"
-    # Seed 002: the latency panel shows what HighRequestLatency counts; the alerts table, pending and firing.
+    # The API: the latency panel shows what HighRequestLatency counts; the alerts table, pending and firing.
     # The version comparison row: each of its panels reads both chosen version pairs.
     row = titles.index("Version comparison")
     assert board["panels"][row]["type"] == "row"

@@ -1,4 +1,4 @@
-"""The catalogue: seed-003 names, version labels, bounded label values, helpers."""
+"""The catalogue: the model-generation metric names, version labels, bounded label values, helpers."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from cadscope.metrics import (
 )
 from cadscope.tracing.testing import in_memory_provider
 
-# Seed 003's families (exposition names) and the labels it gives them.
+# The model-generation metric families (exposition names) and their labels.
 SEED_003 = {
     "model_generation_started_total": {"flow_type"},
     "model_generation_completed_total": {"flow_type", "status"},

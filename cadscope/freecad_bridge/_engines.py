@@ -205,7 +205,7 @@ USER_CODE_READ_BATCH_S = 0.05
 
 
 class ChildTelemetry:
-    """Maps the child's probe spans and metric events onto the seed-003 metrics."""
+    """Maps the child's probe spans and metric events onto the catalogue's CAD metrics."""
 
     def __init__(
         self,

@@ -1,8 +1,7 @@
 """Every cadscope metric, defined once: name, help, bounded labels, buckets.
 
-Names and labels are those of seed 003; every CAD metric also carries
-``freecad_version`` and ``occt_version`` (the seed's acceptance: "all metrics
-exported with version labels"). Label values are bounded: counts become
+Every CAD metric carries ``freecad_version`` and ``occt_version``, so every
+dashboard and alert can be split by engine version. Label values are bounded: counts become
 ranges, free text never becomes a label, an unknown value becomes ``other``.
 """
 
@@ -47,12 +46,12 @@ SOLVER_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 15,
 ITERATION_BUCKETS = (1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000)
 # Exports: milliseconds for a BREP, a minute for a fine STL of a big assembly.
 EXPORT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-# Process memory: FreeCAD starts near 80 MiB; 1.5 GiB is OCCTHighMemoryUsage (the seed's "1.5 GB",
-# read in the binary units the seed counts memory in: see infra/generate.py).
+# Process memory: FreeCAD starts near 80 MiB; 1.5 GiB is OCCTHighMemoryUsage ("1.5 GB", read in
+# binary units: see infra/generate.py).
 MEMORY_BUCKETS = (32 << 20, 64 << 20, 128 << 20, 256 << 20, 512 << 20, 1 << 30, 1536 << 20, 2 << 30, 4 << 30, 8 << 30)
 # Time in the queue: from immediate to an hour of backlog.
 QUEUE_WAIT_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
-# Hosted model calls: seconds; 30 s is seed 004's provider latency alert.
+# Hosted model calls: seconds; 30 s is the provider latency alert's threshold.
 AI_LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
 
 # -- bounded label values ---------------------------------------------------------
@@ -101,7 +100,7 @@ ALLOWED_LABEL_VALUES: dict[str, frozenset[str]] = {
         }
     ),
     "operation": frozenset({"union", "cut", "common", "section", "general_fuse"}),
-    # The seed's fillet and chamfer, and what the user's own FreeCAD/OCP code runs (Part's and
+    # Fillet and chamfer, and what the user's own FreeCAD/OCP code runs (Part's and
     # PartDesign's features, as the auto-instrumentation names them).
     "feature": frozenset(
         {
@@ -464,7 +463,7 @@ class Catalogue:
         self.telemetry_rejected = counter(
             "cadscope_telemetry_events_rejected", "Child telemetry events dropped, by reason.", ("reason",)
         )
-        # Input documents (the upload flow; seed 000's integrity and cache metrics in CAD terms)
+        # Input documents (the upload flow: integrity and cache metrics in CAD terms)
         self.security_violations = counter(
             "cadscope_security_violations", "Security violations, by type and severity.", ("violation_type", "severity")
         )

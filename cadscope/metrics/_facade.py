@@ -1,4 +1,4 @@
-"""The seed's observability helpers as one facade: spans plus metrics.
+"""The model-generation observability helpers as one facade: spans plus metrics.
 
 Each ``observe_*`` context manager opens a span, times its body with a
 monotonic clock, records the metric in ``finally`` and re-raises the body's
@@ -71,7 +71,7 @@ class _never_raise:  # lower case, as contextlib.suppress: read as a with statem
 
 
 class ModelObservability:
-    """Seed 003's ``model_observability``, over a :class:`Catalogue`."""
+    """The ``model_observability`` helpers, over a :class:`Catalogue`."""
 
     def __init__(self, catalogue: Catalogue | None = None, tracer_provider: trace.TracerProvider | None = None):
         self.metrics = catalogue if catalogue is not None else Catalogue()

@@ -3,7 +3,7 @@
 The worker validates a job with pydantic and hands the child its JSON. This
 module walks it in stages and calls an engine *backend* (FreeCAD or OCP) for
 every geometric operation, wrapping each in a probe span whose name and
-attributes the worker maps onto the seed-003 metrics:
+attributes the worker maps onto the catalogue's CAD metrics:
 
     cad.stage <stage>       stage=generate|assemble|export|validate_export
     document.create         (source=new)
