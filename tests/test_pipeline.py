@@ -55,7 +55,7 @@ def _submit(tracer, spec, queue):
 def test_one_trace_from_the_publisher_to_the_deepest_occt_span(producer, start_worker, otlp_receiver, engines):
     worker = start_worker(env=_worker_env(otlp_receiver))
     submitted = [_submit(producer, {**PLATE, "engine": name}, worker.queue) for name in ("freecad", "ocp")]
-    # The assembly job covers the Assembly4 families, so every seed family has samples.
+    # The assembly job covers the Assembly4 families, so every CAD metric family has samples.
     assemblies = [_submit(producer, {**ASSEMBLY, "engine": name}, worker.queue) for name in ("freecad", "ocp")]
     for job_id, _trace_id, handle in submitted + assemblies:
         result = handle.get(timeout=180)

@@ -186,7 +186,7 @@ def test_an_unchanged_freecad_script_gives_the_json_jobs_spans_and_metrics_and_t
     assert failed == {("occt.feature", "OCCError"), ("occt.boolean", "TypeError"), ("export", "OCCError"),
                       ("document.load", "OSError")}  # fmt: skip
 
-    # The seed's metrics, with the versions the engine reported.
+    # The catalogue's CAD metrics, with the versions the engine reported.
     versions = (freecad.freecad_version, freecad.occt_version)
     registry = _recorded_metrics(recorder, versions)
     v = {"freecad_version": versions[0], "occt_version": versions[1]}

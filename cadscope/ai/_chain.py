@@ -247,7 +247,7 @@ class ProviderChain:
                 obs.set_ai_rate_limit_remaining(provider.name, response.rate_limit_remaining)
 
     def check(self, prompt: str = "a 10 x 10 x 2 mm plate") -> dict[str, dict[str, Any]]:
-        """The synthetic check (seed 004): the same tiny prompt through every
+        """The synthetic check: the same tiny prompt through every
         provider on its own, breakers bypassed, metrics recorded."""
         report: dict[str, dict[str, Any]] = {}
         for provider in self.providers:

@@ -1,4 +1,4 @@
-"""Synthetic transaction monitoring (seed 004): a tiny prompt through every
+"""Synthetic transaction monitoring: a tiny prompt through every
 provider on a schedule, so a dead provider shows before a user finds it."""
 
 from __future__ import annotations

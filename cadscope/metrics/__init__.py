@@ -1,4 +1,4 @@
-"""The cadscope metric catalogue, the seed's helpers, and multiprocess exposition.
+"""The cadscope metric catalogue, its observability helpers, and multiprocess exposition.
 
 Usage::
 

@@ -7,7 +7,7 @@ The command runs through the runner the workers use (own process group,
 allowlisted environment, trace context, telemetry pipe), with cadscope's
 child folder first on ``PYTHONPATH``: a Python it starts (FreeCAD's or any
 other) turns auto-instrumentation on, so the script's FreeCAD and OCP calls
-become spans and seed-003 metrics without a change to it. Afterwards ``DIR``
+become spans and the catalogue's metrics without a change to it. Afterwards ``DIR``
 holds ``traces.jsonl`` (OTLP/JSON), ``metrics.prom``, ``summary.json`` and the
 command's ``stdout.log``/``stderr.log``; the waterfall and the classified
 outcome are printed, and the exit status is non-zero when the command failed.

@@ -5,7 +5,7 @@ when the broker is Redis, a JSON-lines file under the data directory for the
 embedded broker. Streams expire (``PROGRESS_TTL_S``). The last event of every
 job is ``job.finished``.
 
-The progress service has seed 003's calls (``publish_document_progress``,
+The progress service has the model-generation progress calls (``publish_document_progress``,
 ``publish_assembly4_progress``, ...) and counts every event it publishes.
 Publishing never raises into a job: a progress store that is down loses
 progress events (counted), not jobs.
@@ -383,7 +383,7 @@ def progress_store(broker_url: str | None, data_dir: str | os.PathLike[str]) -> 
 
 
 class ProgressService:
-    """Seed 003's progress calls; each appends an event and counts it."""
+    """The model-generation progress calls; each appends an event and counts it."""
 
     def __init__(self, store: ProgressStore) -> None:
         self.store = store

@@ -3,7 +3,7 @@
 Switched on by ``sitecustomize`` in this folder when cadscope starts a process
 with this folder on ``PYTHONPATH`` (``cadscope exec``, ``script`` and
 ``template`` jobs); the user's script is not changed. Each entry point below
-gives the span name, attributes and seed-003 metrics cadscope's JSON jobs give:
+gives the span name, attributes and metrics cadscope's JSON jobs give:
 
 =================== ===========================================================================
 span                entry points
