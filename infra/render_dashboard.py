@@ -134,7 +134,7 @@ def query_panels(
     return panels
 
 
-def draw(panels: list[Panel], out: Path, *, board: Path = BOARD, title: str = "", dpi: int = 42) -> None:
+def draw(panels: list[Panel], out: Path, *, board: Path = BOARD, title: str = "", dpi: int = 38) -> None:
     """The panels in the dashboard's grid (24 columns), one PNG."""
     import matplotlib
 
