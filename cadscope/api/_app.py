@@ -54,6 +54,8 @@ _SAFE_LOC = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_JSON_DEPTH = 32  # a job spec nests 8 deep; bounded work for anything deeper
 STREAM_POLL_S = 0.5
 STREAM_KEEPALIVE_S = 10.0
+# A finished job whose result the backend does not hold yet (its last event can come first).
+_NOT_STORED = object()
 
 
 @dataclass(frozen=True)
@@ -429,9 +431,13 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
                        if e.get("type") == "stage.finished"],
             "submitted_at": next((e["ts"] for e in kinds if e.get("type") == "job.submitted"), None),
         }  # fmt: skip
-        if finished:
+        result = await run_in_threadpool(_result, job_id, True) if finished else None
+        if result is _NOT_STORED:
+            # The job's last event is out, its result not stored yet: finished only with its result,
+            # so that a client never reads a success without its artifacts.
+            body["state"] = "running"
+        elif finished:
             body.update({k: finished.get(k) for k in ("status", "outcome", "error_type", "duration_s")})
-            result = await run_in_threadpool(_result, job_id)
             if isinstance(result, dict):
                 for key in (
                     "artifacts",
@@ -449,10 +455,12 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
                 body["timings"] = result.get("stages") or {}
         return JSONResponse(body)
 
-    def _result(job_id: str) -> Any:
+    def _result(job_id: str, tell_not_stored: bool = False) -> Any:
         handle = run_job.AsyncResult(job_id)
         try:
-            return handle.get(timeout=2, propagate=False) if handle.ready() else None
+            if not handle.ready():
+                return _NOT_STORED if tell_not_stored else None
+            return handle.get(timeout=2, propagate=False)
         except Exception:  # noqa: BLE001 - a status page must not fail for the result backend
             return None
 
