@@ -15,6 +15,8 @@ import os
 import re
 import signal
 import subprocess
+import sys
+import textwrap
 import threading
 from collections import Counter
 from pathlib import Path
@@ -29,7 +31,7 @@ from cadscope.metrics import Catalogue, ModelObservability
 from cadscope.tracing.testing import in_memory_provider
 from cadscope.workers._workload import PLATE
 
-from .conftest import wait_until
+from .conftest import REPO, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -595,3 +597,30 @@ def test_the_warm_engines_benchmark_runs(tmp_path):
     text = out.read_text()
     assert "| freecad | standard (plate, STEP + STL) |" in text and "| ocp | plate, STEP only |" in text
     assert "| 10 | " in text and "growth since 10 jobs" in text
+
+
+_FOREIGN = textwrap.dedent(
+    """
+    import os, sys
+    from cadscope.freecad_bridge._warm import request_warm
+    r, w = os.pipe()
+    print(request_warm(sys.argv[1], ["/bin/true"], {}, "/", {}, (w, w, 1, 2), "__main__", successor_wait_s=0))
+    """
+)
+
+
+@pytest.mark.slow
+def test_only_the_owner_and_its_children_may_start_a_job(pool, tmp_path):
+    """A job runs as the worker's user and can reach the fork server's socket: a process that is not
+    the pool's owner nor one of its children (here a grandchild, behind a shell) is refused, so no job
+    can start a keeper with limits, a session or a watched process of its own choosing."""
+    script = tmp_path / "foreign.py"
+    script.write_text(_FOREIGN)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    shell = f'"{sys.executable}" "{script}" "{pool.socket_path("ocp")}"; true'  # sh stays the parent
+    done = subprocess.run(["sh", "-c", shell], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "forbidden"
+    child = subprocess.run([sys.executable, str(script), pool.socket_path("ocp")], capture_output=True, text=True,
+                           env=env, timeout=60)  # fmt: skip
+    assert child.stdout.strip().startswith("WarmStart("), child.stdout + child.stderr  # a child of the owner: served

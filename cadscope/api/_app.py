@@ -277,13 +277,14 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             kwargs: dict[str, Any] = {"job_id": job_id, **({"shadowed": True} if shadowed else {})}
             run_job.apply_async(args=[payload], kwargs=kwargs, task_id=job_id, queue=settings.queue,
                                 retry=False)  # fmt: skip
-            if shadowed:
-                assert settings.shadow_engine is not None and settings.shadow_queue is not None
-                try:
-                    publish_shadow(payload, job_id, settings.shadow_engine, settings.shadow_queue,
-                                   span.get_span_context())  # fmt: skip
-                except Exception:  # noqa: BLE001 - a shadow never fails its primary
-                    log.warning("shadow not published", extra={"job_id": job_id}, exc_info=True)
+
+        def publish_the_shadow() -> None:
+            assert settings.shadow_engine is not None and settings.shadow_queue is not None
+            try:
+                publish_shadow(payload, job_id, settings.shadow_engine, settings.shadow_queue,
+                               span.get_span_context())  # fmt: skip
+            except Exception:  # noqa: BLE001 - a shadow never fails its primary
+                log.warning("shadow not published", extra={"job_id": job_id}, exc_info=True)
 
         try:
             await asyncio.wait_for(run_in_threadpool(publish), timeout=settings.publish_timeout_s)
@@ -296,6 +297,13 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
                                          "with the same Idempotency-Key: you get this job, never a second one",
                                   "job_id": job_id, "idempotency_key": key},
                             headers={"Retry-After": "5", "Idempotency-Key": key})  # fmt: skip
+        if shadowed:
+            # After the primary is confirmed, outside its deadline: a slow shadow queue never turns
+            # an enqueued job into a 503.
+            try:
+                await asyncio.wait_for(run_in_threadpool(publish_the_shadow), timeout=settings.publish_timeout_s)
+            except Exception:  # noqa: BLE001 - a shadow never fails its primary
+                log.warning("shadow not published", extra={"job_id": job_id})
         context = span.get_span_context()
         headers = {"Idempotency-Key": key}
         if context.is_valid:

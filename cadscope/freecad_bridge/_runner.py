@@ -56,7 +56,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from ..tracing import inject_into_env, journal_note, pinnable_tracer
 from ._replay import EventObserver, Replayer
-from ._warm import WarmStart, read_exit, request_warm
+from ._warm import IN_DOUBT, WarmStart, read_exit, request_warm
 
 __all__ = [
     "DEFAULT_ENV_ALLOWLIST",
@@ -556,6 +556,8 @@ def _run_in_span(
                 warm_start = request_warm(
                     warm, command[command.index("--") + 1 :], child_env, cwd, _warm_limits(limits), fds, run_name
                 )
+                if warm_start == IN_DOUBT:
+                    raise OSError(errno.EIO, "the warm engine took the job and did not answer; not started again")
             try:
                 if isinstance(warm_start, WarmStart):
                     proc = None

@@ -44,6 +44,8 @@ from ..metrics import bound, bound_version
 __all__ = ["WARM_DIR_ENV", "WarmPool", "WarmStart", "request_warm", "warm_socket_path"]
 
 WARM_DIR_ENV = "CADSCOPE_WARM_DIR"
+# request_warm's answer when the request went out and no answer came back.
+IN_DOUBT = "in_doubt"
 CHILD_DIR = Path(__file__).resolve().parent / "child"
 _SERVER = CHILD_DIR / "cadscope_warm.py"
 # What each engine's fork server imports: exactly the modules its job scripts import at
@@ -84,7 +86,9 @@ def warm_socket_path(engine: str, executable: str, directory: str | None = None)
     directory = directory or os.environ.get(WARM_DIR_ENV)
     if not directory:
         return None
-    digest = hashlib.sha256(os.path.realpath(executable).encode()).hexdigest()[:12]
+    # The path as given, not resolved: two venvs' ``bin/python`` link to one interpreter, and are
+    # two engines (each its own site-packages, its own OCCT).
+    digest = hashlib.sha256(os.path.abspath(executable).encode()).hexdigest()[:12]
     return os.path.join(directory, f"{engine}-{digest}.sock")
 
 
@@ -121,7 +125,7 @@ def request_warm(
         {
             "argv": list(argv),
             "env": dict(env),
-            "cwd": cwd,
+            "cwd": cwd or os.getcwd(),  # as a cold engine would inherit it
             "limits": dict(limits),
             "parent": os.getpid(),
             "run_name": run_name,
@@ -146,15 +150,23 @@ def _try_once(path: str, request: bytes, fds: Sequence[int]) -> WarmStart | str:
         sock.settimeout(_REPLY_S)
         try:
             sock.connect(path)
+            socket.send_fds(sock, [request], [*fds, own])
         except FileNotFoundError:
+            sock.close()
             return "no_server"  # never started here, or its engine cannot run warm: no wait
         except ConnectionRefusedError:
+            sock.close()
             return "unavailable"  # the fork server died: its successor is on its way
-        socket.send_fds(sock, [request], [*fds, own])
-        data, got, _flags, _addr = socket.recv_fds(sock, _MAX_REPLY, 1)
-    except OSError:
-        sock.close()
-        return "server_error"
+        except OSError:
+            sock.close()
+            return "server_error"
+        try:
+            data, got, _flags, _addr = socket.recv_fds(sock, _MAX_REPLY, 1)
+        except OSError:
+            # Sent and not answered: the server may have forked the job's keeper already, with
+            # the job's pipes and folder. Starting it again cold would run it twice.
+            sock.close()
+            return IN_DOUBT
     finally:
         os.close(own)
     try:

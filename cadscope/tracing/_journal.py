@@ -17,7 +17,8 @@ are not sampled are not journaled.
 
 Most spans end within milliseconds (a short task, an OCCT call), and a span
 that ended needs no journal. A span is therefore written once it has been open
-for ``delay_s`` (a thread of the journal's looks every ``delay_s``), or at
+for ``delay_s`` (a thread of the journal's looks every half ``delay_s``, so
+within one and a half ``delay_s`` of its start), or at
 once when a child of it starts: a child can end and be exported while its
 parent is open, so a parent is in the journal before any child can be
 exported, and a death leaves no orphan. A span that ends sooner, with no child
@@ -167,6 +168,9 @@ class SpanJournal(SpanProcessor):
 
     def _forked(self) -> None:
         # The parent's open spans, file and thread are the parent's: a child journals its own.
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)  # the parent's journal, inherited: not this process's to write
         self._lock = threading.Lock()
         self._pid, self._fd, self._open, self._pending, self._written = -1, -1, {}, {}, 0
         self._flusher_pid = -1
@@ -255,7 +259,8 @@ class SpanJournal(SpanProcessor):
 
     def _flush_loop(self) -> None:
         stopped, pid = self._stopped, os.getpid()
-        while not stopped.wait(self.delay_s) and os.getpid() == pid:
+        # Every half delay: a span is journaled at most one and a half delays after its start.
+        while not stopped.wait(self.delay_s / 2) and os.getpid() == pid:
             self.flush(self.delay_s)
 
     @staticmethod

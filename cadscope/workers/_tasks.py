@@ -100,7 +100,8 @@ def publish_shadow(spec: Any, job_id: str, candidate: str, queue: str, primary: 
         span.set_attributes({"cad.role": "shadow", "cad.job_id": shadow_id, "cad.primary_job_id": job_id})
         run_job.apply_async(
             args=[shadow_spec(spec, candidate) if isinstance(spec, dict) else spec],
-            kwargs={"job_id": shadow_id, "role": "shadow", "primary_traceparent": traceparent},
+            kwargs={"job_id": shadow_id, "role": "shadow", "primary_traceparent": traceparent,
+                    "primary_job_id": job_id},
             task_id=shadow_id, queue=queue, retry=False,
         )  # fmt: skip
     return shadow_id
@@ -114,19 +115,20 @@ def run_job(
     role: str = "primary",
     primary_traceparent: str | None = None,
     shadowed: bool = False,
+    primary_job_id: str | None = None,
 ) -> dict[str, Any]:
     """Run one CAD job. Returns a JSON result; a failed job is a result with
     ``status="failed"`` and a classified ``outcome``, not a task exception.
 
     ``role="shadow"``: a copy of a primary job on a candidate engine, linked to the
-    primary's trace (``primary_traceparent``); ``shadowed``: an API already sent
+    primary's trace (``primary_traceparent``) and named by ``primary_job_id``; ``shadowed``: an API already sent
     this primary's shadow, so the worker's own shadow fraction leaves it alone."""
     role = "shadow" if role == "shadow" else "primary"
     with default_observability().role(role):
         result = _run_task(self, spec, job_id, role, primary_traceparent)
     if isinstance(result, dict) and (role == "shadow" or shadowed):
         try:
-            _compare_with_twin(result, role)
+            _compare_with_twin(result, role, primary_job_id)
         except Exception:  # noqa: BLE001 - a comparison never fails the job
             log.warning("shadow comparison failed", exc_info=True)
     settings = _settings()
@@ -396,10 +398,13 @@ def geometry_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return found
 
 
-def _compare_with_twin(result: dict[str, Any], role: str) -> None:
+def _compare_with_twin(result: dict[str, Any], role: str, primary_job_id: str | None = None) -> None:
     """Compare a shadow with its primary once both are done, whichever finishes last."""
     job_id = str(result.get("job_id") or "")
-    twin_id = job_id.removesuffix("-shadow") if role == "shadow" else f"{job_id[:56]}-shadow"
+    if role == "shadow":
+        twin_id = primary_job_id or job_id.removesuffix("-shadow")
+    else:
+        twin_id = f"{job_id[:56]}-shadow"
     handle = run_job.AsyncResult(twin_id)
     if not handle.ready():
         return  # the twin compares when it completes

@@ -53,6 +53,7 @@ import runpy
 import select
 import signal
 import socket
+import struct
 import sys
 import time
 
@@ -64,7 +65,7 @@ import _contain  # noqa: E402
 _MAX_MESSAGE = 1 << 18
 _PR_SET_NAME = 15
 _FDS = 5
-_REQUEST_TIMEOUT_S = 5.0
+_REQUEST_TIMEOUT_S = 1.0  # a runner sends its request as it connects: a stalled one holds up no other for long
 
 
 def _rss_bytes():
@@ -125,6 +126,20 @@ def _ocp_modules(script):
         elif isinstance(node, ast.Import):
             names.extend(a.name for a in node.names if a.name.startswith("OCP"))
     return names
+
+
+def _ppid(pid):
+    with open("/proc/%d/stat" % pid, "rb") as file:
+        stat = file.read()
+    return int(stat[stat.rindex(b")") + 2 :].split()[1])
+
+
+def _pidfd_pid(fd):
+    with open("/proc/self/fdinfo/%d" % fd) as file:
+        for line in file:
+            if line.startswith("Pid:"):
+                return int(line.split()[1])
+    raise ValueError("not a pidfd")
 
 
 class _WarmKeeper(_contain.Keeper):
@@ -305,6 +320,11 @@ class Server:
             self.refuse(conn, "bad_request")
             return
         names = dict(zip(("telemetry", "status", "stdout", "stderr", "parent"), fds, strict=True))
+        if not self.trusted(conn, request, names["parent"]):
+            for fd in fds:
+                os.close(fd)
+            self.refuse(conn, "forbidden")
+            return
         reason = self.health()
         if reason is not None:
             for fd in fds:
@@ -341,6 +361,22 @@ class Server:
         self.say("forked n=%d rss=%d" % (self.forks, rss))
         if self.max_forks is not None and self.forks >= self.max_forks:
             self.retire("max_forks")
+
+    def trusted(self, conn, request, pidfd):
+        """Only the owner (the worker's main process) and its children (the pool processes) may
+        start a job, and the pidfd a request sends must be the sender's own: a job (a process of
+        the same user, which can reach this socket) must not start a keeper with limits, a
+        session or a watched process of its own choosing."""
+        try:
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            peer = struct.unpack("3i", creds)[0]
+            if request.get("parent") != peer:
+                return False
+            if peer != self.parent and _ppid(peer) != self.parent:
+                return False
+            return _pidfd_pid(pidfd) == peer
+        except (OSError, ValueError):
+            return False
 
     def health(self):
         """Why this process must not fork another job, if it must not."""
