@@ -59,6 +59,25 @@ NOTES: dict[str, str] = {
         "`freecad` (freecadcmd) or `ocp` (OpenCASCADE through OCP); `auto` lets the worker choose one it has. "
         "A template job runs in `freecad`; a script job names its engine."
     ),
+    "JobSpec.occt_version": (
+        "Run on the engine pool with this OCCT version (`ocp@7.9.3`): a worker serves it only if it has that engine."
+    ),
+    "JobSpec.options": "What changes the work (meshing, file formats, booleans), one default for both engines.",
+    "JobSpec.cold_start": "Start a fresh engine process for this job instead of forking it from a warm one.",
+    "JobOptions.linear_deflection": "Tessellation chord height in mm (a fraction of each edge's size if `relative`).",
+    "JobOptions.angular_deflection": "Tessellation angle in radians.",
+    "JobOptions.relative": "Read `linear_deflection` as a fraction of each edge's size.",
+    "JobOptions.stl_format": "STL encoding.",
+    "JobOptions.step_schema": "STEP application protocol.",
+    "JobOptions.step_units": "Units written in STEP files.",
+    "JobOptions.iges_mode": (
+        "`faces`: trimmed surfaces (IGES 144, read everywhere); `brep`: a manifold solid (IGES 186)."
+    ),
+    "JobOptions.iges_units": "Units written in IGES files.",
+    "JobOptions.fuzzy_value": "OCCT's fuzzy value for booleans, in mm (0: exact).",
+    "JobOptions.parallel": (
+        "OCCT's parallel mode for booleans (FreeCAD's always run in parallel: `false` runs on OCP only)."
+    ),
     "JobSpec.parts": "The parts to build. At least one, except in script and template jobs.",
     "JobSpec.assembly": "Instances of the parts, placed or attached to each other.",
     "JobSpec.exports": "The files to write. At least one, except in script jobs (they list `outputs`).",
