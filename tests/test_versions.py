@@ -110,12 +110,13 @@ def test_run_baseline_and_candidate_through_real_workers(ocp_793, tmp_path, redi
     pinned to its pool, the API shadowing every job. results.jsonl holds each job twice, the
     primary on 7.9.3 and the shadow on 8.0.1, with equal geometry; the metrics carry both
     version labels and roles; each shadow is a trace of its own linked to its primary's, and
-    no shadow reaches the flow counters the SLO reads."""
+    no shadow reaches the flow counters the SLO reads. Over Redis: kombu's filesystem transport
+    can hand a consumer a message file its publisher has created and not yet written."""
     out = tmp_path / "run"
     env = {**os.environ, "CADSCOPE_OCP_PYTHONS": ocp_793}
     done = subprocess.run(  # noqa: S603
         [sys.executable, "-m", "cadscope.workers.cli", "run", "--baseline", "ocp@7.9.3", "--candidate", "ocp@8.0.1",
-         "--jobs", "2", "--out", str(out), "--timeout", "400"],
+         "--jobs", "2", "--out", str(out), "--timeout", "400", "--broker", redis_url],
         env=env, capture_output=True, text=True, timeout=600, cwd=REPO,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
