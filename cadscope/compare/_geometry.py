@@ -11,6 +11,7 @@ comparison between two sides that did different work says nothing.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,14 +73,21 @@ def _vec_close(a: Any, b: Any, tol: float) -> bool:
         return False
 
 
-def _parts(job: str, base: dict[str, Any], cand: dict[str, Any], tol: Tolerances) -> list[Mismatch]:
-    found = []
-    for part in sorted(set(base) | set(cand)):
-        item = f"part {part}"
-        if part not in base or part not in cand:
-            found.append(Mismatch(job, item, "present", part in base, part in cand, "equal"))
+def _both(
+    job: str, kind: str, base: dict[str, Any], cand: dict[str, Any], found: list[Mismatch]
+) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """Each name on both sides, with its two records; a name on one side only is a ``present`` mismatch."""
+    for name in sorted(set(base) | set(cand)):
+        item = f"{kind} {name}"
+        if name not in base or name not in cand:
+            found.append(Mismatch(job, item, "present", name in base, name in cand, "equal"))
             continue
-        b, c = base[part] or {}, cand[part] or {}
+        yield item, base[name] or {}, cand[name] or {}
+
+
+def _parts(job: str, base: dict[str, Any], cand: dict[str, Any], tol: Tolerances) -> list[Mismatch]:
+    found: list[Mismatch] = []
+    for item, b, c in _both(job, "part", base, cand, found):
         checks: list[tuple[str, bool, str]] = [
             ("volume", _rel_close(b.get("volume"), c.get("volume"), tol.volume_rel), f"rel {tol.volume_rel:g}"),
             ("area", _rel_close(b.get("area"), c.get("area"), tol.area_rel), f"rel {tol.area_rel:g}"),
@@ -97,13 +105,9 @@ def _parts(job: str, base: dict[str, Any], cand: dict[str, Any], tol: Tolerances
 
 
 def _meshes(job: str, base: dict[str, Any], cand: dict[str, Any], tol: Tolerances) -> list[Mismatch]:
-    found = []
-    for name in sorted(set(base) | set(cand)):
-        item = f"mesh {name}"
-        if name not in base or name not in cand:
-            found.append(Mismatch(job, item, "present", name in base, name in cand, "equal"))
-            continue
-        b, c = (base[name] or {}).get("facets"), (cand[name] or {}).get("facets")
+    found: list[Mismatch] = []
+    for item, mesh_b, mesh_c in _both(job, "mesh", base, cand, found):
+        b, c = mesh_b.get("facets"), mesh_c.get("facets")
         if not _rel_close(b, c, tol.facets_rel):
             found.append(Mismatch(job, item, "facets", b, c, f"rel {tol.facets_rel:g}"))
     return found

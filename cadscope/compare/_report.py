@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,18 +211,25 @@ def _ratio(a: float, b: float) -> float:
     return b / a if a > 0 else math.nan
 
 
+def _fill(r: FeatureResult, base: Any, cand: Any, t: Thresholds, quantile: Callable[[Any, float], float],
+          interval: Callable[..., tuple[float, float]], ks: Callable[[Any, Any], _stats.KSResult],
+          psi: Callable[[Any, Any], float]) -> None:  # fmt: skip
+    """The statistics of one feature, from raw durations or histogram buckets alike (the functions say which)."""
+    r.p50 = (quantile(base, 0.5), quantile(cand, 0.5))
+    r.p95 = (quantile(base, 0.95), quantile(cand, 0.95))
+    r.ratio_p50, r.ratio_p95 = _ratio(*r.p50), _ratio(*r.p95)
+    r.ratio_p50_ci = interval(base, cand, 0.5, confidence=t.confidence, seed=t.seed)
+    r.ratio_p95_ci = interval(base, cand, 0.95, confidence=t.confidence, seed=t.seed + 1)
+    r.ks = ks(base, cand)
+    r.psi = psi(base, cand)
+
+
 def _feature_raw(feature: str, base: np.ndarray, cand: np.ndarray, t: Thresholds) -> FeatureResult:
     base.sort()
     cand.sort()
     r = FeatureResult(feature, _kind(feature), "raw", int(base.size), int(cand.size))
     if base.size and cand.size:
-        r.p50 = (_stats.quantile_raw(base, 0.5), _stats.quantile_raw(cand, 0.5))
-        r.p95 = (_stats.quantile_raw(base, 0.95), _stats.quantile_raw(cand, 0.95))
-        r.ratio_p50, r.ratio_p95 = _ratio(*r.p50), _ratio(*r.p95)
-        r.ratio_p50_ci = _stats.ratio_interval_raw(base, cand, 0.5, confidence=t.confidence, seed=t.seed)
-        r.ratio_p95_ci = _stats.ratio_interval_raw(base, cand, 0.95, confidence=t.confidence, seed=t.seed + 1)
-        r.ks = _stats.ks_raw(base, cand)
-        r.psi = _stats.psi_raw(base, cand)
+        _fill(r, base, cand, t, _stats.quantile_raw, _stats.ratio_interval_raw, _stats.ks_raw, _stats.psi_raw)
     r.plot = {"baseline": base, "candidate": cand}
     return r
 
@@ -234,13 +242,8 @@ def _feature_buckets(feature: str, base: _stats.Buckets, cand: _stats.Buckets, t
         cand = _stats.Buckets(common, tuple(cand.cumulative[cand.bounds.index(b)] for b in common))
     r = FeatureResult(feature, _kind(feature), "buckets", int(round(base.count)), int(round(cand.count)))
     if base.count > 0 and cand.count > 0:
-        r.p50 = (_stats.quantile_buckets(base, 0.5), _stats.quantile_buckets(cand, 0.5))
-        r.p95 = (_stats.quantile_buckets(base, 0.95), _stats.quantile_buckets(cand, 0.95))
-        r.ratio_p50, r.ratio_p95 = _ratio(*r.p50), _ratio(*r.p95)
-        r.ratio_p50_ci = _stats.ratio_interval_buckets(base, cand, 0.5, confidence=t.confidence, seed=t.seed)
-        r.ratio_p95_ci = _stats.ratio_interval_buckets(base, cand, 0.95, confidence=t.confidence, seed=t.seed + 1)
-        r.ks = _stats.ks_buckets(base, cand)
-        r.psi = _stats.psi_buckets(base, cand)
+        _fill(r, base, cand, t, _stats.quantile_buckets, _stats.ratio_interval_buckets, _stats.ks_buckets,
+              _stats.psi_buckets)  # fmt: skip
     r.plot = {"bounds": base.bounds, "baseline": base.cumulative, "candidate": cand.cumulative}
     return r
 
