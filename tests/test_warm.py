@@ -441,6 +441,37 @@ def test_a_fork_server_is_replaced_when_its_engine_executable_changes(engines, t
         assert pool.recycles == [("ocp", "engine_changed")]
 
 
+def test_a_successor_that_cannot_start_sends_jobs_cold_at_once(engines, tmp_path, monkeypatch):
+    """The engine is a wrapper of the OCP venv's Python that, once rewritten (as a broken upgrade
+    would leave it), refuses to run the fork server but still runs jobs: the old server retires,
+    its successor fails, and a job must not spend the successor wait on the dead server's socket;
+    once the engine is mended, the pool starts a fork server again of itself."""
+    real = engines["ocp"]
+    wrapper = tmp_path / "bin" / "ocp-python"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nexec {real.argv[0]} "$@"\n')
+    wrapper.chmod(0o755)
+    engine = dataclasses.replace(real, argv=(str(wrapper), *real.argv[1:]))
+    with WarmPool(_versions({"ocp": engine}), retry_s=1.0) as pool:
+        monkeypatch.setenv(WARM_DIR_ENV, pool.directory)
+        before = _brep_job(engine, tmp_path / "before")
+        assert (before.outcome, before.run.start) == ("ok", "warm")
+        working = wrapper.read_text()
+        wrapper.write_text(f'#!/bin/sh\ncase "$1" in *cadscope_warm.py) exit 1;; esac\nexec {real.argv[0]} "$@"\n')
+        wait_until(lambda: pool.unavailable.get("ocp") == "start_failed", 60, what="the successor's failure")
+        wait_until(lambda: not _alive(before.run.warm["server_pid"]), 30, what="the retired server's exit")
+        assert not [p.name for p in Path(pool.directory).iterdir() if p.name.startswith("ocp-")]
+        after = _brep_job(engine, tmp_path / "after")
+        assert (after.outcome, after.run.start, after.run.cold_reason) == ("ok", "cold", "no_server")
+        assert pool.recycles == [("ocp", "engine_changed")]
+
+        wrapper.write_text(working)
+        wait_until(lambda: pool.server_pid("ocp") is not None, 60, what="a fork server again")
+        mended = _brep_job(engine, tmp_path / "mended")
+        assert (mended.outcome, mended.run.start) == ("ok", "warm")
+        assert "ocp" not in pool.unavailable
+
+
 def test_the_pool_refuses_bad_settings():
     with pytest.raises(ValueError, match="max_forks"):
         WarmPool({}, max_forks=0)

@@ -64,6 +64,8 @@ _START_S = 60.0
 _MAX_REPLY = 1 << 16
 # How often the pool looks at the engine executables on disk.
 _CHECK_S = 1.0
+# How long after a fork server failed to start the pool tries again (an upgrade may be half done).
+RETRY_S = 30.0
 
 # The owner's supervisor thread and the processes the owner forks (the worker's
 # pool) both write metrics; a fork while the thread holds prometheus_client's
@@ -245,9 +247,10 @@ class WarmPool:
         max_rss_growth: int = 64 << 20,
         metrics: Any = None,
         env: Mapping[str, str] | None = None,
+        retry_s: float = RETRY_S,
     ) -> None:
-        if max_forks < 1 or max_rss_growth < 1:
-            raise ValueError("max_forks and max_rss_growth must be positive")
+        if max_forks < 1 or max_rss_growth < 1 or retry_s <= 0:
+            raise ValueError("max_forks, max_rss_growth and retry_s must be positive")
         unknown = {name for name in engines if _kind(name) not in ("freecad", "ocp")}
         if unknown:
             raise ValueError(f"no warm engine named {sorted(unknown)}")
@@ -262,6 +265,8 @@ class WarmPool:
         self.retired: list[_Server] = []
         self.recycles: list[tuple[str, str]] = []  # (engine, reason), in order
         self.unavailable: dict[str, str] = {}  # engine -> why it has no fork server
+        self.retry_s = retry_s
+        self._retry_at: dict[str, float] = {}  # engine -> when to try starting its fork server again
         self._lock = threading.Lock()
         self._stop_r, self._stop_w = os.pipe()
         self._thread: threading.Thread | None = None
@@ -279,7 +284,7 @@ class WarmPool:
             if not server.ready:
                 self._stop_server(server)
                 del self.servers[name]
-                self.unavailable.setdefault(name, "start_failed")
+                self._no_server(name, "start_failed", server)
         os.environ[WARM_DIR_ENV] = self.directory
         self._thread = threading.Thread(target=self._supervise, name="cadscope-warm", daemon=True)
         self._thread.start()
@@ -366,7 +371,7 @@ class WarmPool:
         except OSError:
             os.close(control_r)
             os.close(control_w)
-            self.unavailable[name] = "start_failed"
+            self._no_server(name, "start_failed")
             return None
         finally:
             with contextlib.suppress(OSError):
@@ -377,6 +382,19 @@ class WarmPool:
         self.servers[name] = server
         self.unavailable.pop(name, None)
         return server
+
+    def _no_server(self, name: str, reason: str, failed: _Server | None = None) -> None:
+        """No fork server will answer for ``name``: its socket path goes, so that a job starts cold at
+        once (``no_server``) instead of retrying a dead server's socket for its successor. A server
+        that failed to start is tried again after ``retry_s``; one whose engine starts threads, never."""
+        self.unavailable[name] = reason
+        if reason != "threads":
+            self._retry_at[name] = time.monotonic() + self.retry_s
+        path = self.socket_path(name)
+        stale = [path] if failed is None else [path, f"{path}.{failed.proc.pid}"]  # and its staging name
+        for leftover in stale:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
 
     @staticmethod
     def _stop_server(server: _Server) -> None:
@@ -418,7 +436,15 @@ class WarmPool:
                 return
 
     def _check_engines(self) -> None:
-        """Replace a fork server whose engine executable changed on disk, before a job finds out."""
+        """Replace a fork server whose engine executable changed on disk, before a job finds out;
+        try again to start one that failed to, once its time comes."""
+        now = time.monotonic()
+        for name, at in list(self._retry_at.items()):
+            if now >= at:
+                del self._retry_at[name]
+                with self._lock:
+                    if name not in self.servers:
+                        self._launch(name)
         with self._lock:
             servers = list(self.servers.values())
         for server in servers:
@@ -525,9 +551,8 @@ class WarmPool:
         if not replace:
             return
         if not server.ready:
-            self.unavailable[server.engine] = (
-                "threads" if any(line.startswith("retire reason=threads") for line in server.lines) else "start_failed"
-            )
+            threads = any(line.startswith("retire reason=threads") for line in server.lines)
+            self._no_server(server.engine, "threads" if threads else "start_failed", server)
             return
         self._count(server, "crash")
         with self._lock:
