@@ -181,6 +181,41 @@ def test_geometry_differences_hold_to_the_stated_tolerances():
     assert geometry_differences(_manifest(), _manifest(facets=1200)) == ["p.stl.facets 1000 != 1200"]
 
 
+@pytest.mark.parametrize("kind", ["file", "redis"])
+def test_a_primary_and_its_shadow_are_compared_once_however_they_finish(kind, tmp_path, redis_url, monkeypatch):
+    """The interleaving forced: both sides' results are stored before either compares (two
+    workers finishing at one instant), then each side compares, then the primary once more (a
+    redelivery, which returns its stored result). One comparison, counted and announced once."""
+    from prometheus_client import CollectorRegistry
+
+    from cadscope.metrics import Catalogue, ModelObservability
+    from cadscope.workers import _tasks
+    from cadscope.workers._progress import FileStore, ProgressService, RedisStore
+
+    store = FileStore(tmp_path) if kind == "file" else RedisStore(redis_url)
+    registry = CollectorRegistry()
+    obs = ModelObservability(Catalogue(registry))
+    monkeypatch.setattr(_tasks, "progress", lambda: ProgressService(store))
+    monkeypatch.setattr(_tasks, "default_observability", lambda: obs)
+    job_id = f"job-{os.urandom(6).hex()}"
+    engine = {"engine": "ocp", "freecad_version": "none", "occt_version": "8.0.1"}
+    primary = {"job_id": job_id, "outcome": "ok", "engine": engine, "manifest": _manifest(), "role": "primary"}
+    shadow = {**primary, "job_id": f"{job_id}-shadow", "role": "shadow", "manifest": _manifest(volume=100.1)}
+
+    _tasks._compare_with_twin(primary, "primary")  # the shadow has not finished: nothing yet
+    ProgressService(store).finish(job_id, result=primary)
+    ProgressService(store).finish(shadow["job_id"], result=shadow)
+    _tasks._compare_with_twin(primary, "primary")
+    _tasks._compare_with_twin(shadow, "shadow", job_id)
+    _tasks._compare_with_twin(primary, "primary")
+
+    counted = {s.labels["result"]: s.value for f in registry.collect() if f.name == "cadscope_shadow_comparisons"
+               for s in f.samples if s.name.endswith("_total") and s.value}  # fmt: skip
+    assert counted == {"geometry_mismatch": 1.0}
+    announced = [e for _id, e in store.read(job_id) if e["type"] == "shadow.compared"]
+    assert [(e["result"], e["differences"]) for e in announced] == [("geometry_mismatch", ["p.volume 100 != 100.1"])]
+
+
 @pytest.mark.slow
 def test_a_worker_shadows_the_jobs_it_runs_on_a_pinned_candidate_pool(producer, start_worker, engines):
     """A worker with a shadow fraction of 1, pinned to FreeCAD, sends every primary it runs

@@ -125,6 +125,14 @@ class ProgressStore(Protocol):
 
     def end_run(self, job_id: str, result: Mapping[str, Any], ttl_s: int) -> None: ...
 
+    def finished(self, job_id: str) -> dict[str, Any] | None:
+        """What :meth:`end_run` stored for ``job_id`` (None: not finished, or expired)."""
+        ...
+
+    def claim_once(self, job_id: str, what: str, ttl_s: int) -> bool:
+        """True for the first caller only, for ``what`` of ``job_id``, across processes and hosts."""
+        ...
+
 
 def _attempt_entry(started: float, traceparent: str | None) -> str:
     return f"{started!r} {traceparent}" if traceparent else repr(started)
@@ -215,6 +223,14 @@ class RedisStore:
         pipe.set(f"cadscope:finished:{_check_id(job_id)}", json.dumps(result, default=str), ex=ttl_s)
         pipe.delete(f"cadscope:lease:{job_id}")
         pipe.execute()
+
+    def finished(self, job_id: str) -> dict[str, Any] | None:
+        value = self._redis.get(f"cadscope:finished:{_check_id(job_id)}")
+        record = json.loads(value) if value else None
+        return record if isinstance(record, dict) else None
+
+    def claim_once(self, job_id: str, what: str, ttl_s: int) -> bool:
+        return bool(self._redis.set(f"cadscope:once:{what}:{_check_id(job_id)}", "1", nx=True, ex=ttl_s))
 
     def workers(self) -> dict[str, dict[str, Any]]:
         found = {}
@@ -355,6 +371,24 @@ class FileStore:
             lease.unlink(missing_ok=True)
         finally:
             os.close(fd)
+
+    def finished(self, job_id: str) -> dict[str, Any] | None:
+        fd, lease = self._locked(job_id, "lease")
+        try:
+            record = self._read_json(lease.with_suffix(".finished"))
+        finally:
+            os.close(fd)
+        return record if isinstance(record, dict) else None
+
+    def claim_once(self, job_id: str, what: str, ttl_s: int) -> bool:
+        if not re.fullmatch(r"[a-z_-]{1,32}", what):
+            raise ValueError(f"not a claim name: {what!r}")
+        path = self._root / "progress" / f"{_check_id(job_id)}.once-{what}"
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileExistsError:
+            return False
+        return True
 
     def heartbeat(self, node: str, info: Mapping[str, Any]) -> None:
         safe = re.sub(r"[^A-Za-z0-9_.@-]", "_", node)[:128]

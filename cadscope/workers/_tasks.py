@@ -32,7 +32,7 @@ from ..metrics import ModelObservability, default_observability
 from ..tracing import job_id_var
 from ._app import PUBLISHED_AT_HEADER, app, progress
 from ._config import WorkerSettings, parse_engine, shadow_selected
-from ._progress import claim_run
+from ._progress import PROGRESS_TTL_S, claim_run
 
 __all__ = ["TASK_NAME", "publish_shadow", "run_job", "shadow_spec"]
 
@@ -399,18 +399,24 @@ def geometry_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 
 def _compare_with_twin(result: dict[str, Any], role: str, primary_job_id: str | None = None) -> None:
-    """Compare a shadow with its primary once both are done, whichever finishes last."""
+    """Compare a shadow with its primary once both are done, exactly once.
+
+    Each side's result is in the progress store before it gets here (``finish``), so of two
+    sides finishing at the same instant at least one finds the other's; the claim makes it one,
+    and keeps a redelivered side from counting its pair again."""
     job_id = str(result.get("job_id") or "")
     if role == "shadow":
         twin_id = primary_job_id or job_id.removesuffix("-shadow")
+        primary_id = twin_id
     else:
         twin_id = f"{job_id[:56]}-shadow"
-    handle = run_job.AsyncResult(twin_id)
-    if not handle.ready():
-        return  # the twin compares when it completes
-    twin = handle.result
-    if not isinstance(twin, dict):
-        return
+        primary_id = job_id
+    store = progress().store
+    twin = store.finished(twin_id)
+    if twin is None or not isinstance(twin.get("engine"), dict):
+        return  # the twin compares when it completes (a task that raised ran no engine: nothing to compare)
+    if not store.claim_once(primary_id, "shadow-compared", PROGRESS_TTL_S):
+        return  # compared already: by the twin, or by an earlier delivery of this side
     primary, shadow = (twin, result) if role == "shadow" else (result, twin)
     if primary.get("outcome") != shadow.get("outcome"):
         verdict, differences = "outcome_mismatch", [f"outcome {primary.get('outcome')} != {shadow.get('outcome')}"]
