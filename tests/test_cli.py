@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -110,6 +112,44 @@ def test_run_on_the_embedded_broker_from_a_clones_parent_folder_and_stopped_by_s
     assert "Internal Server Error" not in proc.stderr
     # The broker's files (queue, exchange tables, results) live under --out, never in the cwd.
     assert [p.name for p in cwd.iterdir()] == ["cadscope"]
+
+
+@pytest.mark.slow
+def test_run_ends_at_once_when_its_worker_dies(tmp_path, engines):
+    """The worker killed outright in the middle of a run on the embedded broker: the run does
+    not wait out its --timeout; the jobs left are lost, named with the worker's exit, in the
+    summary, and the command says why in one line and exits 1."""
+    out = tmp_path / "out"
+    stderr = tmp_path / "stderr.txt"
+    run = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "cadscope.workers.cli", "run", "--jobs", "12", "--engine", "freecad",
+         "--out", str(out), "--timeout", "900"],
+        stdout=subprocess.PIPE, stderr=stderr.open("wb"), text=True, stdin=subprocess.DEVNULL,
+        env={**os.environ, "CELERY_BROKER_URL": "", "CADSCOPE_WARM": "0"},
+    )  # fmt: skip
+    descendants: list[psutil.Process] = []
+    try:
+        wait_until(lambda: re.search(r"\] [1-9][0-9]*/12 ", stderr.read_text()) or run.poll() is not None, 300,
+                   interval=0.2, what="the first jobs done")  # fmt: skip
+        assert run.poll() is None, stderr.read_text()[-3000:]
+        descendants = psutil.Process(run.pid).children(recursive=True)
+        worker = next(p for p in psutil.Process(run.pid).children() if "celery" in p.cmdline())
+        worker.send_signal(signal.SIGKILL)
+        stdout, _ = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+        for process in descendants:  # the pool's orphans
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+    text = stderr.read_text()
+    assert run.returncode == 1, text[-3000:]
+    assert "cadscope run: the worker exited with status -9 before the workload was done" in text
+    assert "Traceback" not in text
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    lost = [r for r in results if r["outcome"] == "lost"]
+    assert len(results) == 12 and lost, [r["outcome"] for r in results]
+    assert all("the worker exited with status -9" in r["error_message"] for r in lost)
 
 
 @pytest.mark.slow

@@ -372,6 +372,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     pending: dict[str, dict[str, Any]] = {}
     names: dict[str, str] = {}  # job id -> workload job name
     interrupted = ""
+    gone = ""  # a worker or the API that exited before the workload was done
+    watched = [("API", api, out / "api.log")]
+    watched += [("worker", proc, path) for proc, (_n, _e, path, _r) in zip(pool_workers, workers_env, strict=True)]
     try:
         for proc, (_name, _environ, path, ready_path) in zip(pool_workers, workers_env, strict=True):
             _wait_for(ready_path, proc, 90, path)
@@ -393,6 +396,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         shown = ""
         deadline = time.monotonic() + args.timeout
         while pending and time.monotonic() < deadline:
+            # Read after a death is noticed, once: a job stored just before it still counts.
+            exited = next(((what, proc, log) for what, proc, log in watched if proc.poll() is not None), None)
+            if exited is not None:
+                what, proc, log = exited
+                gone = f"the {what} exited with status {proc.returncode} before the workload was done; see {log}"
+                if what == "API":
+                    break
             for job_id in list(pending):
                 body = client.status(job_id)
                 stages_done[job_id] = {s["stage"] for s in body.get("stages", [])}
@@ -412,15 +422,20 @@ def cmd_run(args: argparse.Namespace) -> int:
                 sys.stderr.write("\r" + line)
                 sys.stderr.flush()
                 shown = line
+            if gone:
+                break
             time.sleep(0.3)
         sys.stderr.write("\n")
-        metrics_text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).read()  # noqa: S310
-        (out / "metrics.prom").write_bytes(metrics_text)
+        scrapes = [(metrics_port, out / "metrics.prom")]
         if len(workers_env) > 1:  # the candidate pool's worker: its own exposition
-            port = workers_env[1][1]["CADSCOPE_METRICS_PORT"]
-            candidate_text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read()  # noqa: S310
-            (out / "metrics-candidate.prom").write_bytes(candidate_text)
-        if args.keep_serving:
+            scrapes.append((int(workers_env[1][1]["CADSCOPE_METRICS_PORT"]), out / "metrics-candidate.prom"))
+        for port, path in scrapes:
+            try:
+                path.write_bytes(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read())  # noqa: S310
+            except OSError as exc:
+                if not gone:
+                    raise CliError(f"the worker's metrics at port {port} could not be read: {exc}") from exc
+        if args.keep_serving and not gone:
             print(
                 f"serving: API {api_url} (Authorization: Bearer {token}), API metrics {api_url}/metrics, "
                 f"worker metrics http://127.0.0.1:{metrics_port}/metrics; Ctrl-C to stop",
@@ -449,7 +464,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous_term)
     for job_id in pending:
         if job_id not in results:
-            message = f"stopped by {interrupted}" if interrupted else f"no result within {args.timeout} s"
+            message = f"stopped by {interrupted}" if interrupted else gone or f"no result within {args.timeout} s"
             outcome = "interrupted" if interrupted else "lost"
             results[job_id] = {"job_id": job_id, "status": "failed", "outcome": outcome, "error_message": message}
     summary = _summarise(results, expected_failures, out / "traces.jsonl", specs)
@@ -457,6 +472,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     _write_results(out / "results.jsonl", results, names)
     _print_summary(summary, sys.stdout)
     unexpected = summary["jobs"]["unexpected_failures"]
+    if gone:
+        print(f"cadscope run: {gone}", file=sys.stderr)
     if unexpected:
         print(f"cadscope run: {unexpected} job(s) that should have succeeded failed", file=sys.stderr)
     if interrupted and pending:
@@ -477,6 +494,7 @@ def _write_results(path: Path, results: dict[str, dict[str, Any]], names: dict[s
                 "occt_version": engine.get("occt_version"),
                 "role": result.get("role") or ("shadow" if job_id.endswith("-shadow") else "primary"),
                 "outcome": result.get("outcome"),
+                "error_message": result.get("error_message"),
                 "manifest": result.get("manifest"),
             }
             lines.write(json.dumps(record) + "\n")
