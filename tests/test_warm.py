@@ -417,15 +417,19 @@ def test_a_fork_server_is_replaced_after_n_forks_and_after_its_crash(engines, tm
         assert registry.get_sample_value("cadscope_warm_recycles_total", {**v, "reason": "crash"}) == 1
 
 
+def _wrapped(real: Any, wrapper: Path) -> tuple[Any, Path]:
+    """``real`` run through a shell script at ``wrapper`` (an engine on disk the test can change)."""
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nexec {real.argv[0]} "$@"\n')
+    wrapper.chmod(0o755)
+    return dataclasses.replace(real, argv=(str(wrapper), *real.argv[1:])), wrapper
+
+
 def test_a_fork_server_is_replaced_when_its_engine_executable_changes(engines, tmp_path, monkeypatch):
     """The engine is a wrapper of the OCP venv's Python whose modification time the test changes,
     as a package upgrade would."""
     real = engines["ocp"]
-    wrapper = tmp_path / "bin" / "ocp-python"
-    wrapper.parent.mkdir()
-    wrapper.write_text(f'#!/bin/sh\nexec {real.argv[0]} "$@"\n')
-    wrapper.chmod(0o755)
-    engine = dataclasses.replace(real, argv=(str(wrapper), *real.argv[1:]))
+    engine, wrapper = _wrapped(real, tmp_path / "bin" / "ocp-python")
     with WarmPool(_versions({"ocp": engine})) as pool:
         monkeypatch.setenv(WARM_DIR_ENV, pool.directory)
         before = _brep_job(engine, tmp_path / "before")
@@ -447,11 +451,7 @@ def test_a_successor_that_cannot_start_sends_jobs_cold_at_once(engines, tmp_path
     its successor fails, and a job must not spend the successor wait on the dead server's socket;
     once the engine is mended, the pool starts a fork server again of itself."""
     real = engines["ocp"]
-    wrapper = tmp_path / "bin" / "ocp-python"
-    wrapper.parent.mkdir()
-    wrapper.write_text(f'#!/bin/sh\nexec {real.argv[0]} "$@"\n')
-    wrapper.chmod(0o755)
-    engine = dataclasses.replace(real, argv=(str(wrapper), *real.argv[1:]))
+    engine, wrapper = _wrapped(real, tmp_path / "bin" / "ocp-python")
     with WarmPool(_versions({"ocp": engine}), retry_s=1.0) as pool:
         monkeypatch.setenv(WARM_DIR_ENV, pool.directory)
         before = _brep_job(engine, tmp_path / "before")
