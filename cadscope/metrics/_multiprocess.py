@@ -685,10 +685,11 @@ class CompactingMultiProcessCollector(Collector):
             stat = os.stat(accumulator)
             self._accumulators[kind] = (rows, (stat.st_ino, stat.st_size, stat.st_mtime_ns))
             removed = _unlink_all(folded)
-            for path in folded:
-                self._readers.pop(path, None)
-                self._file_slots.pop(path, None)
+            # Kept until the lock is released: freeing a reader's thousands of parsed keys costs
+            # more than the rest of the swap, and nothing a scrape needs waits on it.
+            stale = [(self._readers.pop(path, None), self._file_slots.pop(path, None)) for path in folded]
             self.longest_swap_s = max(self.longest_swap_s, time.monotonic() - began)
+        del stale
         _files.sync_directory(accumulator)  # durable renames, outside what a scrape waits for
         return removed
 
