@@ -10,7 +10,7 @@
 - **a script**: a plain script (no cadscope import) making 10,000 wrapped
   calls, run through the runner with auto-instrumentation and without it,
   interleaved: FreeCAD extrudes a face 10,000 times (``Shape.extrude``, the
-  cheapest FreeCAD call wrapped, about 0.4 ms), OCP makes 10,000 prisms
+  cheapest FreeCAD call wrapped, about 50 µs), OCP makes 10,000 prisms
   (``BRepPrimAPI_MakePrism``, about 60 µs each, after importing OCP). The
   figure is the ratio of the child's CPU time (``wait4``), median of paired
   rounds with a 95 % interval. Target: at most 1.02.
