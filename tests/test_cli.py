@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import io
 import json
 import os
@@ -118,37 +117,40 @@ def test_run_on_the_embedded_broker_from_a_clones_parent_folder_and_stopped_by_s
 def test_run_ends_at_once_when_its_worker_dies(tmp_path, engines):
     """The worker killed outright in the middle of a run on the embedded broker: the run does
     not wait out its --timeout; the jobs left are lost, named with the worker's exit, in the
-    summary, and the command says why in one line and exits 1."""
+    results; the command says why in one line, exits 1, and leaves none of the dead worker's
+    pool processes or engines running."""
     out = tmp_path / "out"
     stderr = tmp_path / "stderr.txt"
-    run = subprocess.Popen(  # noqa: S603
-        [sys.executable, "-m", "cadscope.workers.cli", "run", "--jobs", "12", "--engine", "freecad",
-         "--out", str(out), "--timeout", "900"],
-        stdout=subprocess.PIPE, stderr=stderr.open("wb"), text=True, stdin=subprocess.DEVNULL,
-        env={**os.environ, "CELERY_BROKER_URL": "", "CADSCOPE_WARM": "0"},
-    )  # fmt: skip
+    with stderr.open("wb") as err:
+        run = subprocess.Popen(  # noqa: S603
+            [sys.executable, "-m", "cadscope.workers.cli", "run", "--jobs", "20", "--engine", "freecad",
+             "--out", str(out), "--timeout", "900"],
+            stdout=subprocess.PIPE, stderr=err, text=True, stdin=subprocess.DEVNULL,
+            env={**os.environ, "CELERY_BROKER_URL": "", "CADSCOPE_WARM": "0"},
+        )  # fmt: skip
     descendants: list[psutil.Process] = []
     try:
-        wait_until(lambda: re.search(r"\] [1-9][0-9]*/12 ", stderr.read_text()) or run.poll() is not None, 300,
+        wait_until(lambda: re.search(r"\] [1-9][0-9]*/20 ", stderr.read_text()) or run.poll() is not None, 300,
                    interval=0.2, what="the first jobs done")  # fmt: skip
         assert run.poll() is None, stderr.read_text()[-3000:]
         descendants = psutil.Process(run.pid).children(recursive=True)
         worker = next(p for p in psutil.Process(run.pid).children() if "celery" in p.cmdline())
         worker.send_signal(signal.SIGKILL)
-        stdout, _ = run.communicate(timeout=120)
+        run.communicate(timeout=120)
     finally:
         if run.poll() is None:
             run.kill()
-        for process in descendants:  # the pool's orphans
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.kill()
+    _gone, alive = psutil.wait_procs([p for p in descendants if p.pid != worker.pid], timeout=30)
+    for process in alive:
+        process.kill()
+    assert alive == [], [(p.pid, p.cmdline()) for p in alive]
     text = stderr.read_text()
     assert run.returncode == 1, text[-3000:]
     assert "cadscope run: the worker exited with status -9 before the workload was done" in text
     assert "Traceback" not in text
     results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     lost = [r for r in results if r["outcome"] == "lost"]
-    assert len(results) == 12 and lost, [r["outcome"] for r in results]
+    assert len(results) == 20 and lost, [r["outcome"] for r in results]
     assert all("the worker exited with status -9" in r["error_message"] for r in lost)
 
 

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -181,39 +182,69 @@ def test_geometry_differences_hold_to_the_stated_tolerances():
     assert geometry_differences(_manifest(), _manifest(facets=1200)) == ["p.stl.facets 1000 != 1200"]
 
 
-@pytest.mark.parametrize("kind", ["file", "redis"])
-def test_a_primary_and_its_shadow_are_compared_once_however_they_finish(kind, tmp_path, redis_url, monkeypatch):
-    """The interleaving forced: both sides' results are stored before either compares (two
-    workers finishing at one instant), then each side compares, then the primary once more (a
-    redelivery, which returns its stored result). One comparison, counted and announced once."""
+def _compare_pairs(store: Any, monkeypatch: Any, pairs: list[tuple[dict, dict]]) -> Any:  # type: ignore[type-arg]
+    """Each (primary, shadow) pair with the interleaving forced: both results stored before
+    either side compares (two workers finishing at one instant), each side compares, then the
+    primary once more (a redelivery, which returns its stored result). The registry counted in."""
     from prometheus_client import CollectorRegistry
 
     from cadscope.metrics import Catalogue, ModelObservability
     from cadscope.workers import _tasks
-    from cadscope.workers._progress import FileStore, ProgressService, RedisStore
+    from cadscope.workers._progress import ProgressService
 
-    store = FileStore(tmp_path) if kind == "file" else RedisStore(redis_url)
     registry = CollectorRegistry()
     obs = ModelObservability(Catalogue(registry))
     monkeypatch.setattr(_tasks, "progress", lambda: ProgressService(store))
     monkeypatch.setattr(_tasks, "default_observability", lambda: obs)
-    job_id = f"job-{os.urandom(6).hex()}"
+    for primary, shadow in pairs:
+        _tasks._compare_with_twin(primary, "primary")  # the shadow has not finished: nothing yet
+        ProgressService(store).finish(primary["job_id"], result=primary)
+        ProgressService(store).finish(shadow["job_id"], result=shadow)
+        _tasks._compare_with_twin(primary, "primary")
+        _tasks._compare_with_twin(shadow, "shadow", primary["job_id"])
+        _tasks._compare_with_twin(primary, "primary")
+    return registry
+
+
+@pytest.mark.parametrize("kind", ["file", "redis"])
+def test_a_primary_and_its_shadow_are_compared_once_however_they_finish(kind, tmp_path, request, monkeypatch):
+    """Two sides finishing together, and a side delivered again, make one comparison, counted
+    and announced once; a shadow rejected before it ran (no engine) is compared by its outcome."""
+    from cadscope.workers._progress import FileStore, RedisStore
+
+    store = FileStore(tmp_path) if kind == "file" else RedisStore(request.getfixturevalue("redis_url"))
+    job_id, rejected_id = f"job-{os.urandom(6).hex()}", f"job-{os.urandom(6).hex()}"
     engine = {"engine": "ocp", "freecad_version": "none", "occt_version": "8.0.1"}
     primary = {"job_id": job_id, "outcome": "ok", "engine": engine, "manifest": _manifest(), "role": "primary"}
     shadow = {**primary, "job_id": f"{job_id}-shadow", "role": "shadow", "manifest": _manifest(volume=100.1)}
+    second = {**primary, "job_id": rejected_id}
+    rejected = {"job_id": f"{rejected_id}-shadow", "status": "failed", "outcome": "engine_unavailable",
+                "error_type": "engine_unavailable", "error_message": "no engine ocp@9.9.9 here"}  # fmt: skip
 
-    _tasks._compare_with_twin(primary, "primary")  # the shadow has not finished: nothing yet
-    ProgressService(store).finish(job_id, result=primary)
-    ProgressService(store).finish(shadow["job_id"], result=shadow)
-    _tasks._compare_with_twin(primary, "primary")
-    _tasks._compare_with_twin(shadow, "shadow", job_id)
-    _tasks._compare_with_twin(primary, "primary")
+    registry = _compare_pairs(store, monkeypatch, [(primary, shadow), (second, rejected)])
 
     counted = {s.labels["result"]: s.value for f in registry.collect() if f.name == "cadscope_shadow_comparisons"
                for s in f.samples if s.name.endswith("_total") and s.value}  # fmt: skip
-    assert counted == {"geometry_mismatch": 1.0}
+    assert counted == {"geometry_mismatch": 1.0, "outcome_mismatch": 1.0}
     announced = [e for _id, e in store.read(job_id) if e["type"] == "shadow.compared"]
     assert [(e["result"], e["differences"]) for e in announced] == [("geometry_mismatch", ["p.volume 100 != 100.1"])]
+    announced = [e for _id, e in store.read(rejected_id) if e["type"] == "shadow.compared"]
+    assert [e["differences"] for e in announced] == [["outcome ok != engine_unavailable"]]
+
+
+def test_a_claim_in_the_file_store_expires_like_a_redis_key(tmp_path):
+    import time
+
+    from cadscope.workers._progress import FileStore
+
+    store = FileStore(tmp_path)
+    assert store.claim_once("job-1", "shadow-compared", 60) is True
+    assert store.claim_once("job-1", "shadow-compared", 60) is False
+    claim = tmp_path / "progress" / "job-1.once-shadow-compared"
+    os.utime(claim, (time.time() - 120, time.time() - 120))
+    assert store.claim_once("job-1", "shadow-compared", 60) is True
+    assert store.finished("job-never-ran") is None
+    assert not list((tmp_path / "progress").glob("job-never-ran*"))
 
 
 @pytest.mark.slow

@@ -373,22 +373,26 @@ class FileStore:
             os.close(fd)
 
     def finished(self, job_id: str) -> dict[str, Any] | None:
-        fd, lease = self._locked(job_id, "lease")
-        try:
-            record = self._read_json(lease.with_suffix(".finished"))
-        finally:
-            os.close(fd)
+        # No lock: the record is written whole (a rename), and a job that never ran gets no lock file.
+        record = self._read_json(self._root / "progress" / f"{_check_id(job_id)}.finished")
         return record if isinstance(record, dict) else None
 
     def claim_once(self, job_id: str, what: str, ttl_s: int) -> bool:
         if not re.fullmatch(r"[a-z_-]{1,32}", what):
             raise ValueError(f"not a claim name: {what!r}")
         path = self._root / "progress" / f"{_check_id(job_id)}.once-{what}"
-        try:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-        except FileExistsError:
-            return False
-        return True
+        for _ in range(2):
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+                return True
+            except FileExistsError:
+                try:
+                    if time.time() - path.stat().st_mtime < ttl_s:
+                        return False
+                    path.unlink()  # expired, as a Redis key would: claimed anew
+                except FileNotFoundError:
+                    pass
+        return False
 
     def heartbeat(self, node: str, info: Mapping[str, Any]) -> None:
         safe = re.sub(r"[^A-Za-z0-9_.@-]", "_", node)[:128]

@@ -399,11 +399,12 @@ def geometry_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 
 def _compare_with_twin(result: dict[str, Any], role: str, primary_job_id: str | None = None) -> None:
-    """Compare a shadow with its primary once both are done, exactly once.
+    """Compare a shadow with its primary once both are done, once.
 
     Each side's result is in the progress store before it gets here (``finish``), so of two
-    sides finishing at the same instant at least one finds the other's; the claim makes it one,
-    and keeps a redelivered side from counting its pair again."""
+    sides finishing at the same instant at least one finds the other's; a claim taken once the
+    verdict is made keeps the other, and a side delivered again, from counting the pair twice.
+    Every result is compared, a rejected or failed one too (by its outcome)."""
     job_id = str(result.get("job_id") or "")
     if role == "shadow":
         twin_id = primary_job_id or job_id.removesuffix("-shadow")
@@ -413,10 +414,8 @@ def _compare_with_twin(result: dict[str, Any], role: str, primary_job_id: str | 
         primary_id = job_id
     store = progress().store
     twin = store.finished(twin_id)
-    if twin is None or not isinstance(twin.get("engine"), dict):
-        return  # the twin compares when it completes (a task that raised ran no engine: nothing to compare)
-    if not store.claim_once(primary_id, "shadow-compared", PROGRESS_TTL_S):
-        return  # compared already: by the twin, or by an earlier delivery of this side
+    if twin is None:
+        return  # the twin compares when it completes
     primary, shadow = (twin, result) if role == "shadow" else (result, twin)
     if primary.get("outcome") != shadow.get("outcome"):
         verdict, differences = "outcome_mismatch", [f"outcome {primary.get('outcome')} != {shadow.get('outcome')}"]
@@ -425,16 +424,17 @@ def _compare_with_twin(result: dict[str, Any], role: str, primary_job_id: str | 
         verdict = "geometry_mismatch" if differences else "match"
     else:
         verdict, differences = "match", []
+    if not store.claim_once(primary_id, "shadow-compared", PROGRESS_TTL_S):
+        return  # compared already: by the twin, or by an earlier delivery of this side
     span = trace.get_current_span()
     span.set_attribute("cad.shadow.comparison", verdict)
     if differences:
         span.set_attribute("cad.shadow.differences", differences[:20])
-    engine = shadow.get("engine") or {}
+    engine = shadow.get("engine") or {}  # none for a shadow rejected before it ran: versions "other"
     obs = default_observability()
     with obs.engine_versions(str(engine.get("freecad_version")), str(engine.get("occt_version"))):
         obs.metrics.shadow_comparisons.labels(verdict, *obs.versions().values()).inc()
-    progress().publish(primary.get("job_id") or twin_id, "shadow.compared", result=verdict,
-                       differences=differences[:20])  # fmt: skip
+    progress().publish(primary_id, "shadow.compared", result=verdict, differences=differences[:20])
     log.info("shadow compared", extra={"result": verdict, "differences": len(differences)})
 
 

@@ -13,6 +13,8 @@ cadscope doctor [--broker URL] [--timeout S]
 from __future__ import annotations
 
 import argparse
+import contextlib
+import http.client
 import json
 import logging
 import os
@@ -30,6 +32,8 @@ import uuid
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 import cadscope
 
@@ -375,6 +379,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     gone = ""  # a worker or the API that exited before the workload was done
     watched = [("API", api, out / "api.log")]
     watched += [("worker", proc, path) for proc, (_n, _e, path, _r) in zip(pool_workers, workers_env, strict=True)]
+    # The workers' pool processes and engines, as last seen: a worker killed outright leaves them
+    # running its jobs; they are stopped with the run.
+    descendants: dict[int, psutil.Process] = {}
+    unanswered = 0  # status reads in a row the API did not answer
     try:
         for proc, (_name, _environ, path, ready_path) in zip(pool_workers, workers_env, strict=True):
             _wait_for(ready_path, proc, 90, path)
@@ -399,12 +407,23 @@ def cmd_run(args: argparse.Namespace) -> int:
             # Read after a death is noticed, once: a job stored just before it still counts.
             exited = next(((what, proc, log) for what, proc, log in watched if proc.poll() is not None), None)
             if exited is not None:
-                what, proc, log = exited
-                gone = f"the {what} exited with status {proc.returncode} before the workload was done; see {log}"
-                if what == "API":
+                gone = _exit_message(*exited)
+                if exited[1] is api:
                     break
-            for job_id in list(pending):
-                body = client.status(job_id)
+            _track_descendants(pool_workers, descendants)
+            try:
+                bodies = [(job_id, client.status(job_id)) for job_id in list(pending)]
+                unanswered = 0
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                if api.poll() is None and unanswered < 20:
+                    unanswered += 1
+                    time.sleep(0.3)
+                    continue
+                if api.poll() is None:
+                    raise CliError(f"the API at {api_url} stopped answering: {exc}; see {out / 'api.log'}") from exc
+                gone = _exit_message("API", api, out / "api.log")
+                break
+            for job_id, body in bodies:
                 stages_done[job_id] = {s["stage"] for s in body.get("stages", [])}
                 if body.get("state") == "finished":
                     # The job's last event can come a moment before its result is stored: wait
@@ -460,6 +479,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+        for orphan in descendants.values():  # what a worker that died left running
+            with contextlib.suppress(psutil.Error):
+                orphan.kill()
         ready.unlink(missing_ok=True)  # the worker removes it at its shutdown; not if it was killed
         signal.signal(signal.SIGTERM, previous_term)
     for job_id in pending:
@@ -472,13 +494,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     _write_results(out / "results.jsonl", results, names)
     _print_summary(summary, sys.stdout)
     unexpected = summary["jobs"]["unexpected_failures"]
-    if gone:
+    lost = bool(gone and pending)  # an exit after the last job was read lost nothing
+    if lost:
         print(f"cadscope run: {gone}", file=sys.stderr)
     if unexpected:
         print(f"cadscope run: {unexpected} job(s) that should have succeeded failed", file=sys.stderr)
     if interrupted and pending:
         return 130 if interrupted == "SIGINT" else 143
-    return 1 if unexpected else 0
+    return 1 if unexpected or lost else 0
+
+
+def _exit_message(what: str, proc: subprocess.Popen[bytes], log: Path) -> str:
+    return f"the {what} exited with status {proc.returncode} before the workload was done; see {log}"
+
+
+def _track_descendants(workers: list[subprocess.Popen[bytes]], seen: dict[int, psutil.Process]) -> None:
+    """Add the live workers' descendants to ``seen`` (psutil checks a pid is not reused before a kill)."""
+    for worker in workers:
+        if worker.poll() is not None:
+            continue
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(worker.pid).children(recursive=True):
+                seen.setdefault(child.pid, child)
 
 
 def _write_results(path: Path, results: dict[str, dict[str, Any]], names: dict[str, str]) -> None:
