@@ -425,6 +425,14 @@ def _wrapped(real: Any, wrapper: Path) -> tuple[Any, Path]:
     return dataclasses.replace(real, argv=(str(wrapper), *real.argv[1:])), wrapper
 
 
+def _replace(script: Path, text: str) -> None:
+    """A new executable in one rename, as a package manager installs one (never seen half written)."""
+    staged = script.with_name(script.name + ".new")
+    staged.write_text(text)
+    staged.chmod(0o755)
+    os.replace(staged, script)
+
+
 def test_a_fork_server_is_replaced_when_its_engine_executable_changes(engines, tmp_path, monkeypatch):
     """The engine is a wrapper of the OCP venv's Python whose modification time the test changes,
     as a package upgrade would."""
@@ -457,7 +465,7 @@ def test_a_successor_that_cannot_start_sends_jobs_cold_at_once(engines, tmp_path
         before = _brep_job(engine, tmp_path / "before")
         assert (before.outcome, before.run.start) == ("ok", "warm")
         working = wrapper.read_text()
-        wrapper.write_text(f'#!/bin/sh\ncase "$1" in *cadscope_warm.py) exit 1;; esac\nexec {real.argv[0]} "$@"\n')
+        _replace(wrapper, f'#!/bin/sh\ncase "$1" in *cadscope_warm.py) exit 1;; esac\nexec {real.argv[0]} "$@"\n')
         wait_until(lambda: pool.unavailable.get("ocp") == "start_failed", 60, what="the successor's failure")
         wait_until(lambda: not _alive(before.run.warm["server_pid"]), 30, what="the retired server's exit")
         assert not [p.name for p in Path(pool.directory).iterdir() if p.name.startswith("ocp-")]
@@ -465,7 +473,7 @@ def test_a_successor_that_cannot_start_sends_jobs_cold_at_once(engines, tmp_path
         assert (after.outcome, after.run.start, after.run.cold_reason) == ("ok", "cold", "no_server")
         assert pool.recycles == [("ocp", "engine_changed")]
 
-        wrapper.write_text(working)
+        _replace(wrapper, working)
         wait_until(lambda: pool.server_pid("ocp") is not None, 60, what="a fork server again")
         mended = _brep_job(engine, tmp_path / "mended")
         assert (mended.outcome, mended.run.start) == ("ok", "warm")

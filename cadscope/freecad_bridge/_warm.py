@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import select
 import shutil
@@ -42,6 +43,8 @@ from typing import Any
 from ..metrics import bound, bound_version
 
 __all__ = ["WARM_DIR_ENV", "WarmPool", "WarmStart", "request_warm", "warm_socket_path"]
+
+log = logging.getLogger("cadscope.freecad_bridge")
 
 WARM_DIR_ENV = "CADSCOPE_WARM_DIR"
 # request_warm's answer when the request went out and no answer came back.
@@ -64,8 +67,10 @@ _START_S = 60.0
 _MAX_REPLY = 1 << 16
 # How often the pool looks at the engine executables on disk.
 _CHECK_S = 1.0
-# How long after a fork server failed to start the pool tries again (an upgrade may be half done).
+# How long after a fork server failed to start the pool tries again (an upgrade may be half done),
+# doubled after each failure in a row, up to _RETRY_MAX times.
 RETRY_S = 30.0
+_RETRY_MAX = 16
 
 # The owner's supervisor thread and the processes the owner forks (the worker's
 # pool) both write metrics; a fork while the thread holds prometheus_client's
@@ -226,6 +231,11 @@ class _Server:
     forks: int = 0
     identity: tuple[int, int, int] = (0, 0, 0)
     lines: list[str] = field(default_factory=list)
+    launched: float = field(default_factory=time.monotonic)
+
+    def start_failure(self) -> str:
+        """Why this server never got ready: its engine starts a thread when imported, or anything else."""
+        return "threads" if any(line.startswith("retire reason=threads") for line in self.lines) else "start_failed"
 
 
 class WarmPool:
@@ -267,6 +277,7 @@ class WarmPool:
         self.unavailable: dict[str, str] = {}  # engine -> why it has no fork server
         self.retry_s = retry_s
         self._retry_at: dict[str, float] = {}  # engine -> when to try starting its fork server again
+        self._failed_starts: dict[str, int] = {}  # engine -> fork servers in a row that failed to start
         self._lock = threading.Lock()
         self._stop_r, self._stop_w = os.pipe()
         self._thread: threading.Thread | None = None
@@ -284,7 +295,7 @@ class WarmPool:
             if not server.ready:
                 self._stop_server(server)
                 del self.servers[name]
-                self._no_server(name, "start_failed", server)
+                self._no_server(name, server.start_failure(), server)
         os.environ[WARM_DIR_ENV] = self.directory
         self._thread = threading.Thread(target=self._supervise, name="cadscope-warm", daemon=True)
         self._thread.start()
@@ -388,8 +399,13 @@ class WarmPool:
         once (``no_server``) instead of retrying a dead server's socket for its successor. A server
         that failed to start is tried again after ``retry_s``; one whose engine starts threads, never."""
         self.unavailable[name] = reason
-        if reason != "threads":
-            self._retry_at[name] = time.monotonic() + self.retry_s
+        if reason == "threads":
+            log.warning("no fork server for %s: its engine starts a thread when imported; its jobs start cold", name)
+        else:
+            failures = self._failed_starts[name] = self._failed_starts.get(name, 0) + 1
+            wait_s = self.retry_s * min(2 ** (failures - 1), _RETRY_MAX)
+            self._retry_at[name] = time.monotonic() + wait_s
+            log.warning("no fork server for %s (%s); its jobs start cold; trying again in %.0f s", name, reason, wait_s)
         path = self.socket_path(name)
         stale = [path] if failed is None else [path, f"{path}.{failed.proc.pid}"]  # and its staging name
         for leftover in stale:
@@ -428,7 +444,8 @@ class WarmPool:
         while True:
             try:
                 stop = self._step(_CHECK_S)
-                self._check_engines()
+                if not stop:
+                    self._check_engines()
             except Exception:  # noqa: BLE001 - the pool's thread must outlive any one surprise
                 stop = False
                 time.sleep(0.1)
@@ -447,6 +464,13 @@ class WarmPool:
                         self._launch(name)
         with self._lock:
             servers = list(self.servers.values())
+            stuck = [s for s in servers if not s.ready and s.retiring is None and now - s.launched > _START_S]
+            for server in stuck:  # a successor or a retry that never got ready: as one that failed
+                del self.servers[server.engine]
+        for server in stuck:
+            self._stop_server(server)
+            self._no_server(server.engine, "start_failed", server)
+        servers = [s for s in servers if s not in stuck]
         for server in servers:
             if not server.ready or server.retiring is not None:
                 continue
@@ -497,6 +521,7 @@ class WarmPool:
                 fields = dict(item.partition("=")[::2] for item in rest.split())
                 if kind == "ready":
                     server.ready = True
+                    self._failed_starts.pop(server.engine, None)
                     server.rss = int(fields.get("rss", 0))
                     self._set_rss(server)
                 elif kind == "forked":
@@ -551,8 +576,7 @@ class WarmPool:
         if not replace:
             return
         if not server.ready:
-            threads = any(line.startswith("retire reason=threads") for line in server.lines)
-            self._no_server(server.engine, "threads" if threads else "start_failed", server)
+            self._no_server(server.engine, server.start_failure(), server)
             return
         self._count(server, "crash")
         with self._lock:
