@@ -189,6 +189,50 @@ def test_the_reaper_ends_a_dead_processs_open_spans_at_its_death(tmp_path):
     assert _journal_files(tmp_path) == []
 
 
+# The main thread leaves (the kernel's exit of one thread, not of the process) while another
+# thread lives on: the process's leader is a zombie, and the process is not dead yet.
+LEADER_GONE = DYING.replace(
+    "        time.sleep(60)",
+    """        import ctypes, threading
+        threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+        ctypes.CDLL(None).syscall(60, 0)  # SYS_exit on x86_64""",
+)
+assert LEADER_GONE != DYING
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the exit system call's number is x86_64's")
+def test_a_process_seen_while_its_leader_is_a_zombie_is_reaped_with_its_signal(tmp_path):
+    """The reaper first meets the journal while the process's main thread has exited and another
+    thread runs (its /proc state reads Z, but the kernel has no exit status yet): it must wait for
+    the death, not close the spans then as ``worker_lost``."""
+    provider, exporter = in_memory_provider()
+    reaper = JournalReaper(str(tmp_path), provider, heartbeat_s=0.1)
+    child = subprocess.Popen([sys.executable, "-c", LEADER_GONE, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        int(child.stdout.readline(), 16)
+
+        def leader_zombie_with_a_live_thread() -> bool:
+            stat = open(f"/proc/{child.pid}/stat", "rb").read()
+            state = stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3]
+            return state == b"Z" and len(os.listdir(f"/proc/{child.pid}/task")) > 1
+
+        wait_until(leader_zombie_with_a_live_thread, 30, what="the main thread gone, another alive")
+        reaper._scan()  # the interleaving forced: the journal first seen now
+        assert exporter.get_finished_spans() == ()
+        died = time.time_ns()
+        child.send_signal(signal.SIGKILL)
+        reaper.start()
+        spans = wait_until(lambda: len(exporter.get_finished_spans()) == 2 and exporter.get_finished_spans(), 30)
+    finally:
+        reaper.stop()
+        child.kill()
+        child.wait()
+    for span in spans:
+        assert span.attributes["error.type"] == "SIGKILL", span.attributes
+        assert span.end_time >= died
+
+
 def test_journals_of_a_worker_that_died_whole_are_closed_at_its_last_heartbeat(tmp_path):
     """No survivor on the host: the next reaper on the directory finds the journal, dated by the
     dead owner's heartbeat (here 2 s before the death, for the test to tell the moments apart)."""

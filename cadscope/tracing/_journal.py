@@ -546,7 +546,10 @@ class JournalReaper:
                 os.close(fd)
                 fd = -1
             self._watched[identifier] = fd
-            if not _alive(identifier):  # dead before it was seen (a zombie): its status is still there
+            # Dead before it was seen: with a pidfd the poll below reaps it, once the kernel has its
+            # status. A zombie leader whose other threads are still exiting is not waitable yet, and
+            # asked now would read as ``worker_lost``; its pidfd turns readable when it is.
+            if fd < 0 and not _alive(identifier):
                 self._reap(identifier, fd, time.time_ns())
 
     def _cause(self, fd: int) -> str:
