@@ -338,7 +338,7 @@ class FileStore:
     def begin_run(self, job_id: str, owner: str, ttl_s: int) -> tuple[str, str]:
         fd, lease = self._locked(job_id, "lease")
         try:
-            done = self._read_json(lease.with_suffix(".finished"))
+            done = self._read_json(self._finished_path(job_id))
             if done is not None:
                 return "finished", json.dumps(done)
             try:
@@ -367,14 +367,17 @@ class FileStore:
     def end_run(self, job_id: str, result: Mapping[str, Any], ttl_s: int) -> None:
         fd, lease = self._locked(job_id, "lease")
         try:
-            self._write_json(lease.with_suffix(".finished"), dict(result))
+            self._write_json(self._finished_path(job_id), dict(result))
             lease.unlink(missing_ok=True)
         finally:
             os.close(fd)
 
+    def _finished_path(self, job_id: str) -> Path:
+        return self._root / "progress" / f"{_check_id(job_id)}.finished"
+
     def finished(self, job_id: str) -> dict[str, Any] | None:
         # No lock: the record is written whole (a rename), and a job that never ran gets no lock file.
-        record = self._read_json(self._root / "progress" / f"{_check_id(job_id)}.finished")
+        record = self._read_json(self._finished_path(job_id))
         return record if isinstance(record, dict) else None
 
     def claim_once(self, job_id: str, what: str, ttl_s: int) -> bool:
