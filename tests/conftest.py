@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -67,6 +68,22 @@ def corrupt_metrics_file(path: Path) -> None:
     second = 8 + 4 + length + (8 - (length + 4) % 8) + 16
     data[second : second + 4] = (-28).to_bytes(4, "little", signed=True)
     path.write_bytes(bytes(data))
+
+
+# The wall-clock stamps in STEP and IGES headers: what differs between two exports of one shape
+# whatever runs them.
+STAMPS: tuple[tuple[re.Pattern[bytes], bytes], ...] = (
+    (re.compile(rb"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:[+-]\d{2}:\d{2})?"), b"<stamp>"),
+    (re.compile(rb"\d{1,2}H\d{8}\.\d{6}"), b"<stamp>"),
+)
+
+
+def normalised(path: Path, patterns: tuple[tuple[re.Pattern[bytes], bytes], ...] = STAMPS) -> bytes:
+    """The file's bytes with what ``patterns`` match replaced (by default the export stamps)."""
+    data = path.read_bytes()
+    for pattern, replacement in patterns:
+        data = pattern.sub(replacement, data)
+    return data
 
 
 def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):  # type: ignore[no-untyped-def]

@@ -34,24 +34,16 @@ from cadscope.tracing._waterfall import read_otlp_json
 from cadscope.tracing.testing import in_memory_provider
 from cadscope.workers.cli import main as cli_main
 
-from .conftest import Recorder, wait_until
+from .conftest import STAMPS, Recorder, normalised, wait_until
 
 DATA = Path(__file__).resolve().parent / "data" / "usercode"
 # What differs between two runs of the same script whatever cadscope does: the
-# wall-clock stamps in STEP and IGES headers, and object addresses in the
-# messages of pybind11's argument errors.
-_STAMPS = (
-    (re.compile(rb"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:[+-]\d{2}:\d{2})?"), b"<stamp>"),
-    (re.compile(rb"\d{1,2}H\d{8}\.\d{6}"), b"<stamp>"),
-    (re.compile(rb"0x[0-9a-f]{6,16}"), b"0x<address>"),
-)
+# export stamps, and object addresses in the messages of pybind11's argument errors.
+_STAMPS = (*STAMPS, (re.compile(rb"0x[0-9a-f]{6,16}"), b"0x<address>"))
 
 
 def _normalised(path: Path) -> bytes:
-    data = path.read_bytes()
-    for pattern, replacement in _STAMPS:
-        data = pattern.sub(replacement, data)
-    return data
+    return normalised(path, _STAMPS)
 
 
 def _recorded_metrics(recorder: Recorder, versions: tuple[str, str], flow_type: str = "script") -> CollectorRegistry:

@@ -31,22 +31,13 @@ from cadscope.metrics import Catalogue, ModelObservability
 from cadscope.tracing.testing import in_memory_provider
 from cadscope.workers._workload import PLATE
 
-from .conftest import REPO, wait_until
+from .conftest import REPO, normalised, wait_until
 
 pytestmark = pytest.mark.slow
 
-# Wall-clock stamps in STEP headers: what differs between two runs of one job whatever starts it.
-_STAMPS = (
-    (re.compile(rb"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:[+-]\d{2}:\d{2})?"), b"<stamp>"),
-    (re.compile(rb"\d{1,2}H\d{8}\.\d{6}"), b"<stamp>"),
-)
-
 
 def _normalised_digest(path: Path) -> str:
-    data = path.read_bytes()
-    for pattern, replacement in _STAMPS:
-        data = pattern.sub(replacement, data)
-    return hashlib.sha256(data).hexdigest()
+    return hashlib.sha256(normalised(path)).hexdigest()
 
 
 def _versions(engines: Any) -> dict[str, tuple[str, dict[str, str]]]:
