@@ -161,7 +161,7 @@ class RunLimits:
     # again (the child's exit still wakes us at once). A read costs the
     # worker far more on cold caches than the events it brings: on the
     # standard FreeCAD job, 0.5 s instead of 0.1 s cut the worker's CPU by
-    # 1.5-2.1 ms of 7-9 (two reads instead of five; bench/read_window.py).
+    # 1.5-2.1 ms of 7-9 (two reads instead of five).
     # Progress events arrive up to this much later. 0 reads every write.
     read_batch_s: float = 0.5
 
